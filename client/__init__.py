@@ -1,0 +1,1 @@
+"""Hospital side: site config, data preparation, the Flower ClientApp, privacy ledger, preflight."""

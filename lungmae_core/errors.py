@@ -1,0 +1,54 @@
+"""One hierarchy of exceptions for everything a user, a site or a coordinator can cause.
+
+Internal shape invariants use ``assert``; anything that bad input can trigger raises one of these,
+with a message that names the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LungMAEError",
+    "ConfigError",
+    "SiteConfigError",
+    "FederationConfigError",
+    "InvalidSeriesError",
+    "CacheError",
+    "PrivacyBudgetExceeded",
+    "NonFiniteLossError",
+]
+
+
+class LungMAEError(Exception):
+    """Base class of all errors raised on purpose by LungMAE-FL."""
+
+
+class ConfigError(LungMAEError, ValueError):
+    """A configuration file or mapping has an unknown key, a missing key or a bad value."""
+
+
+class SiteConfigError(ConfigError):
+    """``site.yaml`` (the hospital's own configuration) is invalid."""
+
+
+class FederationConfigError(ConfigError):
+    """``federation.yaml`` (the coordinator's configuration) is invalid."""
+
+
+class InvalidSeriesError(LungMAEError, ValueError):
+    """A CT series (or NIfTI volume) cannot be turned into a training sample.
+
+    The message says why in words hospital IT can act on; it never contains patient identifiers,
+    UIDs or file paths of the source, so it may be logged and reported.
+    """
+
+
+class CacheError(LungMAEError):
+    """The preprocessed cache of a site is missing, empty or unreadable."""
+
+
+class PrivacyBudgetExceeded(LungMAEError):
+    """Training one more round would spend more privacy budget than the site allows."""
+
+
+class NonFiniteLossError(LungMAEError, FloatingPointError):
+    """The training loss became NaN or infinite; raised at once with the step where it happened."""

@@ -1,0 +1,1 @@
+"""Coordinator side: the Flower ServerApp, schedule, strategy, checkpoints, metrics, report."""
