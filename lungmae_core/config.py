@@ -218,3 +218,227 @@ def load_yaml(path: str | os.PathLike[str], error: type[ConfigError] = ConfigErr
     if not isinstance(data, dict):
         raise error(f"{path} must hold a mapping of keys to values at the top level; got {type(data).__name__}")
     return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and training configurations (the model area). Everything above is the generic loader.
+# ----------------------------------------------------------------------------------------------------------
+
+__all__ += ["ModelConfig", "MODEL_CONFIGS", "model_config", "TrainConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the 3D MAE (and of the classifier built on its encoder); plain values only.
+
+    Volumes are cubes: ``img_size`` voxels per side, cut into ``(img_size // patch_size) ** 3`` cubic patches
+    of ``patch_size ** 3 * in_chans`` voxels each (the token count ``L`` and the patch length ``P``).
+
+    Args:
+        name: the config's name, carried into checkpoints. Defaults to ``"custom"``.
+        img_size: side of the input cube in voxels (e.g. 128 for ``(1, 128, 128, 128)``).
+        patch_size: side of a cubic patch in voxels; must divide ``img_size``.
+        in_chans: channels of the input. Defaults to 1 (CT).
+        embed_dim, depth, num_heads, mlp_dim: encoder width, blocks, attention heads, MLP hidden width.
+        decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_dim: the same for the MAE decoder.
+        mask_ratio: fraction of patches hidden from the encoder during pretraining, in (0, 1). Defaults to 0.75.
+
+    Raises:
+        ConfigError: naming the field and the value, e.g. "img_size 100 must be divisible by patch_size 16 on
+            every axis; the remainder is 4".
+
+    Examples:
+        >>> model_config("paper-p16").num_patches, model_config("paper-p16").patch_dim
+        (512, 4096)
+    """
+
+    name: str = "custom"
+    img_size: int = 64
+    patch_size: int = 16
+    in_chans: int = 1
+    embed_dim: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    mlp_dim: int = 768
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    decoder_mlp_dim: int = 512
+    mask_ratio: float = 0.75
+
+    def __post_init__(self) -> None:
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim",
+                    "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                  f"{key} must be a positive integer; got {value!r}")
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} must be divisible by patch_size {self.patch_size} on every axis; "
+              f"the remainder is {self.img_size % self.patch_size}")
+        check(self.embed_dim % self.num_heads == 0,
+              f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}; "
+              f"the remainder is {self.embed_dim % self.num_heads}")
+        check(self.decoder_embed_dim % self.decoder_num_heads == 0,
+              f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by decoder_num_heads "
+              f"{self.decoder_num_heads}; the remainder is {self.decoder_embed_dim % self.decoder_num_heads}")
+        check(isinstance(self.mask_ratio, (int, float)) and 0.0 < self.mask_ratio < 1.0,
+              f"mask_ratio must be in the open range (0, 1); got {self.mask_ratio!r}")
+        check(self.num_patches - int(self.num_patches * self.mask_ratio) >= 1,
+              f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per axis: ``img_size // patch_size``."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Token count ``L`` of a whole volume: ``grid_size ** 3``."""
+        return self.grid_size ** 3
+
+    @property
+    def patch_dim(self) -> int:
+        """Voxels per patch ``P = patch_size ** 3 * in_chans`` (the decoder's output width)."""
+        return self.patch_size ** 3 * self.in_chans
+
+
+_PAPER = dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, decoder_embed_dim=512, decoder_depth=8,
+              decoder_num_heads=8, decoder_mlp_dim=2048, mask_ratio=0.75)
+
+#: Named architectures: ``tiny`` for CPU tests and simulation; the paper's three (see PAPER.md).
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(name="tiny", img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3,
+                        mlp_dim=768, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                        decoder_mlp_dim=512, mask_ratio=0.75),
+    "paper-p16": ModelConfig(name="paper-p16", img_size=128, patch_size=16, **_PAPER),
+    "paper-p8": ModelConfig(name="paper-p8", img_size=128, patch_size=8, **_PAPER),
+    "paper-256": ModelConfig(name="paper-256", img_size=256, patch_size=32, **_PAPER),
+}
+
+
+def model_config(name_or_path: str | os.PathLike[str] | ModelConfig = "tiny", **overrides: Any) -> ModelConfig:
+    """Return a model config by name (``MODEL_CONFIGS``) or from a YAML file, with keyword overrides.
+
+    A YAML file may start from a named config with ``base: paper-p16`` and override any field; without
+    ``base`` it starts from the field defaults (``tiny``-sized). Overrides may use kebab- or snake_case.
+
+    Args:
+        name_or_path: a name in ``MODEL_CONFIGS``, a path to a ``.yaml``/``.yml`` file, or a ``ModelConfig``.
+        overrides: field values that replace the chosen config's, e.g. ``img_size=32``.
+
+    Raises:
+        ConfigError: for an unknown name (listing the known ones), an unknown key or a bad value.
+
+    Examples:
+        >>> model_config("tiny", img_size=32).num_patches
+        8
+    """
+    if isinstance(name_or_path, ModelConfig):
+        base, source = to_mapping(name_or_path), f"model config {name_or_path.name!r}"
+    elif str(name_or_path) in MODEL_CONFIGS:
+        base, source = to_mapping(MODEL_CONFIGS[str(name_or_path)]), f"model config {str(name_or_path)!r}"
+    elif str(name_or_path).endswith((".yaml", ".yml")):
+        data = load_yaml(name_or_path)
+        source = str(name_or_path)
+        base_name = data.pop("base", None)
+        if base_name is not None and str(base_name) not in MODEL_CONFIGS:
+            raise ConfigError(f"{source}: 'base' must be one of {', '.join(MODEL_CONFIGS)}; got {base_name!r}")
+        base = to_mapping(MODEL_CONFIGS[str(base_name)]) if base_name is not None else {}
+        if base_name is not None:
+            base["name"] = f"{base_name}+{Path(source).stem}"
+        base.update({_norm_key(k).replace("_", "-"): v for k, v in data.items()})
+        if "name" not in data and base_name is None:
+            base["name"] = Path(source).stem
+    else:
+        raise ConfigError(f"Unknown model config {str(name_or_path)!r}; use one of "
+                          f"{', '.join(MODEL_CONFIGS)} or a path to a .yaml file")
+    base.update({_norm_key(k).replace("_", "-"): v for k, v in overrides.items()})
+    return from_mapping(ModelConfig, base, source=source)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one local training phase (MAE pretraining or classifier fine-tuning).
+
+    The paper's settings are :meth:`pretrain_defaults` (AdamW lr 3e-4, wd 0.05, batch 8) and
+    :meth:`finetune_defaults` (lr 1e-5, wd 1e-3, batch 4); both use 10% linear warmup then cosine decay.
+
+    Args:
+        lr: peak learning rate of AdamW. Defaults to 3e-4.
+        weight_decay: AdamW decoupled weight decay. Defaults to 0.05.
+        warmup_frac: fraction of the steps spent in linear warmup, in [0, 1). Defaults to 0.1.
+        epochs: passes over the local dataset. Defaults to 1.
+        max_steps: stop after this many optimizer steps (overrides ``epochs`` when reached); ``None``: no cap.
+        batch_size: volumes per step. Defaults to 8.
+        grad_clip: clip the global gradient norm to this value; ``None``: no clipping (ignored under DP,
+            where Opacus clips per sample).
+        amp: autocast dtype on CUDA: ``"bf16"``, ``"fp16"`` (with a GradScaler) or ``"none"``. CPU runs fp32.
+        non_lung_weight: ``w`` of the lung-weighted loss (PAPER.md). Defaults to 0.01.
+        lung_threshold: a masked patch is "lung" when more than this fraction of its voxels is lung.
+        flip_p: probability of flipping each spatial axis (image and lung mask together). Defaults to 0.1.
+        rot90_p: probability of one random 90-degree rotation. Defaults to 0.1.
+        finetune_mode: ``"full"`` or ``"linear-probe"`` (only head, norm and CLS token train).
+        pooling: classifier pooling, ``"mean"`` over tokens or a learned ``"cls"`` token.
+        label_smoothing: cross-entropy label smoothing in [0, 1). Defaults to 0.
+        mixup_alpha: Beta(alpha, alpha) mixup of volumes and labels; 0 disables it.
+        num_workers: DataLoader worker processes. Defaults to 0.
+
+    Raises:
+        ConfigError: naming the field and the value.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.1
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_clip: float | None = None
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    non_lung_weight: float = 0.01
+    lung_threshold: float = 0.25
+    flip_p: float = 0.1
+    rot90_p: float = 0.1
+    finetune_mode: Literal["full", "linear-probe"] = "full"
+    pooling: Literal["mean", "cls"] = "mean"
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, f"lr must be positive; got {self.lr!r}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay!r}")
+        check(0.0 <= self.warmup_frac < 1.0, f"warmup_frac must be in [0, 1); got {self.warmup_frac!r}")
+        check(self.epochs >= 1, f"epochs must be >= 1; got {self.epochs!r}")
+        check(self.max_steps is None or self.max_steps >= 1,
+              f"max_steps must be >= 1 or null; got {self.max_steps!r}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size!r}")
+        check(self.grad_clip is None or self.grad_clip > 0,
+              f"grad_clip must be positive or null; got {self.grad_clip!r}")
+        check(self.amp in ("bf16", "fp16", "none"), f"amp must be one of 'bf16', 'fp16', 'none'; got {self.amp!r}")
+        check(self.non_lung_weight >= 0, f"non_lung_weight must be >= 0; got {self.non_lung_weight!r}")
+        check(0.0 <= self.lung_threshold < 1.0, f"lung_threshold must be in [0, 1); got {self.lung_threshold!r}")
+        for key in ("flip_p", "rot90_p"):
+            value = getattr(self, key)
+            check(0.0 <= value <= 1.0, f"{key} must be a probability in [0, 1]; got {value!r}")
+        check(self.finetune_mode in ("full", "linear-probe"),
+              f"finetune_mode must be one of 'full', 'linear-probe'; got {self.finetune_mode!r}")
+        check(self.pooling in ("mean", "cls"), f"pooling must be one of 'mean', 'cls'; got {self.pooling!r}")
+        check(0.0 <= self.label_smoothing < 1.0,
+              f"label_smoothing must be in [0, 1); got {self.label_smoothing!r}")
+        check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0; got {self.mixup_alpha!r}")
+        check(self.num_workers >= 0, f"num_workers must be >= 0; got {self.num_workers!r}")
+
+    @classmethod
+    def pretrain_defaults(cls, **overrides: Any) -> TrainConfig:
+        """The paper's MAE pretraining: AdamW lr 3e-4, weight decay 0.05, batch 8, 10% warmup + cosine."""
+        values: dict[str, Any] = dict(lr=3e-4, weight_decay=0.05, batch_size=8, warmup_frac=0.1)
+        values.update({_norm_key(k): v for k, v in overrides.items()})
+        return from_mapping(cls, values, source="pretrain config")
+
+    @classmethod
+    def finetune_defaults(cls, **overrides: Any) -> TrainConfig:
+        """The paper's fine-tuning: AdamW lr 1e-5, weight decay 1e-3, batch 4, 10% warmup + cosine."""
+        values: dict[str, Any] = dict(lr=1e-5, weight_decay=1e-3, batch_size=4, warmup_frac=0.1)
+        values.update({_norm_key(k): v for k, v in overrides.items()})
+        return from_mapping(cls, values, source="finetune config")
