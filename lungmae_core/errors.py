@@ -15,6 +15,8 @@ __all__ = [
     "CacheError",
     "PrivacyBudgetExceeded",
     "NonFiniteLossError",
+    "WeightsMismatchError",
+    "DatasetError",
 ]
 
 
@@ -52,3 +54,11 @@ class PrivacyBudgetExceeded(LungMAEError):
 
 class NonFiniteLossError(LungMAEError, FloatingPointError):
     """The training loss became NaN or infinite; raised at once with the step where it happened."""
+
+
+class WeightsMismatchError(LungMAEError, ValueError):
+    """Weights do not fit a model: keys missing, unexpected or of another shape (each one is named)."""
+
+
+class DatasetError(LungMAEError, ValueError):
+    """A dataset does not fit the training or evaluation asked of it (volume size, labels, emptiness)."""
