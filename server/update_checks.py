@@ -1,0 +1,110 @@
+"""Validation of every site update before it is aggregated.
+
+An update that does not match the global model (names, shapes, dtypes), holds NaN/inf, or moves the model
+further than the configured norm bound is dropped, whatever its cause: a bug at a site, a diverged local
+run, a wrong model config, or a malicious participant. The reason names the site and the check only; no
+value from the update and nothing about the site's data is logged.
+
+Examples:
+    >>> import numpy as np, torch
+    >>> from lungmae_core.wire import pack_state, packed_layout
+    >>> layout = packed_layout({"w": torch.zeros(4, 4)}, "fp16")
+    >>> validate_update("site-a", pack_state({"w": torch.full((4, 4), 0.1)}, "fp16"), layout, max_norm=10.0)["w"].shape
+    torch.Size([4, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from lungmae_core.errors import LungMAEError
+from lungmae_core.wire import WireFormatError, unpack_state, update_norm
+
+__all__ = ["CHECKS", "UpdateRejected", "Rejection", "validate_update"]
+
+# Checks in the order they run; each rejection names one of them.
+CHECKS: tuple[str, ...] = ("reply", "names", "shapes", "dtypes", "finite", "norm")
+
+
+class UpdateRejected(LungMAEError):
+    """An update failed a check; ``check`` is one of :data:`CHECKS`, the message says which site and why."""
+
+    def __init__(self, site: str, check: str, detail: str) -> None:
+        assert check in CHECKS, check
+        super().__init__(f"update from site {site!r} rejected by the {check} check: {detail}")
+        self.site = site
+        self.check = check
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A dropped update as recorded in ``metrics.jsonl`` (site, check, reason; never values)."""
+
+    site: str
+    check: str
+    reason: str
+
+    @classmethod
+    def from_error(cls, err: UpdateRejected) -> Rejection:
+        return cls(site=err.site, check=err.check, reason=err.detail)
+
+
+def _short(names: list[str], limit: int = 3) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def validate_update(
+    site: str,
+    packed: Mapping[str, np.ndarray],
+    layout: Mapping[str, tuple[tuple[int, ...], str]],
+    max_norm: float,
+) -> dict[str, torch.Tensor]:
+    """Check a packed update against the expected layout and bounds; return it decoded.
+
+    Args:
+        site: the site's display name, used in the rejection message.
+        packed: arrays as received (``lungmae_core.wire.pack_state`` of local - global).
+        layout: expected ``name -> (shape, dtype)`` (``lungmae_core.wire.packed_layout`` of the global
+            model's sent part under the configured compression).
+        max_norm: upper bound on the update's global L2 norm.
+
+    Returns:
+        name -> float32 tensor (integer buffers keep their dtype), ready to aggregate.
+
+    Raises:
+        UpdateRejected: at the first failed check, in the order of :data:`CHECKS`.
+    """
+    missing = [n for n in layout if n not in packed]
+    unexpected = [n for n in packed if n not in layout]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_short(unexpected)})")
+        raise UpdateRejected(site, "names", "; ".join(parts))
+    bad_shape = [f"{n} {tuple(np.shape(packed[n]))} != {shape}" for n, (shape, _) in layout.items()
+                 if tuple(np.shape(packed[n])) != tuple(shape)]
+    if bad_shape:
+        raise UpdateRejected(site, "shapes", "; ".join(bad_shape[:3]))
+    bad_dtype = [f"{n} {np.asarray(packed[n]).dtype} != {dtype}" for n, (_, dtype) in layout.items()
+                 if str(np.asarray(packed[n]).dtype) != dtype]
+    if bad_dtype:
+        raise UpdateRejected(site, "dtypes", "; ".join(bad_dtype[:3]))
+    try:
+        delta = unpack_state(packed)
+    except WireFormatError as exc:
+        raise UpdateRejected(site, "dtypes", str(exc)) from None
+    non_finite = [n for n, t in delta.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if non_finite:
+        raise UpdateRejected(site, "finite", f"non-finite values in {_short(non_finite)}")
+    norm = update_norm(delta)
+    if not norm <= max_norm:
+        raise UpdateRejected(site, "norm", f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+    return delta
