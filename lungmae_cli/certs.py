@@ -1,0 +1,63 @@
+"""`lungmae certs`: make the consortium CA, the SuperLink's TLS certificate and per-site authentication keys.
+
+Run it at the coordinator once (``--server-name``/``--server-ip``: every name and address sites use to reach
+it), and again with ``--site NAME`` to add hospitals; existing files are kept. Each hospital may instead make
+its own key with ``lungmae certs --out DIR --site NAME`` and send only the ``.pub`` file to the coordinator.
+It prints the ``flwr supernode register`` command the coordinator runs for each site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lungmae certs`."""
+    parser.add_argument("--out", type=Path, required=True, help="directory for ca/, server/ and sites/")
+    parser.add_argument("--server-name", action="append", default=[], metavar="DNS",
+                        help="DNS name of the coordinator as sites reach it (repeat; e.g. fl.consortium.org)")
+    parser.add_argument("--server-ip", action="append", default=[], metavar="IP",
+                        help="IP address of the coordinator as sites reach it (repeat; e.g. 10.0.0.5)")
+    parser.add_argument("--site", action="append", default=[], metavar="NAME",
+                        help="make an authentication key for this site (repeat; lower-case, digits, '-')")
+    parser.add_argument("--organisation", default="LungMAE-FL consortium", help="CA organisation name")
+    parser.add_argument("--days", type=int, default=825, help="server certificate validity in days (825)")
+    parser.add_argument("--renew-server", action="store_true",
+                        help="reissue the server certificate even if one exists (e.g. to add a name)")
+    parser.add_argument("--connection", default="lungmae",
+                        help="Flower connection name used in the printed register commands (lungmae)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make what is missing under ``--out`` and print the register command per site."""
+    from client.node_key import make_site_key
+    from server.certs import certificate_summary, make_ca, make_server_certificate, write_atomic
+
+    out: Path = args.out
+    if len(set(args.site)) != len(args.site):
+        from server.certs import CertificateError
+
+        raise CertificateError(f"--site names must be unique; got {args.site}")
+    ca_key, ca_crt = make_ca(out / "ca", args.organisation)
+    print(f"CA certificate   {ca_crt}  (give to every site; keep {ca_key} offline)")
+    if args.server_name or args.server_ip:
+        key, crt = make_server_certificate(out / "server", ca_key, ca_crt, names=args.server_name,
+                                           ips=args.server_ip, days=args.days, overwrite=args.renew_server)
+        info = certificate_summary(crt)
+        print(f"server cert      {crt}  key {key}")
+        print(f"                 names: {', '.join(map(str, info['sans']))}; valid until {info['not_after']}")
+    registered = []
+    for site in args.site:
+        key, pub = make_site_key(out / "sites" / site, site)
+        write_atomic(out / "sites" / site / "ca.crt", ca_crt.read_bytes(), 0o644)
+        print(f"site {site:<12} private key {key} (give to that site only), public key {pub}")
+        registered.append((site, pub))
+    if registered:
+        print("\nRegister each site at the coordinator (SuperLink running, `lungmae server run` has written the "
+              f"'{args.connection}' connection once, or see docs/deployment.md):")
+        for site, pub in registered:
+            print(f"  flwr supernode register {shlex.quote(str(pub.resolve()))} {shlex.quote(args.connection)} "
+                  f"--name {shlex.quote(site)}")
+    return 0
