@@ -143,6 +143,12 @@ class LearnedToken(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.weight, std=0.02)
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # The output does not depend on x's values, so autograd never computes a gradient for x through
+        # here; a full backward hook (Opacus' per-sample gradients) fires only for inputs that need no grad.
+        # Detaching x before the hooks run makes Opacus see this module's output gradient.
+        return super().__call__(x.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, ...) -> (B, 1, E)."""
         return self.weight.expand(x.shape[0], -1, -1)
