@@ -4,6 +4,7 @@ Layout under the run directory::
 
     state.json                      last complete step: index, phase, round, checkpoint file + sha256
     checkpoints/step-0003.pt        weights, phase, round, strategy state, metrics so far, config hash
+    checkpoints/mae-latest.pt       the newest pretrain checkpoint (hard link), kept for the report
     model/model.pt + manifest.json  the exported final model (see :func:`export_model`)
 
 Every file is written to a temporary name in the same folder, flushed and renamed over the target
@@ -45,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP_LAST = 2
+MAE_LATEST = "mae-latest.pt"  # the newest pretrain checkpoint, kept through pruning (for the report)
 
 
 class CheckpointError(LungMAEError):
@@ -166,9 +168,25 @@ class CheckpointStore:
             "config_hash": ckpt.config_hash,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
+        if ckpt.phase == "pretrain":
+            self._keep_mae(path)
         self._prune(keep=path)
         log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
         return path
+
+    def _keep_mae(self, path: Path) -> None:
+        """Point ``checkpoints/mae-latest.pt`` at the newest pretrain checkpoint (a hard link: no copy).
+
+        Pruning keeps only the last two steps, so after the hand-off no step file holds the MAE any more;
+        the report's reconstructions (``server/report_recon.py``) need the final MAE, so it survives here.
+        """
+        tmp = self.dir / f".{MAE_LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # file systems without hard links: copy
+            tmp.write_bytes(path.read_bytes())
+        os.replace(tmp, self.dir / MAE_LATEST)
 
     def _prune(self, keep: Path) -> None:
         files = sorted(self.dir.glob("step-*.pt"))
