@@ -368,7 +368,8 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay. Defaults to 0.05.
         warmup_frac: fraction of the steps spent in linear warmup, in [0, 1). Defaults to 0.1.
         epochs: passes over the local dataset. Defaults to 1.
-        max_steps: stop after this many optimizer steps (overrides ``epochs`` when reached); ``None``: no cap.
+        max_steps: train exactly this many steps instead of ``epochs`` passes (cycling over the data as
+            needed); ``None``: use ``epochs``.
         batch_size: volumes per step. Defaults to 8.
         grad_clip: clip the global gradient norm to this value; ``None``: no clipping (ignored under DP,
             where Opacus clips per sample).

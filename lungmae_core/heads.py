@@ -1,0 +1,149 @@
+"""ILD classifier on the MAE encoder, strict weight transfer from the MAE, and full vs linear-probe training.
+
+The classifier is the pretrained encoder run on all tokens (no masking), pooled by the mean over tokens or by
+a new CLS token, then LayerNorm and Linear(E -> classes), as in PAPER.md. Linear probing trains only the
+head, its norm and the CLS token (the public code forgot to unfreeze the CLS token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lungmae_core.config import ModelConfig, check
+from lungmae_core.errors import ConfigError, WeightsMismatchError
+from lungmae_core.model import LearnedToken, ViTEncoder3D
+
+__all__ = ["POOLINGS", "FINETUNE_MODES", "ILDClassifier", "transfer_encoder", "set_trainable",
+           "trainable_state_dict"]
+
+POOLINGS = ("mean", "cls")
+FINETUNE_MODES = ("full", "linear-probe")
+#: Parameter-name prefixes that train in linear probing.
+_PROBE_PREFIXES = ("head.", "norm.", "cls_token.")
+
+
+class ILDClassifier(nn.Module):
+    """Encoder (all tokens) -> mean or CLS pooling -> LayerNorm -> Linear: logits (B, num_classes).
+
+    Args:
+        cfg: the architecture; the encoder part must match the MAE whose weights are transferred.
+        num_classes: output classes (4 for the ILD task, 2 for the binary variant).
+        pooling: ``"mean"`` over the L tokens (default) or ``"cls"``, a learned token prepended to them.
+
+    Raises:
+        ConfigError: for an unknown pooling or fewer than 2 classes.
+
+    Examples:
+        >>> clf = ILDClassifier(model_config("tiny"), num_classes=4)
+        >>> clf(torch.rand(2, 1, 64, 64, 64)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, pooling: str = "mean") -> None:
+        super().__init__()
+        check(pooling in POOLINGS, f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {pooling!r}")
+        check(isinstance(num_classes, int) and num_classes >= 2,
+              f"num_classes must be an integer >= 2; got {num_classes!r}")
+        self.cfg, self.num_classes, self.pooling = cfg, num_classes, pooling
+        self.encoder = ViTEncoder3D.from_config(cfg)
+        self.cls_token = LearnedToken(cfg.embed_dim) if pooling == "cls" else None
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Pooled, normalised features: imgs (B, C, S, S, S) -> (B, E)."""
+        x = self.encoder.embed(imgs)  # (B, L, E)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token(x), x], dim=1)  # (B, 1 + L, E)
+        x = self.encoder.encode_tokens(x)
+        pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, E)
+        return self.norm(pooled)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: (B, C, S, S, S) float32 in [0, 1] -> logits (B, num_classes)."""
+        return self.head(self.features(imgs))
+
+
+def _encoder_state(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of an MAE (module or state dict), keyed without the prefix."""
+    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise WeightsMismatchError(
+            "Unable to transfer encoder weights as the source has no 'encoder.*' entries; expected an MAE3D "
+            f"or its state dict (first keys: {', '.join(list(state)[:5]) or 'none'})")
+    unexpected = [k for k in state if not k.startswith(("encoder.", "decoder."))]
+    if unexpected:
+        raise WeightsMismatchError(
+            "Unable to transfer encoder weights as the source has entries that belong to neither the encoder "
+            f"nor the decoder: {', '.join(unexpected)}")
+    return encoder
+
+
+def transfer_encoder(source: nn.Module | Mapping[str, torch.Tensor], classifier: ILDClassifier) -> list[str]:
+    """Copy the MAE's encoder weights into ``classifier.encoder``, strictly by name and shape.
+
+    The decoder entries are dropped on purpose; everything else must match exactly, so that a pretrained
+    encoder is never silently half-loaded.
+
+    Args:
+        source: an ``MAE3D`` or its state dict (keys ``encoder.*`` and ``decoder.*``).
+        classifier: the model that receives the weights (its head, norm and CLS token are left alone).
+
+    Returns:
+        The classifier parameter/buffer names that were loaded (``encoder.*``).
+
+    Raises:
+        WeightsMismatchError: listing every missing, unexpected and shape-mismatched key.
+    """
+    weights = _encoder_state(source)
+    target = classifier.encoder.state_dict()
+    missing = sorted(set(target) - set(weights))
+    unexpected = sorted(set(weights) - set(target))
+    mismatched = [f"encoder.{k} {tuple(weights[k].shape)} vs {tuple(target[k].shape)}"
+                  for k in sorted(set(target) & set(weights)) if tuple(weights[k].shape) != tuple(target[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(f"encoder.{k}" for k in missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(f"encoder.{k}" for k in unexpected))
+    if mismatched:
+        problems.append("shape mismatch (source vs classifier) " + ", ".join(mismatched))
+    if problems:
+        raise WeightsMismatchError("Unable to transfer encoder weights as they do not fit the classifier: "
+                                   + "; ".join(problems) + ". Build both from the same model config.")
+    classifier.encoder.load_state_dict(weights, strict=True)
+    return [f"encoder.{k}" for k in target]
+
+
+def set_trainable(model: ILDClassifier, mode: str = "full") -> list[str]:
+    """Freeze or unfreeze parameters for fine-tuning.
+
+    Args:
+        model: the classifier.
+        mode: ``"full"`` trains everything; ``"linear-probe"`` trains only ``head``, ``norm`` and ``cls_token``.
+
+    Returns:
+        Names of the parameters left trainable.
+
+    Raises:
+        ConfigError: for an unknown mode.
+    """
+    if mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune mode must be one of {', '.join(map(repr, FINETUNE_MODES))}; got {mode!r}")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(mode == "full" or name.startswith(_PROBE_PREFIXES))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters only (what a linear-probe round needs to exchange), detached."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
