@@ -7,7 +7,8 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
                  max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file
     preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
-    privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger
+    privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
+                 grad-sample-mode
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
@@ -34,6 +35,7 @@ from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
 from lungmae_core.dicom import SeriesRules
 from lungmae_core.errors import SiteConfigError
 from lungmae_core.preprocess import PreprocessConfig
+from lungmae_core.privacy import DPConfig
 
 __all__ = [
     "SiteSection",
@@ -148,37 +150,12 @@ class TrainingSection:
         _check(self.num_workers >= 0, f"'num-workers' must be >= 0; got {self.num_workers}")
 
 
-@dataclasses.dataclass(frozen=True)
-class PrivacySection:
-    """``privacy``: this site's differential privacy settings and budget (DP-SGD with Opacus).
-
-    Args:
-        enabled: train locally with DP-SGD. Defaults to False.
-        epsilon: total privacy budget this site will spend over all rounds. Defaults to 8.0.
-        delta: DP delta; should be below 1 / (number of scans). Defaults to 1e-5.
-        max-grad-norm: per-sample gradient clipping norm. Defaults to 1.0.
-        noise-multiplier: fixed noise multiplier; None lets ``target-epsilon-per-round`` decide.
-        target-epsilon-per-round: epsilon to spend per round when ``noise-multiplier`` is None.
-        ledger: file recording the epsilon spent per round; defaults to ``<cache>/privacy-ledger.jsonl``.
-    """
-
-    enabled: bool = False
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon_per_round: float | None = None
-    ledger: Path | None = None
-
-    def __post_init__(self) -> None:
-        _check(self.epsilon > 0, f"'epsilon' must be > 0; got {self.epsilon}")
-        _check(0.0 < self.delta < 1.0, f"'delta' must be in (0, 1); got {self.delta}")
-        _check(self.max_grad_norm > 0, f"'max-grad-norm' must be > 0; got {self.max_grad_norm}")
-        _check(self.noise_multiplier is None or self.noise_multiplier > 0,
-               f"'noise-multiplier' must be > 0 or null; got {self.noise_multiplier}")
-        _check(self.target_epsilon_per_round is None or 0 < self.target_epsilon_per_round <= self.epsilon,
-               f"'target-epsilon-per-round' must be in (0, epsilon={self.epsilon:g}] or null; "
-               f"got {self.target_epsilon_per_round}")
+#: ``privacy``: this site's DP-SGD settings and total budget. The privacy area owns its keys and validation
+#: (``lungmae_core.privacy.DPConfig``: enabled, epsilon, delta, max-grad-norm, noise-multiplier,
+#: target-epsilon-per-round, ledger, grad-sample-mode); with ``enabled: true``, ``epsilon`` and one of
+#: ``noise-multiplier`` / ``target-epsilon-per-round`` are required, ``delta`` defaults to 1 / (10 N) for the
+#: site's N scans, and ``ledger`` to ``<cache>/privacy-ledger.json``.
+PrivacySection = DPConfig
 
 
 @dataclasses.dataclass(frozen=True)
