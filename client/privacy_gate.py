@@ -33,6 +33,7 @@ from lungmae_core.privacy import (
     OpacusPrivacy,
     RoundPlan,
     default_delta,
+    is_privacy_refusal,
     plan_round,
 )
 
@@ -85,7 +86,7 @@ def refusal_reason(exc: BaseException) -> str:
 
 def is_refusal(reason: str | None) -> bool:
     """True when an error reply's reason is a privacy refusal (not a crash)."""
-    return bool(reason) and str(reason).startswith(PRIVACY_REFUSAL_PREFIX)
+    return is_privacy_refusal(reason)
 
 
 class PrivacyGate:
@@ -127,6 +128,14 @@ class PrivacyGate:
             ledger = PrivacyLedger(ledger_path, budget_epsilon=float(cfg.epsilon or 0.0),
                                    delta=default_delta(max(1, num_scans)), site=site)
         return cls(cfg, ledger, site)
+
+    @classmethod
+    def for_site_config(cls, site_cfg: Any, *, num_scans: int) -> PrivacyGate:
+        """The gate of a loaded ``site.yaml`` (``client.site_config.SiteConfig``); the ledger defaults to
+        ``<cache>/privacy-ledger.json``."""
+        cfg: DPConfig = site_cfg.privacy
+        ledger = cfg.ledger if cfg.ledger is not None else Path(site_cfg.data.cache) / "privacy-ledger.json"
+        return cls.for_site(cfg, ledger_path=ledger, num_scans=num_scans, site=site_cfg.site.name)
 
     @property
     def enabled(self) -> bool:

@@ -52,6 +52,7 @@ __all__ = [
     "register_grad_samplers",
     "dp_problems",
     "is_empty_batch",
+    "is_privacy_refusal",
     "OpacusPrivacy",
 ]
 
@@ -69,6 +70,11 @@ PRIVACY_REFUSAL_CODE = 4001
 PRIVACY_REFUSAL_PREFIX = "privacy-refusal:"
 
 ACCOUNTANT = "rdp"
+
+
+def is_privacy_refusal(reason: str | None) -> bool:
+    """True when an error reply's reason is a site's privacy refusal (not a crash); for the server."""
+    return bool(reason) and str(reason).lstrip().startswith(PRIVACY_REFUSAL_PREFIX)
 
 
 class DPIncompatibleModelError(LungMAEError, ValueError):
