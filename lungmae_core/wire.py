@@ -111,12 +111,12 @@ def pack_state(
             raise WireFormatError(f"Unable to pack {name!r} as names ending in {SCALE_SUFFIX!r} are reserved")
         arr = _to_numpy(value)
         if not np.issubdtype(arr.dtype, np.floating):
-            packed[name] = np.ascontiguousarray(arr)
+            packed[name] = np.array(arr, order="C")
         elif compression == "fp32":
-            packed[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            packed[name] = np.array(arr, dtype=np.float32, order="C")
         elif compression == "fp16":
             with np.errstate(over="ignore"):
-                packed[name] = np.ascontiguousarray(arr, dtype=np.float16)
+                packed[name] = np.array(arr, dtype=np.float16, order="C")
         else:
             packed[name], packed[name + SCALE_SUFFIX] = _quantize_int8(arr)
     return packed
@@ -145,7 +145,8 @@ def unpack_state(packed: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
             scale = np.asarray(packed[scale_name], dtype=np.float32).reshape(-1)
             if scale.size != 1:
                 raise WireFormatError(f"Unable to unpack {name!r} as its scale has {scale.size} values, not 1")
-            out[name] = torch.from_numpy(arr.astype(np.float32) * scale[0])
+            with np.errstate(invalid="ignore", over="ignore"):
+                out[name] = torch.from_numpy(arr.astype(np.float32) * scale[0])
         elif np.issubdtype(arr.dtype, np.floating):
             out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:

@@ -66,7 +66,7 @@ def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayReco
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu()
             v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        arrays[k] = np.ascontiguousarray(v)
+        arrays[k] = np.array(v, order="C")
     return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
 
 

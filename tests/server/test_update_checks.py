@@ -1,0 +1,46 @@
+"""Update checks: each bad update is rejected by the right check, with the site named, values never."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungmae_core.wire import pack_state, packed_layout
+from server.update_checks import UpdateRejected, validate_update
+
+GLOBAL = {"enc.w": torch.zeros(4, 3), "head.b": torch.zeros(2)}
+
+
+def _packed(**changes: np.ndarray) -> dict[str, np.ndarray]:
+    packed = pack_state({k: torch.full_like(v, 0.01) for k, v in GLOBAL.items()}, "fp16")
+    packed.update(changes)
+    return packed
+
+
+@pytest.mark.parametrize("packed, check, detail", [
+    ({k: v for k, v in _packed().items() if k != "head.b"}, "names", "1 missing ('head.b')"),
+    (_packed(**{"extra": np.zeros(1, np.float16)}), "names", "1 unexpected ('extra')"),
+    (_packed(**{"enc.w": np.zeros((3, 4), np.float16)}), "shapes", "enc.w (3, 4) != (4, 3)"),
+    (_packed(**{"enc.w": np.zeros((4, 3), np.float32)}), "dtypes", "enc.w float32 != float16"),
+    (_packed(**{"head.b": np.array([np.nan, 0], np.float16)}), "finite", "non-finite values in 'head.b'"),
+    (_packed(**{"enc.w": np.full((4, 3), 500, np.float16)}), "norm", "exceeds the bound 100"),
+])
+def test_rejections(packed: dict, check: str, detail: str) -> None:
+    with pytest.raises(UpdateRejected) as info:
+        validate_update("hospital-b", packed, packed_layout(GLOBAL, "fp16"), max_norm=100.0)
+    assert info.value.check == check and info.value.site == "hospital-b"
+    assert detail in str(info.value) and str(info.value).startswith("update from site 'hospital-b' rejected by the")
+
+
+@pytest.mark.parametrize("compression", ["fp32", "fp16", "int8"])
+def test_valid_update_decoded(compression: str) -> None:
+    update = {k: torch.full_like(v, 0.5) for k, v in GLOBAL.items()}
+    delta = validate_update("a", pack_state(update, compression), packed_layout(GLOBAL, compression), 10.0)
+    assert all(torch.allclose(delta[k], update[k], atol=1e-2) and delta[k].dtype == torch.float32 for k in GLOBAL)
+
+
+def test_int8_with_infinite_scale_is_not_finite() -> None:
+    packed = pack_state({"enc.w": torch.full((4, 3), float("inf")), "head.b": torch.zeros(2)}, "int8")
+    with pytest.raises(UpdateRejected, match="finite check"):
+        validate_update("a", packed, packed_layout(GLOBAL, "int8"), 10.0)
