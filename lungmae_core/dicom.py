@@ -457,7 +457,15 @@ def _count(instances: Sequence[InstanceHeader], predicate) -> int:
 
 
 def _of(k: int, n: int) -> str:
+    """'its only instance' / 'all 5 instances' / '2 of 5 instances'."""
+    if n == 1:
+        return "its only instance"
     return f"all {n} instances" if k == n else f"{k} of {n} instances"
+
+
+def _of_verb(k: int, n: int, singular: str, plural: str) -> str:
+    """:func:`_of` followed by the verb agreeing with it."""
+    return f"{_of(k, n)} {singular if n == 1 or k == 1 else plural}"
 
 
 def _check_decoder(transfer_syntax: str) -> None:
@@ -516,11 +524,11 @@ def _check_content(series: DicomSeries) -> None:
                                       f"({_of(scouts, n)}): a scout/localizer, not an axial volume")
     k = _count(inst, lambda i: not i.has_pixel_data)
     if k:
-        raise SeriesRejected("no-pixel-data", f"{_of(k, n)} have no (7FE0,0010) 'Pixel Data'; re-export the "
+        raise SeriesRejected("no-pixel-data", f"{_of_verb(k, n, 'has', 'have')} no (7FE0,0010) 'Pixel Data'; re-export the "
                                               "series with images")
     k = _count(inst, lambda i: i.pixel_data_truncated)
     if k:
-        raise SeriesRejected("truncated", f"{_of(k, n)} are truncated (the file ends before the declared "
+        raise SeriesRejected("truncated", f"{_of_verb(k, n, 'is', 'are')} truncated (the file ends before the declared "
                                           "(7FE0,0010) 'Pixel Data' length); re-copy the series")
     for syntax in _distinct(i.transfer_syntax for i in inst):
         _check_decoder(str(syntax))
@@ -530,17 +538,17 @@ def _check_content(series: DicomSeries) -> None:
                                ("Rows", "0028,0010", "rows"), ("Columns", "0028,0011", "columns")):
         k = _count(inst, lambda i, a=attr: getattr(i, a) is None)
         if k:
-            raise SeriesRejected("no-geometry", f"{_of(k, n)} have no valid ({tag}) '{keyword}', needed to "
+            raise SeriesRejected("no-geometry", f"{_of_verb(k, n, 'has', 'have')} no valid ({tag}) '{keyword}', needed to "
                                                 "place slices in the patient; re-export the series with its "
                                                 "Image Plane module")
     k = _count(inst, lambda i: not i.has_rescale)
     if k:
-        raise SeriesRejected("no-rescale", f"{_of(k, n)} have no (0028,1052) 'Rescale Intercept' or (0028,1053) "
+        raise SeriesRejected("no-rescale", f"{_of_verb(k, n, 'has', 'have')} no (0028,1052) 'Rescale Intercept' or (0028,1053) "
                                            "'Rescale Slope', needed to convert to HU; re-export it with the "
                                            "Modality LUT module, or exclude it")
     k = _count(inst, lambda i: i.samples_per_pixel != 1)
     if k:
-        raise SeriesRejected("not-grayscale", f"{_of(k, n)} have (0028,0002) 'Samples per Pixel' other than 1; "
+        raise SeriesRejected("not-grayscale", f"{_of_verb(k, n, 'has', 'have')} (0028,0002) 'Samples per Pixel' other than 1; "
                                               "CT slices must be grayscale")
     owners = {(i.patient_id, i.study_uid) for i in inst}
     if len(owners) > 1:  # the values are identifiers: say how many, never which

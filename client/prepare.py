@@ -1,0 +1,525 @@
+"""``lungmae site prepare``: a hospital's DICOM/NIfTI tree becomes a checked, preprocessed, pseudonymous cache.
+
+Steps (each series ends as one manifest row, accepted or rejected with a specific reason):
+
+1. index the input tree from DICOM headers (:func:`lungmae_core.dicom.index_tree`); NIfTI files are
+   one series each, with the file name (without ``.nii``/``.nii.gz``) as patient id;
+2. check every series from its headers (:func:`~lungmae_core.dicom.plan_series`) and keep one per study
+   (:func:`~lungmae_core.dicom.choose_per_study`);
+3. in worker processes: assemble the HU volume, run :func:`~lungmae_core.preprocess.preprocess_volume`,
+   write the sample atomically (:func:`~lungmae_core.cache.write_sample`). The cache key hashes the source
+   (SOP Instance UIDs + file sizes + mtimes, see :meth:`DicomSeries.fingerprint`), the series rules and the
+   preprocessing parameters: a rerun reuses every sample whose key exists and redoes what changed.
+   Series refused by preprocessing (implausible lungs) are remembered in ``rejections/<key>.json`` so a
+   rerun does not recompute them either;
+4. match labels (``labels.csv``), assign train/val/test splits by patient (deterministic, site seed);
+5. write ``manifest.csv``, ``label-issues.csv`` (CSV line numbers only) and ``datacard.json`` (aggregates
+   only: what may be shared with the consortium).
+
+Identifiers stay at the site: rows, logs above DEBUG and messages use pseudonyms (HMAC-SHA256 with the
+site secret) or indices, never names, UIDs or paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.labels import LabelIssue, LabelTable, read_labels
+from client.pseudonym import Pseudonymizer, load_or_create_secret
+from client.site_config import SiteConfig
+from lungmae_core.cache import cache_key, read_sample_meta, remove_stale_temp_files, sample_path, write_sample
+from lungmae_core.dicom import (REJECTION_CODES, DicomSeries, SeriesRejected, SeriesRules, SkippedFile, SlicePlan,
+                                choose_per_study, index_tree, load_series, plan_series)
+from lungmae_core.errors import InvalidSeriesError, SiteConfigError
+from lungmae_core.manifest import ManifestRow, write_manifest
+from lungmae_core.preprocess import PreprocessConfig
+
+__all__ = ["PrepareReport", "prepare_site", "DATACARD_NAME", "LABEL_ISSUES_NAME", "LOADER_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+DATACARD_NAME = "datacard.json"
+LABEL_ISSUES_NAME = "label-issues.csv"
+REJECTIONS_DIR = "rejections"
+LOADER_VERSION = 1  # bump when dicom.py/nifti.py change the volumes they build: part of every cache key
+
+# Fixed histogram bins so that data cards of different sites can be compared side by side.
+_BINS: dict[str, tuple[float, ...]] = {
+    "slice_spacing_mm": (0.0, 0.75, 1.25, 2.0, 3.0, 5.0, 10.0),
+    "slice_thickness_mm": (0.0, 0.75, 1.25, 2.0, 3.0, 5.0, 10.0),
+    "pixel_spacing_mm": (0.0, 0.5, 0.7, 0.9, 1.2, 2.0, 3.0),
+    "n_slices": (0, 64, 128, 256, 512, 1024),
+    "lung_volume_ml": (0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareReport:
+    """What :func:`prepare_site` did; ``summary()`` is what ``lungmae site prepare`` prints.
+
+    Attributes:
+        rejections: ``{code: count}`` for rejected rows, codes from :data:`lungmae_core.dicom.REJECTION_CODES`.
+        examples: ``{code: one full reason}`` for the summary.
+        notes: repairs made to accepted series (e.g. resampled spacing), prefixed by the series pseudonym.
+        reused / processed: accepted samples found in the cache / computed in this run.
+    """
+
+    cache_dir: Path
+    manifest_path: Path
+    datacard_path: Path
+    n_rows: int
+    accepted: int
+    rejected: int
+    reused: int
+    processed: int
+    rejections: dict[str, int]
+    examples: dict[str, str]
+    notes: tuple[str, ...]
+    label_issues: tuple[LabelIssue, ...]
+    labelled: int
+    seconds: float
+
+    def summary(self) -> str:
+        """A short human-readable summary: counts, then each rejection reason with its count."""
+        lines = [f"Prepared {self.n_rows} series/files in {self.seconds:.1f} s: {self.accepted} accepted "
+                 f"({self.processed} preprocessed, {self.reused} reused from the cache), {self.rejected} rejected; "
+                 f"{self.labelled} accepted series labelled."]
+        if self.rejections:
+            lines.append("Rejected:")
+            for code, count in sorted(self.rejections.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"  {count:4d}  {code}: {self.examples.get(code, REJECTION_CODES.get(code, ''))}")
+        if self.notes:
+            lines.append("Repaired:")
+            lines.extend(f"  {note}" for note in self.notes)
+        if self.label_issues:
+            lines.append(f"Labels: {len(self.label_issues)} issue(s) (see {LABEL_ISSUES_NAME}):")
+            lines.extend(f"  {issue.message}" for issue in self.label_issues[:20])
+            if len(self.label_issues) > 20:
+                lines.append(f"  ... and {len(self.label_issues) - 20} more")
+        lines.append(f"Manifest: {self.manifest_path}")
+        lines.append(f"Data card: {self.datacard_path}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One future manifest row while it is being worked on (identifiers stay in here, at the site)."""
+
+    series_id: str
+    patient_id: str
+    study_id: str
+    source: str
+    raw_patient: str = ""
+    raw_study: str = ""
+    raw_accession: str = ""
+    series: DicomSeries | None = None
+    nifti_path: str | None = None
+    plan: SlicePlan | None = None
+    fingerprint: str = ""
+    code: str = ""
+    reason: str = ""
+    key: str = ""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reused: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return not self.code and bool(self.key)
+
+    def reject(self, code: str, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def _hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _rules_fingerprint(rules: SeriesRules) -> str:
+    return json.dumps({"loader": LOADER_VERSION, **dataclasses.asdict(rules)}, sort_keys=True)
+
+
+def _rejection_code(exc: InvalidSeriesError) -> str:
+    code = getattr(exc, "code", None)
+    if code:
+        return code
+    return "implausible-lungs" if "lung" in str(exc).lower() else "nifti-invalid"
+
+
+def _process(task: dict[str, Any]) -> dict[str, Any]:
+    """Worker: load one series, preprocess it, write its sample. Returns a result dict, never raises.
+
+    A top-level function so that ProcessPoolExecutor can pickle it; identifiers only travel inside ``task``.
+    """
+    from lungmae_core.nifti import load_nifti
+    from lungmae_core.preprocess import preprocess_volume
+
+    try:
+        if task["series"] is not None:
+            volume = load_series(task["series"], task["rules"], task["plan"])
+        else:
+            volume = load_nifti(task["nifti_path"])
+        sample = preprocess_volume(volume, task["preprocess"])
+        info = {
+            "n_slices": int(volume.shape[0]),
+            "spacing_mm": [float(s) for s in volume.spacing_mm],
+            "lung_volume_ml": sample.qc.get("lung_volume_ml"),
+            **{k: sample.qc.get(k) for k in ("hu_mean", "hu_std", "hu_p05", "hu_p50", "hu_p95")},
+        }
+        write_sample(task["cache_dir"], task["key"], sample, {"series_id": task["series_id"], "info": info,
+                                                              "notes": list(task["notes"])})
+        return {"ok": True, "info": info}
+    except InvalidSeriesError as exc:
+        return {"ok": False, "code": _rejection_code(exc), "reason": str(exc), "final": True}
+    except OSError as exc:
+        logger.debug("I/O error on %s", task["series_id"], exc_info=True)
+        cause = exc.strerror or "I/O error"
+        return {"ok": False, "code": "unreadable", "reason": f"a file could not be read ({cause})", "final": False}
+    except Exception as exc:  # a bug: keep going with the other series, say what happened
+        logger.debug("unexpected error on %s", task["series_id"], exc_info=True)
+        return {"ok": False, "code": "internal-error", "reason": f"{type(exc).__name__} while preparing it; "
+                                                                 "run with -vv and report the log", "final": False}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _histogram(values: Sequence[float], edges: Sequence[float]) -> dict[str, int]:
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f">={edges[-1]:g}"]
+    counts = Counter(labels[min(int(np.searchsorted(edges, v, side="right")) - 1, len(labels) - 1)]
+                     for v in values if v is not None and v >= edges[0])
+    return {label: counts.get(label, 0) for label in labels}
+
+
+def _nifti_stem(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
+
+
+def _index(input_dir: Path, pseudo: Pseudonymizer, rules: SeriesRules, progress: bool) -> list[_Entry]:
+    """Index the tree and check every series from headers; returns one entry per future manifest row."""
+    index = index_tree(input_dir, progress=progress)
+    entries: list[_Entry] = []
+    for skipped in index.skipped:
+        rel = os.path.relpath(skipped.path, input_dir)
+        entry = _Entry(series_id=pseudo.pseudonym("file", rel), patient_id="", study_id="",
+                       source="folder" if skipped.code == "empty-folder" else "file")
+        entry.reject(skipped.code, skipped.message)
+        entries.append(entry)
+    candidates: list[tuple[DicomSeries, SlicePlan]] = []
+    by_uid: dict[str, _Entry] = {}
+    for series in index.series:
+        entry = _Entry(series_id=pseudo.series(series.series_uid), patient_id=pseudo.patient(series.patient_id),
+                       study_id=pseudo.study(series.study_uid), source="dicom", raw_patient=series.patient_id,
+                       raw_study=series.study_uid, raw_accession=series.accession_number, series=series)
+        entry.info = {"rows": series.instances[0].rows, "columns": series.instances[0].columns,
+                      "manufacturer": series.manufacturer}
+        try:
+            entry.plan = plan_series(series, rules)
+            candidates.append((series, entry.plan))
+            entry.fingerprint = series.fingerprint() + _rules_fingerprint(rules)
+        except SeriesRejected as exc:
+            entry.reject(exc.code, str(exc))
+        entries.append(entry)
+        by_uid[series.series_uid] = entry
+    chosen = choose_per_study(candidates)
+    for uid, best in chosen.items():
+        if uid != best:
+            winner = by_uid[best]
+            by_uid[uid].reject("not-chosen", f"series {winner.series_id} of the same study was chosen instead "
+                                             "(rule: thinnest slices, then most slices, then most pixels)")
+    for path in index.nifti:
+        rel = os.path.relpath(path, input_dir)
+        stem = _nifti_stem(path)
+        entry = _Entry(series_id=pseudo.series("nifti:" + rel), patient_id=pseudo.patient(stem),
+                       study_id=pseudo.study("nifti:" + rel), source="nifti", raw_patient=stem, nifti_path=path)
+        stat = os.stat(path)
+        entry.fingerprint = _hash(f"nifti|{rel}|{stat.st_size}|{stat.st_mtime_ns}|{LOADER_VERSION}")
+        entries.append(entry)
+    return entries
+
+
+def _run_workers(tasks: list[dict[str, Any]], workers: int, progress: bool) -> dict[str, dict[str, Any]]:
+    """Run :func:`_process` over ``tasks`` (in ``workers`` processes when > 1); results by series id."""
+    results: dict[str, dict[str, Any]] = {}
+    if not tasks:
+        return results
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc="Preprocessing series", unit="series")
+    try:
+        if workers <= 1 or len(tasks) == 1:
+            for task in tasks:
+                results[task["series_id"]] = _process(task)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            from concurrent.futures.process import BrokenProcessPool
+
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+                futures: dict[Future, str] = {pool.submit(_process, task): task["series_id"] for task in tasks}
+                for future in as_completed(futures):
+                    try:
+                        results[futures[future]] = future.result()
+                    except BrokenProcessPool:
+                        results[futures[future]] = {
+                            "ok": False, "code": "internal-error", "final": False,
+                            "reason": "its worker process died (out of memory?); retry with fewer --workers"}
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _apply_labels(entries: list[_Entry], table: LabelTable | None) -> dict[str, str]:
+    """Labels by series id for accepted and rejected entries; reports unmatched labelled ids."""
+    labels: dict[str, str] = {}
+    if table is None:
+        return labels
+    keys_by_kind = {
+        "patient": lambda e: (e.raw_patient, e.patient_id),
+        "study": lambda e: (e.raw_study, e.study_id),
+        "accession": lambda e: (e.raw_accession,),
+    }
+    matched: set[str] = set()
+    accepted: set[str] = set()
+    for entry in entries:
+        if entry.source not in ("dicom", "nifti"):
+            continue
+        keys = [k for k in keys_by_kind[table.id_kind](entry) if k]
+        hits = [k for k in keys if k in table.labels or k in table.lines]
+        if not hits:
+            continue
+        matched.update(hits)
+        if entry.accepted:
+            accepted.update(hits)
+        label = table.lookup(*keys)
+        if label is not None:
+            labels[entry.series_id] = label
+    table.report_unmatched(matched, accepted)
+    return labels
+
+
+def _datacard(site: str, entries: list[_Entry], rows: list[ManifestRow], cfg: PreprocessConfig,
+              label_counts: dict[str, int], n_notes: Counter) -> dict[str, Any]:
+    accepted = [r for r in rows if r.accepted]
+    return {
+        "format": 1,
+        "site": site,
+        "preprocess": {"fingerprint": cfg.fingerprint(), "size": cfg.size},
+        "counts": {
+            "rows": len(rows),
+            "series": sum(1 for r in rows if r.source in ("dicom", "nifti")),
+            "accepted": len(accepted),
+            "rejected": len(rows) - len(accepted),
+            "patients": len({r.patient_id for r in accepted}),
+            "studies": len({r.study_id for r in accepted}),
+            "labelled": sum(1 for r in accepted if r.label),
+            "unlabelled": sum(1 for r in accepted if not r.label),
+        },
+        "sources": dict(Counter(r.source for r in accepted)),
+        "rejections": dict(sorted(Counter(e.code for e in entries if e.code).items())),
+        "repairs": dict(sorted(n_notes.items())),
+        "manufacturers": dict(sorted(Counter(r.manufacturer or "unknown" for r in accepted).items())),
+        "labels": dict(sorted(Counter(r.label for r in accepted if r.label).items())),
+        "splits": dict(sorted(Counter(f"{r.split}" for r in accepted if r.label).items())),
+        "label_issues": label_counts,
+        "histograms": {
+            "slice_spacing_mm": _histogram([r.spacing_d_mm for r in accepted], _BINS["slice_spacing_mm"]),
+            "slice_thickness_mm": _histogram([r.slice_thickness_mm for r in accepted], _BINS["slice_thickness_mm"]),
+            "pixel_spacing_mm": _histogram([r.spacing_h_mm for r in accepted], _BINS["pixel_spacing_mm"]),
+            "n_slices": _histogram([r.n_slices for r in accepted], _BINS["n_slices"]),
+            "lung_volume_ml": _histogram([r.lung_volume_ml for r in accepted], _BINS["lung_volume_ml"]),
+        },
+    }
+
+
+def _row(entry: _Entry, label: str, split: str) -> ManifestRow:
+    info = entry.info
+    spacing = info.get("spacing_mm") or [None, None, None]
+    plan = entry.plan
+    return ManifestRow(
+        series_id=entry.series_id, patient_id=entry.patient_id, study_id=entry.study_id, source=entry.source,
+        status="accepted" if entry.accepted else "rejected",
+        reason="" if entry.accepted else f"{entry.code}: {entry.reason}",
+        label=label, split=split,
+        cache_file=f"samples/{entry.key}.npz" if entry.accepted else "",
+        cache_key=entry.key if entry.accepted else "",
+        n_slices=info.get("n_slices") if entry.accepted else (len(plan.order) if plan else None),
+        rows=info.get("rows"), columns=info.get("columns"),
+        spacing_d_mm=spacing[0] if entry.accepted else (plan.spacing_mm if plan else None),
+        spacing_h_mm=spacing[1] if entry.accepted else (plan.pixel_spacing[0] if plan else None),
+        spacing_w_mm=spacing[2] if entry.accepted else (plan.pixel_spacing[1] if plan else None),
+        slice_thickness_mm=plan.slice_thickness_mm if plan else (spacing[0] if entry.accepted else None),
+        manufacturer=str(info.get("manufacturer", "")),
+        lung_volume_ml=info.get("lung_volume_ml"),
+        hu_mean=info.get("hu_mean"), hu_std=info.get("hu_std"), hu_p05=info.get("hu_p05"),
+        hu_p50=info.get("hu_p50"), hu_p95=info.get("hu_p95"),
+    )
+
+
+def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, labels: str | os.PathLike[str] | None = None,
+                 workers: int | None = None, progress: bool = True,
+                 class_names: Sequence[str] | None = None) -> PrepareReport:
+    """Prepare one site's cache from its DICOM/NIfTI input.
+
+    Args:
+        cfg: the site configuration (``data``, ``preprocess``, ``site.seed`` are used).
+        input_dir: overrides ``data.input``.
+        cache_dir: overrides ``data.cache``.
+        labels: overrides ``data.labels`` (a labels CSV).
+        workers: overrides ``data.workers`` (processes preprocessing in parallel).
+        progress: show tqdm progress bars.
+        class_names: allowed label classes; defaults to :data:`lungmae_core.data.CLASS_NAMES`.
+
+    Returns:
+        A :class:`PrepareReport`; the manifest, label issues and data card are written in the cache.
+
+    Raises:
+        SiteConfigError: no input or cache folder given, the input folder missing, an invalid labels CSV
+            or site secret.
+    """
+    from lungmae_core.data import CLASS_NAMES, assign_splits
+
+    start = time.perf_counter()
+    data = cfg.data
+    input_path = Path(input_dir) if input_dir is not None else data.input
+    cache_path = Path(cache_dir) if cache_dir is not None else data.cache
+    labels_path = Path(labels) if labels is not None else data.labels
+    n_workers = int(workers) if workers is not None else data.workers
+    if input_path is None:
+        raise SiteConfigError(f"{cfg.source}: no input folder: pass --input or set 'data: input' in site.yaml")
+    if cache_path is None:
+        raise SiteConfigError(f"{cfg.source}: no cache folder: pass --cache or set 'data: cache' in site.yaml")
+    if not input_path.is_dir():
+        raise SiteConfigError(f"Unable to prepare from {input_path} as it is not a folder; check --input or "
+                              "'data: input'")
+    if n_workers < 1:
+        raise SiteConfigError(f"Unable to use {n_workers} workers; pass --workers 1 or more")
+    cache_path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(cache_path)
+    secret_file = data.secret_file or cache_path / "site-secret.key"
+    pseudo = Pseudonymizer(load_or_create_secret(secret_file))
+    classes = tuple(class_names or CLASS_NAMES)
+    table = read_labels(labels_path, classes) if labels_path is not None else None
+    rules = data.series_rules()
+
+    entries = _index(input_path, pseudo, rules, progress)
+    tasks: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.code or entry.source not in ("dicom", "nifti"):
+            continue
+        entry.key = cache_key(entry.fingerprint, cfg.preprocess)
+        done = sample_path(cache_path, entry.key)
+        refused = cache_path / REJECTIONS_DIR / f"{entry.key}.json"
+        if done.is_file():
+            try:
+                entry.info.update(read_sample_meta(done).get("info", {}))
+                entry.reused = True
+                continue
+            except Exception:  # a corrupt sample is simply redone
+                logger.warning("Cached sample of series %s is unreadable; preparing it again", entry.series_id)
+        if refused.is_file():
+            try:
+                saved = json.loads(refused.read_text(encoding="utf-8"))
+                entry.reject(saved["code"], saved["reason"])
+                continue
+            except (OSError, ValueError, KeyError):
+                pass
+        tasks.append({"series_id": entry.series_id, "series": entry.series, "nifti_path": entry.nifti_path,
+                      "plan": entry.plan, "rules": rules, "preprocess": cfg.preprocess, "cache_dir": str(cache_path),
+                      "key": entry.key, "notes": entry.plan.notes if entry.plan else ()})
+    logger.info("Indexed %d series/files; %d to preprocess, %d already in the cache", len(entries), len(tasks),
+                sum(e.reused for e in entries))
+    results = _run_workers(tasks, n_workers, progress)
+    by_id = {e.series_id: e for e in entries}
+    for series_id, result in results.items():
+        entry = by_id[series_id]
+        if result["ok"]:
+            entry.info.update(result["info"])
+        else:
+            entry.reject(result["code"], result["reason"])
+            if result.get("final"):
+                _atomic_write_text(cache_path / REJECTIONS_DIR / f"{entry.key}.json",
+                                   json.dumps({"code": result["code"], "reason": result["reason"]}))
+
+    # Labels, then splits by patient over the accepted labelled series.
+    label_of = _apply_labels(entries, table)
+    patient_label: dict[str, str] = {}
+    for entry in sorted(entries, key=lambda e: e.series_id):
+        if entry.accepted and entry.series_id in label_of:
+            patient_label.setdefault(entry.patient_id, label_of[entry.series_id])
+    splits = (assign_splits(sorted(patient_label), seed=cfg.site.seed, labels=patient_label)
+              if patient_label else {})
+    rows: list[ManifestRow] = []
+    notes: list[str] = []
+    note_counts: Counter = Counter()
+    for entry in entries:
+        label = label_of.get(entry.series_id, "")
+        split = ""
+        if entry.accepted:
+            split = splits.get(entry.patient_id, "train") if label else "train"
+            if entry.plan is not None:
+                for note in entry.plan.notes:
+                    notes.append(f"{entry.series_id}: {note}")
+                    note_counts["resampled" if note.startswith("resampled") else "duplicate-copies"] += 1
+        rows.append(_row(entry, label, split))
+    ordered = sorted(entries, key=lambda e: e.series_id)
+    for number, entry in enumerate(ordered, start=1):
+        if entry.code:
+            logger.info("Unable to use series %d of %d (%s) as %s", number, len(ordered), entry.series_id,
+                        entry.reason)
+    manifest_path = write_manifest(cache_path, rows)
+    label_issues = tuple(table.issues) if table is not None else ()
+    issue_lines = ["line,kind,message"] + [
+        f"{i.line},{i.kind},\"{i.message.replace(chr(34), chr(39))}\"" for i in sorted(label_issues,
+                                                                                       key=lambda i: i.line)]
+    _atomic_write_text(cache_path / LABEL_ISSUES_NAME, "\n".join(issue_lines) + "\n")
+    card = _datacard(cfg.site.name, entries, rows, cfg.preprocess,
+                     table.counts() if table is not None else {}, note_counts)
+    datacard_path = cache_path / DATACARD_NAME
+    _atomic_write_text(datacard_path, json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+    rejected = [e for e in entries if e.code]
+    examples: dict[str, str] = {}
+    for entry in rejected:
+        examples.setdefault(entry.code, entry.reason)
+    report = PrepareReport(
+        cache_dir=cache_path, manifest_path=manifest_path, datacard_path=datacard_path, n_rows=len(rows),
+        accepted=len(rows) - len(rejected), rejected=len(rejected),
+        reused=sum(1 for e in entries if e.accepted and e.reused),
+        processed=sum(1 for e in entries if e.accepted and not e.reused),
+        rejections=dict(Counter(e.code for e in rejected)), examples=examples, notes=tuple(notes),
+        label_issues=label_issues, labelled=sum(1 for r in rows if r.accepted and r.label),
+        seconds=time.perf_counter() - start)
+    logger.info("Prepared site %s: %d accepted, %d rejected", cfg.site.name, report.accepted, report.rejected)
+    return report

@@ -1,0 +1,96 @@
+"""`lungmae synth`: write synthetic hospitals (DICOM trees of chest CT phantoms, labels.csv, site.yaml).
+
+Each site ``DIR/site<i>/`` gets a DICOM export (``dicom/``) as its scanner profile would write it, with a
+scout per study, a dose screen and a stray text file mixed in, a ``labels.csv`` and a ready ``site.yaml``
+whose ``data`` section points at them (cache in ``DIR/site<i>/cache``). Then, per site::
+
+    lungmae site prepare --config DIR/site0/site.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lungmae synth`."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder; one sub-folder per site")
+    parser.add_argument("--sites", type=int, default=3, help="number of hospitals (3)")
+    parser.add_argument("--scans-per-site", type=int, default=12, help="patients (one CT study each) per site (12)")
+    parser.add_argument("--seed", type=int, default=0, help="seed: same arguments, same files, UIDs included (0)")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="slices per series (default: the site's scanner, about 100)")
+    parser.add_argument("--matrix", type=int, default=None,
+                        help="rows = columns per slice (default: the site's scanner, about 160)")
+    parser.add_argument("--labelled-fraction", type=float, default=1.0,
+                        help="fraction of patients listed in labels.csv (1.0)")
+    parser.add_argument("--preprocess-size", type=int, default=64,
+                        help="cube side written to site.yaml 'preprocess: size' (64 for the tiny model; paper 128)")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (2)")
+
+
+def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: int = 0,
+                          shape: Sequence[int] | None = None, labelled_fraction: float = 1.0,
+                          preprocess_size: int = 64, workers: int = 2, progress: bool = False) -> list[Path]:
+    """Write ``sites`` synthetic hospitals under ``out`` and return their ``site.yaml`` paths.
+
+    Args:
+        out: output folder (``out/site<i>/``).
+        sites: number of hospitals.
+        scans_per_site: patients per hospital.
+        seed: run seed.
+        shape: ``(D, H, W)`` per series; None keeps each scanner's default.
+        labelled_fraction: fraction of patients in each labels.csv.
+        preprocess_size: ``preprocess: size`` of each site.yaml.
+        workers: phantom-generating processes.
+        progress: show tqdm bars.
+
+    Raises:
+        ConfigError: for a non-positive count or bad preprocessing size.
+    """
+    import dataclasses
+
+    from client.site_config import SiteConfig, SiteSection, DataSection, write_site_config
+    from lungmae_core.config import check
+    from lungmae_core.preprocess import PreprocessConfig
+    from lungmae_core.synth_dicom import write_site
+
+    check(sites >= 1, f"--sites must be at least 1; got {sites}")
+    check(scans_per_site >= 1, f"--scans-per-site must be at least 1; got {scans_per_site}")
+    check(0.0 <= labelled_fraction <= 1.0, f"--labelled-fraction must be in [0, 1]; got {labelled_fraction}")
+    check(workers >= 1, f"--workers must be at least 1; got {workers}")
+    paths = []
+    for index in range(sites):
+        root = Path(out) / f"site{index}"
+        result = write_site(root, site_index=index, n_scans=scans_per_site, seed=seed, shape=shape,
+                            labelled_fraction=labelled_fraction, workers=workers, progress=progress)
+        cfg = SiteConfig(site=SiteSection(name=f"site{index}", seed=seed + index),
+                         data=DataSection(input=result.dicom_dir.resolve(), labels=result.labels_csv.resolve(),
+                                          cache=(root / "cache").resolve(), workers=workers,
+                                          min_slices=min(32, shape[0] if shape else 32)),
+                         preprocess=dataclasses.replace(PreprocessConfig(), size=preprocess_size))
+        paths.append(write_site_config(cfg, root / "site.yaml"))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the sites and print where they are."""
+    from lungmae_core.config import check
+    from lungmae_core.phantoms import scanner_for_site
+
+    shape = None
+    if args.slices is not None or args.matrix is not None:
+        base = scanner_for_site(0)
+        shape = (args.slices or base.n_slices, args.matrix or base.matrix, args.matrix or base.matrix)
+        check(min(shape) >= 16, f"--slices and --matrix must be at least 16; got {shape[0]} and {shape[1]}")
+    paths = write_synthetic_sites(args.out, sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed,
+                                  shape=shape, labelled_fraction=args.labelled_fraction,
+                                  preprocess_size=args.preprocess_size, workers=args.workers, progress=True)
+    for index, path in enumerate(paths):
+        scanner = scanner_for_site(index)
+        print(f"site{index}: {args.scans_per_site} studies, {scanner.manufacturer} {scanner.model}, "
+              f"{scanner.patient_position}, {scanner.slice_thickness_mm:g} mm slices -> {path}")
+    print(f"Next: lungmae site prepare --config {paths[0]}")
+    return 0
