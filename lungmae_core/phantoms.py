@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -297,12 +297,13 @@ def _smooth_noise(rng: np.random.Generator, grid: _Grid, sigma_mm: float, box: t
     """
     box = box or tuple(slice(0, n) for n in grid.shape)
     counts = [s.stop - s.start for s in box]
-    step = max(sigma_mm / 2.0, 1e-3)
-    coarse_n = [max(2, int(math.ceil(n * sp / step)) + 1) for n, sp in zip(counts, grid.spacing)]
-    white = rng.standard_normal(coarse_n).astype(np.float32)
-    field = ndimage.gaussian_filter(white, sigma=2.0, mode="wrap")
+    # Never finer than the voxel grid: a small sigma is filtered on the voxels themselves.
+    steps = [max(sigma_mm / 2.0, float(sp)) for sp in grid.spacing]
+    coarse_n = [max(2, int(math.ceil(n * sp / st)) + 1) for n, sp, st in zip(counts, grid.spacing, steps)]
+    white = rng.standard_normal(coarse_n, dtype=np.float32)
+    field = ndimage.gaussian_filter(white, sigma=[sigma_mm / st for st in steps], mode="wrap", truncate=3.0)
     field /= max(float(field.std()), 1e-6)
-    coords = [np.arange(n, dtype=np.float64) * sp / step for n, sp in zip(counts, grid.spacing)]
+    coords = [np.arange(n, dtype=np.float64) * sp / st for n, sp, st in zip(counts, grid.spacing, steps)]
     return sample_linear(field, coords)
 
 
@@ -437,7 +438,8 @@ def _draw_tube(frac: np.ndarray, grid: _Grid, p0: np.ndarray, p1: np.ndarray, r0
 
 
 def _grow_tree(rng: np.random.Generator, root: np.ndarray, direction: np.ndarray, radius: float, length: float,
-               generations: int, inside: callable) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+               generations: int, inside: Callable[[np.ndarray], bool], min_radius: float = 0.0,
+               ) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
     """A branching tree of segments (p0, p1, r0, r1) that stays inside the lung; bifurcates at each node."""
     segments = []
     stack = [(root, direction / np.linalg.norm(direction), radius, length, 0)]
@@ -450,7 +452,7 @@ def _grow_tree(rng: np.random.Generator, root: np.ndarray, direction: np.ndarray
             if not inside(end):
                 continue
         segments.append((p, end, r, r * 0.85))
-        if g + 1 >= generations:
+        if g + 1 >= generations or r * 0.77 < min_radius:
             continue
         for _ in range(2):
             for _attempt in range(4):
@@ -496,7 +498,7 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
         for k, direction in enumerate(roots):
             start = hilum + np.array([side * 6.0, (k - 1.5) * 6.0, 0.0])
             segs = _grow_tree(rng, start, direction + rng.normal(0, 0.15, 3), rng.uniform(5.0, 6.5),
-                              rng.uniform(30, 40), 7, inside)
+                              rng.uniform(30, 40), 7, inside, min_radius=0.3 * float(grid.spacing.min()))
             for p0, p1, r0, r1 in segs:
                 _draw_tube(vessels, grid, p0, p1, r0, r1)
                 if r0 > 2.2:  # bronchi run beside the arteries; only the larger ones are visible on CT
@@ -637,27 +639,30 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
     shape_t = tuple(int(n) for n in (shape or scanner.shape))
     if len(shape_t) != 3 or min(shape_t) < 16:
         raise ConfigError(f"phantom shape must be three sizes (D, H, W), each >= 16; got {tuple(shape or ())}")
-    rng = np.random.default_rng([int(seed), PHANTOM_CLASSES.index(label)])
+    # Separate streams: the same seed gives the same subject (anatomy, inspiration) whatever the label,
+    # so a disease can be compared with the same subject's normal lungs.
+    anatomy_rng = np.random.default_rng([int(seed), 0])
+    disease_rng = np.random.default_rng([int(seed), 1, PHANTOM_CLASSES.index(label)])
     if label == "normal":
         sev = 0.0
     elif severity is None:
-        sev = float(np.clip(rng.beta(2.0, 2.6), 0.05, 1.0))
+        sev = float(np.clip(disease_rng.beta(2.0, 2.6), 0.05, 1.0))
     else:
         sev = float(severity)
     extent = scanner.extent_mm
     spacing = np.array([e / n for e, n in zip(extent, shape_t)], dtype=np.float64)
     grid = _Grid(shape_t, spacing)  # type: ignore[arg-type]
-    subj = _make_subject(rng, extent, label, sev)
-    hu, lung, rho, t = _render_anatomy(subj, grid, rng)
-    _add_disease(label, sev, hu, lung, rho, t, grid, rng)
-    vessels, wall, lumen = _lung_vessels_and_airways(subj, grid, lung, rng)
+    subj = _make_subject(anatomy_rng, extent, label, sev)
+    hu, lung, rho, t = _render_anatomy(subj, grid, anatomy_rng)
+    _add_disease(label, sev, hu, lung, rho, t, grid, disease_rng)
+    vessels, wall, lumen = _lung_vessels_and_airways(subj, grid, lung, anatomy_rng)
     in_lung = lung > 0
     vessels *= in_lung
     hu += vessels * (_BLOOD - hu)
     hu += wall * (_SOFT - hu)
     hu += lumen * (_AIR - hu)
     del vessels, wall, lumen, rho
-    _acquire(hu, scanner, spacing, rng)
+    _acquire(hu, scanner, spacing, np.random.default_rng([int(seed), 2]))
     return Phantom(hu=hu, spacing_mm=spacing, lung_mask=in_lung.astype(np.uint8), label=label, severity=sev,
                    subject_seed=int(seed), scanner=scanner, inspiration=subj.inspiration)
 
