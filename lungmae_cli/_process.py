@@ -1,0 +1,110 @@
+"""Run a long-lived Flower process (SuperLink, SuperNode) under `lungmae`: relay its log, forward signals,
+and turn Flower's exit codes into advice IT can act on.
+
+Flower processes exit with status 1 for every error and print ``Exit Code: NNN`` in their log; this module
+watches for that line so `lungmae site start` / `lungmae server start` can end with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+__all__ = ["FLOWER_ENV_DEFAULTS", "flower_env", "run_forwarding_signals"]
+
+logger = logging.getLogger(__name__)
+
+# Telemetry and the update check phone home: a hospital firewall blocks them, and nobody agreed to them.
+FLOWER_ENV_DEFAULTS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+_EXIT_RE = re.compile(r"Exit Code: (\d+)")
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def flower_env(base: Mapping[str, str] | None = None, telemetry: bool = False) -> dict[str, str]:
+    """The environment for a Flower process: ``base`` (default: ours) with telemetry and update check off."""
+    env = dict(os.environ if base is None else base)
+    for key, value in FLOWER_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"
+    return env
+
+
+def run_forwarding_signals(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    advice: Mapping[int, str],
+    *,
+    name: str,
+    out=None,
+) -> int:
+    """Run ``cmd`` until it exits, relaying its output line by line and forwarding termination signals.
+
+    Args:
+        cmd: the command (``flower-superlink ...``).
+        env: its environment.
+        advice: Flower exit code -> sentence printed when the process reports that code.
+        name: what to call the process in messages (``"SuperNode"``).
+        out: where to relay the output. Defaults to ``sys.stdout``.
+
+    Returns:
+        The process's exit status; 0 after a clean stop by signal.
+    """
+    out = sys.stdout if out is None else out
+    try:
+        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+    except FileNotFoundError:
+        print(f"lungmae: error: Unable to start the {name} as `{cmd[0]}` is not installed in this environment; "
+              "install the project (pip install lungmae-fl) or use the container image", file=sys.stderr)
+        return 127
+    codes: list[int] = []
+    stopping = threading.Event()
+
+    def _forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        try:
+            proc.send_signal(signum if signum != signal.SIGHUP else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, _forward) for sig in _FORWARDED}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            match = _EXIT_RE.search(line)
+            if match:
+                codes.append(int(match.group(1)))
+        status = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if codes:
+        code = codes[-1]
+        hint = advice.get(code, f"see https://flower.ai/docs/framework/ref-exit-codes/{code}.html")
+        print(f"lungmae: error: the {name} stopped with Flower exit code {code}: {hint}", file=sys.stderr)
+        return status or 1
+    if stopping.is_set():
+        print(f"lungmae: the {name} stopped on request", file=sys.stderr)
+        return 0
+    if status != 0:
+        print(f"lungmae: error: the {name} exited with status {status}; see its log above", file=sys.stderr)
+    return status

@@ -1,0 +1,38 @@
+"""`lungmae site start --config site.yaml`: run this hospital's Flower SuperNode until stopped.
+
+It connects out to the coordinator's SuperLink over TLS (consortium CA), authenticates with the site's
+registered key, and runs our ClientApp for each message with the site config path as node config. Flower
+telemetry and update checks are off. SIGTERM / Ctrl-C stop the SuperNode cleanly (systemd: `systemctl stop`).
+Run `lungmae site preflight --config site.yaml` first: it checks the same things and more, one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lungmae site start`."""
+    parser.add_argument("--config", type=Path, required=True, help="the site's site.yaml")
+    parser.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous telemetry (off)")
+    parser.add_argument("--print-command", action="store_true",
+                        help="print the flower-supernode command and exit (for a custom service manager)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the SuperNode command from site.yaml and run it, forwarding signals."""
+    import shlex
+
+    from client.site_config import load_site_config
+    from client.supernode import SUPERNODE_ADVICE, supernode_command
+    from lungmae_cli._process import flower_env, run_forwarding_signals
+
+    cfg = load_site_config(args.config)
+    cmd = supernode_command(args.config, cfg.connection)
+    if args.print_command:
+        print(shlex.join(cmd))
+        return 0
+    print(f"lungmae: site '{cfg.site.name}' joining the federation at {cfg.connection.superlink} (TLS, key "
+          f"{cfg.connection.auth_key}); stop with Ctrl-C or SIGTERM", flush=True)
+    return run_forwarding_signals(cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE, name="SuperNode")

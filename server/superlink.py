@@ -1,0 +1,171 @@
+"""The coordinator's Flower SuperLink command line and the Flower CLI connection that talks to it.
+
+`lungmae server start` runs the SuperLink with TLS, SuperNode authentication (only registered site keys may
+join), a persistent state database (registrations and runs survive a restart) and runtime dependency
+installation disabled (the coordinator never downloads packages at run time). `lungmae server run` and
+`lungmae server status` reach it through a named connection in ``$FLWR_HOME/config.toml``.
+
+Examples:
+    >>> tls = ServerTLS.from_section(federation.server, base_dir=Path("/etc/lungmae"))
+    >>> superlink_command(federation.server.superlink, tls, database=Path("/var/lib/lungmae/superlink.db"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lungmae_core.errors import FederationConfigError
+
+__all__ = [
+    "CONNECTION_NAME",
+    "SUPERLINK_ADVICE",
+    "ServerTLS",
+    "flwr_home",
+    "split_address",
+    "superlink_command",
+    "write_connection",
+]
+
+CONNECTION_NAME = "lungmae"
+
+SUPERLINK_ADVICE = {
+    104: "invalid arguments; check 'server' in federation.yaml",
+    105: "the state database was made by another Flower version; move it away (registrations must be redone)",
+    600: "'server: superlink' is not a valid host:port",
+    604: "a certificate or key path in 'server' does not exist",
+    605: "the server certificate or key is invalid or they do not match; remake them with `lungmae certs`",
+}
+
+_ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def split_address(address: str, what: str = "server: superlink") -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``.
+
+    Raises:
+        FederationConfigError: naming ``what`` and showing the expected form.
+    """
+    match = _ADDRESS_RE.match(address or "")
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise FederationConfigError(f"{what} must be host:port (e.g. 0.0.0.0:9091 or fl.consortium.org:9091); "
+                                    f"got {address!r}")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTLS:
+    """The SuperLink's TLS files, as absolute paths.
+
+    Args:
+        certificate: server certificate (PEM, with the SANs sites connect to).
+        private_key: its private key.
+        root_certificates: the consortium CA certificate.
+    """
+
+    certificate: Path
+    private_key: Path
+    root_certificates: Path
+
+    @classmethod
+    def from_section(cls, server: Any, base_dir: Path) -> ServerTLS:
+        """Read ``certificate``, ``private-key`` and ``root-certificates`` of federation.yaml's ``server`` section.
+
+        Relative paths are relative to ``base_dir`` (the folder of federation.yaml).
+
+        Raises:
+            FederationConfigError: listing every missing key or file, with how to make them.
+        """
+        problems, paths = [], {}
+        for key, attr in (("certificate", "certificate"), ("private-key", "private_key"),
+                          ("root-certificates", "root_certificates")):
+            value = str(getattr(server, attr, "") or "")
+            if not value:
+                problems.append(f"server: '{key}' is not set")
+                continue
+            path = Path(os.path.expanduser(value))
+            path = path if path.is_absolute() else base_dir / path
+            if not path.is_file():
+                problems.append(f"server: '{key}' file {path} does not exist")
+            paths[attr] = path.resolve()
+        if problems:
+            listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, start=1))
+            raise FederationConfigError(
+                "Unable to start the SuperLink with TLS as federation.yaml is missing:\n" + listed +
+                "\nMake them with `lungmae certs --out pki --server-name <dns> --server-ip <ip>` and set "
+                "server: {certificate: pki/server/server.pem, private-key: pki/server/server.key, "
+                "root-certificates: pki/ca/ca.crt}")
+        return cls(**paths)
+
+
+def superlink_command(address: str, tls: ServerTLS, *, database: Path, listen_host: str | None = None,
+                      log_file: Path | None = None, executable: str = "flower-superlink") -> list[str]:
+    """The ``flower-superlink`` command.
+
+    Args:
+        address: ``server: superlink`` (``host:port``); the port is the one SuperLink serves on.
+        tls: certificate, key and CA.
+        database: SQLite state file (registered sites, runs); created if missing.
+        listen_host: address to bind; defaults to the host of ``address`` (``0.0.0.0``: every interface).
+        log_file: also write the SuperLink log there (rotated by Flower).
+        executable: the SuperLink program.
+    """
+    host, port = split_address(address)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        executable,
+        "--ssl-certfile", str(tls.certificate),
+        "--ssl-keyfile", str(tls.private_key),
+        "--ssl-ca-certfile", str(tls.root_certificates),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(database.resolve()),
+        "--host", listen_host or host,
+        "--port", str(port),
+    ]
+    if log_file is not None:
+        cmd += ["--log-file", str(log_file)]
+    return cmd
+
+
+def flwr_home() -> Path:
+    """The Flower CLI's home (``$FLWR_HOME``, default ``~/.flwr``)."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def write_connection(address: str, root_certificates: Path, *, name: str = CONNECTION_NAME,
+                     home: Path | None = None) -> Path:
+    """Add or update ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml`` (other entries are kept).
+
+    Returns:
+        The path of ``config.toml``.
+    """
+    import tomli
+    import tomli_w
+
+    home = flwr_home() if home is None else home
+    path = home / "config.toml"
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomli.loads(path.read_text(encoding="utf-8"))
+        except tomli.TOMLDecodeError as exc:
+            raise FederationConfigError(f"Unable to update {path} as it is not valid TOML: {exc}; fix or remove "
+                                        "it") from exc
+    superlink = data.setdefault("superlink", {})
+    superlink.setdefault("default", name)
+    superlink[name] = {"address": address, "root-certificates": str(Path(root_certificates).resolve())}
+    home.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", dir=home)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
