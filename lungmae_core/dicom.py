@@ -125,8 +125,8 @@ class SeriesRules:
         spacing_tolerance: largest relative deviation of a slice gap from the median gap that still counts
             as uniform (0.1 = 10 %). Defaults to 0.1.
         irregular_spacing: ``"resample"`` interpolates linearly onto a uniform grid at the median spacing
-            when that is safe (every gap at most ``max_gap_factor`` median gaps and at most 10 % of the gaps
-            irregular); ``"reject"`` refuses every non-uniform series. Defaults to ``"resample"``.
+            when that is safe (every gap at most ``max_gap_factor`` median gaps and at most one gap or 10 % of
+            the gaps irregular); ``"reject"`` refuses every non-uniform series. Defaults to ``"resample"``.
         max_gap_factor: largest gap, in median gaps, that resampling may bridge (2.0 = one missing slice).
             Defaults to 2.0.
         axial_tolerance_deg: largest angle between the slice normal and the head-foot axis. Defaults to 5.
@@ -660,7 +660,7 @@ def plan_series(series: DicomSeries, rules: SeriesRules = SeriesRules()) -> Slic
         where = (f"largest gap {gaps[worst]:.2f} mm after slice {worst + 1} of {n_kept}; median spacing "
                  f"{spacing:.2f} mm")
         too_big = float(np.max(gaps)) > rules.max_gap_factor * spacing * (1 + rules.spacing_tolerance)
-        too_many = irregular.size > 0.1 * gaps.size
+        too_many = irregular.size > max(1.0, 0.1 * gaps.size)
         if rules.irregular_spacing == "reject":
             raise SeriesRejected(code, f"{what} ({where}) and data.irregular-spacing is 'reject'")
         if too_big or too_many:

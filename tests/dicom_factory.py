@@ -1,0 +1,55 @@
+"""Small real DICOM series for the site-data tests, written with pydicom through our synthetic writer.
+
+Each helper writes real files that the reader then indexes from disk; bad-input cases edit those files with
+pydicom (delete an element, change a value, cut the file short) exactly as a broken export would look.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from lungmae_core.phantoms import ScannerProfile
+from lungmae_core.synth_dicom import SyntheticStudy, write_ct_series
+
+SCANNER = ScannerProfile(name="test-sharp", manufacturer="TESTCO", model="Tiny CT", slice_thickness_mm=2.5)
+
+
+def study(patient: str = "PAT-1", index: int = 0) -> SyntheticStudy:
+    """Identifiers of one fake study."""
+    return SyntheticStudy(patient_id=patient, patient_name=f"DOE^{patient}", birth_date="19600101", sex="F",
+                          study_uid=f"1.2.826.0.1.3680043.8.498.9{index}{zlib.crc32(patient.encode()) % 10**6}",
+                          accession_number=f"ACC{index}{patient}", study_id=str(index + 1), study_date="20240101",
+                          frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.8{index}{zlib.crc32(patient.encode()) % 10**6}")
+
+
+def tiny_hu(depth: int = 8, size: int = 16, seed: int = 0) -> np.ndarray:
+    """An integer-valued HU volume ``(depth, size, size)`` with structure on every axis (exact round trips)."""
+    rng = np.random.default_rng(seed)
+    d, h, w = np.meshgrid(np.arange(depth), np.arange(size), np.arange(size), indexing="ij")
+    hu = -1000 + 40 * d + 7 * h + 3 * w + rng.integers(0, 5, size=d.shape)
+    return hu.astype(np.float32)
+
+
+def write_series(folder: Path, hu: np.ndarray | None = None, spacing: Sequence[float] = (2.5, 0.7, 0.7), *,
+                 position: str = "HFS", patient: str = "PAT-1", study_index: int = 0, series_number: int = 2,
+                 signed: bool | None = None, series_uid: str | None = None,
+                 origin: Sequence[float] = (-5.0, -5.0, -100.0)) -> list[Path]:
+    """Write ``hu`` (default :func:`tiny_hu`) as a CT series in ``folder``; returns the files."""
+    hu = tiny_hu() if hu is None else hu
+    scanner = dataclasses.replace(SCANNER, patient_position=position)
+    return write_ct_series(hu, spacing, folder, study=study(patient, study_index), scanner=scanner,
+                           series_number=series_number, signed=signed, series_uid=series_uid, origin_mm=origin,
+                           file_prefix=f"S{series_number}_")
+
+
+def edit(path: Path, change: Callable[[pydicom.Dataset], None]) -> None:
+    """Rewrite one DICOM file after ``change(ds)``."""
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
