@@ -223,7 +223,9 @@ class _Loop:
         self.loader_gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=self.loader_gen,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        # fused AdamW: one kernel over all parameters (several times faster on CPU than the per-tensor loop)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      fused=device.type in ("cpu", "cuda"))
         if privacy is not None:
             model, optimizer, loader = privacy.make_private(model, optimizer, loader)
         self.model, self.optimizer, self.loader = model, optimizer, loader

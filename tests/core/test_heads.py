@@ -1,0 +1,90 @@
+"""ILD classifier: pooling, strict encoder transfer from the MAE, linear-probe gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lungmae_core.config import model_config
+from lungmae_core.errors import ConfigError, WeightsMismatchError
+from lungmae_core.heads import ILDClassifier, set_trainable, trainable_state_dict, transfer_encoder
+from lungmae_core.model import build_mae
+
+CFG = model_config("tiny", img_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Miniature models: a second thread costs more than it saves, and the two cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("pooling, classes, has_cls", [("mean", 4, False), ("cls", 2, True)])
+def test_classifier_shapes(pooling: str, classes: int, has_cls: bool) -> None:
+    clf = ILDClassifier(CFG, classes, pooling=pooling)
+    assert tuple(clf(torch.rand(3, 1, 32, 32, 32)).shape) == (3, classes)
+    assert (clf.cls_token is not None) == has_cls
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": 4, "pooling": "max"}, "pooling must be one of 'mean', 'cls'; got 'max'"),
+    ({"num_classes": 1}, "num_classes must be an integer >= 2; got 1"),
+])
+def test_classifier_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ILDClassifier(CFG, **kwargs)
+    assert message in str(info.value)
+
+
+def test_transfer_copies_encoder_and_drops_decoder() -> None:
+    mae, clf = build_mae(CFG, seed=1), ILDClassifier(CFG, 4)
+    loaded = transfer_encoder(mae.state_dict(), clf)
+    assert "encoder.pos_embed.weight" in loaded and not any(k.startswith("decoder") for k in loaded)
+    for name, value in mae.encoder.state_dict().items():
+        assert torch.equal(clf.encoder.state_dict()[name], value)
+    transfer_encoder(mae, clf)  # a module works as well
+
+
+def _mae_state() -> dict[str, torch.Tensor]:
+    return dict(build_mae(CFG, seed=1).state_dict())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("encoder.norm.bias"), "missing encoder.norm.bias"),
+    (lambda s: s.__setitem__("encoder.extra.weight", torch.zeros(1)), "unexpected encoder.extra.weight"),
+    (lambda s: s.__setitem__("encoder.pos_embed.weight", torch.zeros(1, 64, 192)),
+     "shape mismatch (source vs classifier) encoder.pos_embed.weight (1, 64, 192) vs (1, 8, 192)"),
+    (lambda s: s.__setitem__("head.weight", torch.zeros(1)), "neither the encoder nor the decoder: head.weight"),
+    (lambda s: [s.pop(k) for k in list(s) if k.startswith("encoder.")], "the source has no 'encoder.*' entries"),
+])
+def test_transfer_is_strict_and_names_the_key(edit, message: str) -> None:
+    state = _mae_state()
+    edit(state)
+    clf = ILDClassifier(CFG, 4)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    with pytest.raises(WeightsMismatchError) as info:
+        transfer_encoder(state, clf)
+    assert message in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())  # nothing half-loaded
+
+
+def test_linear_probe_gradients_reach_only_head_norm_and_cls() -> None:
+    clf = ILDClassifier(CFG, 4, pooling="cls")
+    names = set_trainable(clf, "linear-probe")
+    assert set(names) == {"cls_token.weight", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    torch.nn.functional.cross_entropy(clf(torch.rand(2, 1, 32, 32, 32)), torch.tensor([0, 3])).backward()
+    for name, p in clf.named_parameters():
+        if name in names:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert set(trainable_state_dict(clf)) == set(names)
+    assert len(set_trainable(clf, "full")) == len(list(clf.parameters()))
+
+
+def test_set_trainable_bad_mode() -> None:
+    with pytest.raises(ConfigError, match="finetune mode must be one of 'full', 'linear-probe'; got 'probe'"):
+        set_trainable(ILDClassifier(CFG, 2), "probe")

@@ -1,0 +1,48 @@
+"""Joint flip/rot90 augmentation: image and lung mask stay aligned; probabilities and seeds are honoured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lungmae_core.transforms import random_flip_rot90, random_flip_rot90_batch
+
+
+def _pair(shape=(1, 6, 6, 6)) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    return image, (image > 0.5).to(torch.uint8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_image_and_mask_stay_aligned(seed: int) -> None:
+    image, mask = _pair()
+    out_img, out_mask = random_flip_rot90(image, mask, torch.Generator().manual_seed(seed), 0.5, 0.9)
+    assert torch.equal((out_img > 0.5).to(torch.uint8), out_mask)
+    assert torch.equal(out_img.flatten().sort().values, image.flatten().sort().values)  # same voxels, moved
+
+
+def test_zero_probability_is_identity_and_one_flips_every_axis() -> None:
+    image, mask = _pair()
+    same = random_flip_rot90(image, mask, torch.Generator().manual_seed(0), 0.0, 0.0)
+    assert torch.equal(same[0], image) and torch.equal(same[1], mask)
+    flipped = random_flip_rot90(image, mask, torch.Generator().manual_seed(0), 1.0, 0.0)
+    assert torch.equal(flipped[0], image.flip([-3, -2, -1]))
+
+
+def test_rotation_happens_and_keeps_shape_of_non_cubes() -> None:
+    image, mask = _pair((1, 4, 6, 6))
+    changed = 0
+    for seed in range(20):
+        out, _ = random_flip_rot90(image, mask, torch.Generator().manual_seed(seed), 0.0, 1.0)
+        assert out.shape == image.shape
+        changed += not torch.equal(out, image)
+    assert changed == 20
+
+
+def test_batch_version_is_seeded_and_keeps_alignment() -> None:
+    images = torch.rand(4, 1, 6, 6, 6)
+    masks = (images > 0.5).float()
+    a = random_flip_rot90_batch(images, masks, torch.Generator().manual_seed(1), 0.5, 0.5)
+    b = random_flip_rot90_batch(images, masks, torch.Generator().manual_seed(1), 0.5, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal((a[0] > 0.5).float(), a[1])
