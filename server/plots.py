@@ -157,10 +157,10 @@ def epsilon_chart(
     *,
     site_order: Sequence[str] | None = None,
 ) -> str:
-    """Privacy budget spent (epsilon, cumulative as the sites report it) against server round, per site.
+    """Privacy budget spent so far (epsilon, the running total each site reports) against server round.
 
     Args:
-        per_site: site name -> ``[(server_round, epsilon), ...]``.
+        per_site: site name -> ``[(server_round, total epsilon), ...]``.
         site_order: order of the sites, so colours agree with the loss curves. Defaults to sorted names.
 
     Returns:
@@ -174,8 +174,8 @@ def epsilon_chart(
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", markersize=3, color=_site_colour(i), label=site)
     ax.set_xlabel("server round")
-    ax.set_ylabel("epsilon")
-    ax.set_title("differential privacy: epsilon per site")
+    ax.set_ylabel("epsilon spent (total)")
+    ax.set_title("differential privacy: epsilon spent per site")
     ax.grid(True, alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize="small")
@@ -215,21 +215,23 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[float]], class_names: Sequ
     return figure_to_data_uri(fig)
 
 
-def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three central orthogonal slices of a canonical ``(D, H, W)`` volume, oriented for display.
+def orthogonal_slices(volume: np.ndarray, centre: Sequence[int] | None = None) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """Three orthogonal slices of a canonical ``(D, H, W)`` volume through ``centre``, oriented for display.
 
     D runs inferior -> superior, H anterior -> posterior and W patient right -> left (DICOM LPS), so the
-    axial slice is shown as a radiologist would (patient's right on the image left, anterior up) and the
-    coronal and sagittal slices have the head at the top.
+    axial slice is shown as a radiologist would (anterior up, the patient's right on the image's left) and
+    the coronal and sagittal slices have the head at the top.
 
     Args:
         volume: ``(D, H, W)`` array.
+        centre: ``(d, h, w)`` voxel the three planes pass through. Defaults to the volume's centre.
 
     Returns:
         ``(axial (H, W), coronal (D, W), sagittal (D, H))``, the last two flipped so superior is up.
     """
     assert volume.ndim == 3, volume.shape
-    d, h, w = (s // 2 for s in volume.shape)
+    d, h, w = (s // 2 for s in volume.shape) if centre is None else (int(c) for c in centre)
     axial = volume[d, :, :]
     coronal = volume[::-1, h, :]
     sagittal = volume[::-1, :, w]
@@ -242,6 +244,7 @@ def reconstruction_figure(
     reconstruction: np.ndarray,
     *,
     title: str,
+    centre: Sequence[int] | None = None,
 ) -> str:
     """A 3x3 grid: rows axial / coronal / sagittal, columns input / masked input / reconstruction.
 
@@ -250,6 +253,7 @@ def reconstruction_figure(
         masked: ``(D, H, W)`` float, the input with masked patches blanked (shown as NaN -> grey).
         reconstruction: ``(D, H, W)`` float, visible patches from the input, masked ones predicted.
         title: the figure title.
+        centre: ``(d, h, w)`` voxel the slices pass through (e.g. in the lungs). Defaults to the centre.
 
     Returns:
         A ``data:image/png;base64,...`` URI.
@@ -260,7 +264,7 @@ def reconstruction_figure(
     rows = ("axial", "coronal", "sagittal")
     fig, axes = plt.subplots(3, 3, figsize=(8.4, 8.4))
     for c, (col_name, vol) in enumerate(columns):
-        for r, sl in enumerate(orthogonal_slices(np.asarray(vol, dtype=float))):
+        for r, sl in enumerate(orthogonal_slices(np.asarray(vol, dtype=float), centre)):
             ax = axes[r, c]
             ax.imshow(np.ma.masked_invalid(sl), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks([])

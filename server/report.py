@@ -217,6 +217,24 @@ def _status_lines(run: RunRecord) -> list[str]:
     return lines
 
 
+def _sites_table(run: RunRecord) -> str:
+    """What each site said about itself (counts of scans, DP, GPU) and how many rounds it trained in."""
+    if not run.site_info:
+        return ""
+    cols = ("num_unlabelled", "num_labelled_train", "num_labelled_val", "num_labelled_test")
+
+    def yes_no(value: Any) -> str:
+        return "yes" if value else "no"
+
+    rows = [(_e(site), *(_int(_number_or_none(info.get(c))) for c in cols), yes_no(info.get("dp_enabled")),
+             yes_no(info.get("has_gpu")), str(sum(1 for r in run.rounds if site in r.train_sites)))
+            for site, info in sorted(run.site_info.items())]
+    return ("<h3>sites</h3>" + _table(("site", "unlabelled scans", "labelled: train", "val", "test", "DP-SGD", "GPU",
+                                        "rounds trained"), rows, table_id="sites-table")
+            + '<p class="note">Counts each site reported when asked what it can serve; sites without labels take '
+              "part in pretraining only.</p>")
+
+
 def _loss_key(rounds: Sequence[RoundRecord], phase: str) -> str | None:
     for key in ("train_loss", "loss"):
         if any(key in m for r in rounds if r.phase == phase for m in [r.train_aggregated, *r.train_sites.values()]):
@@ -268,6 +286,8 @@ def _beats(metrics: Mapping[str, float], which: str = "") -> bool | None:
     """Whether the MAE's masked L1 is below the average-patch baseline's (``which``: "" or "_lung")."""
     mae, base = metrics.get(f"l1_masked{which}"), metrics.get(f"baseline_l1_masked{which}")
     if mae is None or base is None or not (math.isfinite(mae) and math.isfinite(base)):
+        return None
+    if mae == 0.0 and base == 0.0:  # evaluate_mae's value when no masked patch of that kind existed
         return None
     return mae < base
 
@@ -445,28 +465,44 @@ def _bytes_section(run: RunRecord) -> str:
 
 
 def _privacy_section(run: RunRecord) -> str:
-    per_site: dict[str, list[tuple[int, float]]] = {}
+    # Each reply's epsilon is the site's running total at its own delta (CONTRACTS.md), so the newest value
+    # is what the site has spent; a site sends it with evaluation replies too, so both parts are read.
+    per_site: dict[str, dict[int, float]] = {}
     for phase in run.phases:
-        site_series, _ = series(run.rounds, phase, "epsilon")
-        for site, points in site_series.items():
-            per_site.setdefault(site, []).extend(points)
-    used = {s: p for s, p in per_site.items() if any(v > 0 for _, v in p)}
-    if not used:
+        for part in ("train", "evaluate"):
+            site_series, _ = series(run.rounds, phase, "epsilon", part=part)
+            for site, points in site_series.items():
+                for server_round, value in points:
+                    per_site.setdefault(site, {})[server_round] = max(value, per_site.get(site, {}).get(
+                        server_round, 0.0))
+    info = run.site_info
+    used = {s: sorted(p.items()) for s, p in per_site.items() if any(v > 0 for v in p.values())}
+    used_names = set(used) | {s for s, i in info.items() if i.get("dp_enabled")}
+    if not used_names:
         return _section("privacy", "Differential privacy", _absent(
             "Differential privacy was not used in this run: every site reported epsilon 0 (no DP-SGD)."
             if per_site else "No site reported an epsilon, so differential privacy was not used."))
     rows = []
-    for site in sorted(used):
-        values = [v for _, v in used[site]]
-        rows.append((_e(site), _fmt(max(values), 3), _fmt(sum(values), 3), str(len(values))))
-    uri = plots.epsilon_chart(used, site_order=run.sites)
-    body = ('<p class="note">Epsilon each site reported for each round it trained in (DP-SGD at the site\'s own '
-            "delta). Rounds compose to less than the sum of their epsilons, so the sum is an upper bound; the "
-            "exact total is in the privacy ledger each site keeps for itself.</p>"
-            + _img(uri, "epsilon per site and round")
-            + _table(("site", "largest epsilon in a round", "sum over rounds (upper bound)", "rounds with DP"),
-                     rows, table_id="privacy-table"))
-    return _section("privacy", "Differential privacy", body)
+    for site in sorted(used_names):
+        spent = used[site][-1][1] if site in used else 0.0
+        budget = _number_or_none(info.get(site, {}).get("epsilon_budget"))
+        share = f"{100 * spent / budget:.0f}%" if budget else "&ndash;"
+        trained = sum(1 for r in run.rounds if site in r.train_sites)
+        rows.append((_e(site), _fmt(spent, 3), _fmt(budget, 3) if budget else "&ndash;", share, str(trained)))
+    parts = ['<p class="note">Each site reports the total epsilon it has spent so far (DP-SGD, RDP accounting at '
+             "its own delta), taken from the privacy ledger it keeps for itself; a site refuses to train once "
+             "its budget would be exceeded.</p>"]
+    if used:
+        parts.append(_img(plots.epsilon_chart(dict(used), site_order=run.sites), "epsilon spent per site over rounds"))
+    parts.append(_table(("site", "epsilon spent", "budget", "of budget", "rounds trained"), rows,
+                        table_id="privacy-table"))
+    return _section("privacy", "Differential privacy", "".join(parts))
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,7 +524,7 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
         warnings += f'<div class="warn">Rounds skipped (too few valid updates): {_e(", ".join(map(str, skipped)))}.</div>'
     sections = [
         _section("summary", "Summary", "<ul>" + "".join(f"<li>{line}</li>" for line in _status_lines(run))
-                 + "</ul>" + flag + warnings),
+                 + "</ul>" + flag + warnings + _sites_table(run)),
         _loss_section(run),
         _reconstruction_section(recon, recon_reason, quality),
         _final_section(run),

@@ -147,7 +147,11 @@ class FinalResults:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """Everything the report shows, read from one run directory."""
+    """Everything the report shows, read from one run directory.
+
+    ``site_info`` is what each site said about itself when queried (``metrics.json`` ``"sites"``: counts of
+    scans, ``dp_enabled``, ``epsilon_budget``, ``has_gpu``), keys snake_case; empty when absent.
+    """
 
     run_config: dict[str, Any]
     state: dict[str, Any]
@@ -156,6 +160,7 @@ class RunRecord:
     final: FinalResults | None
     checkpoints: tuple[Path, ...]
     warnings: tuple[str, ...]
+    site_info: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -364,10 +369,13 @@ def load_run(run_dir: str | Path) -> RunRecord:
     ckpt_dir = run_dir / "checkpoints"
     checkpoints = tuple(sorted(p for p in ckpt_dir.iterdir() if p.is_file() and not p.name.startswith("."))) \
         if ckpt_dir.is_dir() else ()
+    sites_raw = _pick(summary, "sites", default={})
+    site_info = {str(name): _normed(v) for name, v in sites_raw.items() if isinstance(v, Mapping)} \
+        if isinstance(sites_raw, Mapping) else {}
     return RunRecord(
         run_config=dict(run_config), state=dict(state) if isinstance(state, Mapping) else {},
         rounds=rounds, summary=dict(summary), final=_final_results(summary, run_config),
-        checkpoints=checkpoints, warnings=tuple(warnings),
+        checkpoints=checkpoints, warnings=tuple(warnings), site_info=site_info,
     )
 
 

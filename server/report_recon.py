@@ -22,7 +22,8 @@ import torch
 from server import plots
 from server.report_data import RunRecord, norm_key
 
-__all__ = ["find_mae_checkpoint", "load_mae", "phantom_samples", "reconstruct", "phantom_reconstruction"]
+__all__ = ["find_mae_checkpoint", "load_mae", "phantom_samples", "lung_centre", "reconstruct",
+           "phantom_reconstruction"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +141,28 @@ def phantom_samples(img_size: int, *, seed: int = PHANTOM_SEED) -> list[dict[str
     for i, label in enumerate(labels):
         scanner = scanner_for_site(i)
         # Acquire at about twice the output resolution, not more: same anatomy and field of view, and a
-        # 32^3 model's phantoms take 0.2 s instead of 1.5 s each.
+        # 32^3 model's phantoms take 0.2 s instead of 1.5 s each. The crop margin is given in voxels, so it
+        # is scaled with them to keep the same margin in mm as a site's full-resolution scan gets.
         scale = min(1.0, 2.0 * img_size / max(scanner.shape))
         shape = tuple(max(32, round(n * scale)) for n in scanner.shape)
         phantom = generate_phantom(label, seed=seed + i, scanner=scanner, shape=shape)
-        sample = preprocess_volume(phantom.to_volume(), PreprocessConfig(size=img_size))
+        cfg = PreprocessConfig(size=img_size)
+        cfg = dataclasses.replace(cfg, margin_voxels=round(cfg.margin_voxels * shape[0] / scanner.shape[0]))
+        sample = preprocess_volume(phantom.to_volume(), cfg)
         items.append({"image": torch.from_numpy(np.asarray(sample.image, dtype=np.float32)),
                       "lung_mask": torch.from_numpy(np.asarray(sample.lung_mask, dtype=np.float32))})
     return items
+
+
+def lung_centre(lung: np.ndarray) -> tuple[int, int, int]:
+    """For each axis of a ``(D, H, W)`` lung mask, the plane with the most lung: slices that show the lungs.
+
+    (The volume's centre would put the sagittal plane through the mediastinum, between the lungs.)
+    """
+    assert lung.ndim == 3, lung.shape
+    if not lung.any():
+        return tuple(s // 2 for s in lung.shape)  # type: ignore[return-value]
+    return tuple(int(np.argmax(lung.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3))  # type: ignore[return-value]
 
 
 def reconstruct(mae: Any, image: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -201,11 +216,12 @@ def phantom_reconstruction(run: RunRecord, *, seed: int = 0):  # -> tuple[Recons
     metrics = evaluate_mae(mae, items, device="cpu", seed=seed, batch_size=len(items))
     when = f"after server round {server_round}" if server_round is not None else f"from {path.name}"
     uri = plots.reconstruction_figure(items[0]["image"][0].numpy(), masked, recon,
-                                      title=f"synthetic {PHANTOM_LABEL} phantom, MAE {when}")
+                                      title=f"synthetic {PHANTOM_LABEL} phantom, MAE {when}",
+                                      centre=lung_centre(items[0]["lung_mask"][0].numpy()))
     text = (f"A synthetic chest CT ({PHANTOM_LABEL} phantom) preprocessed to {cfg.img_size}^3 as at a site; "
             f"{round(cfg.mask_ratio * 100)}% of its {cfg.num_patches} patches of {cfg.patch_size}^3 voxels are "
-            f"masked (orange) and predicted by the MAE {when} (model {cfg.name}). Central axial, coronal and "
-            f"sagittal slices, window [-1000, 200] HU. The phantom row of the table below scores the same MAE "
+            f"masked (orange) and predicted by the MAE {when} (model {cfg.name}). Axial, coronal and sagittal "
+            f"slices through the lungs, window [-1000, 200] HU. The phantom row of the table below scores the same MAE "
             f"on {len(items)} phantoms, one per class.")
     return Reconstruction(figure_uri=uri, metrics={k: float(v) for k, v in metrics.items()},
                           description=text), ""

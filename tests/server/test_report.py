@@ -50,14 +50,19 @@ def _line(r: int, phase: str, phase_round: int, phase_rounds: int, train: dict[s
             "bytes": {"down": down, "up": up}, "skipped": False, "note": "", "duration_s": 1.5}
 
 
+def _eps(site_index: int, server_round: int, dp: bool) -> float:
+    """The site's running total epsilon after ``server_round`` (CONTRACTS.md: replies carry the total)."""
+    return round(0.4 * (site_index + 1) * server_round, 3) if dp else 0.0
+
+
 def _pretrain_line(r: int, rounds: int, *, dp: bool, mae_wins: bool) -> dict[str, Any]:
     failed = ("hospital-c",) if r == 2 else ()
     train = {s: {"num-examples": 10, "train-loss": 0.3 / r + 0.01 * i, "train-loss-lung": 0.3 / r,
-                 "train-loss-non-lung": 0.1, "epsilon": 0.6 * (i + 1) if dp else 0.0, "train-seconds": 3.0,
+                 "train-loss-non-lung": 0.1, "epsilon": _eps(i, r, dp), "train-seconds": 3.0,
                  "update-bytes": 1000} for i, s in enumerate(SITES) if s not in failed}
     l1 = 0.10 if mae_wins else 0.30
     evaluate = {s: {"num-examples": 4, "l1-masked": l1, "l1-masked-lung": l1 + 0.02, "baseline-l1-masked": 0.2,
-                    "baseline-l1-masked-lung": 0.25, "epsilon": 0.0} for s in SITES}
+                    "baseline-l1-masked-lung": 0.25, "epsilon": _eps(i, r, dp)} for i, s in enumerate(SITES)}
     return _line(r, "pretrain", r, rounds, train, evaluate, failed=failed,
                  down=3_000_000, up=1_000_000 * len(train))
 
@@ -65,12 +70,12 @@ def _pretrain_line(r: int, rounds: int, *, dp: bool, mae_wins: bool) -> dict[str
 def _finetune_line(r: int, phase_round: int, rounds: int, *, dp: bool) -> dict[str, Any]:
     labelled = SITES[:2]
     rejected = ("hospital-b",) if phase_round == 2 else ()
-    train = {s: {"num-examples": 8, "train-loss": 1.2 / r, "train-accuracy": 0.2 * r, "epsilon": 0.5 if dp else 0.0,
-                 "train-seconds": 2.0, "update-bytes": 500} for s in labelled if s not in rejected}
+    train = {s: {"num-examples": 8, "train-loss": 1.2 / r, "train-accuracy": 0.2 * r, "epsilon": _eps(i, r, dp),
+                 "train-seconds": 2.0, "update-bytes": 500} for i, s in enumerate(labelled) if s not in rejected}
     evaluate = {s: {"num-examples": 4, "loss": 1.0 / r, "accuracy": 0.1 * r, "balanced-accuracy": 0.09 * r,
                     "weighted-f1": 0.1 * r, "roc-auc": 0.7, "roc-auc-valid": 1,
-                    "confusion-matrix": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1], "epsilon": 0.0}
-                for s in labelled}
+                    "confusion-matrix": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1], "epsilon": _eps(i, r, dp)}
+                for i, s in enumerate(labelled)}
     return _line(r, "finetune", phase_round, rounds, train, evaluate, rejected=rejected, down=1_000_000, up=500_000)
 
 
@@ -97,7 +102,13 @@ def write_run(run_dir: Path, *, pretrain: int = 2, finetune: int = 2, dp: bool =
             strategy_state={}, history=lines[:pretrain], config_hash=config_hash(fed),
             model_args={"model": to_mapping(TINY), "num_classes": 4, "kind": "mae"}))
     summary: dict[str, Any] = {"status": "completed" if final else "running", "config_hash": config_hash(fed),
-                               "class_names": CLASSES}
+                               "class_names": CLASSES, "sites": {
+                                   s: {"name": s, "num_unlabelled": 20 if i == 2 else 4,
+                                       "num_labelled_train": 0 if i == 2 else 12,
+                                       "num_labelled_val": 0 if i == 2 else 4,
+                                       "num_labelled_test": 0 if i == 2 else 8 - 2 * i, "dp_enabled": dp,
+                                       "epsilon_budget": (4.0 if i == 2 else 8.0) if dp else 0.0,
+                                       "has_gpu": False, "error": ""} for i, s in enumerate(SITES)}}
     if final and finetune:
         sites = {"hospital-a": {"num_examples": 8, "loss": 0.9, "accuracy": 0.75, "balanced_accuracy": 0.7,
                                 "weighted_f1": 0.72, "roc_auc": 0.88, "roc_auc_valid": 1, "epsilon": 0.0,
@@ -212,9 +223,14 @@ def test_full_report_has_every_section_table_and_image(full_report: tuple[Path, 
     assert participation[4][:6] == ["4", "finetune", "2", "1", "0", "1"]  # hospital-b's update rejected
     assert page.tables["bytes-table"][-1] == ["total", "", "8,000,000", "6,000,000"]
     privacy = page.tables["privacy-table"]
-    assert privacy[1:] == [["hospital-a", "0.600", "2.200", "4"],  # 2 pretrain x 0.6 + 2 finetune x 0.5
-                           ["hospital-b", "1.200", "2.900", "3"],  # its second finetune update was rejected
-                           ["hospital-c", "1.800", "1.800", "1"]]  # failed in round 2, no labels
+    assert privacy[0] == ["site", "epsilon spent", "budget", "of budget", "rounds trained"]
+    assert privacy[1:] == [["hospital-a", "1.600", "8.000", "20%", "4"],  # total after round 4
+                           ["hospital-b", "3.200", "8.000", "40%", "3"],  # round 4 update rejected, evaluated
+                           ["hospital-c", "2.400", "4.000", "60%", "1"]]  # failed round 2's training, no labels
+    assert page.tables["sites-table"][1:] == [
+        ["hospital-a", "4", "12", "4", "8", "yes", "no", "4"],
+        ["hospital-b", "4", "12", "4", "6", "yes", "no", "3"],
+        ["hospital-c", "20", "0", "0", "0", "yes", "no", "1"]]
 
 
 def test_images_are_inline_pngs_and_nothing_is_fetched(full_report: tuple[Path, _Page, str]) -> None:
