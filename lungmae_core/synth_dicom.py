@@ -89,10 +89,15 @@ class SiteSynthResult:
 
 
 def _uid(*parts: object) -> str:
-    """A deterministic UID under 2.25 (a UUID-derived root needs no registration)."""
-    from pydicom.uid import generate_uid
+    """A deterministic UID under the 2.25 root: the decimal of 128 bits of SHA-256 of ``parts``.
 
-    return str(generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts]))
+    Same arguments, same UID, so a rerun of ``lungmae synth`` writes identical files (and caches stay valid);
+    pydicom's ``generate_uid(prefix=None)`` would be random.
+    """
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+    return f"2.25.{int(digest[:32], 16)}"
 
 
 def make_study(site_index: int, scan_index: int, seed: int) -> SyntheticStudy:
