@@ -415,25 +415,34 @@ def _render_anatomy(subj: _Subject, grid: _Grid, rng: np.random.Generator,
 
 def _draw_tube(frac: np.ndarray, grid: _Grid, p0: np.ndarray, p1: np.ndarray, r0: float, r1: float) -> None:
     """Rasterise a tapered tube (p0 -> p1, radii r0 -> r1 mm) into ``frac`` as partial-volume fractions."""
-    rmax = max(r0, r1)
-    sp = grid.spacing
-    i0 = grid.index(np.minimum(p0, p1) - rmax - 2 * sp.max())
-    i1 = grid.index(np.maximum(p0, p1) + rmax + 2 * sp.max())
-    lo = np.clip(np.floor(np.minimum(i0, i1)).astype(int), 0, None)
-    hi = np.minimum(np.ceil(np.maximum(i0, i1)).astype(int) + 1, grid.shape)
-    if np.any(hi <= lo):
+    # Plain Python arithmetic for the bounding box: thousands of small tubes make NumPy call overhead matter.
+    x0, y0, z0 = (float(v) for v in p0)
+    x1, y1, z1 = (float(v) for v in p1)
+    sd, sh, sw = (float(v) for v in grid.spacing)
+    d, h, w = grid.shape
+    pad = max(r0, r1) + 2.0 * max(sd, sh, sw)
+    lo_d = max(int((min(z0, z1) - pad) / sd - 0.5), 0)
+    hi_d = min(int((max(z0, z1) + pad) / sd - 0.5) + 2, d)
+    lo_h = max(int((min(y0, y1) - pad) / sh + (h - 1) / 2.0), 0)
+    hi_h = min(int((max(y0, y1) + pad) / sh + (h - 1) / 2.0) + 2, h)
+    lo_w = max(int((min(x0, x1) - pad) / sw + (w - 1) / 2.0), 0)
+    hi_w = min(int((max(x0, x1) + pad) / sw + (w - 1) / 2.0) + 2, w)
+    if hi_d <= lo_d or hi_h <= lo_h or hi_w <= lo_w:
         return
-    Z = grid.z[lo[0]:hi[0], None, None]
-    Y = grid.y[None, lo[1]:hi[1], None]
-    X = grid.x[None, None, lo[2]:hi[2]]
-    seg = (p1 - p0).astype(np.float32)
-    L2 = float(seg @ seg) + 1e-6
-    tt = np.clip(((X - p0[0]) * seg[0] + (Y - p0[1]) * seg[1] + (Z - p0[2]) * seg[2]) / L2, 0.0, 1.0)
-    dist = np.sqrt((X - p0[0] - tt * seg[0]) ** 2 + (Y - p0[1] - tt * seg[1]) ** 2 + (Z - p0[2] - tt * seg[2]) ** 2)
-    r = r0 + (r1 - r0) * tt
-    vox = float(sp.min())
-    f = np.clip((r - dist) / vox + 0.5, 0.0, 1.0).astype(np.float32)
-    view = frac[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    Z = grid.z[lo_d:hi_d, None, None] - np.float32(z0)
+    Y = grid.y[None, lo_h:hi_h, None] - np.float32(y0)
+    X = grid.x[None, None, lo_w:hi_w] - np.float32(x0)
+    gx, gy, gz = x1 - x0, y1 - y0, z1 - z0
+    inv = 1.0 / (gx * gx + gy * gy + gz * gz + 1e-6)
+    tt = X * np.float32(gx * inv) + Y * np.float32(gy * inv) + Z * np.float32(gz * inv)
+    np.clip(tt, 0.0, 1.0, out=tt)
+    dist2 = (X - tt * np.float32(gx)) ** 2 + (Y - tt * np.float32(gy)) ** 2 + (Z - tt * np.float32(gz)) ** 2
+    vox = min(sd, sh, sw)
+    # fraction = clip((r(t) - dist) / vox + 0.5, 0, 1)
+    f = tt * np.float32((r1 - r0) / vox) + np.float32(r0 / vox + 0.5)
+    f -= np.sqrt(dist2) * np.float32(1.0 / vox)
+    np.clip(f, 0.0, 1.0, out=f)
+    view = frac[lo_d:hi_d, lo_h:hi_h, lo_w:hi_w]
     np.maximum(view, f, out=view)
 
 
@@ -474,11 +483,13 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
     wall = np.zeros(grid.shape, np.float32)
     lumen = np.zeros(grid.shape, np.float32)
 
+    sd, sh, sw = (float(v) for v in grid.spacing)
+    nd, nh, nw = grid.shape
+
     def inside(point: np.ndarray) -> bool:
-        idx = np.round(grid.index(point)).astype(int)
-        if np.any(idx < 0) or np.any(idx >= grid.shape):
-            return False
-        return bool(lung[tuple(idx)])
+        x, y, z = (float(v) for v in point)
+        i, j, k = round(z / sd - 0.5), round(y / sh + (nh - 1) / 2.0), round(x / sw + (nw - 1) / 2.0)
+        return 0 <= i < nd and 0 <= j < nh and 0 <= k < nw and bool(lung[i, j, k])
 
     carina_z = subj.z_base + 0.62 * subj.lung_h
     top_z = float(grid.z[-1]) + 5.0

@@ -1,0 +1,99 @@
+"""The classical lung mask finds the phantoms' lungs (Dice > 0.95) and rejects implausible scans with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungmae_core.errors import InvalidSeriesError
+from lungmae_core.lungmask import block_mean, coarse_lung_mask, lung_mask_from_hu
+from lungmae_core.phantoms import generate_phantom, scanner_for_site
+from lungmae_core.preprocess import PreprocessConfig
+
+SHAPE = (64, 112, 112)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("label,site,severity", [
+    ("normal", 0, None), ("normal", 3, None),
+    ("ggo", 1, 0.9), ("ggo", 2, 0.5),
+    ("fibrosis", 2, 1.0), ("fibrosis", 3, 0.6),
+    ("emphysema", 0, 1.0), ("emphysema", 1, 0.4),
+])
+def test_mask_matches_phantom_truth(label, site, severity):
+    p = generate_phantom(label, seed=20 + site, scanner=scanner_for_site(site), severity=severity, shape=SHAPE)
+    mask = lung_mask_from_hu(p.hu, p.spacing_mm, PreprocessConfig())
+    assert mask.dtype == np.uint8 and mask.shape == p.hu.shape
+    assert dice(mask, p.lung_mask) > 0.95
+
+
+def test_coarse_mask_at_full_resolution_phantom():
+    """A 1 mm-ish series takes the coarse path (block factors > 1) and still matches the truth."""
+    p = generate_phantom("fibrosis", seed=5, scanner=scanner_for_site(0), severity=0.7, shape=(100, 192, 192))
+    cfg = PreprocessConfig(mask_spacing_mm=4.0)
+    coarse = coarse_lung_mask(p.hu, p.spacing_mm, cfg)
+    assert coarse.factors == (1, 2, 2)
+    assert coarse.lung_volume_ml == pytest.approx(p.lung_volume_ml, rel=0.05)
+    assert dice(lung_mask_from_hu(p.hu, p.spacing_mm, cfg), p.lung_mask) > 0.95
+
+
+def test_stomach_gas_is_not_lung():
+    for seed in range(40):
+        p = generate_phantom("normal", seed=seed, shape=SHAPE)
+        zs = np.flatnonzero(p.lung_mask.any(axis=(1, 2)))
+        below = p.hu[: zs[0]]
+        if (below < -900).sum() > 50:  # a gas bubble under the diaphragm is in view
+            break
+    else:
+        pytest.fail("no phantom with a stomach bubble in 40 seeds")
+    mask = lung_mask_from_hu(p.hu, p.spacing_mm)
+    assert mask[: zs[0]].sum() < 0.002 * mask.sum()
+
+
+def _lungs_removed(p):
+    hu = p.hu.copy()
+    rng = np.random.default_rng(0)
+    hu[p.lung_mask > 0] = 40.0 + rng.normal(0, 20, int(p.lung_mask.sum()))
+    return hu
+
+
+def _abdomen(p):
+    zs = np.flatnonzero(p.lung_mask.any(axis=(1, 2)))
+    return p.hu[: max(zs[0] - 1, 8)]
+
+
+def _lung_bases(p):
+    """An upper-abdomen scan that catches only the lung bases."""
+    zs = np.flatnonzero(p.lung_mask.any(axis=(1, 2)))
+    return p.hu[: zs[0] + 4]
+
+
+@pytest.mark.parametrize("make,message", [
+    (_lungs_removed, "mL is below the minimum of 500 mL (not a chest CT"),  # only the trachea is left
+    (_abdomen, "Unable to find lungs"),
+    (lambda p: np.full((20, 40, 40), -1000.0, np.float32), "Unable to find a body as no voxel is above -500 HU"),
+    (_lung_bases, "mL is below the minimum of 500 mL"),
+])
+def test_implausible_scans_are_rejected_with_the_reason(make, message):
+    p = generate_phantom("normal", seed=3, shape=SHAPE)
+    with pytest.raises(InvalidSeriesError) as exc:
+        lung_mask_from_hu(make(p), p.spacing_mm, PreprocessConfig())
+    assert message in str(exc.value)
+
+
+def test_too_much_lung_is_rejected():
+    p = generate_phantom("emphysema", seed=3, shape=SHAPE)
+    with pytest.raises(InvalidSeriesError, match=r"lung volume \d+ mL is above the maximum of 1000 mL"):
+        lung_mask_from_hu(p.hu, p.spacing_mm, PreprocessConfig(min_lung_ml=100, max_lung_ml=1000))
+
+
+def test_block_mean_handles_remainders():
+    a = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
+    out = block_mean(a, (2, 2, 3))
+    assert out.shape == (3, 2, 1)
+    assert out[0, 0, 0] == pytest.approx(a[:2, :2, :].mean())
+    assert out[2, 1, 0] == pytest.approx(a[4:, 2:, :].mean())
