@@ -345,13 +345,17 @@ def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     locked = tmp_path / "s" / "locked.dcm"
     shutil.copy(next((tmp_path / "s").iterdir()), locked)
     locked.chmod(0)
+    (tmp_path / "s" / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")  # unreadable even for root
     try:
         index = index_tree(tmp_path)
     finally:
         locked.chmod(0o600)
     codes = {Path(s.path).name: s.code for s in index.skipped}
     assert codes.pop("empty") == "empty-folder"  # reported once, not once per nested folder
-    if os.geteuid() != 0:  # root reads everything
+    assert codes.pop("dangling.dcm") == "unreadable"
+    message = next(s.message for s in index.skipped if s.path.endswith("dangling.dcm"))
+    assert message == "it cannot be read (No such file or directory)"
+    if os.geteuid() != 0:  # root reads files whatever their mode
         assert codes == {"locked.dcm": "unreadable"}
 
 
