@@ -524,12 +524,12 @@ def _check_content(series: DicomSeries) -> None:
                                       f"({_of(scouts, n)}): a scout/localizer, not an axial volume")
     k = _count(inst, lambda i: not i.has_pixel_data)
     if k:
-        raise SeriesRejected("no-pixel-data", f"{_of_verb(k, n, 'has', 'have')} no (7FE0,0010) 'Pixel Data'; re-export the "
-                                              "series with images")
+        raise SeriesRejected("no-pixel-data", f"{_of_verb(k, n, 'has', 'have')} no (7FE0,0010) 'Pixel Data'; "
+                                              "re-export the series with images")
     k = _count(inst, lambda i: i.pixel_data_truncated)
     if k:
-        raise SeriesRejected("truncated", f"{_of_verb(k, n, 'is', 'are')} truncated (the file ends before the declared "
-                                          "(7FE0,0010) 'Pixel Data' length); re-copy the series")
+        raise SeriesRejected("truncated", f"{_of_verb(k, n, 'is', 'are')} truncated (the file ends before the "
+                                          "declared (7FE0,0010) 'Pixel Data' length); re-copy the series")
     for syntax in _distinct(i.transfer_syntax for i in inst):
         _check_decoder(str(syntax))
     for keyword, tag, attr in (("Image Position (Patient)", "0020,0032", "position"),
@@ -538,18 +538,18 @@ def _check_content(series: DicomSeries) -> None:
                                ("Rows", "0028,0010", "rows"), ("Columns", "0028,0011", "columns")):
         k = _count(inst, lambda i, a=attr: getattr(i, a) is None)
         if k:
-            raise SeriesRejected("no-geometry", f"{_of_verb(k, n, 'has', 'have')} no valid ({tag}) '{keyword}', needed to "
-                                                "place slices in the patient; re-export the series with its "
-                                                "Image Plane module")
+            raise SeriesRejected("no-geometry", f"{_of_verb(k, n, 'has', 'have')} no valid ({tag}) '{keyword}', "
+                                                "needed to place slices in the patient; re-export the series with "
+                                                "its Image Plane module")
     k = _count(inst, lambda i: not i.has_rescale)
     if k:
-        raise SeriesRejected("no-rescale", f"{_of_verb(k, n, 'has', 'have')} no (0028,1052) 'Rescale Intercept' or (0028,1053) "
-                                           "'Rescale Slope', needed to convert to HU; re-export it with the "
-                                           "Modality LUT module, or exclude it")
+        raise SeriesRejected("no-rescale", f"{_of_verb(k, n, 'has', 'have')} no (0028,1052) 'Rescale Intercept' "
+                                           "or (0028,1053) 'Rescale Slope', needed to convert to HU; re-export it "
+                                           "with the Modality LUT module, or exclude it")
     k = _count(inst, lambda i: i.samples_per_pixel != 1)
     if k:
-        raise SeriesRejected("not-grayscale", f"{_of_verb(k, n, 'has', 'have')} (0028,0002) 'Samples per Pixel' other than 1; "
-                                              "CT slices must be grayscale")
+        raise SeriesRejected("not-grayscale", f"{_of_verb(k, n, 'has', 'have')} (0028,0002) 'Samples per Pixel' "
+                                              "other than 1; CT slices must be grayscale")
     owners = {(i.patient_id, i.study_uid) for i in inst}
     if len(owners) > 1:  # the values are identifiers: say how many, never which
         raise SeriesRejected(

@@ -22,10 +22,11 @@ SCANNER = ScannerProfile(name="test-sharp", manufacturer="TESTCO", model="Tiny C
 
 def study(patient: str = "PAT-1", index: int = 0) -> SyntheticStudy:
     """Identifiers of one fake study."""
+    tag = f"{index}{zlib.crc32(patient.encode()) % 10**6}"
     return SyntheticStudy(patient_id=patient, patient_name=f"DOE^{patient}", birth_date="19600101", sex="F",
-                          study_uid=f"1.2.826.0.1.3680043.8.498.9{index}{zlib.crc32(patient.encode()) % 10**6}",
-                          accession_number=f"ACC{index}{patient}", study_id=str(index + 1), study_date="20240101",
-                          frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.8{index}{zlib.crc32(patient.encode()) % 10**6}")
+                          study_uid=f"1.2.826.0.1.3680043.8.498.9{tag}", accession_number=f"ACC{index}{patient}",
+                          study_id=str(index + 1), study_date="20240101",
+                          frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.8{tag}")
 
 
 def tiny_hu(depth: int = 8, size: int = 16, seed: int = 0) -> np.ndarray:
