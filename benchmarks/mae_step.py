@@ -1,0 +1,222 @@
+"""Time one MAE training step (forward, lung-weighted L1, backward, AdamW) of our MAE3D against MONAI's.
+
+Usage::
+
+    python benchmarks/mae_step.py                       # tiny (batch 2) and paper-p16 (batch 1)
+    python benchmarks/mae_step.py --configs tiny paper-p16 paper-p8 --timed 3 --burn-in 2 --threads 2
+
+Every model of a config is built in this process and the steps are interleaved (ours, MONAI default,
+MONAI with ``use_flash_attention``, ours again, ...) so that a noisy machine slows all of them alike. MONAI's
+``MaskedAutoEncoderViT`` is configured to the same sizes: linear ("perceptron") patch embedding, learnable
+position embeddings, QKV bias; it builds plain einsum attention, and setting ``use_flash_attention`` on its
+attention blocks after construction switches them to SDPA. Peak memory is the CUDA allocator's peak on GPU;
+on CPU it is the bytes autograd saves for backward (activations, deduplicated by storage), the part that
+differs between implementations, plus parameters, gradients and AdamW state. Achieved FLOP/s uses the
+FLOPs that ``torch.utils.flop_counter`` counts for one step and is compared with a measured fp32 matmul peak.
+
+Prints one summary line per config and model, and writes a JSON record (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lungmae_core.config import ModelConfig, model_config  # noqa: E402
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1  # noqa: E402
+from lungmae_core.model import MAE3D, patchify3d  # noqa: E402
+
+# -- config block (nanoGPT bench.py style) ------------------------------------------------------------------
+CONFIGS = {"tiny": 2, "paper-p16": 1, "paper-p8": 1}  # config -> batch size
+BURN_IN = 2
+TIMED = 3
+SEED = 0
+
+
+def monai_mae(cfg: ModelConfig, flash: bool) -> torch.nn.Module:
+    """MONAI's MaskedAutoEncoderViT at our sizes; ``flash`` sets ``use_flash_attention`` on every block."""
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    net = MaskedAutoEncoderViT(
+        in_channels=cfg.in_chans, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
+        mlp_dim=cfg.mlp_dim, num_layers=cfg.depth, num_heads=cfg.num_heads, masking_ratio=cfg.mask_ratio,
+        decoder_hidden_size=cfg.decoder_embed_dim, decoder_mlp_dim=cfg.decoder_mlp_dim,
+        decoder_num_layers=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, proj_type="perceptron",
+        pos_embed_type="learnable", decoder_pos_embed_type="learnable", qkv_bias=True)
+    if flash:
+        n = 0
+        for module in net.modules():
+            if hasattr(module, "use_flash_attention"):
+                module.use_flash_attention = True
+                n += 1
+        assert n == cfg.depth + cfg.decoder_depth, n
+    return net
+
+
+class Runner:
+    """One model, its optimizer and a fixed synthetic batch; ``step()`` is one full training step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device,
+                 ours: bool) -> None:
+        self.name, self.cfg, self.device, self.ours = name, cfg, device, ours
+        self.model = model.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        g = torch.Generator().manual_seed(SEED)
+        self.images = torch.rand(batch, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g).to(device)
+        self.lung = (self.images > 0.5).float()
+        self.gen = torch.Generator().manual_seed(SEED)
+        self.times: list[float] = []
+
+    def loss(self) -> torch.Tensor:
+        if self.ours:
+            pred, mask = self.model(self.images, generator=self.gen)
+        else:
+            pred, mask = self.model(self.images)
+        target = patchify3d(self.images, self.cfg.patch_size)
+        return lung_weighted_l1(pred, target, mask, lung_fraction_per_patch(self.lung, self.cfg.patch_size)).total
+
+    def step(self) -> None:
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def flops(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.step()
+        return int(counter.get_total_flops())
+
+    def peak_bytes(self) -> int:
+        """CUDA: allocator peak of one step. CPU: saved activations + params, grads and AdamW state."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            return int(torch.cuda.max_memory_allocated(self.device))
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sum(storages.values()) + 4 * self.params * 4  # weights, grads, exp_avg, exp_avg_sq
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of an n x n matmul: the machine's practical peak for these models."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def bench_config(name: str, batch: int, device: torch.device, burn_in: int, timed: int,
+                 variants: list[str], peak: float) -> dict:
+    cfg = model_config(name)
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "ours": lambda: MAE3D(cfg),
+        "monai": lambda: monai_mae(cfg, flash=False),
+        "monai-flash": lambda: monai_mae(cfg, flash=True),
+    }
+    runners = []
+    for variant in variants:
+        torch.manual_seed(SEED)
+        runners.append(Runner(variant, builders[variant](), cfg, batch, device, ours=variant == "ours"))
+    for _ in range(burn_in):
+        for r in runners:
+            r.step()
+    for _ in range(timed):  # interleaved
+        for r in runners:
+            r.timed_step()
+    record = {"config": name, "batch": batch, "models": {}}
+    ours_median = statistics.median(runners[0].times)
+    for r in runners:
+        median = statistics.median(r.times)
+        flops = r.flops()
+        record["models"][r.name] = {
+            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": r.peak_bytes(),
+            "flops_per_step": flops, "achieved_flops": flops / median, "fraction_of_matmul_peak": flops / median / peak,
+            "speedup_of_ours": median / ours_median,
+        }
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "paper-p16"], choices=sorted(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=["ours", "monai", "monai-flash"],
+                        choices=["ours", "monai", "monai-flash"], help="'ours' first: ratios are against it")
+    parser.add_argument("--burn-in", type=int, default=BURN_IN)
+    parser.add_argument("--timed", type=int, default=TIMED)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON record here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    peak_before = matmul_peak(device)
+    records = []
+    for name in args.configs:
+        records.append(bench_config(name, CONFIGS[name], device, args.burn_in, args.timed, args.variants, peak_before))
+    peak = max(peak_before, matmul_peak(device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f})")
+    for rec in records:
+        for model_name, m in rec["models"].items():
+            m["fraction_of_matmul_peak"] = m["achieved_flops"] / peak
+            print(f"{rec['config']:>9} b{rec['batch']} {model_name:<11} median {m['median_s'] * 1000:9.1f} ms/step"
+                  f"  time vs ours {m["speedup_of_ours"]:5.2f}x  params {m['params'] / 1e6:7.2f} M"
+                  f"  peak {m['peak_bytes'] / 2 ** 30:6.2f} GiB"
+                  f"  {m['achieved_flops'] / 1e9:7.1f} GFLOP/s = {100 * m['fraction_of_matmul_peak']:5.1f}% of peak")
+    payload = {"device": str(device), "device_name": name, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "matmul_peak_flops": peak, "burn_in": args.burn_in,
+               "timed": args.timed, "records": records}
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Centralized pipeline behind ``lungmae train``: MAE pretraining, then ILD fine-tuning, on phantoms or a cache.
+
+This is the main job until the federation runs, and later its centralized baseline: the same
+``train_mae``/``train_classifier`` calls a site makes, on all the data in one place. Scans are split by
+patient into train/val/test; the MAE pretrains on train + val scans (labels unused), the classifier
+fine-tunes on train, the epoch with the best validation balanced accuracy is kept, and the held-out test
+split is reported (the public code reported on the split it selected on). ``pretrain=False`` gives the
+from-scratch baseline that pretraining must beat.
+
+Outputs in ``workdir``: ``metrics.json`` (snake_case; test results under ``"final"``), ``log.jsonl`` (one JSON
+line per epoch), ``checkpoints/mae.pt`` and ``checkpoints/classifier.pt`` (nanoGPT-style dicts with
+``model_args``), and ``phantoms/`` (the generated phantoms, cached so that a rerun starts at once).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lungmae_core.config import ModelConfig, TrainConfig, model_config, to_mapping
+from lungmae_core.errors import DatasetError, InvalidSeriesError
+from lungmae_core.heads import ILDClassifier, transfer_encoder
+from lungmae_core.model import build_mae
+from lungmae_core.train import (WarmupCosine, class_weights_from_labels, evaluate_classifier, evaluate_mae,
+                                resolve_device, train_classifier, train_mae)
+
+__all__ = ["PHANTOM_SOURCE_VERSION", "phantom_dataset", "run_centralized", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the way phantoms are drawn here changes, so cached phantoms are regenerated.
+PHANTOM_SOURCE_VERSION = 1
+_SELECTION_KEYS = ("balanced_accuracy", "accuracy")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: built-in phantoms (cached in the workdir) or a prepared site cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _phantom_job(job: tuple[int, str, int, int, int, str]) -> tuple[int, str | None]:
+    """Generate, preprocess and cache one phantom (runs in a worker process). Returns (index, rejection)."""
+    from lungmae_core.cache import write_sample
+    from lungmae_core.phantoms import generate_phantom, scanner_for_site
+    from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
+
+    index, label, seed, scanner_index, size, cache_dir = job
+    key = _phantom_key(label, seed, scanner_index, size)
+    phantom = generate_phantom(label, seed=seed, scanner=scanner_for_site(scanner_index))
+    try:
+        sample = preprocess_volume(phantom.to_volume(), PreprocessConfig(size=size))
+    except InvalidSeriesError as exc:
+        return index, str(exc)
+    write_sample(cache_dir, key, sample, {"source": "phantom", "label": label, "scanner": scanner_index})
+    return index, None
+
+
+def _phantom_key(label: str, seed: int, scanner_index: int, size: int) -> str:
+    from lungmae_core.cache import cache_key
+    from lungmae_core.preprocess import PreprocessConfig
+
+    source = f"phantom-v{PHANTOM_SOURCE_VERSION}:{label}:{seed}:{scanner_index}"
+    return cache_key(source, PreprocessConfig(size=size))
+
+
+def phantom_dataset(
+    scans: int,
+    *,
+    size: int,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str],
+    workers: int = 2,
+    progress: bool = False,
+) -> tuple[Any, list[str]]:
+    """Built-in data: ``scans`` synthetic chest CTs, balanced over the four classes and four scanners.
+
+    Phantom ``i`` has class ``CLASS_NAMES[i % 4]``, subject seed ``seed * 100_000 + i`` and scanner
+    ``scanner_for_site(i // 4 % 4)``, so the pooled data mixes hospitals like a centralized study would.
+    Each is preprocessed as a site would (lung mask, crop, cube, HU window) and cached atomically in
+    ``cache_dir``; a rerun with the same arguments only reads the cache.
+
+    Args:
+        scans: number of phantoms (>= 4: one per class at least).
+        size: cube side (the model's ``img_size``).
+        seed: selects the subjects.
+        cache_dir: where preprocessed phantoms are kept.
+        workers: processes generating phantoms in parallel (1: in this process).
+        progress: tqdm bar.
+
+    Returns:
+        ``(InMemoryVolumes, rejections)``; rejections are the preprocessing messages of phantoms whose lungs
+        were judged implausible (they are left out).
+
+    Raises:
+        DatasetError: for fewer than 4 scans, or when every phantom was rejected.
+    """
+    from lungmae_core.cache import read_sample, sample_path
+    from lungmae_core.data import CLASS_NAMES, InMemoryVolumes
+
+    if scans < len(CLASS_NAMES):
+        raise DatasetError(f"Unable to build the phantom dataset as scans must be >= {len(CLASS_NAMES)} "
+                           f"(one per class); got {scans}")
+    jobs = [(i, CLASS_NAMES[i % 4], seed * 100_000 + i, i // 4 % 4, size, str(cache_dir)) for i in range(scans)]
+    todo = [job for job in jobs if not sample_path(cache_dir, _phantom_key(*job[1:5])).is_file()]
+    rejected: dict[int, str] = {}
+    if todo:
+        logger.info("generating %d of %d phantoms (%d cached) with %d worker(s)", len(todo), scans,
+                    scans - len(todo), workers)
+        bar = tqdm(total=len(todo), desc="phantoms", unit="scan", disable=not progress)
+        if workers <= 1:
+            results = map(_phantom_job, todo)
+            for index, reason in results:
+                if reason:
+                    rejected[index] = reason
+                bar.update(1)
+        else:
+            # spawn: the parent already runs torch threads, which a forked child must not inherit
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for index, reason in pool.map(_phantom_job, todo):
+                    if reason:
+                        rejected[index] = reason
+                    bar.update(1)
+        bar.close()
+    samples, labels, ids = [], [], []
+    for index, label, subject_seed, scanner_index, _, _ in jobs:
+        path = sample_path(cache_dir, _phantom_key(label, subject_seed, scanner_index, size))
+        if index in rejected or not path.is_file():
+            continue
+        samples.append(read_sample(path))
+        labels.append(CLASS_NAMES.index(label))
+        ids.append(f"phantom-{index:05d}")
+    if rejected:
+        logger.warning("%d phantom(s) rejected by preprocessing, e.g.: %s", len(rejected), next(iter(rejected.values())))
+    if not samples:
+        raise DatasetError("Unable to build the phantom dataset as preprocessing rejected every phantom")
+    return InMemoryVolumes(samples, labels, ids), list(rejected.values())
+
+
+def _subset(dataset: Any, indices: Sequence[int]) -> Any:
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    subset.labels = np.asarray(dataset.labels)[list(indices)]  # type: ignore[attr-defined]
+    return subset
+
+
+def _splits(dataset: Any, seed: int, split_names: Sequence[str] | None) -> dict[str, Any]:
+    """Split by patient: the cache's own splits when it has them, else a stratified 60/20/20 assignment."""
+    from lungmae_core.data import assign_splits
+
+    labels = np.asarray(dataset.labels)
+    if split_names is None:
+        by_patient = assign_splits(dataset.patient_ids, seed, labels=[int(x) for x in labels])
+        split_names = [by_patient[p] for p in dataset.patient_ids]
+    out = {}
+    for name in ("train", "val", "test"):
+        idx = [i for i, s in enumerate(split_names) if s == name]
+        out[name] = idx
+    labelled = {name: [i for i in idx if labels[i] >= 0] for name, idx in out.items()}
+    for name in ("train", "val", "test"):
+        if not labelled[name]:
+            raise DatasetError(f"Unable to fine-tune as the {name} split has no labelled scan "
+                               f"({len(out[name])} scans in it); use more scans or relabel the cache")
+    return {"pretrain": _subset(dataset, out["train"] + out["val"]),
+            **{name: _subset(dataset, idx) for name, idx in labelled.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, cfg: ModelConfig, **extra: Any) -> Path:
+    """Save ``{model, model_args, **extra}`` atomically (temporary name, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"model": model.state_dict(), "model_args": to_mapping(cfg), **extra}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _EpochLog:
+    """Appends one JSON line per epoch to ``log.jsonl`` (as MAE's ``log.txt``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text("", encoding="utf-8")
+
+    def __call__(self, **fields: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_centralized(
+    *,
+    workdir: str | os.PathLike[str],
+    model: str | ModelConfig = "tiny",
+    cache: str | os.PathLike[str] | None = None,
+    scans: int = 48,
+    pretrain: bool = True,
+    pretrain_epochs: int = 30,
+    finetune_epochs: int = 15,
+    pretrain_cfg: TrainConfig | None = None,
+    finetune_cfg: TrainConfig | None = None,
+    num_classes: int = 4,
+    device: str = "auto",
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain an MAE, fine-tune a classifier on its encoder, select on val, report test; write ``workdir``.
+
+    Args:
+        workdir: output directory (created).
+        model: model config name, YAML path or ``ModelConfig``. Defaults to ``"tiny"``.
+        cache: a prepared site cache (``lungmae site prepare``); ``None`` uses built-in phantoms.
+        scans: number of phantoms when ``cache`` is ``None``. Defaults to 48.
+        pretrain: ``False`` trains the classifier from random weights (the baseline).
+        pretrain_epochs, finetune_epochs: passes over the pretraining / training split.
+        pretrain_cfg, finetune_cfg: hyperparameters; default to the paper's
+            (``TrainConfig.pretrain_defaults()`` / ``finetune_defaults()``) with the epochs above.
+        num_classes: classes of the task. Defaults to 4 (``data.CLASS_NAMES``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``... seed: seeds splits, weights, masks and shuffling.
+        workers: processes generating phantoms.
+        progress: tqdm bars.
+
+    Returns:
+        The ``metrics.json`` content: ``final`` (test classification metrics), ``val`` (best epoch),
+        ``reconstruction`` (test-split masked L1 next to the mean-anatomy baseline), ``data``, ``config``.
+
+    Raises:
+        DatasetError, CacheError, ConfigError: for data or settings that do not fit.
+    """
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = model if isinstance(model, ModelConfig) else model_config(model)
+    dev = resolve_device(device)
+    pre_cfg = pretrain_cfg or TrainConfig.pretrain_defaults(epochs=pretrain_epochs)
+    fine_cfg = finetune_cfg or TrainConfig.finetune_defaults(epochs=finetune_epochs)
+    logger.info("model %s (%d^3, patch %d, %d tokens), device %s, seed %d, torch threads %d", cfg.name,
+                cfg.img_size, cfg.patch_size, cfg.num_patches, dev, seed, torch.get_num_threads())
+
+    # -- data
+    if cache is not None:
+        from lungmae_core.data import CachedVolumes
+
+        dataset = CachedVolumes(cache, size=cfg.img_size, progress=progress)
+        split_names = [r.split for r in dataset.rows] if all(r.split for r in dataset.rows) else None
+        source, rejected = "cache", []
+    else:
+        dataset, rejected = phantom_dataset(scans, size=cfg.img_size, seed=seed, cache_dir=workdir / "phantoms",
+                                            workers=workers, progress=progress)
+        split_names, source = None, "phantoms"
+    parts = _splits(dataset, seed, split_names)
+    counts = {name: len(parts[name]) for name in ("pretrain", "train", "val", "test")}
+    logger.info("data: %s, %d scans (%d rejected); pretrain %d, train %d, val %d, test %d", source, len(dataset),
+                len(rejected), *counts.values())
+    epoch_log = _EpochLog(workdir / "log.jsonl")
+    metrics: dict[str, Any] = {"config": {"model": to_mapping(cfg), "pretrain": to_mapping(pre_cfg) if pretrain else None,
+                                          "finetune": to_mapping(fine_cfg), "seed": seed, "device": str(dev),
+                                          "source": source},
+                               "data": {"scans": len(dataset), "rejected": len(rejected), **counts}}
+
+    # -- pretraining: one warmup + cosine curve over all epochs, one epoch per call
+    mae = build_mae(cfg, seed=seed)
+    if pretrain:
+        for epoch in range(pre_cfg.epochs):
+            stats = train_mae(mae, parts["pretrain"], dataclasses.replace(pre_cfg, epochs=1), device=dev,
+                              seed=seed * 1000 + epoch, progress=progress,
+                              lr_schedule=WarmupCosine(pre_cfg.warmup_frac, epoch / pre_cfg.epochs,
+                                                       (epoch + 1) / pre_cfg.epochs))
+            epoch_log(phase="pretrain", epoch=epoch + 1, **stats)
+            logger.info("pretrain epoch %d/%d: loss %.4f (lung %.4f)", epoch + 1, pre_cfg.epochs, stats["loss"],
+                        stats["loss_lung"])
+        save_checkpoint(workdir / "checkpoints" / "mae.pt", mae, cfg, kind="mae", epochs=pre_cfg.epochs)
+    recon = evaluate_mae(mae, parts["test"], device=dev, seed=seed, batch_size=pre_cfg.batch_size,
+                         lung_threshold=pre_cfg.lung_threshold)
+    recon["beats_baseline"] = recon["l1_masked_lung"] < recon["baseline_l1_masked_lung"]
+    metrics["reconstruction"] = recon
+    logger.info("test reconstruction: masked L1 %.4f (mean-anatomy baseline %.4f), lung %.4f (baseline %.4f)",
+                recon["l1_masked"], recon["baseline_l1_masked"], recon["l1_masked_lung"],
+                recon["baseline_l1_masked_lung"])
+    if pretrain and not recon["beats_baseline"]:
+        logger.warning("the MAE's masked-lung L1 is not below the mean-anatomy baseline: it has learned little "
+                       "beyond the average anatomy (pretrain longer or check the data)")
+
+    # -- fine-tuning with model selection on val
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        clf = ILDClassifier(cfg, num_classes, pooling=fine_cfg.pooling)
+    if pretrain:
+        transfer_encoder(mae, clf)
+    weights = class_weights_from_labels(parts["train"].labels, num_classes)
+    best: tuple[tuple[float, ...], int, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    for epoch in range(fine_cfg.epochs):
+        stats = train_classifier(clf, parts["train"], dataclasses.replace(fine_cfg, epochs=1), class_weights=weights,
+                                 device=dev, seed=seed * 1000 + epoch, progress=progress,
+                                 lr_schedule=WarmupCosine(fine_cfg.warmup_frac, epoch / fine_cfg.epochs,
+                                                          (epoch + 1) / fine_cfg.epochs))
+        val = evaluate_classifier(clf, parts["val"], num_classes=num_classes, device=dev,
+                                  batch_size=fine_cfg.batch_size)
+        epoch_log(phase="finetune", epoch=epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()})
+        logger.info("finetune epoch %d/%d: loss %.4f, val balanced accuracy %.3f, val loss %.4f", epoch + 1,
+                    fine_cfg.epochs, stats["loss"], val["balanced_accuracy"], val["loss"])
+        score = tuple(val[k] for k in _SELECTION_KEYS) + (-val["loss"],)
+        if best is None or score > best[0]:
+            best = (score, epoch + 1, val, copy.deepcopy(clf.state_dict()))
+    assert best is not None
+    clf.load_state_dict(best[3])
+    save_checkpoint(workdir / "checkpoints" / "classifier.pt", clf, cfg, kind="classifier", num_classes=num_classes,
+                    pooling=fine_cfg.pooling, epoch=best[1], pretrained=pretrain)
+    test = evaluate_classifier(clf, parts["test"], num_classes=num_classes, device=dev, batch_size=fine_cfg.batch_size)
+    metrics.update(pretrained=pretrain, best_epoch=best[1], val=best[2], final=test,
+                   seconds=time.perf_counter() - start)
+    _write_json(workdir / "metrics.json", metrics)
+    logger.info("test (epoch %d selected on val): accuracy %.3f, balanced accuracy %.3f, weighted F1 %.3f, "
+                "ROC AUC %.3f; %.0f s in all", best[1], test["accuracy"], test["balanced_accuracy"],
+                test["weighted_f1"], test["roc_auc"], metrics["seconds"])
+    return metrics
