@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_name, m in rec["models"].items():
             m["fraction_of_matmul_peak"] = m["achieved_flops"] / peak
             print(f"{rec['config']:>9} b{rec['batch']} {model_name:<11} median {m['median_s'] * 1000:9.1f} ms/step"
-                  f"  time vs ours {m["speedup_of_ours"]:5.2f}x  params {m['params'] / 1e6:7.2f} M"
+                  f"  time vs ours {m['speedup_of_ours']:5.2f}x  params {m['params'] / 1e6:7.2f} M"
                   f"  peak {m['peak_bytes'] / 2 ** 30:6.2f} GiB"
                   f"  {m['achieved_flops'] / 1e9:7.1f} GFLOP/s = {100 * m['fraction_of_matmul_peak']:5.1f}% of peak")
     payload = {"device": str(device), "device_name": name, "torch": torch.__version__,
