@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lungmae_core.errors import LungMAEError
 from server import plots
 from server.report_data import RunRecord, norm_key
 
@@ -211,7 +212,12 @@ def phantom_reconstruction(run: RunRecord, *, seed: int = 0):  # -> tuple[Recons
         logger.warning("Unable to rebuild the MAE from %s: %s", path, exc)
         return None, (f"The MAE checkpoint {path.name} could not be rebuilt ({type(exc).__name__}), so no "
                       "reconstruction is shown.")
-    items = phantom_samples(cfg.img_size)
+    try:
+        items = phantom_samples(cfg.img_size)
+    except LungMAEError as exc:  # e.g. a cube too small for the classical lung mask of the phantom
+        logger.warning("Unable to prepare the phantoms at %d^3: %s", cfg.img_size, exc)
+        return None, (f"The synthetic phantoms could not be preprocessed to {cfg.img_size}^3 "
+                      f"({type(exc).__name__}: {exc}), so no reconstruction is shown.")
     masked, recon = reconstruct(mae, items[0]["image"][0].numpy(), seed=seed)
     metrics = evaluate_mae(mae, items, device="cpu", seed=seed, batch_size=len(items))
     when = f"after server round {server_round}" if server_round is not None else f"from {path.name}"

@@ -305,6 +305,20 @@ def test_absent_parts_are_left_out_with_a_sentence(tmp_path: Path, kwargs: dict[
         assert sentence in section_text(page, section), (section, sentence)
 
 
+def test_run_without_any_round_renders_every_section_with_a_sentence(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", finetune=0, final=False)
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.json").unlink()
+    page, _ = parse(render_report(run_dir))
+    assert not page.images
+    assert "metrics.jsonl is absent: no round finished" in section_text(page, "summary")
+    for section, sentence in (("participation", "The rounds recorded no participation counts."),
+                              ("bytes", "The rounds recorded no byte counts."),
+                              ("privacy", "No site reported an epsilon"),
+                              ("reconstructions", "holds no checkpoint with the MAE")):
+        assert sentence in section_text(page, section), section
+
+
 def test_cut_off_last_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finetune=1, final=False)
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
