@@ -39,6 +39,17 @@ def flower_env(base: Mapping[str, str] | None = None, telemetry: bool = False) -
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when `lungmae` dies, so a killed wrapper never leaves an
+    orphaned SuperLink/SuperNode holding its port (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_forwarding_signals(
     cmd: Sequence[str],
     env: Mapping[str, str],
@@ -48,6 +59,10 @@ def run_forwarding_signals(
     out=None,
 ) -> int:
     """Run ``cmd`` until it exits, relaying its output line by line and forwarding termination signals.
+
+    The child runs in its own session (a Ctrl-C reaches it once, through us) and is killed if we die.
+    Flower's helper processes (``flower-superexec``) inherit the output pipe and outlive the child by a few
+    seconds, so the relay runs in a thread and we return as soon as the child itself has exited.
 
     Args:
         cmd: the command (``flower-superlink ...``).
@@ -62,13 +77,25 @@ def run_forwarding_signals(
     out = sys.stdout if out is None else out
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
+                                text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
     except FileNotFoundError:
         print(f"lungmae: error: Unable to start the {name} as `{cmd[0]}` is not installed in this environment; "
               "install the project (pip install lungmae-fl) or use the container image", file=sys.stderr)
         return 127
     codes: list[int] = []
+    port_in_use = threading.Event()
     stopping = threading.Event()
+
+    def _relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            match = _EXIT_RE.search(line)
+            if match:
+                codes.append(int(match.group(1)))
+            if "address already in use" in line.lower():
+                port_in_use.set()
 
     def _forward(signum: int, _frame: object) -> None:
         stopping.set()
@@ -77,15 +104,10 @@ def run_forwarding_signals(
         except ProcessLookupError:
             pass
 
+    relay = threading.Thread(target=_relay, name=f"{name}-log", daemon=True)
+    relay.start()
     previous = {sig: signal.signal(sig, _forward) for sig in _FORWARDED}
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            out.flush()
-            match = _EXIT_RE.search(line)
-            if match:
-                codes.append(int(match.group(1)))
         status = proc.wait()
     finally:
         for sig, handler in previous.items():
@@ -97,10 +119,15 @@ def run_forwarding_signals(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    relay.join(timeout=3)
     if codes:
         code = codes[-1]
         hint = advice.get(code, f"see https://flower.ai/docs/framework/ref-exit-codes/{code}.html")
         print(f"lungmae: error: the {name} stopped with Flower exit code {code}: {hint}", file=sys.stderr)
+        return status or 1
+    if port_in_use.is_set():
+        print(f"lungmae: error: the {name} could not bind its port as another process uses it (an older "
+              f"{name} still running?); stop it or change the port in the config", file=sys.stderr)
         return status or 1
     if stopping.is_set():
         print(f"lungmae: the {name} stopped on request", file=sys.stderr)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -50,10 +51,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from lungmae_core.errors import LungMAEError
 
-__all__ = ["FederationMetrics", "MetricsServerError", "PHASES", "metric_name"]
+__all__ = ["FederationMetrics", "METRICS_HOST_ENV", "MetricsServerError", "PHASES", "metric_name"]
 
 logger = logging.getLogger(__name__)
 
+METRICS_HOST_ENV = "LUNGMAE_METRICS_HOST"
 PHASES = ("idle", "pretrain", "handoff", "finetune", "evaluate", "finished", "failed")
 _ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, 7200, float("inf"))
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
@@ -74,14 +76,16 @@ class FederationMetrics:
     Args:
         port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free port (see :attr:`port`); ``None``
             keeps the metrics in memory only (simulation, tests) and :meth:`render` still works.
-        host: address to bind. Defaults to ``"127.0.0.1"``: metrics stay on the coordinator unless IT
-            binds them elsewhere on purpose.
+        host: address to bind. Defaults to ``$LUNGMAE_METRICS_HOST`` or else ``"127.0.0.1"``: metrics stay on
+            the coordinator unless IT binds them elsewhere on purpose (a container sets ``0.0.0.0``; the
+            variable reaches the ServerApp process through the SuperLink's environment).
 
     Raises:
         MetricsServerError: when the endpoint cannot be bound, naming host, port and the fix.
     """
 
-    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int | None, host: str | None = None) -> None:
+        host = host or os.environ.get(METRICS_HOST_ENV) or "127.0.0.1"
         if port is not None and not (0 <= int(port) <= 65535):
             raise MetricsServerError(f"metrics-port must be between 0 and 65535 (0: any free port); got {port}")
         self.registry = CollectorRegistry(auto_describe=True)

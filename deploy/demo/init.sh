@@ -1,0 +1,22 @@
+#!/bin/sh
+# One-shot initialisation of the compose demo (runs in the `init` service, idempotent):
+# consortium PKI, two synthetic hospitals with prepared caches, and their site.yaml connection sections.
+set -eu
+STATE=/var/lib/lungmae
+lungmae certs --out "$STATE/pki" --server-name coordinator --server-name localhost --server-ip 127.0.0.1 \
+  --site site0 --site site1
+if [ ! -f "$STATE/sites/site1/site.yaml" ]; then
+  lungmae synth --out "$STATE/sites" --sites 2 --scans-per-site 6 --slices 48 --matrix 96 --preprocess-size 32
+fi
+for i in 0 1; do
+  python - "$STATE" "$i" <<'PY'
+import sys, pathlib, yaml
+state, i = pathlib.Path(sys.argv[1]), sys.argv[2]
+path = state / "sites" / f"site{i}" / "site.yaml"
+cfg = yaml.safe_load(path.read_text())
+cfg["connection"] = {"superlink": "coordinator:9091", "root-certificates": str(state / "pki/ca/ca.crt"),
+                     "auth-key": str(state / f"pki/sites/site{i}/site{i}.key"), "node-port": 9094}
+path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+PY
+  lungmae site prepare --config "$STATE/sites/site$i/site.yaml"
+done
