@@ -159,6 +159,17 @@ def _rejection_code(exc: InvalidSeriesError) -> str:
     return "implausible-lungs" if "lung" in str(exc).lower() else "nifti-invalid"
 
 
+def _where(exc: BaseException) -> str:
+    """``at module.py:123 in function`` for the innermost frame (code location only: no data, no paths)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
+
+
 def _process(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: load one series, preprocess it, write its sample. Returns a result dict, never raises.
 
@@ -188,10 +199,11 @@ def _process(task: dict[str, Any]) -> dict[str, Any]:
         logger.debug("I/O error on %s", task["series_id"], exc_info=True)
         cause = exc.strerror or "I/O error"
         return {"ok": False, "code": "unreadable", "reason": f"a file could not be read ({cause})", "final": False}
-    except Exception as exc:  # a bug: keep going with the other series, say what happened
+    except Exception as exc:  # a bug: keep going with the other series, say what happened and where
         logger.debug("unexpected error on %s", task["series_id"], exc_info=True)
-        return {"ok": False, "code": "internal-error", "reason": f"{type(exc).__name__} while preparing it; "
-                                                                 "run with -vv and report the log", "final": False}
+        return {"ok": False, "code": "internal-error", "reason": f"{type(exc).__name__} {_where(exc)} while "
+                                                                 "preparing it; run with -vv and report the log",
+                "final": False}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -51,8 +51,9 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
         ConfigError: for a non-positive count or bad preprocessing size.
     """
     import dataclasses
+    from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
-    from client.site_config import SiteConfig, SiteSection, DataSection, write_site_config
+    from client.site_config import DataSection, SiteConfig, SiteSection, write_site_config
     from lungmae_core.config import check
     from lungmae_core.preprocess import PreprocessConfig
     from lungmae_core.synth_dicom import write_site
@@ -61,17 +62,24 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
     check(scans_per_site >= 1, f"--scans-per-site must be at least 1; got {scans_per_site}")
     check(0.0 <= labelled_fraction <= 1.0, f"--labelled-fraction must be in [0, 1]; got {labelled_fraction}")
     check(workers >= 1, f"--workers must be at least 1; got {workers}")
-    paths = []
-    for index in range(sites):
+
+    def one_site(index: int, pool: Executor | None) -> Path:
         root = Path(out) / f"site{index}"
         result = write_site(root, site_index=index, n_scans=scans_per_site, seed=seed, shape=shape,
-                            labelled_fraction=labelled_fraction, workers=workers, progress=progress)
+                            labelled_fraction=labelled_fraction, workers=workers, progress=progress, pool=pool)
         cfg = SiteConfig(site=SiteSection(name=f"site{index}", seed=seed + index),
                          data=DataSection(input=result.dicom_dir.resolve(), labels=result.labels_csv.resolve(),
                                           cache=(root / "cache").resolve(), workers=workers,
                                           min_slices=min(32, shape[0] if shape else 32)),
                          preprocess=dataclasses.replace(PreprocessConfig(), size=preprocess_size))
-        paths.append(write_site_config(cfg, root / "site.yaml"))
+        return write_site_config(cfg, root / "site.yaml")
+
+    if workers == 1:
+        return [one_site(index, None) for index in range(sites)]
+    # One process pool for every study of every site (one thread per site feeds it), so no core idles
+    # between sites.
+    with ProcessPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=sites) as feeders:
+        paths = list(feeders.map(lambda index: one_site(index, pool), range(sites)))
     return paths
 
 

@@ -29,6 +29,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -368,7 +369,8 @@ def _write_one_scan(args: tuple) -> SyntheticScan:
 
 def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, seed: int = 0,
                shape: Sequence[int] | None = None, labelled_fraction: float = 1.0, workers: int = 1,
-               scanner: ScannerProfile | None = None, progress: bool = False) -> SiteSynthResult:
+               scanner: ScannerProfile | None = None, progress: bool = False,
+               pool: Executor | None = None) -> SiteSynthResult:
     """Write one synthetic hospital: a DICOM tree of phantom studies, extra non-volume files and labels.csv.
 
     Args:
@@ -379,6 +381,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
         shape: ``(D, H, W)`` of each series; defaults to the scanner's (about 100 x 160 x 160).
         labelled_fraction: fraction of patients listed in labels.csv (the rest stay unlabelled). Defaults to 1.
         workers: processes generating phantoms in parallel. Defaults to 1.
+        pool: a process pool to use instead of making one (several sites written at once share it).
         scanner: overrides ``scanner_for_site(site_index)``.
         progress: show a tqdm bar.
 
@@ -401,7 +404,9 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
     labels = _site_labels(site_index, n_scans, seed)
     shape_t = tuple(int(n) for n in shape) if shape is not None else None
     tasks = [(dicom_dir, site_index, i, seed, labels[i], scanner, shape_t) for i in range(n_scans)]
-    if workers > 1 and n_scans > 1:
+    if pool is not None:
+        scans = _progress(pool.map(_write_one_scan, tasks), n_scans, progress, f"site {site_index}")
+    elif workers > 1 and n_scans > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=min(workers, n_scans)) as pool:

@@ -206,3 +206,24 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no input folder: pass --input or set 'data: input' in site.yaml" in capsys.readouterr().err
     assert main(["site", "prepare", "--input", str(tmp_path / "missing"), "--cache", str(tmp_path)]) == 2
     assert "as it is not a folder; check --input" in capsys.readouterr().err
+
+
+def test_unexpected_error_is_reported_with_its_code_location_and_run_goes_on(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import lungmae_core.preprocess
+
+    write_series(tmp_path / "in" / "a", tiny_hu(), patient="PAT-A")
+    write_series(tmp_path / "in" / "b", tiny_hu(seed=1), patient="PAT-B", study_index=1)
+
+    def boom(volume, cfg):
+        raise TypeError("something /secret/path PAT-A")
+
+    monkeypatch.setattr(lungmae_core.preprocess, "preprocess_volume", boom)
+    cfg = site_config_from_mapping({"data": {"input": str(tmp_path / "in"), "cache": str(tmp_path / "c"),
+                                             "workers": 1, "min-slices": 4}})
+    report = prepare_site(cfg, progress=False)
+    assert report.rejections == {"internal-error": 2}
+    reason = read_manifest(tmp_path / "c")[0].reason
+    assert reason.startswith("internal-error: TypeError at test_prepare.py:") and " in boom while preparing it" in reason
+    assert "secret" not in reason and "PAT-A" not in reason
+    assert not (tmp_path / "c" / "rejections").exists()  # a bug is not remembered: the next run retries
