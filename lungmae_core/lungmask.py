@@ -66,27 +66,33 @@ class CoarseLungMask:
 
 
 def block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
-    """Average non-overlapping ``factors`` blocks (trailing remainders are averaged as partial blocks).
+    """Average non-overlapping ``factors`` blocks; a partial block at the far end of an axis is dropped.
+
+    Each axis is reduced by adding its ``f`` strided slices (slabs first, so later passes touch less
+    memory): on a 512x512x300 series this is several times faster than ``np.add.reduceat``.
 
     Args:
         hu: ``(D, H, W)`` float32.
         factors: ``(fd, fh, fw)`` >= 1.
 
     Returns:
-        ``(ceil(D/fd), ceil(H/fh), ceil(W/fw))`` float32.
+        ``(max(D // fd, 1), max(H // fh, 1), max(W // fw, 1))`` float32.
     """
-    out = np.asarray(hu, dtype=np.float32)
+    out = np.asarray(hu)
     for axis, f in enumerate(factors):
-        if f == 1:
+        f = min(int(f), out.shape[axis])
+        if f <= 1:
             continue
-        n = out.shape[axis]
-        starts = np.arange(0, n, f)
-        summed = np.add.reduceat(out, starts, axis=axis, dtype=np.float32)
-        counts = np.diff(np.append(starts, n)).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[axis] = len(starts)
-        out = summed / counts.reshape(shape)
-    return out
+        n = out.shape[axis] // f
+        index: list[slice] = [slice(None)] * 3
+        index[axis] = slice(0, n * f, f)
+        acc = out[tuple(index)].astype(np.float32, copy=True)
+        for k in range(1, f):
+            index[axis] = slice(k, n * f, f)
+            acc += out[tuple(index)]
+        acc *= np.float32(1.0 / f)
+        out = acc
+    return out.astype(np.float32, copy=False)
 
 
 def _ball(radius_vox: Sequence[float]) -> np.ndarray:
@@ -105,11 +111,25 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def _holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Per-slice holes of ``mask``: background regions of a slice that do not touch that slice's border.
+
+    Returns:
+        int32 labels of the holes (0 elsewhere); labels are connected in-plane only, one pass for all slices.
+    """
+    labels, n = ndimage.label(~mask, structure=_IN_PLANE)
+    if n == 0:
+        return labels
+    border = np.zeros(n + 1, bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = True
+    labels[border[labels]] = 0
+    return labels
+
+
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndimage.binary_fill_holes(mask[k])
-    return out
+    return mask | (_holes_per_slice(mask) > 0)
 
 
 def _mask_factors(spacing_mm: Sequence[float], target_mm: float) -> tuple[int, int, int]:
@@ -133,7 +153,7 @@ def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproces
         InvalidSeriesError: no body, no lungs, or a total lung volume outside
             ``[cfg.min_lung_ml, cfg.max_lung_ml]``.
     """
-    factors = _mask_factors(spacing_mm, cfg.mask_spacing_mm)
+    factors = tuple(min(f, n) for f, n in zip(_mask_factors(spacing_mm, cfg.mask_spacing_mm), hu.shape))
     small = block_mean(hu, factors)
     sp = tuple(float(s) * f for s, f in zip(spacing_mm, factors))
     voxel_ml = float(np.prod(sp)) / 1000.0
@@ -164,13 +184,12 @@ def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproces
         padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
         closed = ndimage.binary_closing(padded, structure=_ball(radius))
         mask = closed[pad[0]:pad[0] + mask.shape[0], pad[1]:pad[1] + mask.shape[1], pad[2]:pad[2] + mask.shape[2]]
-    holes = _fill_holes_per_slice(mask) & ~mask
+    holes = _holes_per_slice(mask)
     if holes.any():
-        hl, hn = ndimage.label(holes, structure=_IN_PLANE)
-        area_mm2 = np.bincount(hl.ravel(), minlength=hn + 1) * sp[1] * sp[2]
+        area_mm2 = np.bincount(holes.ravel()) * sp[1] * sp[2]
         small_hole = area_mm2 <= cfg.max_hole_mm2
         small_hole[0] = False
-        mask |= small_hole[hl]
+        mask |= small_hole[holes]
     volume_ml = float(mask.sum(dtype=np.int64)) * voxel_ml
     if volume_ml < cfg.min_lung_ml:
         raise InvalidSeriesError(
@@ -180,7 +199,7 @@ def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproces
         raise InvalidSeriesError(
             f"Unable to accept the scan as its lung volume {volume_ml:.0f} mL is above the maximum of "
             f"{cfg.max_lung_ml:g} mL (air outside the patient counted as lung, or HU not calibrated)")
-    return CoarseLungMask(mask=mask, factors=factors, spacing_mm=sp, lung_volume_ml=volume_ml,
+    return CoarseLungMask(mask=mask, factors=factors, spacing_mm=sp, lung_volume_ml=volume_ml,  # type: ignore[arg-type]
                           n_components=len(keep))
 
 

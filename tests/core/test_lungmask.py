@@ -91,9 +91,11 @@ def test_too_much_lung_is_rejected():
         lung_mask_from_hu(p.hu, p.spacing_mm, PreprocessConfig(min_lung_ml=100, max_lung_ml=1000))
 
 
-def test_block_mean_handles_remainders():
+def test_block_mean_averages_whole_blocks_and_drops_partial_ones():
     a = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
     out = block_mean(a, (2, 2, 3))
-    assert out.shape == (3, 2, 1)
+    assert out.shape == (2, 2, 1) and out.dtype == np.float32
     assert out[0, 0, 0] == pytest.approx(a[:2, :2, :].mean())
-    assert out[2, 1, 0] == pytest.approx(a[4:, 2:, :].mean())
+    assert out[1, 1, 0] == pytest.approx(a[2:4, 2:4, :].mean())
+    np.testing.assert_array_equal(block_mean(a, (1, 1, 1)), a)
+    assert block_mean(a, (9, 1, 1)).shape == (1, 4, 3)  # factor larger than the axis: one block
