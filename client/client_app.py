@@ -91,20 +91,20 @@ def _datasets(site: Any, size: int, split: str, labelled: bool) -> Any:
     return CachedVolumes(site.data.cache, size=size, splits=(split,), labelled_only=labelled)
 
 
-def _counts(site: Any, size: int) -> dict[str, int]:
-    from lungmae_core.data import CachedVolumes
+def _counts(site: Any) -> dict[str, int]:
+    """Accepted scans per kind from the cache manifest (no volume is loaded)."""
+    from lungmae_core.manifest import read_manifest
 
-    if site.data.cache is None:
-        raise CacheError("site.yaml has no data.cache directory")
-    train = CachedVolumes(site.data.cache, size=size, splits=("train",))
-    labels = list(train.labels)
-    out = {"num-unlabelled": sum(1 for y in labels if y < 0), "num-labelled-train": sum(1 for y in labels if y >= 0)}
+    cache = site.data.cache
+    if cache is None or not (Path(cache) / "manifest.csv").is_file():
+        raise CacheError(f"Unable to answer the query as the cache {cache} has no manifest.csv")
+    rows = [r for r in read_manifest(cache) if r.accepted]
+    if not rows:
+        raise CacheError(f"Unable to answer the query as the cache {cache} has no accepted scan")
+    out = {"num-unlabelled": sum(1 for r in rows if not r.label and r.split == "train"),
+           "num-labelled-train": sum(1 for r in rows if r.label and r.split == "train")}
     for split in ("val", "test"):
-        try:
-            out[f"num-labelled-{split}"] = len(CachedVolumes(site.data.cache, size=size, splits=(split,),
-                                                             labelled_only=True))
-        except CacheError:
-            out[f"num-labelled-{split}"] = 0
+        out[f"num-labelled-{split}"] = sum(1 for r in rows if r.label and r.split == split)
     return out
 
 
@@ -173,11 +173,7 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
     def query(msg: Message, site: Any) -> Message:
         import torch
 
-        from lungmae_core.config import ModelConfig, from_mapping
-
-        config = msg.content["config"]
-        mcfg = from_mapping(ModelConfig, json.loads(config_value(config, "model-config", str)), source="model-config")
-        counts = _counts(site, mcfg.img_size)
+        counts = _counts(site)
         metrics = build_metrics(QUERY, "", {
             "num-examples": counts["num-unlabelled"] + counts["num-labelled-train"], **counts,
             "dp-enabled": int(site.privacy.enabled), "epsilon": 0.0,

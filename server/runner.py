@@ -59,16 +59,12 @@ class FederationRunner:
         grid: the Flower grid (simulation, deployment, or the in-process grid of the tests).
         progress: called after every step with the step and its ``metrics.jsonl`` record (the CLI's
             per-round progress line); optional.
-        stop_after: stop (raise ``KeyboardInterrupt``) after this many steps of this process; tests use it
-            to kill a run in the middle and resume it.
     """
 
-    def __init__(self, cfg: FederationConfig, grid: Grid, *, progress: _PROGRESS | None = None,
-                 stop_after: int | None = None) -> None:
+    def __init__(self, cfg: FederationConfig, grid: Grid, *, progress: _PROGRESS | None = None) -> None:
         self.cfg = cfg
         self.grid = grid
         self.progress = progress
-        self.stop_after = stop_after
         self.run_dir = Path(cfg.run_dir)
         self.store = CheckpointStore(self.run_dir)
         self.hash = config_hash(cfg)
@@ -86,7 +82,9 @@ class FederationRunner:
     @property
     def static_config(self) -> dict[str, Any]:
         return {"model-config": json.dumps(to_mapping(self.model_cfg)), "num-classes": self.cfg.num_classes,
-                "finetune-mode": self.cfg.phases.finetune.mode, "seed": self.cfg.seed}
+                "finetune-mode": self.cfg.phases.finetune.mode, "seed": self.cfg.seed,
+                "require-dp": bool(self.cfg.privacy.require_dp),
+                "max-epsilon-per-round": float(self.cfg.privacy.max_epsilon_per_round)}
 
     def _classifier(self) -> ILDClassifier:
         return ILDClassifier(self.model_cfg, self.cfg.num_classes)
@@ -317,7 +315,6 @@ class FederationRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_config()
         completed, phase, weights = self._restore()
-        done_here = 0
         try:
             for step in steps_after(self.plan, completed):
                 self.prom.set_phase(step.phase, round_timeout_s=self.cfg.round_timeout_s)
@@ -338,9 +335,6 @@ class FederationRunner:
                 self._write_summary("running")
                 if self.progress is not None:
                     self.progress(step, record)
-                done_here += 1
-                if self.stop_after is not None and done_here >= self.stop_after:
-                    raise KeyboardInterrupt(f"stopped after {done_here} steps (stop_after)")
         except BaseException as exc:
             self.audit.record("run-finished", status="failed" if not isinstance(exc, KeyboardInterrupt)
                               else "stopped", rounds=len(self.history))

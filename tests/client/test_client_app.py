@@ -1,0 +1,109 @@
+"""ClientApp handlers with constructed messages on a real prepared synthetic site."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.client_app import make_client_app
+from lungmae_core.config import model_config, to_mapping
+from lungmae_core.heads import ILDClassifier
+from lungmae_core.model import build_mae
+from lungmae_core.schema import reply_keys
+from lungmae_core.wire import pack_state, unpack_state
+from tests.federated_helpers import broken_site, prepared_sites
+from flwr.supercore.task_identity import TaskIdentity
+
+MCFG = model_config("tiny", img_size=32, depth=2, decoder_depth=1)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("sites")
+    return prepared_sites(root) + [broken_site(root)]
+
+
+def _message(kind: str, phase: str, state: dict[str, torch.Tensor] | None, **extra: object) -> Message:
+    config = {"phase": phase, "server-round": 1, "lr": 1e-3, "local-epochs": 1, "compression": "fp16",
+              "model-config": json.dumps(to_mapping(MCFG)), "num-classes": 4, "finetune-mode": "full", "seed": 0,
+              "proximal-mu": 0.0}
+    config.update(extra)
+    content = RecordDict({"config": ConfigRecord(config)})
+    if state is not None:
+        content["arrays"] = ArrayRecord(array_dict={k: __import__("flwr.app", fromlist=["Array"]).Array(v)
+                                                    for k, v in pack_state(state, "fp16").items()})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _ctx(index: int) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": index}, state=RecordDict(), run_config={})
+
+
+def test_query_reports_counts_only(sites: list[Path]) -> None:
+    reply = make_client_app(sites)(_message("query", "pretrain", None), _ctx(0))
+    metrics = dict(reply.content["metrics"])
+    assert list(metrics) == list(reply_keys("query"))
+    total = metrics["num-labelled-train"] + metrics["num-labelled-val"] + metrics["num-labelled-test"]
+    assert total == 5 and metrics["epsilon"] == 0.0 and metrics["dp-enabled"] == 0
+    assert reply.content["site"]["site-name"] == "site0"
+    assert not reply.content.array_records
+
+
+@pytest.mark.parametrize("phase, compression", [("pretrain", "fp16"), ("finetune", "int8")])
+def test_train_replies_update_and_schema_metrics(sites: list[Path], phase: str, compression: str) -> None:
+    model = build_mae(MCFG, seed=0) if phase == "pretrain" else ILDClassifier(MCFG, 4)
+    state = model.state_dict()
+    reply = make_client_app(sites)(_message("train", phase, state, compression=compression, **{"proximal-mu": 0.1}),
+                                   _ctx(1))
+    metrics = dict(reply.content["metrics"])
+    assert list(metrics) == list(reply_keys("train", phase)) and metrics["num-examples"] >= 1
+    packed = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    delta = unpack_state(packed)
+    assert set(delta) == set(state) and metrics["update-bytes"] == sum(a.nbytes for a in packed.values())
+    moved = sum(float(d.abs().sum()) for d in delta.values())
+    assert moved > 0 and all(torch.isfinite(d).all() for d in delta.values())
+
+
+def test_linear_probe_sends_trainable_part_only(sites: list[Path]) -> None:
+    state = ILDClassifier(MCFG, 4).state_dict()
+    reply = make_client_app(sites)(_message("train", "finetune", state, **{"finetune-mode": "linear-probe"}), _ctx(0))
+    assert sorted(reply.content["arrays"].keys()) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+
+
+@pytest.mark.parametrize("phase, split", [("pretrain", "val"), ("finetune", "val"), ("final", "test")])
+def test_evaluate(sites: list[Path], phase: str, split: str) -> None:
+    state = (build_mae(MCFG, seed=0) if phase == "pretrain" else ILDClassifier(MCFG, 4)).state_dict()
+    reply = make_client_app(sites)(_message("evaluate", phase, state, split=split), _ctx(0))
+    metrics = dict(reply.content["metrics"])
+    assert list(metrics) == list(reply_keys("evaluate", phase)) and metrics["num-examples"] >= 1
+    if phase != "pretrain":
+        assert sum(metrics["confusion-matrix"]) == metrics["num-examples"]
+
+
+def test_missing_cache_is_a_clear_error_without_paths(sites: list[Path]) -> None:
+    with pytest.raises(Exception) as info:
+        make_client_app(sites)(_message("query", "pretrain", None), _ctx(2))
+    text = str(info.value)
+    assert "site 'site-broken' cannot serve query pretrain" in text and "lungmae site prepare" in text
+    assert "no-cache" not in text and "/" not in text.split("prepare")[0]
+
+
+def test_bad_weights_and_config_are_refused(sites: list[Path]) -> None:
+    wrong = {"x": torch.zeros(2)}
+    with pytest.raises(Exception, match="site 'site0' cannot serve train pretrain: RuntimeError"):
+        make_client_app(sites)(_message("train", "pretrain", wrong), _ctx(0))
+    msg = _message("train", "pretrain", build_mae(MCFG, seed=0).state_dict())
+    del msg.content["config"]["model-config"]
+    with pytest.raises(Exception, match="SchemaError"):
+        make_client_app(sites)(msg, _ctx(0))
+    with pytest.raises(Exception, match="cannot serve query pretrain: its site.yaml is invalid"):
+        make_client_app(sites)(_message("query", "pretrain", None), _ctx(5))
