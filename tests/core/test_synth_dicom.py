@@ -93,3 +93,21 @@ def test_write_site_rejects_bad_counts(tmp_path: Path) -> None:
         write_site(tmp_path, site_index=0, n_scans=0)
     with pytest.raises(ValueError, match=r"labelled_fraction should be in \[0, 1\], got 1.5"):
         write_site(tmp_path, site_index=0, n_scans=1, labelled_fraction=1.5)
+
+
+def test_sites_written_in_parallel_equal_sites_written_one_by_one(tmp_path: Path) -> None:
+    from client.site_config import load_site_config
+    from lungmae_cli.synth import write_synthetic_sites
+
+    kwargs = dict(sites=2, scans_per_site=2, seed=4, shape=SHAPE, preprocess_size=32)
+    pooled = write_synthetic_sites(tmp_path / "pooled", workers=2, **kwargs)
+    serial = write_synthetic_sites(tmp_path / "serial", workers=1, **kwargs)
+    assert [p.relative_to(tmp_path / "pooled") for p in pooled] == [p.relative_to(tmp_path / "serial") for p in serial]
+    for a, b in zip(pooled, serial):
+        files_a = sorted(p.relative_to(a.parent) for p in (a.parent / "dicom").rglob("*") if p.is_file())
+        files_b = sorted(p.relative_to(b.parent) for p in (b.parent / "dicom").rglob("*") if p.is_file())
+        assert files_a == files_b and len(files_a) == 2 * (SHAPE[0] + 1) + 2
+        assert all((a.parent / f).read_bytes() == (b.parent / f).read_bytes() for f in files_a)
+        cfg = load_site_config(a)
+        assert cfg.data.input == a.parent / "dicom" and cfg.data.labels == a.parent / "labels.csv"
+        assert cfg.preprocess.size == 32 and cfg.data.min_slices == min(32, SHAPE[0])
