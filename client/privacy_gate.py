@@ -146,11 +146,12 @@ class PrivacyGate:
         """The site's total epsilon so far, the one number every reply carries (0.0 without DP)."""
         return 0.0 if self.ledger is None else self.ledger.epsilon_spent()
 
-    def plan(self, *, num_samples: int, batch_size: int, epochs: int, max_steps: int | None = None) -> RoundPlan:
+    def plan(self, *, phase: str, num_samples: int, batch_size: int, epochs: int,
+             max_steps: int | None = None) -> RoundPlan:
         """The plan of a round (noise, sample rate, steps, its own epsilon) without recording anything."""
         assert self.ledger is not None and self.ledger.delta is not None
         return plan_round(self.cfg, num_samples=num_samples, batch_size=batch_size, epochs=epochs,
-                          delta=self.ledger.delta, max_steps=max_steps)
+                          delta=self.ledger.delta, max_steps=max_steps, phase=phase)
 
     def check_requirement(self, requirement: PrivacyRequirement, plan: RoundPlan | None) -> None:
         """Raise :class:`PrivacyRequirementNotMet` when this round would not meet the federation's requirement."""
@@ -186,7 +187,8 @@ class PrivacyGate:
             yield None
             return
         assert self.ledger is not None
-        plan = self.plan(num_samples=num_samples, batch_size=batch_size, epochs=epochs, max_steps=max_steps)
+        plan = self.plan(phase=phase, num_samples=num_samples, batch_size=batch_size, epochs=epochs,
+                         max_steps=max_steps)
         self.check_requirement(requirement, plan)
         entry = self.ledger.reserve(plan, phase=phase, server_round=server_round)
         privacy = OpacusPrivacy(plan, grad_sample_mode=self.cfg.grad_sample_mode, seed=seed)

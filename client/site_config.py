@@ -8,7 +8,7 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
-                 grad-sample-mode
+                 grad-sample-mode, pretrain-max-grad-norm
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
@@ -151,9 +151,9 @@ class TrainingSection:
 
 
 #: ``privacy``: this site's DP-SGD settings and total budget. The privacy area owns its keys and validation
-#: (``lungmae_core.privacy.DPConfig``: enabled, epsilon, delta, max-grad-norm, noise-multiplier,
-#: target-epsilon-per-round, ledger, grad-sample-mode); with ``enabled: true``, ``epsilon`` and one of
-#: ``noise-multiplier`` / ``target-epsilon-per-round`` are required, ``delta`` defaults to 1 / (10 N) for the
+#: (``lungmae_core.privacy.DPConfig``: enabled, epsilon, delta, max-grad-norm, pretrain-max-grad-norm,
+#: noise-multiplier, target-epsilon-per-round, ledger, grad-sample-mode); with ``enabled: true``, ``epsilon``
+#: and one of ``noise-multiplier`` / ``target-epsilon-per-round`` are required, ``delta`` defaults to 1 / (10 N) for the
 #: site's N scans, and ``ledger`` to ``<cache>/privacy-ledger.json``.
 PrivacySection = DPConfig
 

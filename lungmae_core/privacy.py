@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -94,7 +95,11 @@ class DPConfig:
         epsilon: total budget ``epsilon`` (> 0); required when ``enabled``.
         delta: total budget ``delta`` in (0, 1). ``None`` (default): ``1 / (10 * N)`` for the site's ``N``
             training scans, fixed in the ledger the first time it is used.
-        max_grad_norm: per-sample gradient clipping bound ``C`` (L2). Defaults to 1.0.
+        max_grad_norm: per-sample gradient clipping bound ``C`` (L2) of classifier fine-tuning. Defaults to
+            1.0 (per-sample gradient norms of the tiny classifier start near 15, so most are clipped).
+        pretrain_max_grad_norm: ``C`` of MAE pretraining. Defaults to 0.005: the voxel L1 loss gives
+            per-sample gradient norms near 0.003 at the start, and a bound far above the real norms only
+            adds noise (the noise is ``sigma * C``) without keeping more signal.
         noise_multiplier: ``sigma``, the noise standard deviation relative to ``C``; give this or
             ``target_epsilon_per_round``, not both.
         target_epsilon_per_round: derive ``sigma`` so that one round alone costs at most this epsilon
@@ -116,14 +121,17 @@ class DPConfig:
     epsilon: float | None = None
     delta: float | None = None
     max_grad_norm: float = 1.0
+    pretrain_max_grad_norm: float = 0.005
     noise_multiplier: float | None = None
     target_epsilon_per_round: float | None = None
     ledger: Path | None = None
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
 
     def __post_init__(self) -> None:
-        check(isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
-              and self.max_grad_norm > 0, f"max-grad-norm must be a number > 0; got {self.max_grad_norm!r}")
+        for key in ("max_grad_norm", "pretrain_max_grad_norm"):
+            value = getattr(self, key)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                  f"{key.replace('_', '-')} must be a number > 0; got {value!r}")
         if self.epsilon is not None:
             check(math.isfinite(self.epsilon) and self.epsilon > 0,
                   f"epsilon (the site's total budget) must be a number > 0; got {self.epsilon!r}")
@@ -150,6 +158,11 @@ class DPConfig:
             check(self.target_epsilon_per_round <= self.epsilon,
                   f"target-epsilon-per-round {self.target_epsilon_per_round} must not exceed the total "
                   f"epsilon {self.epsilon}")
+
+    def clip_for(self, phase: str) -> float:
+        """The clipping bound ``C`` of a phase: ``pretrain_max_grad_norm`` for ``"pretrain"``, else
+        ``max_grad_norm``."""
+        return float(self.pretrain_max_grad_norm if phase == "pretrain" else self.max_grad_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,11 +265,12 @@ def noise_for_target_epsilon(target_epsilon: float, delta: float, sample_rate: f
 
 
 def plan_round(cfg: DPConfig, *, num_samples: int, batch_size: int, epochs: int, delta: float,
-               max_steps: int | None = None) -> RoundPlan:
-    """Fix the noise, sample rate and step count of one DP-SGD round before training it.
+               max_steps: int | None = None, phase: str = "finetune") -> RoundPlan:
+    """Fix the noise, sample rate, step count and clipping bound of one DP-SGD round before training it.
 
     Args:
         cfg: the site's privacy settings (``enabled`` must be true).
+        phase: ``"pretrain"`` or ``"finetune"``; picks the clipping bound (:meth:`DPConfig.clip_for`).
         num_samples: ``N``, scans in this phase's training set.
         batch_size: the training batch size ``B`` (the expected Poisson batch is about ``N / ceil(N / B)``).
         epochs: local epochs of the round.
@@ -281,7 +295,7 @@ def plan_round(cfg: DPConfig, *, num_samples: int, batch_size: int, epochs: int,
     else:
         assert cfg.target_epsilon_per_round is not None
         sigma = noise_for_target_epsilon(cfg.target_epsilon_per_round, delta, q, steps)
-    return RoundPlan(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=float(cfg.max_grad_norm),
+    return RoundPlan(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=cfg.clip_for(phase),
                      num_samples=int(num_samples), batch_size=int(batch_size),
                      epsilon_round=epsilon_for([(sigma, q, steps)], delta), delta=float(delta))
 
@@ -476,7 +490,12 @@ class OpacusPrivacy:
             sample_gen = torch.Generator().manual_seed(self.seed + 1)
         if sample_gen is not None:  # Opacus' Poisson sampler draws from the loader's generator
             loader.generator = sample_gen  # type: ignore[misc]
-        self.engine = PrivacyEngine(accountant=ACCOUNTANT)
+        # Expected with our models (the input volume and a token's batch-size input need no gradient).
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs", category=UserWarning)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            self.engine = PrivacyEngine(accountant=ACCOUNTANT)
         module, dp_optimizer, dp_loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
