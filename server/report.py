@@ -72,7 +72,7 @@ img{max-width:100%;height:auto;display:block;margin:6px 0 12px} .figs{display:fl
 .ok{border-left:6px solid #27ae60;background:#eafaf1;padding:10px 14px;margin:10px 0}
 .warn{border-left:6px solid #e67e22;background:#fef5e7;padding:10px 14px;margin:10px 0}
 .privacy{border-left:6px solid #2980b9;background:#ebf5fb;padding:10px 14px;margin:10px 0}
-nav a{margin-right:12px;font-size:.92em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
+nav a{margin-right:12px;font-size:.92em} .problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
 """
 
 
@@ -229,8 +229,12 @@ def _sites_table(run: RunRecord) -> str:
     rows = [(_e(site), *(_int(_number_or_none(info.get(c))) for c in cols), yes_no(info.get("dp_enabled")),
              yes_no(info.get("has_gpu")), str(sum(1 for r in run.rounds if site in r.train_sites)))
             for site, info in sorted(run.site_info.items())]
-    return ("<h3>sites</h3>" + _table(("site", "unlabelled scans", "labelled: train", "val", "test", "DP-SGD", "GPU",
-                                        "rounds trained"), rows, table_id="sites-table")
+    header = ("site", "unlabelled scans", "labelled: train", "val", "test", "DP-SGD", "GPU", "rounds trained")
+    errors = [str(info.get("error") or "") for _, info in sorted(run.site_info.items())]
+    if any(errors):  # a site that could not serve (e.g. no cache) says why; paths are withheld
+        header += ("problem",)
+        rows = [(*row, f'<span class="problem">{_e(_scrub_paths(err))}</span>') for row, err in zip(rows, errors)]
+    return ("<h3>sites</h3>" + _table(header, rows, table_id="sites-table")
             + '<p class="note">Counts each site reported when asked what it can serve; sites without labels take '
               "part in pretraining only.</p>")
 
@@ -287,7 +291,9 @@ def _beats(metrics: Mapping[str, float], which: str = "") -> bool | None:
     mae, base = metrics.get(f"l1_masked{which}"), metrics.get(f"baseline_l1_masked{which}")
     if mae is None or base is None or not (math.isfinite(mae) and math.isfinite(base)):
         return None
-    if mae == 0.0 and base == 0.0:  # evaluate_mae's value when no masked patch of that kind existed
+    if base == 0.0:
+        # evaluate_mae gives 0 for both when no masked patch of that kind existed, and its average patch is
+        # the mean over the evaluated scans themselves, so a single scan makes the baseline exactly 0.
         return None
     return mae < base
 
@@ -300,7 +306,7 @@ def _mae_quality(run: RunRecord, recon: Reconstruction | None) -> tuple[str, str
                 "whether the MAE beat the average-patch predictor is unknown.")
         return f'<div class="warn" id="mae-flag">{_e(text)}</div>', _absent(text)
     aggregated, sites = found
-    header = ("site", *(_METRIC_LABELS[k] for k in MAE_METRICS), "beats average patch")
+    header = ("site", "scans", *(_METRIC_LABELS[k] for k in MAE_METRICS), "beats average patch")
     rows, classes = [], []
 
     def row(name: str, m: Mapping[str, float], cls: str = "") -> None:
@@ -309,7 +315,7 @@ def _mae_quality(run: RunRecord, recon: Reconstruction | None) -> tuple[str, str
         text = {True: "yes", False: "<strong>NO</strong>", None: "&ndash;"}[verdict]
         if lung is not None:
             text += " / lung: " + {True: "yes", False: "<strong>NO</strong>"}[lung]
-        rows.append((name, *(_fmt(m.get(k)) for k in MAE_METRICS), text))
+        rows.append((name, _int(m.get("num_examples")), *(_fmt(m.get(k)) for k in MAE_METRICS), text))
         classes.append(cls)
 
     for site in sorted(sites):
@@ -327,7 +333,10 @@ def _mae_quality(run: RunRecord, recon: Reconstruction | None) -> tuple[str, str
                 f"{_fmt(aggregated.get('baseline_l1_masked_lung'))}). The pretrained encoder has probably not "
                 "learned anatomy; consider more pretrain rounds or a larger learning rate.</div>")
     elif overall is None:
-        flag = '<div class="warn" id="mae-flag">The MAE evaluation lacks the baseline values; no verdict.</div>'
+        flag = ('<div class="warn" id="mae-flag">No verdict on the MAE against the "average patch" predictor: its '
+                "baseline is missing or 0 (the average patch is the mean over the evaluated scans, so a site "
+                "that evaluates a single scan gets a perfect baseline). Give the sites more validation scans."
+                "</div>")
     else:
         flag = ('<div class="ok" id="mae-flag">The MAE beat the trivial "average patch" predictor: masked L1 '
                 f"{_fmt(aggregated.get('l1_masked'))} against {_fmt(aggregated.get('baseline_l1_masked'))} "

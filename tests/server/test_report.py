@@ -265,7 +265,7 @@ def test_reconstruction_is_computed_on_a_phantom_and_says_so(full_report: tuple[
     rows = {row[0]: row for row in page.tables["mae-table"][1:]}
     assert set(rows) == {*SITES, "all sites (aggregated)", "synthetic phantom (at the server)"}
     phantom = rows["synthetic phantom (at the server)"]
-    assert all(math.isfinite(float(v)) for v in phantom[1:5])
+    assert phantom[1] == "4" and all(math.isfinite(float(v)) for v in phantom[2:6])
 
 
 @pytest.mark.parametrize("mae_wins, css_class, phrase", [
@@ -279,8 +279,21 @@ def test_mae_against_average_patch_flag(tmp_path: Path, mae_wins: bool, css_clas
     assert f'class="{css_class}" id="mae-flag"' in text
     aggregated = next(r for r in page.tables["mae-table"] if r[0] == "all sites (aggregated)")
     # both numbers are shown, the MAE's and the baseline's
-    assert aggregated[1:5] == (["0.1000", "0.2000", "0.1200", "0.2500"] if mae_wins
-                               else ["0.3000", "0.2000", "0.3200", "0.2500"])
+    assert aggregated[1:6] == (["12", "0.1000", "0.2000", "0.1200", "0.2500"] if mae_wins
+                               else ["12", "0.3000", "0.2000", "0.3200", "0.2500"])
+
+
+def test_single_scan_baseline_gives_no_verdict(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", finetune=0)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:  # what a site with one validation scan reports: the average patch is that scan
+        for m in [line["evaluate"]["aggregated"], *line["evaluate"]["sites"].values()]:
+            m.update({"num-examples": 1, "baseline-l1-masked": 0.0, "baseline-l1-masked-lung": 0.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    page, text = parse(render_report(run_dir, reconstructions=False))
+    assert 'class="warn" id="mae-flag"' in text
+    assert 'No verdict on the MAE against the "average patch" predictor' in section_text(page, "summary")
+    assert page.tables["mae-table"][1][-1] == "–"
 
 
 # ------------------------------------------------------------------------------------------------ partial runs
