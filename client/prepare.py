@@ -232,9 +232,10 @@ def _nifti_stem(path: str) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
 
 
-def _index(input_dir: Path, pseudo: Pseudonymizer, rules: SeriesRules, progress: bool) -> list[_Entry]:
+def _index(input_dir: Path, pseudo: Pseudonymizer, rules: SeriesRules, progress: bool,
+           workers: int) -> list[_Entry]:
     """Index the tree and check every series from headers; returns one entry per future manifest row."""
-    index = index_tree(input_dir, progress=progress)
+    index = index_tree(input_dir, progress=progress, workers=workers)
     entries: list[_Entry] = []
     for skipped in index.skipped:
         rel = os.path.relpath(skipped.path, input_dir)
@@ -445,7 +446,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
     table = read_labels(labels_path, classes) if labels_path is not None else None
     rules = data.series_rules()
 
-    entries = _index(input_path, pseudo, rules, progress)
+    entries = _index(input_path, pseudo, rules, progress, n_workers)
     tasks: list[dict[str, Any]] = []
     for entry in entries:
         if entry.code or entry.source not in ("dicom", "nifti"):

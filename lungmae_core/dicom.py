@@ -66,6 +66,7 @@ LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _MULTIFRAME_CT = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE}
 _SCOUT_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"}
+_PARALLEL_MIN_FILES = 512  # below this, starting worker processes costs more than it saves
 _DUPLICATE_MM = 0.01  # two slice positions closer than this along the normal are "the same position"
 
 #: Every rejection code with what it means; the data card counts rejections by these codes.
@@ -399,14 +400,14 @@ def _walk(root: Path) -> Iterator[tuple[str, list[str], bool]]:
         yield folder, files, not has_files[folder]
 
 
-def index_tree(root: str | os.PathLike[str], *, progress: bool = False,
-               header_reader=read_header) -> DicomIndex:
+def index_tree(root: str | os.PathLike[str], *, progress: bool = False, workers: int = 1) -> DicomIndex:
     """Walk ``root`` and index every file from its header.
 
     Args:
         root: the input folder (nested folders, any file names).
         progress: show a tqdm bar while reading headers.
-        header_reader: function reading one header (a seam for tests and for parallel readers).
+        workers: processes reading headers; worth it for large exports (reading is about 1 ms per file).
+            Defaults to 1.
 
     Returns:
         The series (grouped by Series Instance UID), the NIfTI files, and every skipped file or empty
@@ -431,14 +432,24 @@ def index_tree(root: str | os.PathLike[str], *, progress: bool = False,
             full = os.path.join(folder, name)
             (nifti if is_nifti_path(name) else paths).append(full)
     headers: list[InstanceHeader] = []
-    iterator: Iterable[str] = paths
-    if progress:
-        from tqdm.auto import tqdm
+    parallel = workers > 1 and len(paths) >= _PARALLEL_MIN_FILES
+    pool = None
+    if parallel:
+        from concurrent.futures import ProcessPoolExecutor
 
-        iterator = tqdm(paths, desc="Reading DICOM headers", unit="file")
-    for path in iterator:
-        result = header_reader(path)
-        (skipped if isinstance(result, SkippedFile) else headers).append(result)  # type: ignore[arg-type]
+        pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        results: Iterable[InstanceHeader | SkippedFile] = (
+            pool.map(read_header, paths, chunksize=64) if pool is not None else map(read_header, paths))
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(paths), desc="Reading DICOM headers", unit="file")
+        for result in results:
+            (skipped if isinstance(result, SkippedFile) else headers).append(result)  # type: ignore[arg-type]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return DicomIndex(series=group_series(headers), nifti=tuple(nifti), skipped=tuple(skipped))
 
 

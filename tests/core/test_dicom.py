@@ -369,3 +369,14 @@ def test_series_rules_reject_bad_values() -> None:
         SeriesRules(irregular_spacing="fix")
     with pytest.raises(ValueError, match=r"spacing_tolerance should be in the range \(0, 1\), got 1.5"):
         SeriesRules(spacing_tolerance=1.5)
+
+
+def test_parallel_header_reading_gives_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lungmae_core.dicom as dicom
+
+    write_series(tmp_path / "a", tiny_hu(depth=6))
+    write_series(tmp_path / "b", tiny_hu(depth=5), patient="PAT-2")
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(dicom, "_PARALLEL_MIN_FILES", 1)
+    assert index_tree(tmp_path, workers=2) == index_tree(tmp_path, workers=1)
+    assert len(index_tree(tmp_path, workers=2).skipped) == 1
