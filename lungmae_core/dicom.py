@@ -304,6 +304,31 @@ def _float(value: object) -> float | None:
     return out if np.isfinite(out) else None
 
 
+def _pixel_data_truncated(ds, transfer_syntax: str, frames: int, file_size: int) -> bool:
+    """Whether (7FE0,0010) is shorter than its declared length, or than Rows x Columns x ... for native data."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.uid import UID
+
+    item = ds.get_item("PixelData")
+    if isinstance(item, RawDataElement):  # deferred: value not read, only its length and file offset
+        length = item.length
+        if length == 0xFFFFFFFF:  # encapsulated: checked when decoding
+            return False
+        if item.value_tell is not None and item.value_tell + length > file_size:
+            return True
+    else:
+        value = item.value
+        length = len(value) if isinstance(value, (bytes, bytearray)) else 0
+    if transfer_syntax and UID(transfer_syntax).is_compressed:
+        return False
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+                    * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return length < expected
+
+
 def read_header(path: str | os.PathLike[str]) -> InstanceHeader | SkippedFile:
     """Read one file's DICOM header without its pixel data.
 
@@ -345,18 +370,12 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader | SkippedFile:
         return SkippedFile(path, "truncated", f"its header has no {' or '.join(missing)}; the file is "
                                               "truncated or not a complete DICOM instance")
     has_pixels = "PixelData" in ds
-    truncated = False
-    if has_pixels:
-        raw = ds.get_item("PixelData")
-        length = getattr(raw, "length", None)
-        tell = getattr(raw, "value_tell", None)
-        if length is not None and tell is not None and length != 0xFFFFFFFF:
-            truncated = tell + length > stat.st_size
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
+    truncated = has_pixels and _pixel_data_truncated(ds, transfer_syntax, frames, stat.st_size)
     instance_number = ds.get("InstanceNumber")
     return InstanceHeader(
         path=path,

@@ -195,6 +195,11 @@ def _oblique(ds: pydicom.Dataset) -> None:
     ds.ImageOrientationPatient = [1, 0, 0, 0, float(c), float(s)]
 
 
+def _colour(ds: pydicom.Dataset) -> None:
+    ds.PixelData = np.repeat(ds.pixel_array[..., None], 3, axis=-1).tobytes()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+
+
 def _smaller(ds: pydicom.Dataset) -> None:
     ds.PixelData = ds.pixel_array[:8, :8].copy().tobytes()
     ds.Rows = ds.Columns = 8
@@ -218,7 +223,7 @@ BAD_SERIES = [
     ("enhanced", "all", _enhanced, RULES, "enhanced-ct", "Enhanced (multi-frame) CT"),
     ("oblique", "all", _oblique, RULES, "not-axial", "30.0 degrees from the patient's head-foot axis"),
     ("inconsistent-size", 0, _smaller, RULES, "inconsistent-series", "2 different (0028,0010) 'Rows'"),
-    ("colour", "all", _set(SamplesPerPixel=3), RULES, "not-grayscale", "'Samples per Pixel'"),
+    ("colour", "all", _colour, RULES, "not-grayscale", "'Samples per Pixel'"),
     ("dose-screen-as-ct", "all", _set(SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), RULES, "not-ct-image",
      "not CT Image Storage"),
     ("too-few", "all", lambda ds: None, SeriesRules(min_slices=32), "too-few-slices",
@@ -314,6 +319,23 @@ def test_tilted_gantry(tmp_path: Path) -> None:
     with pytest.raises(SeriesRejected, match=r"drift 3.5 mm sideways .*gantry tilt about") as err:
         plan_series(_only_series(tmp_path), RULES)
     assert err.value.code == "tilted"
+
+
+def test_real_files_without_ct_images() -> None:
+    truncated = read_header(get_testdata_file("MR_truncated.dcm"))  # pixel data 62 bytes short
+    assert truncated.pixel_data_truncated and truncated.modality == "MR"
+    report = read_header(get_testdata_file("reportsi.dcm"))  # a structured report: no pixel data
+    assert not report.has_pixel_data and report.modality == "SR"
+    assert not read_header(get_testdata_file("CT_small.dcm")).pixel_data_truncated
+
+
+@pytest.mark.skipif(get_testdata_file("liver.dcm", download=False) is None,
+                    reason="pydicom-data is not installed (pip install pydicom-data): no multi-frame liver CT")
+def test_pydicom_data_multiframe_liver_ct_is_rejected_clearly(tmp_path: Path) -> None:
+    shutil.copy(get_testdata_file("liver.dcm", download=False), tmp_path / "liver.dcm")
+    with pytest.raises(SeriesRejected, match=r"Enhanced \(multi-frame\) CT object, which is not supported") as err:
+        plan_series(_only_series(tmp_path), RULES)
+    assert err.value.code == "enhanced-ct"
 
 
 def test_truncated_pixel_data_is_found_from_headers(tmp_path: Path) -> None:
