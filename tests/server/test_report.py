@@ -296,6 +296,38 @@ def test_single_scan_baseline_gives_no_verdict(tmp_path: Path) -> None:
     assert page.tables["mae-table"][1][-1] == "–"
 
 
+@pytest.mark.slow
+def test_report_of_a_run_written_by_the_real_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The federation runner itself writes the run directory (in-process grid, real ClientApps), so the
+    reader is checked against the writer, not against this file's idea of it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.client_app import make_client_app
+    from server.runner import FederationRunner
+    from tests.federated_helpers import InProcessGrid, broken_site, prepared_sites
+
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+    root = tmp_path_factory.mktemp("real-sites")
+    sites = prepared_sites(root) + [broken_site(root)]  # the same key as the server tests: prepared once
+    run_dir = tmp_path_factory.mktemp("real-run") / "run"
+    cfg = federation_from_mapping({
+        "model": {"name": "tiny", "overrides": {"img-size": 32, "depth": 2, "decoder-depth": 1}},
+        "phases": {"pretrain": {"rounds": 1, "lr": 1e-3}, "finetune": {"rounds": 1, "lr": 1e-3}},
+        "run-dir": str(run_dir), "round-timeout-s": 5}, source="test")
+    FederationRunner(cfg, InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(3)])).run()
+    page, text = parse(render_report(run_dir))
+    assert {img["section"] for img in page.images} == {"loss", "reconstructions", "final-metrics", "participation",
+                                                       "bytes"}
+    assert [row[:2] for row in page.tables["participation-table"][1:]] == [["1", "pretrain"], ["2", "finetune"]]
+    assert {row[0] for row in page.tables["final-table"][1:]} == {"site0", "site1", "pooled (all test scans)"}
+    assert [row[0] for row in page.tables["sites-table"][1:]] == ["node-103", "site0", "site1"]
+    assert "cannot serve" in page.tables["sites-table"][1][-1]  # the broken site says why
+    assert "after server round 1" in section_text(page, "reconstructions")
+    assert "Differential privacy was not used" in section_text(page, "privacy")
+    for secret in (str(root), str(run_dir), "no-cache"):
+        assert secret not in text
+
+
 # ------------------------------------------------------------------------------------------------ partial runs
 
 
