@@ -90,6 +90,7 @@ class PrepareReport:
     label_issues: tuple[LabelIssue, ...]
     labelled: int
     seconds: float
+    removed: int = 0
 
     def summary(self) -> str:
         """A short human-readable summary: counts, then each rejection reason with its count."""
@@ -108,6 +109,9 @@ class PrepareReport:
             lines.extend(f"  {issue.message}" for issue in self.label_issues[:20])
             if len(self.label_issues) > 20:
                 lines.append(f"  ... and {len(self.label_issues) - 20} more")
+        if self.removed:
+            lines.append(f"Removed {self.removed} cached file(s) of series no longer in the input or made with other "
+                         "settings.")
         lines.append(f"Manifest: {self.manifest_path}")
         lines.append(f"Data card: {self.datacard_path}")
         return "\n".join(lines)
@@ -204,6 +208,25 @@ def _process(task: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "code": "internal-error", "reason": f"{type(exc).__name__} {_where(exc)} while "
                                                                  "preparing it; run with -vv and report the log",
                 "final": False}
+
+
+def _prune(cache_dir: Path, keep: set[str]) -> int:
+    """Delete samples and remembered refusals whose key this run did not produce; returns how many.
+
+    Their series left the input, or changed, or were made with other settings: nothing reads them any more
+    (the manifest is the index of the cache), and on real data each is megabytes.
+    """
+    removed = 0
+    for folder, suffix in ((cache_dir / "samples", ".npz"), (cache_dir / REJECTIONS_DIR, ".json")):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"*{suffix}"):
+            if path.name[:-len(suffix)] not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        logger.info("Removed %d stale cached file(s)", removed)
+    return removed
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -512,6 +535,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
             logger.info("Unable to use series %d of %d (%s) as %s", number, len(ordered), entry.series_id,
                         entry.reason)
     manifest_path = write_manifest(cache_path, rows)
+    removed = _prune(cache_path, {e.key for e in entries if e.key})
     label_issues = tuple(table.issues) if table is not None else ()
     issue_lines = ["line,kind,message"] + [
         f"{i.line},{i.kind},\"{i.message.replace(chr(34), chr(39))}\"" for i in sorted(label_issues,
@@ -533,6 +557,6 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         processed=sum(1 for e in entries if e.accepted and not e.reused),
         rejections=dict(Counter(e.code for e in rejected)), examples=examples, notes=tuple(notes),
         label_issues=label_issues, labelled=sum(1 for r in rows if r.accepted and r.label),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, removed=removed)
     logger.info("Prepared site %s: %d accepted, %d rejected", cfg.site.name, report.accepted, report.rejected)
     return report

@@ -170,6 +170,8 @@ def test_rerun_reuses_and_redoes_only_what_changed(hospital, tmp_path: Path) -> 
                                                              "labels": str(cfg.data.labels), "workers": 1},
                                                     "preprocess": {"size": 24}}), progress=False)
     assert (bigger.processed, bigger.reused, bigger.accepted) == (4, 0, 4)
+    assert bigger.removed == 5  # the 4 samples made at size 32 and the remembered refusal
+    assert len(list((cache / "samples").iterdir())) == 4 and "Removed 5 cached file(s)" in bigger.summary()
     first_accepted = next(r for r in read_manifest(cache) if r.accepted)
     with np.load(cache / first_accepted.cache_file) as sample:
         assert sample["image"].shape == (1, 24, 24, 24)
