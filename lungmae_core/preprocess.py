@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,20 @@ class Sample:
     qc: dict[str, Any]
 
 
+class _Clock:
+    """Accumulates stage durations into ``timings`` when the caller asked for them."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
 def _check_input(volume: Volume) -> None:
     if min(volume.shape) < 4:
         raise InvalidSeriesError(
@@ -129,12 +144,14 @@ def crop_box_mm(mask_lo_mm: np.ndarray, mask_hi_mm: np.ndarray, extent_mm: np.nd
     return lo, hi
 
 
-def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None) -> Sample:
+def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None, *,
+                      timings: dict[str, float] | None = None) -> Sample:
     """Turn a CT volume into a sample: canonical, lung-cropped, cube-resized, HU-windowed.
 
     Args:
         volume: HU volume in any orientation.
         cfg: preprocessing parameters; defaults to ``PreprocessConfig()``.
+        timings: if given, receives the seconds spent in each stage (``mask``, ``resample``, ``finish``).
 
     Returns:
         A :class:`Sample` with ``image (1, S, S, S)`` float32, ``lung_mask (1, S, S, S)`` uint8 and ``qc``.
@@ -155,7 +172,9 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None) -> Sa
     hu = canonical.hu
     spacing = np.asarray(canonical.spacing_mm, dtype=np.float64)
     shape = np.asarray(hu.shape)
+    clock = _Clock(timings)
     coarse = coarse_lung_mask(hu, spacing, cfg)
+    clock.lap("mask")
 
     # Lung bounding box in input-voxel units (a coarse voxel covers its whole block), then in mm.
     lo_idx, hi_idx = np.zeros(3), np.zeros(3)
@@ -177,6 +196,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None) -> Sa
     cube_hu = sample_linear(roi, [c - st for c, st in zip(coords_in, start)])
     coords_mask = [coarse.from_input_index(c, k) for k, c in enumerate(coords_in)]
     cube_mask = sample_linear(coarse.mask.astype(np.float32), coords_mask) >= 0.5
+    clock.lap("resample")
 
     if not cube_mask.any():  # pragma: no cover - the coarse mask passed the volume check
         raise InvalidSeriesError("Unable to preprocess the volume as its lung mask vanished after resizing")
@@ -194,6 +214,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None) -> Sa
     image *= np.float32(1.0 / (cfg.hu_max - cfg.hu_min))
     np.clip(image, 0.0, 1.0, out=image)
     log.debug("preprocessed volume %s -> cube %d, lung %.0f mL", tuple(shape), s, coarse.lung_volume_ml)
+    clock.lap("finish")
     return Sample(image=image[None], lung_mask=cube_mask.astype(np.uint8)[None], qc=qc)
 
 
@@ -205,13 +226,15 @@ def _qc_stats(cube_hu: np.ndarray, cube_mask: np.ndarray) -> dict[str, float]:
             "hu_p05": round(p05, 2), "hu_p50": round(p50, 2), "hu_p95": round(p95, 2)}
 
 
-def reference_preprocess(volume: Volume, cfg: PreprocessConfig | None = None) -> Sample:
+def reference_preprocess(volume: Volume, cfg: PreprocessConfig | None = None, *,
+                         timings: dict[str, float] | None = None) -> Sample:
     """The authors' order of operations, kept as the reference our fast path is measured against.
 
     Cubic ``scipy.ndimage.zoom`` of the whole volume to isotropic voxels (mean spacing), the lung mask at
     that full resolution, crop to the lung box with ``margin_voxels`` isotropic voxels, then a trilinear
     ``zoom`` of the crop (and of the mask, re-thresholded at 0.5) to the cube. Slow and memory-hungry on a
-    512x512x300 series; used by ``benchmarks/prepare.py`` and the tests, not by the pipeline.
+    512x512x300 series; used by ``benchmarks/prepare.py`` and the tests, not by the pipeline. ``timings``
+    receives seconds per stage (``isotropic``, ``mask``, ``resample``).
 
     Raises:
         InvalidSeriesError: as :func:`preprocess_volume`.
@@ -221,9 +244,12 @@ def reference_preprocess(volume: Volume, cfg: PreprocessConfig | None = None) ->
     _check_input(canonical)
     spacing = np.asarray(canonical.spacing_mm, dtype=np.float64)
     iso = float(spacing.mean())
+    clock = _Clock(timings)
     iso_hu = ndimage.zoom(canonical.hu, spacing / iso, order=3, mode="nearest", prefilter=True)
+    clock.lap("isotropic")
     full_cfg = dataclasses.replace(cfg, mask_spacing_mm=0.0)
     coarse = coarse_lung_mask(iso_hu, (iso, iso, iso), full_cfg)
+    clock.lap("mask")
     box = []
     for axis in range(3):
         present = np.flatnonzero(coarse.mask.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -237,6 +263,7 @@ def reference_preprocess(volume: Volume, cfg: PreprocessConfig | None = None) ->
     cube_hu = ndimage.zoom(crop, zoom, order=1, output=np.float32, grid_mode=False)
     cube_mask = ndimage.zoom(crop_mask, zoom, order=1, output=np.float32, grid_mode=False) >= 0.5
     assert cube_hu.shape == (cfg.size,) * 3, cube_hu.shape
+    clock.lap("resample")
     qc = {"lung_volume_ml": round(coarse.lung_volume_ml, 1), "spacing_mm": [round(float(v), 4) for v in spacing],
           "input_shape": list(canonical.shape), **_qc_stats(cube_hu, cube_mask)}
     image = np.clip((cube_hu - np.float32(cfg.hu_min)) / np.float32(cfg.hu_max - cfg.hu_min), 0.0, 1.0)
