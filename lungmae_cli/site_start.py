@@ -33,6 +33,25 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         print(shlex.join(cmd))
         return 0
+    metrics = None
+    if cfg.connection.metrics_port:
+        from client.site_metrics import SiteMetrics
+        from lungmae_core.errors import SiteConfigError
+
+        metrics = SiteMetrics(cfg)
+        try:
+            metrics.serve(cfg.connection.metrics_port)
+        except OSError as exc:
+            raise SiteConfigError(f"Unable to serve site metrics on 127.0.0.1:{cfg.connection.metrics_port} as "
+                                  f"{exc.strerror or exc}; change connection: metrics-port in {args.config}") from exc
+    where = f"; metrics on http://127.0.0.1:{cfg.connection.metrics_port}/metrics" if metrics else ""
     print(f"lungmae: site '{cfg.site.name}' joining the federation at {cfg.connection.superlink} (TLS, key "
-          f"{cfg.connection.auth_key}); stop with Ctrl-C or SIGTERM", flush=True)
-    return run_forwarding_signals(cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE, name="SuperNode")
+          f"{cfg.connection.auth_key}){where}; stop with Ctrl-C or SIGTERM", flush=True)
+    try:
+        if metrics is not None:
+            metrics.up = 1
+        return run_forwarding_signals(cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE,
+                                      name="SuperNode")
+    finally:
+        if metrics is not None:
+            metrics.close()

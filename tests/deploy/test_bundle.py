@@ -28,7 +28,7 @@ def _run(*cmd: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
     return proc
 
 
-@pytest.mark.parametrize("config", ["prometheus.yml", "compose-prometheus.yml"])
+@pytest.mark.parametrize("config", ["prometheus.yml", "compose-prometheus.yml", "site-prometheus.yml"])
 def test_prometheus_config_is_valid(config: str) -> None:
     out = _run(_tool("promtool"), "check", "config", PROM / config).stdout
     assert "SUCCESS: 1 rule files found" in out
@@ -36,7 +36,7 @@ def test_prometheus_config_is_valid(config: str) -> None:
 
 def test_alert_rules_are_valid_and_fire_as_specified() -> None:
     promtool = _tool("promtool")
-    assert "SUCCESS: 5 rules found" in _run(promtool, "check", "rules", PROM / "alerts.yml").stdout
+    assert "SUCCESS: 6 rules found" in _run(promtool, "check", "rules", PROM / "alerts.yml").stdout
     _run(promtool, "test", "rules", "alerts_test.yml", cwd=PROM)
     names = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert {"LungMAESiteDown", "LungMAERoundStalled", "LungMAEUpdateRejected",
@@ -77,6 +77,23 @@ def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
     exported = set(re.findall(r"^(lungmae_[a-z_]+)", metrics.render(), re.M))
     text = (PROM / "alerts.yml").read_text() + (DEPLOY / "grafana/lungmae-federation.json").read_text()
     used = set(re.findall(r"lungmae_[a-z_]+", text)) - {"lungmae_federation"}
+    assert used and used <= exported, used - exported
+
+
+def test_site_alerts_use_only_site_metrics(tmp_path: Path) -> None:
+    import re
+
+    import yaml as _yaml
+
+    from client.site_config import load_site_config
+    from client.site_metrics import SiteMetrics
+
+    (tmp_path / "site.yaml").write_text(_yaml.safe_dump({
+        "data": {"cache": "cache"}, "training": {"device": "cpu"},
+        "privacy": {"enabled": True, "epsilon": 3.0, "noise-multiplier": 1.0}}))
+    exported = set(re.findall(r"^(lungmae_[a-z_]+)", SiteMetrics(load_site_config(tmp_path / "site.yaml")).render(),
+                              re.M))
+    used = set(re.findall(r"lungmae_[a-z_]+", (PROM / "site-alerts.yml").read_text())) - {"lungmae_site"}
     assert used and used <= exported, used - exported
 
 
