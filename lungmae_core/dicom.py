@@ -26,9 +26,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -282,6 +284,27 @@ class SlicePlan:
 
 # --------------------------------------------------------------------------------------------- indexing
 
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Keep pydicom's warnings out of the site's logs: they quote element values (UIDs, names).
+
+    pydicom reports invalid values at WARNING level and as Python warnings, e.g. "Invalid value for VR UI:
+    '1.2.3...'". Inside this block both are muted and repeated here at DEBUG only (debug logs may hold
+    identifiers; INFO and above must not).
+    """
+    pd_logger = logging.getLogger("pydicom")
+    level = pd_logger.level
+    pd_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            logger.debug("pydicom: %s", warning.message)
+    finally:
+        pd_logger.setLevel(level)
+
+
 def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     """Whether the file name says NIfTI (``.nii`` or ``.nii.gz``)."""
     name = os.fspath(path).lower()
@@ -342,10 +365,14 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader | SkippedFile:
         An :class:`InstanceHeader`, or a :class:`SkippedFile` with a code and reason for files that are not
         DICOM, unreadable, truncated inside the header, or DICOM objects without an image series.
     """
+    with _quiet_pydicom():
+        return _read_header(os.fspath(path))
+
+
+def _read_header(path: str) -> InstanceHeader | SkippedFile:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = os.fspath(path)
     try:
         stat = os.stat(path)
         ds = pydicom.dcmread(path, defer_size=1024)
@@ -745,8 +772,11 @@ def _read_slice(header: InstanceHeader, index: int, total: int) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(header.path)
-        pixels = ds.pixel_array
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(header.path)
+            pixels = ds.pixel_array
+            slope = float(ds.RescaleSlope)
+            intercept = float(ds.RescaleIntercept)
     except (OSError, EOFError) as exc:
         raise SeriesRejected("truncated", f"slice {index} of {total} cannot be read ({type(exc).__name__}); "
                                           "re-copy the series") from exc
@@ -757,8 +787,6 @@ def _read_slice(header: InstanceHeader, index: int, total: int) -> np.ndarray:
     if pixels.shape != (header.rows, header.columns):
         raise SeriesRejected("decode-failed", f"slice {index} of {total} decodes to shape {pixels.shape}, not "
                                               f"(Rows, Columns) = ({header.rows}, {header.columns})")
-    slope = float(ds.RescaleSlope)
-    intercept = float(ds.RescaleIntercept)
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 

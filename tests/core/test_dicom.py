@@ -402,3 +402,22 @@ def test_parallel_header_reading_gives_the_same_index(tmp_path: Path, monkeypatc
     monkeypatch.setattr(dicom, "_PARALLEL_MIN_FILES", 1)
     assert index_tree(tmp_path, workers=2) == index_tree(tmp_path, workers=1)
     assert len(index_tree(tmp_path, workers=2).skipped) == 1
+
+
+def test_pydicom_value_warnings_do_not_reach_logs_above_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              recwarn: pytest.WarningsRecorder) -> None:
+    files = write_series(tmp_path, tiny_hu(depth=4))
+    for path in files:  # values pydicom complains about, quoting them
+        edit(path, _set(PatientName="SECRET" * 12, StudyInstanceUID="1.2.3.4.5secretuid"))
+    recwarn.clear()
+    caplog.clear()  # pydicom also complained while the test wrote the values
+    caplog.set_level("INFO")
+    series = _only_series(tmp_path)
+    load_series(series, RULES)
+    assert series.study_uid == "1.2.3.4.5secretuid"  # still read, just not shouted
+    assert "secret" not in caplog.text.lower()
+    assert not [w for w in recwarn if "secret" in str(w.message).lower()]
+    caplog.clear()
+    caplog.set_level("DEBUG", logger="lungmae_core.dicom")
+    read_header(files[0])
+    assert "Invalid value for VR UI" in caplog.text  # kept for debugging, at DEBUG only
