@@ -14,7 +14,6 @@ are paths are withheld), so it may be shared.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import html
 import logging
@@ -31,6 +30,7 @@ from server.report_data import (
     MAE_METRICS,
     PARTICIPATION_KEYS,
     FinalResults,
+    Reconstruction,
     RoundRecord,
     RunRecord,
     SiteResult,
@@ -55,16 +55,19 @@ _METRIC_LABELS = {
     "l1_masked_lung": "MAE L1 (masked, lung)",
     "baseline_l1_masked_lung": "average-patch L1 (masked, lung)",
 }
-# Configuration keys whose values are file system locations; never shown on the page.
 _MAX_LIST = 8  # longer lists in the configuration (e.g. the step plan) are shortened
+# Configuration keys whose values are file system locations; never shown on the page.
 _PATH_KEY_WORDS = ("dir", "path", "file", "cert", "key", "ledger", "home", "audit_log", "cache", "input")
 
 _CSS = """
-body{font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f6f8;color:#1d2733}
+body{font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f6f8;
+  color:#1d2733}
 main{max-width:1060px;margin:0 auto;padding:24px 28px 60px;background:#fff}
-h1{font-size:1.7em;margin:0 0 4px} h2{font-size:1.25em;margin:34px 0 10px;padding-bottom:4px;border-bottom:2px solid #dfe6ec}
+h1{font-size:1.7em;margin:0 0 4px}
+h2{font-size:1.25em;margin:34px 0 10px;padding-bottom:4px;border-bottom:2px solid #dfe6ec}
 h3{font-size:1.05em;margin:18px 0 8px} p.lead{color:#55636f;margin:0 0 16px}
-table{border-collapse:collapse;margin:8px 0 14px;font-size:.92em} th,td{padding:4px 10px;border:1px solid #d5dde3;text-align:right}
+table{border-collapse:collapse;margin:8px 0 14px;font-size:.92em}
+th,td{padding:4px 10px;border:1px solid #d5dde3;text-align:right}
 th{background:#eef2f5} td.name,th.name{text-align:left} tr.pooled td{font-weight:600;background:#f7fafc}
 img{max-width:100%;height:auto;display:block;margin:6px 0 12px} .figs{display:flex;flex-wrap:wrap;gap:8px}
 .figs figure{flex:1 1 48%;margin:0;min-width:320px} .figs h3{margin:8px 0 2px} .note{color:#55636f;font-size:.92em}
@@ -72,7 +75,8 @@ img{max-width:100%;height:auto;display:block;margin:6px 0 12px} .figs{display:fl
 .ok{border-left:6px solid #27ae60;background:#eafaf1;padding:10px 14px;margin:10px 0}
 .warn{border-left:6px solid #e67e22;background:#fef5e7;padding:10px 14px;margin:10px 0}
 .privacy{border-left:6px solid #2980b9;background:#ebf5fb;padding:10px 14px;margin:10px 0}
-nav a{margin-right:12px;font-size:.92em} .problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
+nav a{margin-right:12px;font-size:.92em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
+.problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em}
 """
 
 
@@ -138,15 +142,6 @@ def _absent(text: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # sections
-
-
-@dataclasses.dataclass(frozen=True)
-class Reconstruction:
-    """The MAE applied at the server to a synthetic phantom (see :mod:`server.report_recon`)."""
-
-    figure_uri: str
-    metrics: dict[str, float]
-    description: str
 
 
 _PATH_RE = re.compile(r"(?<![\w.:])(?:~|[A-Za-z]:)?[/\\][\w.\-~/\\]+")
@@ -530,7 +525,8 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in run.warnings)
     skipped = [r.server_round for r in run.rounds if r.skipped]
     if skipped:
-        warnings += f'<div class="warn">Rounds skipped (too few valid updates): {_e(", ".join(map(str, skipped)))}.</div>'
+        rounds = _e(", ".join(map(str, skipped)))
+        warnings += f'<div class="warn">Rounds skipped (too few valid updates; the model was kept): {rounds}.</div>'
     sections = [
         _section("summary", "Summary", "<ul>" + "".join(f"<li>{line}</li>" for line in _status_lines(run))
                  + "</ul>" + flag + warnings + _sites_table(run)),

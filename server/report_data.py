@@ -30,6 +30,7 @@ __all__ = [
     "RoundRecord",
     "FinalResults",
     "RunRecord",
+    "Reconstruction",
     "load_run",
     "norm_key",
     "series",
@@ -143,6 +144,18 @@ class FinalResults:
     mae: dict[str, float]
     cross_site: dict[str, dict[str, float]]
     note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+    """The MAE applied at the server to synthetic phantoms (:mod:`server.report_recon`), ready for the page.
+
+    ``figure_uri`` is the PNG data URI of the slices; ``metrics`` are ``evaluate_mae``'s keys on the phantoms.
+    """
+
+    figure_uri: str
+    metrics: dict[str, float]
+    description: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from lungmae_core.errors import LungMAEError
 from server import plots
-from server.report_data import RunRecord, norm_key
+from server.report_data import Reconstruction, RunRecord, norm_key
 
 __all__ = ["find_mae_checkpoint", "load_mae", "phantom_samples", "lung_centre", "reconstruct",
            "phantom_reconstruction"]
@@ -57,7 +57,8 @@ def _checkpoint_parts(obj: Any) -> tuple[Mapping[str, Any], Mapping[str, Any] | 
     args = obj.get("model_args", obj.get("model_config"))
     phase = str(obj.get("phase", ""))
     server_round = obj.get("server_round", obj.get("round"))
-    return state, args if isinstance(args, Mapping) else None, phase, server_round if isinstance(server_round, int) else None
+    return (state, args if isinstance(args, Mapping) else None, phase,
+            server_round if isinstance(server_round, int) and not isinstance(server_round, bool) else None)
 
 
 def find_mae_checkpoint(run: RunRecord) -> tuple[Path, dict[str, Any]] | None:
@@ -162,8 +163,9 @@ def lung_centre(lung: np.ndarray) -> tuple[int, int, int]:
     """
     assert lung.ndim == 3, lung.shape
     if not lung.any():
-        return tuple(s // 2 for s in lung.shape)  # type: ignore[return-value]
-    return tuple(int(np.argmax(lung.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3))  # type: ignore[return-value]
+        return lung.shape[0] // 2, lung.shape[1] // 2, lung.shape[2] // 2
+    d, h, w = (int(np.argmax(lung.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3))
+    return d, h, w
 
 
 def reconstruct(mae: Any, image: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +191,7 @@ def reconstruct(mae: Any, image: np.ndarray, *, seed: int = 0) -> tuple[np.ndarr
     return masked.numpy(), recon.numpy()
 
 
-def phantom_reconstruction(run: RunRecord, *, seed: int = 0):  # -> tuple[Reconstruction | None, str]
+def phantom_reconstruction(run: RunRecord, *, seed: int = 0) -> tuple[Reconstruction | None, str]:
     """The report's reconstruction figure and phantom metrics, or ``None`` and the sentence saying why.
 
     The metrics are ``evaluate_mae``'s on the phantom set (one phantom per class): the MAE's masked L1 next
@@ -199,7 +201,6 @@ def phantom_reconstruction(run: RunRecord, *, seed: int = 0):  # -> tuple[Recons
     pretrain round); a checkpoint that exists but does not load is named (file name only) in the sentence.
     """
     from lungmae_core.train import evaluate_mae
-    from server.report import Reconstruction
 
     found = find_mae_checkpoint(run)
     if found is None:

@@ -20,7 +20,7 @@ from server.checkpoints import Checkpoint, CheckpointStore, atomic_write_json
 from server.federation_config import config_hash, federation_from_mapping, federation_to_mapping
 from server.report import render_report
 from server.report_data import RunDirectoryError, confusion_matrix, load_run, norm_key
-from server.report_recon import find_mae_checkpoint, reconstruct
+from server.report_recon import find_mae_checkpoint, lung_centre, reconstruct
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")  # hospital-c has no labels: pretrain only
 CLASSES = ["normal", "ggo", "fibrosis", "emphysema"]
@@ -366,12 +366,20 @@ def test_run_without_any_round_renders_every_section_with_a_sentence(tmp_path: P
 
 def test_cut_off_last_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finetune=1, final=False)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write('{"round": 4, "phase": "finetune", "train": {"aggre')
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    skipped = json.loads(lines[1])
+    skipped.update(skipped=True, note="0 valid updates, fewer than min-sites 1; the global model is kept")
+    lines[1] = json.dumps(skipped)
+    lines.append('{"round": 4, "phase": "finetune", "train": {"aggre')  # the server died while appending
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines))
     run = load_run(run_dir)
     assert [r.server_round for r in run.rounds] == [1, 2, 3]
     page, _ = parse(render_report(run_dir, reconstructions=False))
-    assert "metrics.jsonl line 4 is cut off" in section_text(page, "summary")
+    summary = section_text(page, "summary")
+    assert "metrics.jsonl line 4 is cut off" in summary
+    assert "Rounds skipped (too few valid updates; the model was kept): 2." in summary
+    assert page.tables["participation-table"][2][-1] == ("skipped: 0 valid updates, fewer than min-sites 1; "
+                                                         "the global model is kept")
 
 
 def test_resumed_round_logged_twice_keeps_the_later_line(tmp_path: Path) -> None:
@@ -457,6 +465,17 @@ def test_mae_checkpoint_survives_pruning_after_the_hand_off(tmp_path: Path) -> N
     assert [p.name for p in run.checkpoints] == ["mae-latest.pt", "step-0003.pt", "step-0004.pt"]
     found = find_mae_checkpoint(run)
     assert found is not None and found[0].name == "mae-latest.pt" and found[1]["server_round"] == 2
+
+
+@pytest.mark.parametrize("planes, expected", [
+    ({"d": 5, "h": 2, "w": 7}, (5, 2, 7)),  # one lung voxel
+    ({}, (4, 5, 6)),  # no lung: the centre
+])
+def test_lung_centre_picks_the_planes_with_most_lung(planes: dict[str, int], expected: tuple[int, int, int]) -> None:
+    lung = np.zeros((8, 10, 12), np.uint8)
+    if planes:
+        lung[planes["d"], planes["h"], planes["w"]] = 1
+    assert lung_centre(lung) == expected
 
 
 @pytest.mark.parametrize("key, expected", [
