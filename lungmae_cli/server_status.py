@@ -39,6 +39,7 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     from lungmae_cli._process import flower_env
     from server.audit import read_audit_log
     from server.federation_config import load_federation_config
+    from lungmae_core.errors import LungMAEError
     from server.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, read_json
 
     cfg = load_federation_config(config)
@@ -68,6 +69,15 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     record = read_json(run_dir / RUN_RECORD)
     status["flwr_run"] = record
     if not offline:
+        from server.superlink import ServerTLS, write_connection
+
+        try:
+            tls = ServerTLS.from_section(cfg.server, base_dir=Path(config).resolve().parent)
+            write_connection(cfg.server.superlink, tls.root_certificates)
+        except LungMAEError as exc:
+            status["superlink_error"] = str(exc).splitlines()[0]
+            status["superlink_reachable"] = False
+            return status
         cli = FlwrCLI(env=flower_env(), timeout_s=30)
         try:
             nodes = cli.nodes()

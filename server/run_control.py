@@ -80,7 +80,7 @@ class FlwrCLI:
                                f"{(proc.stderr or proc.stdout).strip()[-500:]}")
         if not data.get("success", False):
             message = str(data.get("error-message", ""))
-            if "unavailable" in message.lower() or "connect" in message.lower():
+            if "unavailable" in message.lower():  # "Connection to the SuperLink is unavailable."
                 return None
             raise FlwrCLIError(f"`flwr {' '.join(args[:2])}` failed: {message.strip()[-800:]}")
         return data
@@ -202,11 +202,15 @@ class RunFollower:
         """
         run_id = self.recorded_run() if resume_existing else None
         if run_id is not None:
-            status = self.cli.run_status(run_id)
-            if status is None or status["status"] in _ACTIVE:
+            try:
+                status = self.cli.run_status(run_id)
+            except FlwrCLIError as exc:  # e.g. the SuperLink's database was replaced
+                self.say(f"recorded run {run_id} is unknown to the SuperLink ({exc}); submitting a new run")
+                status, run_id = {"status": "finished:unknown"}, None
+            if run_id is not None and (status is None or status["status"] in _ACTIVE):
                 self.say(f"following run {run_id} recorded in {self.run_dir / RUN_RECORD}")
-            else:
-                run_id = None if status["status"] != "finished:completed" else run_id
+            elif run_id is not None and status["status"] != "finished:completed":
+                run_id = None  # failed or stopped earlier: submit again, the ServerApp resumes
         if run_id is None:
             run_id = self._submit()
         unreachable_since: float | None = None
