@@ -485,6 +485,8 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
 
     sd, sh, sw = (float(v) for v in grid.spacing)
     nd, nh, nw = grid.shape
+    thin: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+    thin_radius = 0.75 * float(grid.spacing.min())
 
     def inside(point: np.ndarray) -> bool:
         x, y, z = (float(v) for v in point)
@@ -504,13 +506,20 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
         hilum = np.array([side * (subj.medial + 14.0), cy - 0.1 * ry, subj.z_base + 0.52 * subj.lung_h])
         _draw_tube(wall, grid, carina, hilum, 0.7 * tr_r + 1.5, 0.55 * tr_r + 1.3)
         _draw_tube(lumen, grid, carina, hilum, 0.7 * tr_r, 0.55 * tr_r)
-        roots = [np.array([side * 0.5, 0.0, 1.0]), np.array([side * 0.6, 0.1, -1.0]),
-                 np.array([side * 1.0, -0.5, -0.2]), np.array([side * 0.8, 0.7, -0.4])]
-        for k, direction in enumerate(roots):
-            start = hilum + np.array([side * 6.0, (k - 1.5) * 6.0, 0.0])
-            segs = _grow_tree(rng, start, direction + rng.normal(0, 0.15, 3), rng.uniform(5.0, 6.5),
-                              rng.uniform(30, 40), 7, inside, min_radius=0.3 * float(grid.spacing.min()))
+        # Arteries fan out from the hilum to every lobe; veins drain to a point a little lower and behind.
+        arteries = [(0.4, -0.3, 1.0), (0.5, 0.5, 0.9), (1.0, -0.4, 0.2), (0.9, 0.6, 0.0),
+                    (0.6, -0.6, -0.8), (0.6, 0.7, -0.9), (1.0, 0.1, -0.6)]
+        veins = [(0.7, -0.2, 0.8), (0.9, 0.5, 0.3), (0.8, -0.5, -0.6), (0.7, 0.6, -0.7)]
+        roots = [(hilum, a, 1.0) for a in arteries] + [(hilum + np.array([0.0, 12.0, -22.0]), v, 0.9) for v in veins]
+        for k, (origin, direction, scale) in enumerate(roots):
+            start = origin + np.array([side * 6.0, 0.0, 0.0])
+            direction = np.array([side * direction[0], direction[1], direction[2]])
+            segs = _grow_tree(rng, start, direction + rng.normal(0, 0.15, 3), scale * rng.uniform(4.2, 5.5),
+                              rng.uniform(24, 32), 8, inside, min_radius=0.3 * float(grid.spacing.min()))
+            thin.extend(seg for seg in segs if seg[2] < thin_radius)
             for p0, p1, r0, r1 in segs:
+                if r0 < thin_radius:
+                    continue
                 _draw_tube(vessels, grid, p0, p1, r0, r1)
                 if r0 > 2.2:  # bronchi run beside the arteries; only the larger ones are visible on CT
                     off = np.cross(p1 - p0, np.array([0.0, 0.0, 1.0]))
@@ -518,7 +527,32 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
                     ar = 0.7 * r0
                     _draw_tube(wall, grid, p0 + off, p1 + off, ar + 0.5 + 0.12 * ar, 0.85 * ar + 0.5)
                     _draw_tube(lumen, grid, p0 + off, p1 + off, ar, 0.85 * ar)
+    _splat_thin_tubes(vessels, grid, thin)
     return vessels, wall, lumen
+
+
+def _splat_thin_tubes(frac: np.ndarray, grid: _Grid, segments: list[tuple[np.ndarray, np.ndarray, float, float]],
+                      ) -> None:
+    """Vessels thinner than a voxel, all at once: their partial volume (cross-section / voxel face) is put
+    on the voxels along each centreline; the reconstruction blur later spreads it like a scanner would."""
+    if not segments:
+        return
+    sp = grid.spacing
+    step = 0.5 * float(sp.min())
+    points, radii = [], []
+    for p0, p1, r0, r1 in segments:
+        n = max(2, int(np.linalg.norm(p1 - p0) / step) + 1)
+        t = np.linspace(0.0, 1.0, n)[:, None]
+        points.append(p0 + (p1 - p0) * t)
+        radii.append(r0 + (r1 - r0) * t[:, 0])
+    pts = np.concatenate(points)
+    r = np.concatenate(radii)
+    d, h, w = grid.shape
+    idx = np.stack([np.rint(pts[:, 2] / sp[0] - 0.5), np.rint(pts[:, 1] / sp[1] + (h - 1) / 2.0),
+                    np.rint(pts[:, 0] / sp[2] + (w - 1) / 2.0)], axis=1).astype(np.intp)
+    ok = np.all((idx >= 0) & (idx < np.array(grid.shape)), axis=1)
+    value = np.minimum(np.pi * r[ok] ** 2 / float(sp[1] * sp[2]), 1.0).astype(np.float32)
+    np.maximum.at(frac, (idx[ok, 0], idx[ok, 1], idx[ok, 2]), value)
 
 
 def _lung_box(lung: np.ndarray) -> tuple[slice, slice, slice]:
