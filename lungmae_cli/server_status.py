@@ -107,7 +107,8 @@ def _print_text(s: dict[str, Any]) -> None:
             print(f"SuperLink      {s['superlink']}: UNREACHABLE {s.get('superlink_error', '')}".rstrip())
     run = s.get("flwr_run_status")
     if s.get("flwr_run"):
-        state = f"{run['status']} {run.get('status-details') or ''}".strip() if run else "unknown"
+        state = (f"{run['status']} {run.get('status-details') or ''}".strip() if run else
+                 "not asked (--offline)" if "superlink_reachable" not in s else "unknown (SuperLink unreachable)")
         print(f"run            {s['flwr_run']['run_id']}: {state}")
     ckpt = s.get("checkpoint")
     print(f"checkpoint     " + (f"phase {ckpt.get('phase')} round {ckpt.get('server_round')} (step "
