@@ -19,12 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lungmae_core.errors import (
     CacheError, ConfigError, LungMAEError, NonFiniteLossError, PrivacyBudgetExceeded, SiteConfigError,
 )
+from client.privacy_gate import PrivacyRequirementNotMet, refusal_reason
+from lungmae_core.privacy import PRIVACY_REFUSAL_CODE
 from lungmae_core.schema import (
     EVALUATE, FINAL, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, build_metrics, config_value,
 )
@@ -108,6 +110,16 @@ def _counts(site: Any) -> dict[str, int]:
     return out
 
 
+def _privacy_gate(site: Any) -> Any:
+    """The site's DP settings and ledger (``client.privacy_gate``); cheap when DP is disabled."""
+    from client.privacy_gate import PrivacyGate
+
+    if not site.privacy.enabled:
+        return PrivacyGate(site.privacy, None, site.site.name)
+    counts = _counts(site)  # all training scans: the default delta is 1 / (10 N)
+    return PrivacyGate.for_site_config(site, num_scans=counts["num-unlabelled"] + counts["num-labelled-train"])
+
+
 def _build_model(config: Any) -> tuple[Any, Any]:
     import torch  # noqa: F401  (deferred: ClientApp processes import this module first)
 
@@ -164,6 +176,10 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
                 site = _load_site(context, site_configs)
                 site_name = site.site.name
                 return handler(msg, site)
+            except (PrivacyBudgetExceeded, PrivacyRequirementNotMet) as exc:
+                log.warning("site %s refuses the %s message: %s", site_name, kind, exc)
+                return Message(Error(code=PRIVACY_REFUSAL_CODE, reason=f"{refusal_reason(exc)} (site {site_name!r})"),
+                               reply_to=msg)
             except Exception as exc:
                 log.exception("site %s could not serve the %s message", site_name, kind)
                 raise SiteUnavailable(f"site {site_name!r} cannot serve {kind} "
@@ -176,7 +192,7 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         counts = _counts(site)
         metrics = build_metrics(QUERY, "", {
             "num-examples": counts["num-unlabelled"] + counts["num-labelled-train"], **counts,
-            "dp-enabled": int(site.privacy.enabled), "epsilon": 0.0,
+            "dp-enabled": int(site.privacy.enabled), "epsilon": _privacy_gate(site).epsilon_spent(),
             "epsilon-budget": float(site.privacy.epsilon if site.privacy.enabled else 0.0),
             "has-gpu": int(torch.cuda.is_available() and site.training.device != "cpu")})
         reply = _reply(msg, metrics)
@@ -188,6 +204,7 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         from lungmae_core.train import class_weights_from_labels, train_classifier, train_mae
         from lungmae_core.wire import pack_state, packed_nbytes, state_delta
 
+        from client.privacy_gate import PrivacyRequirement
         from client.proximal import ProximalHook
 
         config = msg.content["config"]
@@ -198,28 +215,37 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         overrides = dict(lr=config_value(config, "lr", float), epochs=epochs, batch_size=site.training.batch_size,
                          num_workers=site.training.num_workers)
         mu = config_value(config, "proximal-mu", float, 0.0)
-        privacy = None  # the privacy area wraps DP-SGD here (PrivacyGate); epsilon below comes from it
-        hook = ProximalHook(mu, inner=privacy) if mu > 0 else privacy
         seed, device, t0 = _seed(config, site.site.name), _device(site), time.perf_counter()
         if phase == PRETRAIN:
             data = _datasets(site, mcfg.img_size, "train", labelled=False)
-            out = train_mae(model, data, TrainConfig.pretrain_defaults(**overrides), device=device, seed=seed,
-                            privacy=hook)
-            values = {"train-loss": out["loss"], "train-loss-lung": out["loss_lung"],
-                      "train-loss-non-lung": out["loss_non_lung"]}
+            tcfg = TrainConfig.pretrain_defaults(**overrides)
         else:
             mode = config_value(config, "finetune-mode", str, "full")
             data = _datasets(site, mcfg.img_size, "train", labelled=True)
             weights = class_weights_from_labels(data.labels, config_value(config, "num-classes", int))
-            out = train_classifier(model, data, TrainConfig.finetune_defaults(**overrides, finetune_mode=mode),
-                                   class_weights=weights, device=device, seed=seed, privacy=hook)
-            values = {"train-loss": out["loss"], "train-accuracy": out["accuracy"]}
+            tcfg = TrainConfig.finetune_defaults(**overrides, finetune_mode=mode)
+        # DP-SGD: the round's full cost is in the ledger before the first step and its real steps after the
+        # last, so both are on disk before any weight leaves (a refusal raises here and becomes the reply).
+        gate = _privacy_gate(site)
+        with gate.round(phase=phase, server_round=int(config.get("server-round", 0)), num_samples=len(data),
+                        batch_size=tcfg.batch_size, epochs=tcfg.epochs, max_steps=tcfg.max_steps,
+                        requirement=PrivacyRequirement.from_config(config), seed=seed) as privacy:
+            hook = ProximalHook(mu, inner=privacy) if mu > 0 else privacy
+            if phase == PRETRAIN:
+                out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=hook)
+                values = {"train-loss": out["loss"], "train-loss-lung": out["loss_lung"],
+                          "train-loss-non-lung": out["loss_non_lung"]}
+            else:
+                out = train_classifier(model, data, tcfg, class_weights=weights, device=device, seed=seed,
+                                       privacy=hook)
+                values = {"train-loss": out["loss"], "train-accuracy": out["accuracy"]}
         trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         names = [n for n, p in model.named_parameters() if p.requires_grad] \
             if phase != PRETRAIN and config.get("finetune-mode") == "linear-probe" else list(trained)
         packed = pack_state(state_delta({k: trained[k] for k in names}, received),
                             config_value(config, "compression", str, "fp16"))
-        metrics = build_metrics(TRAIN, phase, {"num-examples": int(out["num_examples"]), **values, "epsilon": 0.0,
+        metrics = build_metrics(TRAIN, phase, {"num-examples": int(out["num_examples"]), **values,
+                                               "epsilon": gate.epsilon_spent(),
                                                "train-seconds": time.perf_counter() - t0,
                                                "update-bytes": packed_nbytes(packed)})
         return _reply(msg, metrics, packed)
@@ -245,7 +271,8 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
                       "weighted-f1": out["weighted_f1"], "roc-auc": out["roc_auc"],
                       "roc-auc-valid": int(out.get("roc_auc_classes", 1) > 0),
                       "confusion-matrix": out["confusion_matrix"]}
-        metrics = build_metrics(EVALUATE, phase, {"num-examples": int(out["num_examples"]), **values, "epsilon": 0.0})
+        metrics = build_metrics(EVALUATE, phase, {"num-examples": int(out["num_examples"]), **values,
+                                                  "epsilon": _privacy_gate(site).epsilon_spent()})
         return _reply(msg, metrics)
 
     client_app.query()(guarded(QUERY, query))

@@ -28,6 +28,8 @@ from typing import Any
 from client.ledger import PrivacyLedger
 from lungmae_core.errors import LungMAEError
 from lungmae_core.privacy import (
+    MAX_EPSILON_PER_ROUND_KEY,
+    REQUIRE_DP_KEY,
     PRIVACY_REFUSAL_PREFIX,
     DPConfig,
     OpacusPrivacy,
@@ -42,9 +44,6 @@ __all__ = ["PrivacyRequirementNotMet", "PrivacyRequirement", "PrivacyGate", "ref
 
 logger = logging.getLogger(__name__)
 
-#: Message config keys by which the server states the federation's privacy requirement each round.
-REQUIRE_DP_KEY = "require-dp"
-MAX_EPSILON_PER_ROUND_KEY = "max-epsilon-per-round"
 
 
 class PrivacyRequirementNotMet(LungMAEError):

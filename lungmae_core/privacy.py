@@ -54,6 +54,8 @@ __all__ = [
     "dp_problems",
     "is_empty_batch",
     "is_privacy_refusal",
+    "REQUIRE_DP_KEY",
+    "MAX_EPSILON_PER_ROUND_KEY",
     "OpacusPrivacy",
 ]
 
@@ -71,6 +73,12 @@ PRIVACY_REFUSAL_CODE = 4001
 PRIVACY_REFUSAL_PREFIX = "privacy-refusal:"
 
 ACCOUNTANT = "rdp"
+
+
+#: Message config keys by which the server states the federation's privacy requirement in every train round
+#: (``federation.yaml`` ``privacy``); the site enforces them (``client/privacy_gate.py``).
+REQUIRE_DP_KEY = "require-dp"
+MAX_EPSILON_PER_ROUND_KEY = "max-epsilon-per-round"
 
 
 def is_privacy_refusal(reason: str | None) -> bool:
