@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from lungmae_core.errors import LungMAEError
+from lungmae_core.privacy import MAX_EPSILON_PER_ROUND_KEY, REQUIRE_DP_KEY, is_privacy_refusal
 from lungmae_core.schema import (
     EVALUATE, FINAL, FINETUNE, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, SchemaError,
     check_metrics,
@@ -84,6 +85,8 @@ class SiteInfo:
     epsilon_budget: float = 0.0
     has_gpu: bool = False
     error: str = ""
+    epsilon: float = 0.0  # the site's total epsilon, as last reported
+    privacy_refused: str = ""  # why the site refused to train (budget, requirement): no more train rounds
 
     def can_serve(self, phase: str, kind: str) -> bool:
         """Whether the site has the scans a (phase, kind) message needs."""
@@ -304,7 +307,12 @@ class PhaseStrategy(FedAvg):
             info = self.sites.get(node)
             if info is None or not info.can_serve(phase, kind):
                 continue
+            if kind == TRAIN and info.privacy_refused:
+                continue
             if self.require_dp and kind == TRAIN and not info.dp_enabled:
+                if not info.privacy_refused:
+                    info.privacy_refused = "federation requires DP and the site has privacy.enabled false"
+                    log.warning("site %s excluded from training: %s", info.name, info.privacy_refused)
                 continue
             able.append(node)
         return able
@@ -331,7 +339,8 @@ class PhaseStrategy(FedAvg):
         values = dict(self.static_config)
         values.update(dict(config))
         values.update({"phase": phase, "server-round": server_round, "compression": self.compression,
-                       "proximal-mu": float(self.mu)})
+                       "proximal-mu": float(self.mu), REQUIRE_DP_KEY: bool(self.require_dp),
+                       MAX_EPSILON_PER_ROUND_KEY: float(self.max_epsilon_per_round)})
         return ConfigRecord(values)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -379,6 +388,12 @@ class PhaseStrategy(FedAvg):
             if reply.has_error():
                 reason = (reply.error.reason or "no reason given").strip().splitlines()
                 report.failed.append({"site": site, "reason": (reason[-1] if reason else "")[:300]})
+                info = self.sites.get(node)
+                if kind == TRAIN and info is not None and is_privacy_refusal(reply.error.reason):
+                    info.privacy_refused = report.failed[-1]["reason"]
+                    log.warning("%s %s: site %s refused for privacy and is excluded from further training "
+                                "rounds: %s", kind, phase, site, info.privacy_refused)
+                    continue
                 log.warning("%s %s: site %s failed: %s", kind, phase, site, report.failed[-1]["reason"])
                 continue
             content = reply.content
@@ -393,9 +408,35 @@ class PhaseStrategy(FedAvg):
                 report.rejected.append(Rejection(site=site, check="reply", reason=str(exc)[:300]))
                 log.warning("%s %s: update from %s rejected by the reply check: %s", kind, phase, site, exc)
                 continue
+            if kind == TRAIN and not self._privacy_ok(node, site, metrics, report):
+                continue
             usable.append((site, reply, metrics))
         report.replied = [s for s, _, _ in usable]
         return usable
+
+    def _privacy_ok(self, node: int, site: str, metrics: Mapping[str, Any], report: RoundReport) -> bool:
+        """Check a train reply's ``epsilon`` (the site's running total) against ``federation.yaml`` privacy.
+
+        The site enforces ``max-epsilon-per-round`` on the round's own epsilon before training; a composed total
+        grows by at most that much, so a larger jump means the site broke the rule. Under ``require-dp`` a
+        site that still reports 0 after training did not train with DP.
+        """
+        info = self.sites.get(node)
+        total = float(metrics["epsilon"])
+        grew = total - (info.epsilon if info is not None else 0.0)
+        reason = ""
+        if self.max_epsilon_per_round > 0 and grew > self.max_epsilon_per_round * (1 + 1e-6):
+            reason = (f"epsilon grew by {grew:.3g} this round, over max-epsilon-per-round "
+                      f"{self.max_epsilon_per_round:.3g}")
+        elif self.require_dp and total <= 0.0:
+            reason = "federation requires DP and the site reports epsilon 0 after training"
+        if reason:
+            report.rejected.append(Rejection(site=site, check="privacy", reason=reason))
+            log.warning("train %s: update from %s rejected by the privacy check: %s", self.phase, site, reason)
+            return False
+        if info is not None:
+            info.epsilon = max(info.epsilon, total)
+        return True
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
