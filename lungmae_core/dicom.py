@@ -47,6 +47,7 @@ __all__ = [
     "SeriesRejected",
     "SeriesRules",
     "InstanceHeader",
+    "FrameGeometry",
     "SkippedFile",
     "DicomSeries",
     "DicomIndex",
@@ -54,6 +55,7 @@ __all__ = [
     "read_header",
     "index_tree",
     "group_series",
+    "expand_frames",
     "plan_series",
     "choose_per_study",
     "load_series",
@@ -67,6 +69,7 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _MULTIFRAME_CT = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE}
+_CT_IMAGE_CLASSES = {CT_IMAGE_STORAGE} | _MULTIFRAME_CT
 _SCOUT_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"}
 _PARALLEL_MIN_FILES = 512  # below this, starting worker processes costs more than it saves
 _DUPLICATE_MM = 0.01  # two slice positions closer than this along the normal are "the same position"
@@ -81,7 +84,7 @@ REJECTION_CODES: dict[str, str] = {
     "inconsistent-series": "instances of one series disagree on patient, study or geometry",
     "not-ct": "the modality is not CT",
     "not-ct-image": "CT modality but not a CT Image Storage object (dose screen, secondary capture, ...)",
-    "enhanced-ct": "Enhanced (multi-frame) CT, not supported: re-export as one slice per file",
+    "enhanced-ct": "multi-frame CT without functional groups: its frames cannot be placed",
     "scout": "a localizer/scout/topogram image",
     "no-pixel-data": "instances without (7FE0,0010) Pixel Data",
     "no-decoder": "compressed pixel data for which no decoder is installed",
@@ -191,6 +194,35 @@ class InstanceHeader:
     samples_per_pixel: int
     has_rescale: bool
     instance_number: int | None
+    frame: int | None = None
+    rescale: tuple[float, float] | None = None
+    frames: tuple[FrameGeometry, ...] = ()
+
+    @property
+    def identity(self) -> tuple[str, int]:
+        """Which image this is: SOP Instance UID and frame (two copies of one file share it)."""
+        return (self.sop_instance_uid, -1 if self.frame is None else self.frame)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameGeometry:
+    """One frame of an Enhanced (multi-frame) CT object, from its functional groups (PS3.3 C.7.6.16).
+
+    Args:
+        position: (0020,0032) from the (0020,9113) Plane Position Sequence.
+        orientation: (0020,0037) from the (0020,9116) Plane Orientation Sequence.
+        pixel_spacing: (0028,0030) from the (0028,9110) Pixel Measures Sequence.
+        slice_thickness: (0018,0050) from the same.
+        rescale: (slope, intercept) from the (0028,9145) Pixel Value Transformation Sequence.
+        frame_type: (0008,9007) Frame Type from the (0018,9329) CT Image Frame Type Sequence.
+    """
+
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    rescale: tuple[float, float] | None
+    frame_type: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +268,8 @@ class DicomSeries:
         import hashlib
 
         digest = hashlib.sha256()
-        for inst in sorted(self.instances, key=lambda i: (i.sop_instance_uid, i.path)):
-            digest.update(f"{inst.sop_instance_uid}|{inst.file_size}|{inst.mtime_ns}\n".encode())
+        for inst in sorted(self.instances, key=lambda i: (i.identity, i.path)):
+            digest.update(f"{inst.sop_instance_uid}|{inst.frame}|{inst.file_size}|{inst.mtime_ns}\n".encode())
         return digest.hexdigest()
 
 
@@ -404,7 +436,9 @@ def _read_header(path: str) -> InstanceHeader | SkippedFile:
         frames = 1
     truncated = has_pixels and _pixel_data_truncated(ds, transfer_syntax, frames, stat.st_size)
     instance_number = ds.get("InstanceNumber")
+    multiframe = sop_class in _MULTIFRAME_CT or frames > 1
     return InstanceHeader(
+        frames=_frame_geometry(ds, frames) if multiframe else (),
         path=path,
         file_size=int(stat.st_size),
         mtime_ns=int(stat.st_mtime_ns),
@@ -431,6 +465,60 @@ def _read_header(path: str) -> InstanceHeader | SkippedFile:
         has_rescale=ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None,
         instance_number=int(instance_number) if instance_number not in (None, "") else None,
     )
+
+
+def _functional(item, shared, sequence: str, keyword: str):
+    """``keyword`` from the per-frame functional group ``item``, else from the shared one, else None."""
+    for group in (item, shared):
+        if group is None:
+            continue
+        seq = group.get(sequence)
+        if seq:
+            value = seq[0].get(keyword)
+            if value is not None:
+                return value
+    return None
+
+
+def _frame_geometry(ds, n_frames: int) -> tuple[FrameGeometry, ...]:
+    """Per-frame geometry and rescale of an Enhanced CT object (empty when it has no functional groups)."""
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if shared is None and not per_frame:
+        return ()
+    top_rescale = (_float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept")))
+    out = []
+    for k in range(n_frames):
+        item = per_frame[k] if k < len(per_frame) else None
+        slope = _float(_functional(item, shared, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _float(_functional(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"))
+        if slope is None or intercept is None:
+            slope, intercept = top_rescale
+        frame_type = _functional(item, shared, "CTImageFrameTypeSequence", "FrameType") or ()
+        out.append(FrameGeometry(
+            position=_floats(_functional(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            orientation=_floats(_functional(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+            slice_thickness=_float(_functional(item, shared, "PixelMeasuresSequence", "SliceThickness")),
+            rescale=(slope, intercept) if slope is not None and intercept is not None else None,
+            frame_type=tuple(str(t).upper() for t in frame_type),
+        ))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def expand_frames(header: InstanceHeader) -> list[InstanceHeader]:
+    """One header per frame of an Enhanced CT object (a single-frame header is returned as is).
+
+    Each frame becomes an image with its own position, orientation, spacing and rescale, so the same checks
+    and the same geometry-based assembly apply to classic and enhanced series alike.
+    """
+    if not header.frames:
+        return [header]
+    return [dataclasses.replace(header, frame=k, frames=(), position=f.position, orientation=f.orientation,
+                                pixel_spacing=f.pixel_spacing, slice_thickness=f.slice_thickness, rescale=f.rescale,
+                                has_rescale=f.rescale is not None, image_type=header.image_type + f.frame_type)
+            for k, f in enumerate(header.frames)]
 
 
 def _walk(root: Path) -> Iterator[tuple[str, list[str], bool]]:
@@ -500,11 +588,12 @@ def index_tree(root: str | os.PathLike[str], *, progress: bool = False, workers:
 
 
 def group_series(headers: Iterable[InstanceHeader]) -> tuple[DicomSeries, ...]:
-    """Group instances by Series Instance UID; series ordered by UID so that runs agree."""
+    """Group instances by Series Instance UID (Enhanced CT frames expanded); series ordered by UID."""
     groups: dict[str, list[InstanceHeader]] = defaultdict(list)
     for header in headers:
-        groups[header.series_uid].append(header)
-    return tuple(DicomSeries(uid, tuple(sorted(groups[uid], key=lambda h: h.path))) for uid in sorted(groups))
+        groups[header.series_uid].extend(expand_frames(header))
+    return tuple(DicomSeries(uid, tuple(sorted(groups[uid], key=lambda h: (h.path, h.identity))))
+                 for uid in sorted(groups))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -513,16 +602,16 @@ def _count(instances: Sequence[InstanceHeader], predicate) -> int:
     return sum(1 for inst in instances if predicate(inst))
 
 
-def _of(k: int, n: int) -> str:
-    """'its only instance' / 'all 5 instances' / '2 of 5 instances'."""
+def _of(k: int, n: int, unit: str = "instances") -> str:
+    """'its only instance' / 'all 5 instances' / '2 of 5 instances' (``unit`` 'frames' for Enhanced CT)."""
     if n == 1:
-        return "its only instance"
-    return f"all {n} instances" if k == n else f"{k} of {n} instances"
+        return f"its only {unit[:-1]}"
+    return f"all {n} {unit}" if k == n else f"{k} of {n} {unit}"
 
 
-def _of_verb(k: int, n: int, singular: str, plural: str) -> str:
+def _of_verb(k: int, n: int, unit: str, singular: str, plural: str) -> str:
     """:func:`_of` followed by the verb agreeing with it."""
-    return f"{_of(k, n)} {singular if n == 1 or k == 1 else plural}"
+    return f"{_of(k, n, unit)} {singular if n == 1 or k == 1 else plural}"
 
 
 def _check_decoder(transfer_syntax: str) -> None:
@@ -560,32 +649,34 @@ def _check_content(series: DicomSeries) -> None:
     """Modality, SOP class, scout, pixel data presence, truncation, decoders, geometry, rescale."""
     inst = series.instances
     n = len(inst)
+    unit = "frames" if any(i.frame is not None for i in inst) else "instances"
     modalities = _distinct(i.modality for i in inst)
     if modalities != ["CT"]:
         shown = ", ".join(repr(m) for m in modalities)
         raise SeriesRejected("not-ct", f"its (0008,0060) 'Modality' is {shown}, not 'CT'")
-    if any(i.sop_class_uid in _MULTIFRAME_CT or i.number_of_frames > 1 for i in inst):
+    if any((i.sop_class_uid in _MULTIFRAME_CT or i.number_of_frames > 1) and i.frame is None for i in inst):
         raise SeriesRejected(
             "enhanced-ct",
-            "it is an Enhanced (multi-frame) CT object, which is not supported; re-export the series as "
-            "classic CT Image Storage (one slice per file) from the PACS or scanner console")
-    if any(i.sop_class_uid != CT_IMAGE_STORAGE for i in inst):
+            "it is a multi-frame CT object without (5200,9229) 'Shared' or (5200,9230) 'Per-Frame Functional "
+            "Groups Sequence', so its frames cannot be placed; re-export the series as classic CT Image Storage "
+            "(one slice per file) from the PACS or scanner console")
+    if any(i.sop_class_uid not in _CT_IMAGE_CLASSES for i in inst):
         classes = ", ".join(str(c) for c in _distinct(i.sop_class_uid for i in inst))
         raise SeriesRejected(
-            "not-ct-image", f"its (0008,0016) 'SOP Class UID' is {classes}, not CT Image Storage "
+            "not-ct-image", f"its (0008,0016) 'SOP Class UID' is {classes}, not (Enhanced) CT Image Storage "
                             f"({CT_IMAGE_STORAGE}); dose screens and secondary captures are not CT volumes")
     scouts = _count(inst, lambda i: bool(_SCOUT_TYPES & set(i.image_type)))
     if scouts:
         kinds = sorted(_SCOUT_TYPES & {t for i in inst for t in i.image_type})
         raise SeriesRejected("scout", f"its (0008,0008) 'Image Type' says {'/'.join(kinds)} "
-                                      f"({_of(scouts, n)}): a scout/localizer, not an axial volume")
+                                      f"({_of(scouts, n, unit)}): a scout/localizer, not an axial volume")
     k = _count(inst, lambda i: not i.has_pixel_data)
     if k:
-        raise SeriesRejected("no-pixel-data", f"{_of_verb(k, n, 'has', 'have')} no (7FE0,0010) 'Pixel Data'; "
+        raise SeriesRejected("no-pixel-data", f"{_of_verb(k, n, unit, 'has', 'have')} no (7FE0,0010) 'Pixel Data'; "
                                               "re-export the series with images")
     k = _count(inst, lambda i: i.pixel_data_truncated)
     if k:
-        raise SeriesRejected("truncated", f"{_of_verb(k, n, 'is', 'are')} truncated (the file ends before the "
+        raise SeriesRejected("truncated", f"{_of_verb(k, n, unit, 'is', 'are')} truncated (the file ends before the "
                                           "declared (7FE0,0010) 'Pixel Data' length); re-copy the series")
     for syntax in _distinct(i.transfer_syntax for i in inst):
         _check_decoder(str(syntax))
@@ -595,17 +686,17 @@ def _check_content(series: DicomSeries) -> None:
                                ("Rows", "0028,0010", "rows"), ("Columns", "0028,0011", "columns")):
         k = _count(inst, lambda i, a=attr: getattr(i, a) is None)
         if k:
-            raise SeriesRejected("no-geometry", f"{_of_verb(k, n, 'has', 'have')} no valid ({tag}) '{keyword}', "
+            raise SeriesRejected("no-geometry", f"{_of_verb(k, n, unit, 'has', 'have')} no valid ({tag}) '{keyword}', "
                                                 "needed to place slices in the patient; re-export the series with "
                                                 "its Image Plane module")
     k = _count(inst, lambda i: not i.has_rescale)
     if k:
-        raise SeriesRejected("no-rescale", f"{_of_verb(k, n, 'has', 'have')} no (0028,1052) 'Rescale Intercept' "
+        raise SeriesRejected("no-rescale", f"{_of_verb(k, n, unit, 'has', 'have')} no (0028,1052) 'Rescale Intercept' "
                                            "or (0028,1053) 'Rescale Slope', needed to convert to HU; re-export it "
                                            "with the Modality LUT module, or exclude it")
     k = _count(inst, lambda i: i.samples_per_pixel != 1)
     if k:
-        raise SeriesRejected("not-grayscale", f"{_of_verb(k, n, 'has', 'have')} (0028,0002) 'Samples per Pixel' "
+        raise SeriesRejected("not-grayscale", f"{_of_verb(k, n, unit, 'has', 'have')} (0028,0002) 'Samples per Pixel' "
                                               "other than 1; CT slices must be grayscale")
     owners = {(i.patient_id, i.study_uid) for i in inst}
     if len(owners) > 1:  # the values are identifiers: say how many, never which
@@ -664,11 +755,11 @@ def plan_series(series: DicomSeries, rules: SeriesRules = SeriesRules()) -> Slic
     # Sort by position along the normal; drop extra copies of the same SOP instance.
     positions = np.asarray([inst_.position for inst_ in inst], dtype=np.float64)  # (N, 3)
     along = positions @ normal  # (N,)
-    order = sorted(range(len(inst)), key=lambda i: (along[i], inst[i].sop_instance_uid))
+    order = sorted(range(len(inst)), key=lambda i: (along[i], inst[i].identity))
     kept: list[int] = []
     copies = 0
     for i in order:
-        if kept and inst[kept[-1]].sop_instance_uid == inst[i].sop_instance_uid:
+        if kept and inst[kept[-1]].identity == inst[i].identity:
             copies += 1
             continue
         kept.append(i)
@@ -767,16 +858,21 @@ def choose_per_study(candidates: Sequence[tuple[DicomSeries, SlicePlan]]) -> dic
 
 # --------------------------------------------------------------------------------------------- volumes
 
-def _read_slice(header: InstanceHeader, index: int, total: int) -> np.ndarray:
-    """One slice in HU: ``(rows, columns)`` float32 = stored value * Rescale Slope + Rescale Intercept."""
+def _decode(header: InstanceHeader, index: int, total: int) -> tuple[np.ndarray, float, float]:
+    """Read a file's stored pixel values and its top-level Rescale Slope/Intercept.
+
+    Returns:
+        ``pixels``: ``(rows, columns)``, or ``(frames, rows, columns)`` for a multi-frame object; slope;
+        intercept (NaN when absent: frames carry their own).
+    """
     import pydicom
 
     try:
         with _quiet_pydicom():
             ds = pydicom.dcmread(header.path)
             pixels = ds.pixel_array
-            slope = float(ds.RescaleSlope)
-            intercept = float(ds.RescaleIntercept)
+            slope = _float(ds.get("RescaleSlope"))
+            intercept = _float(ds.get("RescaleIntercept"))
     except (OSError, EOFError) as exc:
         raise SeriesRejected("truncated", f"slice {index} of {total} cannot be read ({type(exc).__name__}); "
                                           "re-copy the series") from exc
@@ -784,6 +880,30 @@ def _read_slice(header: InstanceHeader, index: int, total: int) -> np.ndarray:
         text = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise SeriesRejected("decode-failed", f"the pixel data of slice {index} of {total} cannot be decoded "
                                               f"({type(exc).__name__}: {text})") from exc
+    if header.frame is not None and header.number_of_frames == 1 and pixels.ndim == 2:
+        pixels = pixels[None]
+    nan = float("nan")  # frames carry their own rescale; a classic slice without one was rejected earlier
+    return pixels, nan if slope is None else slope, nan if intercept is None else intercept
+
+
+def _read_slice(header: InstanceHeader, index: int, total: int,
+                decoded: dict[str, tuple[np.ndarray, float, float]]) -> np.ndarray:
+    """One slice in HU: ``(rows, columns)`` float32 = stored value * Rescale Slope + Rescale Intercept.
+
+    ``decoded`` keeps multi-frame files decoded once for all their frames.
+    """
+    if header.frame is None:
+        pixels, slope, intercept = _decode(header, index, total)
+    else:
+        if header.path not in decoded:
+            decoded[header.path] = _decode(header, index, total)
+        frames, slope, intercept = decoded[header.path]
+        if frames.ndim != 3 or header.frame >= frames.shape[0]:
+            raise SeriesRejected("decode-failed", f"frame {header.frame + 1} of slice {index} of {total} is not in "
+                                                  f"the decoded pixel data (shape {frames.shape})")
+        pixels = frames[header.frame]
+        if header.rescale is not None:
+            slope, intercept = header.rescale
     if pixels.shape != (header.rows, header.columns):
         raise SeriesRejected("decode-failed", f"slice {index} of {total} decodes to shape {pixels.shape}, not "
                                               f"(Rows, Columns) = ({header.rows}, {header.columns})")
@@ -830,8 +950,10 @@ def load_series(series: DicomSeries, rules: SeriesRules = SeriesRules(), plan: S
     inst = series.instances
     total = len(plan.order)
     stack = np.empty((total, plan.rows, plan.columns), dtype=np.float32)  # (N, H, W)
+    decoded: dict[str, tuple[np.ndarray, float, float]] = {}
     for k, i in enumerate(plan.order):
-        stack[k] = _read_slice(inst[i], k + 1, total)
+        stack[k] = _read_slice(inst[i], k + 1, total, decoded)
+    decoded.clear()
     positions = np.asarray(plan.positions_mm)
     if plan.resample:
         stack = _resample_slices(stack, positions, plan.spacing_mm)

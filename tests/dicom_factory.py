@@ -7,6 +7,7 @@ pydicom (delete an element, change a value, cut the file short) exactly as a bro
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,3 +55,56 @@ def edit(path: Path, change: Callable[[pydicom.Dataset], None]) -> None:
     ds = pydicom.dcmread(path)
     change(ds)
     ds.save_as(path)
+
+
+def _seq(**values) -> "pydicom.Sequence":
+    """A one-item DICOM sequence holding ``values`` (keyword -> value)."""
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return pydicom.Sequence([item])
+
+
+def write_enhanced(folder: Path, hu: np.ndarray | None = None, spacing: Sequence[float] = (2.5, 0.7, 0.7), *,
+                   frame_order: Sequence[int] | None = None, per_frame_rescale: bool = False,
+                   origin: Sequence[float] = (-5.0, -5.0, -100.0)) -> Path:
+    """Write ``hu`` as one Enhanced CT Image Storage object (all slices as frames of one file).
+
+    Geometry lives where the standard puts it: pixel measures, orientation and (by default) rescale in the
+    Shared Functional Groups, one Plane Position per frame in the Per-Frame Functional Groups. ``frame_order``
+    stores slices in another order (the reader must sort by position); ``per_frame_rescale`` gives every frame
+    its own intercept (and stored values shifted to match).
+    """
+    hu = tiny_hu() if hu is None else hu
+    depth = hu.shape[0]
+    frame_order = list(range(depth)) if frame_order is None else list(frame_order)
+    first = write_series(folder / "classic", hu[:1], spacing, origin=origin)[0]  # the common header
+    ds = pydicom.dcmread(first)
+    shutil.rmtree(folder / "classic")
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "RescaleIntercept", "RescaleSlope", "RescaleType", "SliceLocation", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.NumberOfFrames = depth
+    shared = pydicom.Dataset()
+    shared.PixelMeasuresSequence = _seq(PixelSpacing=[spacing[1], spacing[2]], SliceThickness=spacing[0])
+    shared.PlaneOrientationSequence = _seq(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = _seq(RescaleIntercept=0, RescaleSlope=1, RescaleType="HU")
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([shared])
+    per_frame, frames = [], []
+    for k, d in enumerate(frame_order):
+        offset = 10 * k if per_frame_rescale else 0
+        group = pydicom.Dataset()
+        group.PlanePositionSequence = _seq(ImagePositionPatient=[origin[0], origin[1], origin[2] + d * spacing[0]])
+        if per_frame_rescale:
+            group.PixelValueTransformationSequence = _seq(RescaleIntercept=-offset, RescaleSlope=1, RescaleType="HU")
+        per_frame.append(group)
+        frames.append((np.rint(hu[d]) + offset).astype(np.int16))
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(per_frame)
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+    ds.PixelData = np.stack(frames).tobytes()
+    path = folder / "enhanced.dcm"
+    ds.save_as(path)
+    return path

@@ -17,7 +17,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from lungmae_core.dicom import (REJECTION_CODES, SeriesRejected, SeriesRules, choose_per_study, index_tree,
                                 load_series, plan_series, read_header)
 from lungmae_core.errors import InvalidSeriesError
-from tests.dicom_factory import edit, tiny_hu, write_series
+from tests.dicom_factory import edit, tiny_hu, write_enhanced, write_series
 
 RULES = SeriesRules(min_slices=4)
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
@@ -220,12 +220,13 @@ BAD_SERIES = [
     ("no-decoder", "all", _no_decoder, RULES, "no-decoder",
      "compressed with transfer syntax 1.2.840.10008.1.2.4.102 (MPEG-4 AVC/H.264 High Profile / Level 4.1), for "
      "which pydicom has no decoder"),
-    ("enhanced", "all", _enhanced, RULES, "enhanced-ct", "Enhanced (multi-frame) CT"),
+    ("enhanced-without-groups", "all", _enhanced, RULES, "enhanced-ct",
+     "multi-frame CT object without (5200,9229) 'Shared' or (5200,9230) 'Per-Frame Functional Groups Sequence'"),
     ("oblique", "all", _oblique, RULES, "not-axial", "30.0 degrees from the patient's head-foot axis"),
     ("inconsistent-size", 0, _smaller, RULES, "inconsistent-series", "2 different (0028,0010) 'Rows'"),
     ("colour", "all", _colour, RULES, "not-grayscale", "'Samples per Pixel'"),
     ("dose-screen-as-ct", "all", _set(SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), RULES, "not-ct-image",
-     "not CT Image Storage"),
+     "not (Enhanced) CT Image Storage"),
     ("too-few", "all", lambda ds: None, SeriesRules(min_slices=32), "too-few-slices",
      "only 8 slices; at least 32 are needed"),
 ]
@@ -331,11 +332,15 @@ def test_real_files_without_ct_images() -> None:
 
 @pytest.mark.skipif(get_testdata_file("liver.dcm", download=False) is None,
                     reason="pydicom-data is not installed (pip install pydicom-data): no multi-frame liver CT")
-def test_pydicom_data_multiframe_liver_ct_is_rejected_clearly(tmp_path: Path) -> None:
+def test_pydicom_data_multiframe_liver_ct_is_indexed_by_frame(tmp_path: Path) -> None:
     shutil.copy(get_testdata_file("liver.dcm", download=False), tmp_path / "liver.dcm")
-    with pytest.raises(SeriesRejected, match=r"Enhanced \(multi-frame\) CT object, which is not supported") as err:
-        plan_series(_only_series(tmp_path), RULES)
-    assert err.value.code == "enhanced-ct"
+    series = _only_series(tmp_path)
+    frames = int(pydicom.dcmread(tmp_path / "liver.dcm", stop_before_pixels=True).NumberOfFrames)
+    assert len(series.instances) == frames and series.instances[-1].frame == frames - 1
+    try:  # a few abdominal frames: too few slices, or a volume; never an unexpected error
+        assert load_series(series, SeriesRules(min_slices=2)).shape[0] >= 2
+    except SeriesRejected as exc:
+        assert exc.code in REJECTION_CODES
 
 
 def test_truncated_pixel_data_is_found_from_headers(tmp_path: Path) -> None:
@@ -421,3 +426,21 @@ def test_pydicom_value_warnings_do_not_reach_logs_above_debug(tmp_path: Path, ca
     caplog.set_level("DEBUG", logger="lungmae_core.dicom")
     read_header(files[0])
     assert "Invalid value for VR UI" in caplog.text  # kept for debugging, at DEBUG only
+
+
+@pytest.mark.parametrize("frame_order,per_frame_rescale", [(None, False), ([5, 2, 7, 0, 1, 3, 6, 4], True)])
+def test_enhanced_ct_frames_assemble_like_classic_slices(tmp_path: Path, frame_order, per_frame_rescale) -> None:
+    hu = tiny_hu()
+    write_enhanced(tmp_path, hu, (2.5, 0.7, 0.8), frame_order=frame_order, per_frame_rescale=per_frame_rescale)
+    series = _only_series(tmp_path)
+    assert len(series.instances) == 8 and {i.frame for i in series.instances} == set(range(8))
+    volume = load_series(series, RULES)
+    np.testing.assert_array_equal(volume.hu, hu)
+    assert volume.spacing_mm == pytest.approx((2.5, 0.7, 0.8)) and volume.orientation == "SPL"
+
+
+def test_enhanced_ct_frame_without_position_is_named(tmp_path: Path) -> None:
+    path = write_enhanced(tmp_path, tiny_hu())
+    edit(path, lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[3], "PlanePositionSequence"))
+    with pytest.raises(SeriesRejected, match=r"1 of 8 frames has no valid \(0020,0032\) 'Image Position \(Patient\)'"):
+        plan_series(_only_series(tmp_path), RULES)
