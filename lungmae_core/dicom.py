@@ -6,8 +6,9 @@ scouts, dose screens, structured reports, DICOMDIR files and the odd text file. 
 1. reads the *headers only* of every file (:func:`read_header`, pixel data is never loaded) and groups the
    instances by (0020,000E) 'Series Instance UID' (:func:`index_tree`);
 2. decides whether a series can become a chest CT volume (:func:`plan_series`): CT Image Storage (or
-   Enhanced CT, whose frames are expanded from the functional groups into one image each), not a scout, pixel data present, intact and decodable, complete Image Plane module, one consistent geometry,
-   axial, not tilted, enough slices, and a slice spacing that is uniform or can safely be made uniform;
+   Enhanced CT, whose frames are expanded from the functional groups into one image each), not a scout,
+   pixel data present, intact and decodable, complete Image Plane module, one consistent geometry, axial,
+   not tilted, enough slices, and a slice spacing that is uniform or can safely be made uniform;
 3. picks one series per study (:func:`choose_per_study`, rule: thinnest slice spacing, then most slices,
    then most pixels per slice, then the smallest Series Instance UID so that reruns agree);
 4. assembles the volume from geometry, never from file order (:func:`load_series`): slices sorted by
