@@ -163,8 +163,10 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
     out: list[tuple[str, Any]] = []
     for key, value in mapping.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and value:
             out.extend(_flatten(value, name))
+        elif isinstance(value, Mapping):
+            out.append((name, "(none)"))
         else:
             out.append((name, value))
     return out
@@ -545,6 +547,8 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     config_hash = run.run_config.get("config_hash") or run.summary.get("config_hash")
     subtitle = f"configuration {_e(str(config_hash)[:12])} &middot; " if config_hash else ""
+    version = run.run_config.get("code_version")
+    subtitle += f"{_e(version)} &middot; " if isinstance(version, str) else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>LungMAE-FL run report</title><style>{_CSS}</style></head><body><main>"
