@@ -1,0 +1,58 @@
+"""Tests for client/supernode.py: the SuperNode command from site.yaml, and what stops it from starting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.node_key import NodeKeyError, make_site_key
+from client.site_config import load_site_config
+from client.supernode import supernode_command
+from lungmae_core.errors import SiteConfigError
+from lungmae_cli.main import main
+
+
+def _site(tmp_path: Path, **connection: object) -> Path:
+    key, _ = make_site_key(tmp_path / "keys", "north")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    conn = {"superlink": "fl.example.org:9091", "root-certificates": "ca.crt", "auth-key": "keys/north.key",
+            "node-port": 9200, **connection}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"site": {"name": "north"}, "connection": conn}))
+    return path
+
+
+def test_command_has_tls_key_node_config_and_local_port(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    cmd = supernode_command(path, load_site_config(path).connection)
+    assert cmd[0] == "flower-supernode" and "--insecure" not in cmd
+    args = dict(zip(cmd[1::2], cmd[2::2]))
+    assert args["--superlink"] == "fl.example.org:9091"
+    assert args["--root-certificates"] == str((tmp_path / "ca.crt").resolve())
+    assert args["--auth-supernode-private-key"] == str((tmp_path / "keys/north.key").resolve())
+    assert (args["--host"], args["--port"]) == ("127.0.0.1", "9200")
+    assert args["--node-config"] == f'site-config="{path.resolve()}"'
+
+
+def test_every_missing_piece_is_listed(tmp_path: Path) -> None:
+    path = _site(tmp_path, **{"root-certificates": None, "auth-key": "missing.key", "metrics-port": 9200})
+    with pytest.raises(SiteConfigError) as info:
+        supernode_command(path, load_site_config(path).connection)
+    text = str(info.value)
+    assert "1. connection: 'root-certificates' is not set" in text
+    assert f"2. connection: 'auth-key' file {tmp_path / 'missing.key'} does not exist" in text
+    assert "3. connection: 'metrics-port' and 'node-port' are both 9200" in text
+
+
+def test_public_key_instead_of_private_is_refused(tmp_path: Path) -> None:
+    path = _site(tmp_path, **{"auth-key": "keys/north.pub"})
+    with pytest.raises(NodeKeyError, match="as it is a PUBLIC key"):
+        supernode_command(path, load_site_config(path).connection)
+
+
+def test_cli_prints_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _site(tmp_path)
+    assert main(["site", "start", "--config", str(path), "--print-command"]) == 0
+    assert capsys.readouterr().out.startswith("flower-supernode --superlink fl.example.org:9091 ")
