@@ -51,6 +51,8 @@ __all__ = ["PrepareReport", "prepare_site", "DATACARD_NAME", "LABEL_ISSUES_NAME"
 logger = logging.getLogger(__name__)
 
 DATACARD_NAME = "datacard.json"
+# Rejections every export has (not problems with the data): logged at DEBUG, counted in the summary.
+_ROUTINE_REJECTIONS = {"scout", "not-ct", "not-ct-image", "not-an-image", "not-chosen"}
 LABEL_ISSUES_NAME = "label-issues.csv"
 REJECTIONS_DIR = "rejections"
 LOADER_VERSION = 1  # bump when dicom.py/nifti.py change the volumes they build: part of every cache key
@@ -531,9 +533,10 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         rows.append(_row(entry, label, split))
     ordered = sorted(entries, key=lambda e: e.series_id)
     for number, entry in enumerate(ordered, start=1):
-        if entry.code:
-            logger.info("Unable to use series %d of %d (%s) as %s", number, len(ordered), entry.series_id,
-                        entry.reason)
+        if entry.code:  # scouts, dose screens and the like are expected in every export: no need to shout
+            logger.log(logging.DEBUG if entry.code in _ROUTINE_REJECTIONS else logging.INFO,
+                       "Unable to use series %d of %d (%s) as %s", number, len(ordered), entry.series_id,
+                       entry.reason)
     manifest_path = write_manifest(cache_path, rows)
     removed = _prune(cache_path, {e.key for e in entries if e.key})
     label_issues = tuple(table.issues) if table is not None else ()
