@@ -229,3 +229,25 @@ def test_unexpected_error_is_reported_with_its_code_location_and_run_goes_on(tmp
     assert reason.startswith("internal-error: TypeError at test_prepare.py:") and " in boom while preparing it" in reason
     assert "secret" not in reason and "PAT-A" not in reason
     assert not (tmp_path / "c" / "rejections").exists()  # a bug is not remembered: the next run retries
+
+
+def test_logs_name_problems_by_index_and_pseudonym_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    scout = write_series(tmp_path / "in" / "scout", tiny_hu(depth=4), patient="PAT-SCOUT")
+    broken = write_series(tmp_path / "in" / "broken", tiny_hu(), patient="PAT-BROKEN", study_index=1)
+    for path in scout:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    ds = pydicom.dcmread(broken[2])
+    del ds.ImagePositionPatient
+    ds.save_as(broken[2])
+    caplog.set_level("INFO")
+    cfg = site_config_from_mapping({"data": {"input": str(tmp_path / "in"), "cache": str(tmp_path / "c"),
+                                             "workers": 1, "min-slices": 4}})
+    report = prepare_site(cfg, progress=False)
+    assert report.rejections == {"scout": 1, "no-geometry": 1}
+    problems = [r.getMessage() for r in caplog.records if "Unable to use series" in r.getMessage()]
+    assert len(problems) == 1 and problems[0].startswith("Unable to use series ")
+    assert " of 2 (ser-" in problems[0] and "(0020,0032) 'Image Position (Patient)'" in problems[0]
+    for raw in ("PAT-SCOUT", "PAT-BROKEN", str(tmp_path / "in"), pydicom.dcmread(broken[0]).SeriesInstanceUID):
+        assert raw not in caplog.text
