@@ -7,7 +7,8 @@ Usage::
     python benchmarks/prepare.py --nifti scan.nii.gz    # any real volume instead of the phantom
 
 Ours (``lungmae_core.preprocess.preprocess_volume``): lung mask on a ~3 mm grid of block means, crop box in mm,
-one separable trilinear pass of the cropped region straight to the cube. Reference
+one separable trilinear pass of the cropped region straight to the cube (after a box prefilter where an output
+voxel spans two or more input voxels; ``--no-antialias`` turns it off). Reference
 (``reference_preprocess``, the authors' order): cubic ``scipy.ndimage.zoom`` of the whole volume to isotropic
 voxels, the same classical lung mask at that full resolution, crop with 32 isotropic voxels of margin,
 trilinear zoom to the cube. Both run in this process, interleaved (ours, reference, ours, ...), so a noisy
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--ours-runs", type=int, default=OURS_RUNS)
     parser.add_argument("--reference-runs", type=int, default=REFERENCE_RUNS)
+    parser.add_argument("--no-antialias", action="store_true",
+                        help="ours without the box prefilter (interpolate raw voxels, as the reference does)")
     parser.add_argument("--nifti", type=Path, help="preprocess this NIfTI volume instead of a phantom")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     spacing = ", ".join(f"{s:.3f}" for s in volume.spacing_mm)
     print(f"input: {source}, shape {volume.shape}, spacing ({spacing}) mm, {volume.hu.nbytes / 2**20:.0f} MiB "
           f"float32 (made in {load_s:.1f} s); cube {args.size}^3; {os.cpu_count()} CPUs, {platform.processor()}")
-    cfg = PreprocessConfig(size=args.size)
+    cfg = PreprocessConfig(size=args.size, antialias=not args.no_antialias)
 
     runs: dict[str, list[tuple[float, int, dict[str, float]]]] = {"ours": [], "reference": []}
     samples: dict[str, Sample] = {}
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(= {image_mad * 1200:.1f} HU), max |diff| {float(np.abs(a.image - b.image).max()):.3f}")
     record = {
         "benchmark": "prepare", "source": source, "shape": list(volume.shape), "spacing_mm": list(volume.spacing_mm),
-        "size": args.size, "cpus": os.cpu_count(),
+        "size": args.size, "cpus": os.cpu_count(), "antialias": cfg.antialias,
         "ours": {"seconds": [r[0] for r in runs["ours"]], "median_s": ours_s, "peak_mib": ours_mib,
                  "stages": runs["ours"][-1][2]},
         "reference": {"seconds": [r[0] for r in runs["reference"]], "median_s": ref_s, "peak_mib": ref_mib,
