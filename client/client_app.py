@@ -141,6 +141,16 @@ def _load_global(model: Any, msg: Message) -> dict[str, Any]:
     return received
 
 
+def _lr_segment(config: Any) -> Any:
+    """This round's segment of one warmup + cosine curve over the whole phase (None: one curve per round)."""
+    from lungmae_core.train import WarmupCosine
+
+    r, n = config.get("phase-round"), config.get("phase-rounds")
+    if not isinstance(r, int) or not isinstance(n, int) or not 1 <= r <= n:
+        return None
+    return WarmupCosine(0.1, (r - 1) / n, r / n)
+
+
 def _device(site: Any) -> Any:
     from lungmae_core.train import resolve_device
 
@@ -216,6 +226,7 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
                          num_workers=site.training.num_workers)
         mu = config_value(config, "proximal-mu", float, 0.0)
         seed, device, t0 = _seed(config, site.site.name), _device(site), time.perf_counter()
+        schedule = _lr_segment(config)
         if phase == PRETRAIN:
             data = _datasets(site, mcfg.img_size, "train", labelled=False)
             tcfg = TrainConfig.pretrain_defaults(**overrides)
@@ -232,12 +243,12 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
                         requirement=PrivacyRequirement.from_config(config), seed=seed) as privacy:
             hook = ProximalHook(mu, inner=privacy) if mu > 0 else privacy
             if phase == PRETRAIN:
-                out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=hook)
+                out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=hook, lr_schedule=schedule)
                 values = {"train-loss": out["loss"], "train-loss-lung": out["loss_lung"],
                           "train-loss-non-lung": out["loss_non_lung"]}
             else:
                 out = train_classifier(model, data, tcfg, class_weights=weights, device=device, seed=seed,
-                                       privacy=hook)
+                                       privacy=hook, lr_schedule=schedule)
                 values = {"train-loss": out["loss"], "train-accuracy": out["accuracy"]}
         trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         names = [n for n, p in model.named_parameters() if p.requires_grad] \

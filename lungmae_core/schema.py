@@ -49,6 +49,8 @@ CONFIG_KEYS: dict[str, str] = {
     "server-round": "round number across the whole schedule, from 1",
     "lr": "peak learning rate of this round's local training",
     "local-epochs": "local epochs this round",
+    "phase-round": "round within the phase, from 1 (with phase-rounds: this round's segment of the global lr curve)",
+    "phase-rounds": "rounds of the phase",
     "proximal-mu": "FedProx proximal term weight (0.0: plain FedAvg)",
     "compression": "encoding of the update the site sends back: fp32 | fp16 | int8",
     "finetune-mode": "full | linear-probe",

@@ -199,7 +199,8 @@ class FederationRunner:
         self._ensure_sites(step.phase, TRAIN, pcfg.min_sites)
         strategy = self._strategy(step.phase)
         arrays = state_to_arrays(weights)
-        config = ConfigRecord({"lr": float(pcfg.lr), "local-epochs": int(pcfg.local_epochs)})
+        config = ConfigRecord({"lr": float(pcfg.lr), "local-epochs": int(pcfg.local_epochs),
+                               "phase-round": step.phase_round, "phase-rounds": step.phase_rounds})
         messages = list(strategy.configure_train(step.server_round, arrays, config, self.grid))
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s) if messages else []
         new_arrays, _ = strategy.aggregate_train(step.server_round, replies)
