@@ -1,0 +1,160 @@
+"""The privacy gate: requirement checks, default delta, settle after training, and SIGKILL never under-counts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.ledger import PrivacyLedger
+from client.privacy_gate import PrivacyGate, PrivacyRequirement, PrivacyRequirementNotMet, refusal_reason
+from lungmae_core.errors import PrivacyBudgetExceeded
+from lungmae_core.privacy import DPConfig, is_privacy_refusal
+
+ROOT = Path(__file__).resolve().parents[2]
+DP = DPConfig(enabled=True, epsilon=20.0, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def _train_linear(privacy, steps_wanted: int | None = None) -> None:
+    """A few real DP-SGD steps on a linear model (the hook is model-agnostic)."""
+    data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+    model = nn.Linear(3, 1)
+    model, opt, loader = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                              DataLoader(data, batch_size=2))
+    done = 0
+    for x, y in loader:
+        if steps_wanted is not None and done >= steps_wanted:
+            break
+        opt.zero_grad()
+        if len(x):
+            nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        done += 1
+
+
+def test_disabled_site_trains_without_dp_unless_the_federation_requires_it(tmp_path: Path) -> None:
+    gate = PrivacyGate.for_site(DPConfig(), ledger_path=tmp_path / "l.json", num_scans=8)
+    with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=1) as privacy:
+        assert privacy is None
+    assert gate.epsilon_spent() == 0.0 and not (tmp_path / "l.json").exists()
+    with pytest.raises(PrivacyRequirementNotMet, match="the federation requires differential privacy and this "
+                                                       "site has privacy.enabled false"):
+        with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=1,
+                        requirement=PrivacyRequirement(require_dp=True)):
+            pass
+
+
+def test_a_round_over_the_per_round_limit_is_refused_and_not_recorded(tmp_path: Path) -> None:
+    gate = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_scans=8)
+    plan = gate.plan(phase="pretrain", num_samples=8, batch_size=2, epochs=1)
+    with pytest.raises(PrivacyRequirementNotMet) as err:
+        with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=1,
+                        requirement=PrivacyRequirement.from_config({"require-dp": True,
+                                                                    "max-epsilon-per-round": 0.5})):
+            pass
+    assert (f"this round would cost epsilon {plan.epsilon_round:.3f} (noise multiplier 1, 4 steps at sample "
+            "rate 0.25), over the federation's limit of 0.5 per round") in str(err.value)
+    assert is_privacy_refusal(refusal_reason(err.value))
+    assert gate.epsilon_spent() == 0.0 and gate.ledger.entries() == []
+
+
+def test_requirement_from_config_rejects_bad_types() -> None:
+    assert PrivacyRequirement.from_config({}) == PrivacyRequirement()
+    assert PrivacyRequirement(True, 2.0).to_config() == {"require-dp": True, "max-epsilon-per-round": 2.0}
+    with pytest.raises(PrivacyRequirementNotMet, match="'max-epsilon-per-round' is 'x'; expected a bool and a number"):
+        PrivacyRequirement.from_config({"max-epsilon-per-round": "x"})
+
+
+def test_default_delta_is_fixed_when_the_ledger_is_created(tmp_path: Path) -> None:
+    gate = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_scans=8)
+    assert gate.ledger.delta == pytest.approx(1 / 80)
+    with gate.round(phase="finetune", server_round=1, num_samples=8, batch_size=2, epochs=1) as privacy:
+        _train_linear(privacy)
+    later = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_scans=500)  # more scans later
+    assert later.ledger.delta == pytest.approx(1 / 80)
+
+
+def test_round_settles_the_steps_really_taken_even_when_training_fails(tmp_path: Path) -> None:
+    gate = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_scans=8)
+    with gate.round(phase="finetune", server_round=1, num_samples=8, batch_size=2, epochs=2) as privacy:
+        _train_linear(privacy)
+    first = gate.ledger.entries()[0]
+    assert (first.status, first.steps, first.planned_steps) == ("trained", 4, 8)  # one pass of the two planned
+    with pytest.raises(RuntimeError, match="diverged"):
+        with gate.round(phase="finetune", server_round=2, num_samples=8, batch_size=2, epochs=2) as privacy:
+            _train_linear(privacy, steps_wanted=3)
+            raise RuntimeError("diverged")
+    second = gate.ledger.entries()[1]
+    assert (second.status, second.steps) == ("trained", 3)
+    assert gate.epsilon_spent() == pytest.approx(
+        PrivacyLedger(tmp_path / "l.json", budget_epsilon=20.0, delta=None).epsilon_spent())
+
+
+def test_budget_refusal_through_the_gate(tmp_path: Path) -> None:
+    small = DPConfig(enabled=True, epsilon=2.5, noise_multiplier=1.0)  # one round: 2.09, two: 2.91
+    gate = PrivacyGate.for_site(small, ledger_path=tmp_path / "l.json", num_scans=8)
+    with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=1) as privacy:
+        _train_linear(privacy)
+    with pytest.raises(PrivacyBudgetExceeded, match="to epsilon 2.912, over its budget 2.500"):
+        with gate.round(phase="pretrain", server_round=2, num_samples=8, batch_size=2, epochs=1):
+            pass
+
+
+_KILLED_SITE = textwrap.dedent("""
+    import sys, time, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from client.privacy_gate import PrivacyGate
+    from lungmae_core.privacy import DPConfig
+    where, ledger = sys.argv[1], sys.argv[2]
+    gate = PrivacyGate.for_site(DPConfig(enabled=True, epsilon=20.0, noise_multiplier=1.0), ledger_path=ledger,
+                                num_scans=8)
+    with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=2) as privacy:
+        data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+        model = nn.Linear(3, 1)
+        model, opt, loader = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  DataLoader(data, batch_size=2))
+        for x, y in loader:
+            opt.zero_grad()
+            if len(x):
+                nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            if where == "training":
+                print("TRAINING", flush=True)
+                time.sleep(60)
+    print("SETTLED", flush=True)  # the weights would be sent now
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("where, status, steps", [("training", "reserved", 8), ("settled", "trained", 4)])
+def test_sigkill_at_any_point_never_under_counts(tmp_path: Path, where: str, status: str, steps: int) -> None:
+    """Kill the site process mid-training (weights could be anywhere) or after settling (about to reply)."""
+    ledger_path = tmp_path / "ledger.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SITE, where, str(ledger_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() in ("TRAINING", "SETTLED"), proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ledger = PrivacyLedger(ledger_path, budget_epsilon=20.0, delta=None)
+    [entry] = ledger.entries()
+    assert (entry.status, entry.steps, entry.planned_steps) == (status, steps, 8)
+    from lungmae_core.privacy import epsilon_for
+
+    # Killed while training: the full planned round is counted, at least what any released weights saw.
+    assert ledger.epsilon_spent() == pytest.approx(epsilon_for([(1.0, 0.25, steps)], ledger.delta))
