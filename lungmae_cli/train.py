@@ -66,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
           f"{metrics['data']['test']} test scans, epoch {metrics['best_epoch']} selected on val", file=out)
     print(f"test  accuracy {final['accuracy']:.3f}  balanced accuracy {final['balanced_accuracy']:.3f}  "
           f"weighted F1 {final['weighted_f1']:.3f}  ROC AUC {final['roc_auc']:.3f}", file=out)
-    print(f"reconstruction (test, masked lung L1)  MAE {recon['l1_masked_lung']:.4f}  "
-          f"mean-anatomy baseline {recon['baseline_l1_masked_lung']:.4f}", file=out)
+    if recon is not None:
+        print(f"reconstruction (test, masked lung L1)  MAE {recon['l1_masked_lung']:.4f}  "
+              f"mean-anatomy baseline {recon['baseline_l1_masked_lung']:.4f}"
+              f"{'' if recon['beats_baseline'] else '  (not below the baseline: little learned beyond the average anatomy)'}",
+              file=out)
     print(f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}", file=out)
     print(f"written: {Path(args.workdir) / 'metrics.json'}", file=out)
     return 0

@@ -294,8 +294,8 @@ def run_centralized(
                                "data": {"scans": len(dataset), "rejected": len(rejected), **counts}}
 
     # -- pretraining: one warmup + cosine curve over all epochs, one epoch per call
-    mae = build_mae(cfg, seed=seed)
-    if pretrain:
+    mae = build_mae(cfg, seed=seed) if pretrain else None
+    if mae is not None:
         for epoch in range(pre_cfg.epochs):
             stats = train_mae(mae, parts["pretrain"], dataclasses.replace(pre_cfg, epochs=1), device=dev,
                               seed=seed * 1000 + epoch, progress=progress,
@@ -305,22 +305,24 @@ def run_centralized(
             logger.info("pretrain epoch %d/%d: loss %.4f (lung %.4f)", epoch + 1, pre_cfg.epochs, stats["loss"],
                         stats["loss_lung"])
         save_checkpoint(workdir / "checkpoints" / "mae.pt", mae, cfg, kind="mae", epochs=pre_cfg.epochs)
-    recon = evaluate_mae(mae, parts["test"], device=dev, seed=seed, batch_size=pre_cfg.batch_size,
-                         lung_threshold=pre_cfg.lung_threshold)
-    recon["beats_baseline"] = recon["l1_masked_lung"] < recon["baseline_l1_masked_lung"]
-    metrics["reconstruction"] = recon
-    logger.info("test reconstruction: masked L1 %.4f (mean-anatomy baseline %.4f), lung %.4f (baseline %.4f)",
-                recon["l1_masked"], recon["baseline_l1_masked"], recon["l1_masked_lung"],
-                recon["baseline_l1_masked_lung"])
-    if pretrain and not recon["beats_baseline"]:
-        logger.warning("the MAE's masked-lung L1 is not below the mean-anatomy baseline: it has learned little "
-                       "beyond the average anatomy (pretrain longer or check the data)")
+        recon = evaluate_mae(mae, parts["test"], device=dev, seed=seed, batch_size=pre_cfg.batch_size,
+                             lung_threshold=pre_cfg.lung_threshold)
+        recon["beats_baseline"] = recon["l1_masked_lung"] < recon["baseline_l1_masked_lung"]
+        metrics["reconstruction"] = recon
+        logger.info("test reconstruction: masked L1 %.4f (mean-anatomy baseline %.4f), lung %.4f (baseline %.4f)",
+                    recon["l1_masked"], recon["baseline_l1_masked"], recon["l1_masked_lung"],
+                    recon["baseline_l1_masked_lung"])
+        if not recon["beats_baseline"]:
+            logger.warning("the MAE's masked-lung L1 is not below the mean-anatomy baseline: it has learned little "
+                           "beyond the average anatomy (pretrain longer or check the data)")
+    else:
+        metrics["reconstruction"] = None
 
     # -- fine-tuning with model selection on val
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         clf = ILDClassifier(cfg, num_classes, pooling=fine_cfg.pooling)
-    if pretrain:
+    if mae is not None:
         transfer_encoder(mae, clf)
     weights = class_weights_from_labels(parts["train"].labels, num_classes)
     best: tuple[tuple[float, ...], int, dict[str, Any], dict[str, torch.Tensor]] | None = None

@@ -103,6 +103,7 @@ def test_no_pretrain_is_the_scratch_baseline(tmp_path: Path, site_cache: Path) -
     assert rc == 0
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["pretrained"] is False and metrics["config"]["pretrain"] is None
+    assert metrics["reconstruction"] is None  # no MAE to judge
     assert not (workdir / "checkpoints" / "mae.pt").exists()
 
 
