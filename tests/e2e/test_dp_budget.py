@@ -1,0 +1,110 @@
+"""Budget exhaustion end to end: real ClientApp handlers, the real server runner, an in-process grid (no Ray).
+
+A DP site with room for exactly two rounds trains rounds 1-2, refuses round 3 with a privacy refusal the
+server logs, is not sampled again, while the other site carries the federation on; a restarted client
+(a new ClientApp reading only the ledger on disk) still refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import _counts, make_client_app
+from client.ledger import PrivacyLedger
+from client.site_config import load_site_config, write_site_config
+from lungmae_core.config import to_mapping
+from lungmae_core.model import build_mae
+from lungmae_core.privacy import PRIVACY_REFUSAL_CODE, DPConfig, default_delta, epsilon_for, sample_rate_for, steps_for
+from lungmae_core.wire import pack_state
+from server.federation_config import federation_from_mapping
+from tests.federated_helpers import InProcessGrid, prepared_sites
+
+ROUNDS = 4
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+
+
+def _dp_site(site_yaml: Path, out_dir: Path) -> tuple[Path, float, float]:
+    """A copy of ``site_yaml`` with DP on and a budget for exactly 2 pretrain rounds; (path, eps2, cap)."""
+    site = load_site_config(site_yaml)
+    counts = _counts(site)
+    n = counts["num-unlabelled"] + counts["num-labelled-train"]
+    batch = site.training.batch_size
+    round_history = (1.0, sample_rate_for(n, batch), steps_for(n, batch, epochs=1))
+    delta = default_delta(n)
+    eps2, eps3 = (epsilon_for([round_history] * k, delta) for k in (2, 3))
+    cap = (eps2 + eps3) / 2
+    privacy = DPConfig(enabled=True, epsilon=cap, noise_multiplier=1.0, ledger=out_dir / "ledger.json")
+    path = write_site_config(dataclasses.replace(site, privacy=privacy), out_dir / "site.yaml")
+    return Path(path), eps2, cap
+
+
+def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: Path) -> None:
+    from server.runner import FederationRunner
+
+    site0, site1 = prepared_sites(tmp_path / "sites")
+    dp_site0, eps2, cap = _dp_site(site0, tmp_path / "dp-site0")
+    run_dir = tmp_path / "run"
+    cfg = federation_from_mapping({
+        "model": {"name": "tiny", "overrides": {"img-size": 32, "depth": 2, "decoder-depth": 1}},
+        "phases": {"pretrain": {"rounds": ROUNDS, "local-epochs": 1, "lr": 1e-3, "min-sites": 1},
+                   "finetune": {"rounds": 0}},
+        "run-dir": str(run_dir), "round-timeout-s": 5, "update-checks": {"max-norm": 1e3}}, source="test")
+    grid = InProcessGrid(make_client_app([dp_site0, site1]), [{"partition-id": 0}, {"partition-id": 1}])
+    FederationRunner(cfg, grid).run()
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["phase"] == "pretrain"]
+    assert [x["round"] for x in train] == list(range(1, ROUNDS + 1))
+    name0 = load_site_config(dp_site0).site.name
+    name1 = load_site_config(site1).site.name
+    # rounds 1-2: the DP site trains and reports its growing total epsilon; the other site reports 0.0
+    eps = [x["train"]["sites"][name0]["epsilon"] for x in train[:2]]
+    assert 0 < eps[0] < eps[1] == pytest.approx(eps2) and eps[1] <= cap
+    assert all(x["train"]["sites"][name1]["epsilon"] == 0.0 for x in train)
+    # round 3: a refusal the server logs; round 4: the site is no longer sampled; the federation goes on
+    refusal = [f for f in train[2]["failures"] if f["site"] == name0]
+    assert refusal and refusal[0]["reason"].startswith("privacy-refusal: Unable to train pretrain round 3")
+    assert name0 not in train[3]["participation"]["sampled"]
+    assert all(name1 in x["train"]["sites"] for x in train) and not any(x["skipped"] for x in train)
+
+    ledger = PrivacyLedger(tmp_path / "dp-site0" / "ledger.json", budget_epsilon=cap, delta=None)
+    assert [(e.server_round, e.status) for e in ledger.entries()] == [(1, "trained"), (2, "trained")]
+    assert ledger.epsilon_spent() == pytest.approx(eps2)
+
+    # Restart: a new ClientApp has only the ledger file; it still refuses, as a clean error reply.
+    state = build_mae(_tiny(), seed=0).state_dict()
+    reply = make_client_app([dp_site0])(_train_message(state, server_round=ROUNDS + 1), _ctx())
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSAL_CODE
+    assert reply.error.reason.startswith(f"privacy-refusal: Unable to train pretrain round {ROUNDS + 1}")
+    assert f"over its budget {cap:.3f}" in reply.error.reason and str(tmp_path) not in reply.error.reason
+    assert len(ledger.entries()) == 2 and [r["server_round"] for r in ledger.refusals()] == [3, ROUNDS + 1]
+
+
+def _tiny():
+    from lungmae_core.config import model_config
+
+    return model_config("tiny", img_size=32, depth=2, decoder_depth=1)
+
+
+def _train_message(state: dict[str, torch.Tensor], server_round: int) -> Message:
+    config = {"phase": "pretrain", "server-round": server_round, "lr": 1e-3, "local-epochs": 1,
+              "compression": "fp16", "model-config": json.dumps(to_mapping(_tiny())), "num-classes": 4,
+              "finetune-mode": "full", "seed": 0, "proximal-mu": 0.0}
+    arrays = ArrayRecord(array_dict={k: Array(v) for k, v in pack_state(state, "fp16").items()})
+    return Message(RecordDict({"config": ConfigRecord(config), "arrays": arrays}), dst_node_id=7,
+                   message_type="train")
+
+
+def _ctx() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
