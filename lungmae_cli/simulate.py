@@ -20,7 +20,7 @@ from typing import Any
 
 # Tuned so that the default run ends within 5 minutes on 2 CPU cores and the classifier clearly beats chance.
 DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=16, pretrain_rounds=2, finetune_rounds=4,
-                                pretrain_epochs=1, finetune_epochs=4, seed=0)
+                                pretrain_epochs=1, finetune_epochs=4, seed=0, slices=48, matrix=96)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d["model"], help=f"model config name or YAML ({d['model']})")
     parser.add_argument("--scans-per-site", type=int, default=d["scans_per_site"],
                         help=f"patients per hospital ({d['scans_per_site']}); split 60/20/20 train/val/test")
+    parser.add_argument("--slices", type=int, default=d["slices"],
+                        help=f"slices per synthetic series ({d['slices']}; the tiny model sees 64^3 cubes)")
+    parser.add_argument("--matrix", type=int, default=d["matrix"], help=f"rows = columns per slice ({d['matrix']})")
     parser.add_argument("--pretrain-rounds", type=int, default=d["pretrain_rounds"],
                         help=f"federated MAE rounds ({d['pretrain_rounds']})")
     parser.add_argument("--finetune-rounds", type=int, default=d["finetune_rounds"],
@@ -83,14 +86,17 @@ def prepare_sites(args: argparse.Namespace, sites_dir: Path, img_size: int) -> l
     from lungmae_cli.synth import write_synthetic_sites
     from lungmae_core.manifest import read_manifest
 
-    stamp = {"sites": args.sites, "scans_per_site": args.scans_per_site, "seed": args.seed, "size": img_size}
+    shape = (args.slices, args.matrix, args.matrix)
+    stamp = {"sites": args.sites, "scans_per_site": args.scans_per_site, "seed": args.seed, "size": img_size,
+             "shape": list(shape)}
     stamp_path = sites_dir / "simulate.json"
     paths = [sites_dir / f"site{i}" / "site.yaml" for i in range(args.sites)]
     reuse = stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(p.exists() for p in paths)
     if not reuse:
         print(f"[1/3] writing {args.sites} synthetic hospitals x {args.scans_per_site} CT studies to {sites_dir}")
         paths = write_synthetic_sites(sites_dir, sites=args.sites, scans_per_site=args.scans_per_site,
-                                      seed=args.seed, preprocess_size=img_size, workers=2, progress=True)
+                                      seed=args.seed, shape=shape, preprocess_size=img_size, workers=2,
+                                      progress=True)
     else:
         print(f"[1/3] reusing the synthetic hospitals in {sites_dir}")
     for path in paths:
