@@ -213,7 +213,6 @@ class _Subject:
     dome_h: float
     right_dome_extra: float
     medial: float
-    spine_y: float
     heart: tuple[float, float, float, float, float, float]
     lung_shape_n: float
     inspiration: float
@@ -222,7 +221,6 @@ class _Subject:
     rib_period: float
     rib_slope: float
     rib_phase: float
-    table_y: float
 
     def lung_geometry(self, side: int) -> tuple[float, float, float, float]:
         """(cx, cy, rx, ry) of the lung on ``side`` (-1 right, +1 left) at its widest, in mm."""
@@ -262,10 +260,10 @@ def _make_subject(rng: np.random.Generator, extent_mm: tuple[float, float, float
     return _Subject(
         body_ax=body_ax, body_ay=body_ay, body_cy=rng.uniform(-0.03, 0.03) * half, fat=fat,
         wall=rng.uniform(14, 20), z_base=z_base, lung_h=lung_h, dome_h=rng.uniform(35, 60) * (1.1 - 0.3 * inspiration),
-        right_dome_extra=rng.uniform(5, 20), medial=rng.uniform(22, 34), spine_y=0.0,
+        right_dome_extra=rng.uniform(5, 20), medial=rng.uniform(22, 34),
         heart=heart, lung_shape_n=rng.uniform(2.2, 3.0), inspiration=inspiration, parenchyma_hu=parenchyma,
         stomach=stomach, rib_period=rng.uniform(24, 30), rib_slope=rng.uniform(0.25, 0.45),
-        rib_phase=rng.uniform(0, 30), table_y=0.0,
+        rib_phase=rng.uniform(0, 30),
     )
 
 
@@ -708,6 +706,8 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
     hu += lumen * (_AIR - hu)
     del vessels, wall, lumen, rho
     _acquire(hu, scanner, spacing, np.random.default_rng([int(seed), 2]))
+    log.debug("phantom %s (severity %.2f, inspiration %.2f) on %s: shape %s", label, sev, subj.inspiration,
+              scanner.name, shape_t)
     return Phantom(hu=hu, spacing_mm=spacing, lung_mask=in_lung.astype(np.uint8), label=label, severity=sev,
                    subject_seed=int(seed), scanner=scanner, inspiration=subj.inspiration)
 
