@@ -388,13 +388,15 @@ def _render_anatomy(subj: _Subject, grid: _Grid, rng: np.random.Generator,
         out = np.where((rv >= 17.5) & (rv < 20.0), np.float32(_BONE), out)
         canal = np.sqrt(X ** 2 + (Y - spine_cy - 28.0) ** 2)
         out = np.where((canal < 16.0) & (canal >= 10.0) & (e_in < 1.0), np.float32(_BONE * 0.8), out)
-        # Ribs: sloped bands in the chest wall; sternum plate in front.
+        # Ribs: oblique bony bars in the chest wall (bright cortex, darker marrow), descending from the spine
+        # to the front, so an axial slice cuts each one into a short arc; none at the spine or the sternum.
         theta = np.arctan2(X, -(Y - s.body_cy))  # 0 anterior, +-pi posterior
-        ring = (e_in < 1.0) & (((X / (bx - s.fat - s.wall * 0.35)) ** 2
-                                + ((Y - s.body_cy) / (by - s.fat - s.wall * 0.35)) ** 2) > 0.80)
-        phase = np.mod(Z + s.rib_slope * (np.pi - np.abs(theta)) * 40.0 + s.rib_phase, s.rib_period)
-        rib = ring & (np.abs(phase - s.rib_period / 2) < 5.0) & (np.abs(theta) > 0.35) & in_chest & (zrel < 1.1)
-        out = np.where(rib, np.float32(_BONE), out)
+        q = np.sqrt((X / (bx - s.fat - 0.45 * s.wall)) ** 2 + ((Y - s.body_cy) / (by - s.fat - 0.45 * s.wall)) ** 2)
+        d_rad = (q - 1.0) * (0.5 * (bx + by) - s.fat)
+        phase = np.mod(Z + s.rib_slope * 80.0 * (np.pi - np.abs(theta)) + s.rib_phase, s.rib_period)
+        rib_r = (d_rad / 5.5) ** 2 + ((phase - s.rib_period / 2) / 4.5) ** 2
+        rib = (rib_r < 1.0) & (np.abs(theta) > 0.45) & (np.abs(theta) < np.pi - 0.3) & in_chest & (zrel < 1.08)
+        out = np.where(rib, (300.0 + 500.0 * rib_r).astype(np.float32), out)
         sternum = in_chest & (np.abs(X) < 16) & (Y - s.body_cy < -(by - s.fat - 14)) & (Y - s.body_cy > -(by - s.fat))
         out = np.where(sternum, np.float32(_MARROW + 100.0), out)
         # Lungs.
