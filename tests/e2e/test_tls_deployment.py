@@ -196,15 +196,12 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     superlink_port, metrics_port, prom_port = _free_port(), _free_port(), _free_port()
     superlink = f"127.0.0.1:{superlink_port}"
 
-    # 1. PKI, sites, federation config ------------------------------------------------------------------
-    subprocess.run([*LUNGMAE, "certs", "--out", "pki", "--server-name", "localhost", "--server-ip", "127.0.0.1",
-                    "--site", "site0", "--site", "site1", "--site", "site2"],
-                   cwd=root, env=dep.env, check=True, capture_output=True)
+    # 1. PKI and federation config; the SuperLink boots while the sites prepare their data ----------------
+    from lungmae_cli.main import main as lungmae_main
+
+    assert lungmae_main(["certs", "--out", str(root / "pki"), "--server-name", "localhost", "--server-ip",
+                         "127.0.0.1", "--site", "site0", "--site", "site1", "--site", "site2"]) == 0
     pki = root / "pki"
-    synthetic = _prepare_sites(root)
-    site_yaml = [_with_connection(synthetic[i % 2], synthetic[i % 2].parent / f"deploy-site{i}.yaml", superlink=superlink,
-                                  ca=pki / "ca/ca.crt", key=pki / f"sites/site{i}/site{i}.key",
-                                  node_port=_free_port()) for i in range(3)]
     run_dir = root / "run"
     (root / "federation.yaml").write_text(yaml.safe_dump({
         "model": {"name": "tiny", "overrides": {"img-size": 32}},
@@ -215,14 +212,27 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
                    "certificate": "pki/server/server.pem", "private-key": "pki/server/server.key",
                    "metrics-port": metrics_port}}))
     server_cmd = [*LUNGMAE, "server", "start", "--config", "federation.yaml", "--database", "state/superlink.db"]
-
-    # 2. SuperLink over TLS; register two sites; preflight -----------------------------------------------
     dep.start("server", server_cmd)
-    _wait_for("the SuperLink port", lambda: _connectable(superlink_port), 60)
+    (root / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "lungmae-server", "static_configs": [
+            {"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
+    dep.start("prometheus", ["/usr/bin/prometheus", f"--config.file={root / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={root / 'prometheus-data'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"])
+    synthetic = _prepare_sites(root)
+    site_yaml = [_with_connection(synthetic[i % 2], synthetic[i % 2].parent / f"deploy-site{i}.yaml",
+                                  superlink=superlink, ca=pki / "ca/ca.crt", key=pki / f"sites/site{i}/site{i}.key",
+                                  node_port=_free_port()) for i in range(3)]
+
+    # 2. register two sites; all three start; preflight against the live SuperLink --------------------------
+    _wait_for("the SuperLink port", lambda: _connectable(superlink_port), 90)
     for i in (0, 1):
         out = dep.flwr("supernode", "register", str(pki / f"sites/site{i}/site{i}.pub"), "lungmae",
                        "--name", f"site{i}")
         assert out["success"], out
+    for i in (0, 1, 2):
+        dep.start(f"site{i}", [*LUNGMAE, "site", "start", "--config", str(site_yaml[i])])
 
     from client.preflight import run_preflight, tls_probe
     from server.certs import make_ca
@@ -233,24 +243,14 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     _, other_ca = make_ca(root / "other-ca")
     wrong = tls_probe(superlink, other_ca)
     assert wrong.ok is False and "its certificate is not signed by the CA" in wrong.message
+    _wait_for("both registered sites online", lambda: sum(
+        n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 120, 1)
 
-    for i in (0, 1):
-        dep.start(f"site{i}", [*LUNGMAE, "site", "start", "--config", str(site_yaml[i])])
-    refused = dep.start("site2", [*LUNGMAE, "site", "start", "--config", str(site_yaml[2])])
+    # 3. the federation, scraped by a real Prometheus -----------------------------------------------------
+    dep.start("runner", [*LUNGMAE, "server", "run", "--config", "federation.yaml", "--poll-s", "2"])
+    refused = dep.procs["site2"]
     assert refused.wait(timeout=120) != 0
     assert "this site's key is not registered yet" in dep.log("site2")
-    _wait_for("both registered sites online", lambda: sum(
-        n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 90, 2)
-
-    # 3. the federation and a real Prometheus -------------------------------------------------------------
-    (root / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "lungmae-server", "static_configs": [
-            {"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
-    dep.start("prometheus", ["/usr/bin/prometheus", f"--config.file={root / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={root / 'prometheus-data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"])
-    dep.start("runner", [*LUNGMAE, "server", "run", "--config", "federation.yaml", "--poll-s", "2"])
 
     # 4. site1 killed while it trains round 2 ---------------------------------------------------------------
     _wait_for("round 1", lambda: len(_metrics_rounds(run_dir)) >= 1, 300, 2)
@@ -291,6 +291,13 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     later = [r for r in rounds if r["round"] > 2 and "site1" in r["participation"]["replied"]]
     assert later, [r["participation"] for r in rounds]
     assert not any(k in json.dumps(audit) for k in ("patient", str(root / "sites")))
+
+    status = json.loads(subprocess.run([*LUNGMAE, "server", "status", "--config", "federation.yaml", "--json"],
+                                       cwd=root, env=dep.env, capture_output=True, text=True, timeout=180,
+                                       check=True).stdout)
+    assert status["superlink_reachable"] and len(status["sites"]) == 2
+    assert status["flwr_run_status"]["status"] == "finished:completed"
+    assert status["checkpoint"]["server_round"] == 3 and status["run_status"] == "completed"
 
 
 def _connectable(port: int) -> bool:
