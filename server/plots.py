@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # before pyplot: the coordinator has no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = [
     "figure_to_data_uri",
@@ -47,6 +48,14 @@ def figure_to_data_uri(fig: Figure) -> str:
 
 def _site_colour(index: int) -> tuple[float, float, float]:
     return _SITE_COLOURS[index % len(_SITE_COLOURS)]
+
+
+def _round_axis(ax: plt.Axes, rounds: Sequence[int]) -> None:
+    """Integer server rounds on the x axis; a single round is centred instead of spread over +-0.1."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    distinct = sorted(set(rounds))
+    if len(distinct) == 1:
+        ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
 
 
 def loss_curves(
@@ -87,12 +96,13 @@ def loss_curves(
         ax.plot(xs, ys, marker="s", markersize=4, linewidth=2.6, color="black", label="aggregated")
     if reference:
         xs, ys = zip(*sorted(reference))
-        ax.plot(xs, ys, linestyle="--", linewidth=2.0, color="#c0392b", label=reference_label)
+        ax.plot(xs, ys, linestyle="--", marker="x", markersize=7, linewidth=2.0, color="#c0392b",
+                label=reference_label)
     ax.set_xlabel("server round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _round_axis(ax, [r for points in [*per_site.values(), aggregated, reference or ()] for r, _ in points])
     ax.legend(fontsize="small", loc="best")
     return figure_to_data_uri(fig)
 
@@ -177,7 +187,7 @@ def epsilon_chart(
     ax.set_ylabel("epsilon spent (total)")
     ax.set_title("differential privacy: epsilon spent per site")
     ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _round_axis(ax, [r for points in per_site.values() for r, _ in points])
     ax.legend(fontsize="small")
     return figure_to_data_uri(fig)
 

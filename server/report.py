@@ -152,11 +152,19 @@ def _scrub_paths(text: str) -> str:
     return _PATH_RE.sub("(path withheld)", text)
 
 
+# Absolute (/x, ~/x, C:\\x) or explicitly relative (./x, ../x) paths, or a/b/c without spaces with a letter in it
+# ("pretrain 1/2" and "1/2" are not paths).
+_PATH_VALUE_RE = re.compile(r"^(?:~|\.{1,2}[/\\]|/|[A-Za-z]:[/\\])|^(?=[^\s]*[A-Za-z])[\w.\-]+(?:[/\\][\w.\-]+)+[/\\]?$")
+
+
 def _looks_like_path(key: str, value: Any) -> bool:
-    if any(word in norm_key(key).split("_") or norm_key(key).endswith(word) for word in _PATH_KEY_WORDS):
-        return isinstance(value, str) and value != ""
-    return isinstance(value, str) and (os.sep in value or value.startswith("~") or
-                                      (len(value) > 2 and value[1] == ":" and value[2] in "\\/"))
+    """Whether a configuration value names a file or directory (by its key's words or by its shape)."""
+    if not isinstance(value, str) or value == "":
+        return False
+    key_words = norm_key(key).split("_")
+    if any(word in key_words or norm_key(key).endswith(word) for word in _PATH_KEY_WORDS):
+        return True
+    return _PATH_VALUE_RE.search(value) is not None
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -18,7 +18,7 @@ from lungmae_core.config import model_config, to_mapping
 from lungmae_core.model import build_mae
 from server.checkpoints import Checkpoint, CheckpointStore, atomic_write_json
 from server.federation_config import config_hash, federation_from_mapping, federation_to_mapping
-from server.report import render_report
+from server.report import _looks_like_path, render_report
 from server.report_data import RunDirectoryError, confusion_matrix, load_run, norm_key
 from server.report_recon import find_mae_checkpoint, lung_centre, reconstruct
 
@@ -476,6 +476,17 @@ def test_lung_centre_picks_the_planes_with_most_lung(planes: dict[str, int], exp
     if planes:
         lung[planes["d"], planes["h"], planes["w"]] = 1
     assert lung_centre(lung) == expected
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("plan", "pretrain 1/2", False), ("fraction", "1/2", False), ("superlink", "127.0.0.1:9091", False),
+    ("code_version", "lungmae-fl 0.1.0 (git 3e690e6)", False), ("private-key", "", False),
+    ("anything", "/srv/site/ca.pem", True), ("anything", "~/runs", True), ("anything", "./runs", True),
+    ("anything", "runs/simulate/run", True), ("anything", "C:\\data\\run", True),
+    ("run-dir", "run", True), ("audit-log", "audit.jsonl", True), ("ledger", "budget.json", True),
+])
+def test_config_values_that_are_paths_are_recognised(key: str, value: str, expected: bool) -> None:
+    assert _looks_like_path(key, value) is expected
 
 
 @pytest.mark.parametrize("key, expected", [
