@@ -1,0 +1,219 @@
+"""Time and peak memory of one DP-SGD MAE step per Opacus per-sample gradient mode, against the plain step.
+
+Usage::
+
+    python benchmarks/dp_step.py                              # tiny and paper-p16 at batch 2
+    python benchmarks/dp_step.py --configs tiny --timed 5 --json dp_step.json
+
+One process, one config at a time. For each mode a fresh copy of the same seeded MAE takes the same steps
+(forward with the same masks, per-sample lung-weighted L1, backward, AdamW) on the same synthetic batch:
+
+* ``plain``: no DP, the reference, measured before and after each DP mode (a busy machine drifts; each
+  mode's ratio is to the mean of the two plain measurements around it);
+* ``hooks``: Opacus ``GradSampleModule`` with closed-form per-layer grad samplers (our token modules have
+  their own, ``lungmae_core.privacy.register_grad_samplers``), then clip + noise;
+* ``functorch``: the same, with every layer's per-sample gradient from ``torch.func`` (vmap of grad);
+* ``ghost``: Opacus ghost clipping: per-sample gradient *norms* only, then a second backward pass of the
+  clipped loss (needs the per-sample loss vector, which our training loop keeps under DP).
+
+Peak memory: on GPU the CUDA allocator's peak during the step; on CPU the peak resident set during the step
+above the resident set before it (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Prints one line
+per config and mode (ms/step, ratio to plain, peak MiB) and writes a JSON record with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lungmae_core.config import model_config  # noqa: E402
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample  # noqa: E402
+from lungmae_core.model import build_mae, patchify3d  # noqa: E402
+from lungmae_core.privacy import register_grad_samplers  # noqa: E402
+
+# -- config block ---------------------------------------------------------------------------------------------
+CONFIGS = {"tiny": 2, "paper-p16": 2}  # config -> batch size
+DP_MODES = ("hooks", "functorch", "ghost")
+BURN_IN = 1
+TIMED = 2
+SEED = 0
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 0.005
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak extra memory of a block: CUDA allocator peak, or Linux peak RSS above the RSS before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.linux = Path("/proc/self/clear_refs").exists()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.linux:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed blocks back so RSS starts honest
+            except OSError:
+                pass
+            self.base = _rss_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        elif self.linux:
+            self.peak = _rss_kib("VmHWM") * 1024 - self.base
+        else:
+            self.peak = float("nan")
+
+
+def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], seed: int):
+    """Build the optimizer (private or not) for ``mode`` and return ``step()`` running one training step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg = model.cfg
+    images, lung = batch["image"], batch["lung_mask"]
+    target = patchify3d(images, cfg.patch_size)
+    lung_frac = lung_fraction_per_patch(lung, cfg.patch_size)
+    mask_gen = torch.Generator(device=images.device)
+    forward_model: torch.nn.Module = model
+    ghost = mode == "ghost"
+    if mode != "plain":
+        from opacus import GradSampleModule
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+            GradSampleModuleFastGradientClipping,
+        )
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+        register_grad_samplers()
+        if ghost:
+            forward_model = GradSampleModuleFastGradientClipping(model, max_grad_norm=MAX_GRAD_NORM,
+                                                                 use_ghost_clipping=True)
+            optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=NOISE_MULTIPLIER,
+                                                        max_grad_norm=MAX_GRAD_NORM,
+                                                        expected_batch_size=images.shape[0])
+        else:
+            forward_model = GradSampleModule(model, force_functorch=mode == "functorch")
+            optimizer = DPOptimizer(optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
+                                    expected_batch_size=images.shape[0])
+
+    def step() -> float:
+        mask_gen.manual_seed(seed)
+        pred, mask = forward_model(images, generator=mask_gen)
+        per_sample = lung_weighted_l1_per_sample(pred, target, mask, lung_frac).total  # (B,)
+        if ghost:
+            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+            DPTensorFastGradientClipping(forward_model, optimizer, per_sample, "mean").backward()
+        else:
+            per_sample.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(per_sample.detach().mean())
+
+    return step
+
+
+def _measure(step: Any, device: torch.device, burn_in: int, timed: int) -> tuple[float, float, float, list[float]]:
+    """(median ms, peak bytes, last loss, all ms) of ``timed`` steps after ``burn_in`` untimed ones."""
+    for _ in range(burn_in):
+        step()
+    times, peaks, loss = [], [], float("nan")
+    for _ in range(timed):
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            loss = step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.peak)
+    return 1e3 * statistics.median(times), max(peaks), loss, [1e3 * t for t in times]
+
+
+def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int) -> list[dict]:
+    """Each DP mode between two measurements of the plain step (same process, same batch, same masks).
+
+    A busy machine drifts; the ratio of a mode is to the mean of the plain steps measured just before and
+    just after it, and only the plain model and the mode's model are alive at once.
+    """
+    cfg = model_config(name)
+    base = build_mae(cfg, seed=SEED).to(device)
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
+    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    plain_step = make_step("plain", copy.deepcopy(base), batch, SEED)
+    plain = [_measure(plain_step, device, burn_in, timed)]
+    records = []
+    for mode in DP_MODES:
+        model = copy.deepcopy(base)
+        ms, peak, loss, ms_all = _measure(make_step(mode, model, batch, SEED), device, burn_in, timed)
+        del model
+        plain.append(_measure(plain_step, device, 0, timed))
+        reference = (plain[-2][0] + plain[-1][0]) / 2
+        records.append({"config": name, "batch": batch_size, "mode": mode, "ms_per_step": ms, "ms_all": ms_all,
+                        "plain_ms_per_step": reference, "ratio_to_plain": ms / reference,
+                        "peak_mib": peak / 2 ** 20, "plain_peak_mib": max(p[1] for p in plain) / 2 ** 20,
+                        "loss": loss})
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS) + ["paper-p8"])
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: per config, 2)")
+    parser.add_argument("--burn-in", type=int, default=BURN_IN)
+    parser.add_argument("--timed", type=int, default=TIMED)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write all records here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"DP-SGD step vs plain step on {where}; sigma {NOISE_MULTIPLIER}, C {MAX_GRAD_NORM}, "
+          f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median)")
+    records = []
+    for name in args.configs:
+        recs = bench_config(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed)
+        records += recs
+        for r in recs:
+            print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<9} {r['ms_per_step']:10.1f} ms/step vs plain "
+                  f"{r['plain_ms_per_step']:10.1f} ms/step  x{r['ratio_to_plain']:.2f}   peak {r['peak_mib']:8.1f} "
+                  f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "records": records},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
