@@ -105,13 +105,15 @@ def _int(value: float | None) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], *, row_classes: Sequence[str] | None = None,
-           table_id: str = "", text_cols: int = 1) -> str:
+           table_id: str = "", text_cols: int = 1, left_cols: Sequence[int] = ()) -> str:
     """An HTML table; ``header`` and cells are already-escaped HTML.
 
-    The first ``text_cols`` columns hold names and are left-aligned; the others hold numbers.
+    The first ``text_cols`` columns (and the columns in ``left_cols``) hold text and are left-aligned; the
+    others hold numbers.
     """
     def cell(tag: str, i: int, content: str) -> str:
-        return f'<{tag} class="name">{content}</{tag}>' if i < text_cols else f"<{tag}>{content}</{tag}>"
+        left = i < text_cols or i in left_cols
+        return f'<{tag} class="name">{content}</{tag}>' if left else f"<{tag}>{content}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = []
@@ -444,6 +446,15 @@ def _final_section(run: RunRecord) -> str:
     return _section("final-metrics", "Final classifier", "".join(parts))
 
 
+def _round_note(r: RoundRecord) -> str:
+    """The note column: skipped rounds, then which site was rejected or failed and why (paths withheld)."""
+    lines = []
+    if r.skipped or r.note:
+        lines.append(("skipped" + (f": {r.note}" if r.note else "")) if r.skipped else r.note)
+    lines.extend(r.problems)
+    return "<br>".join(f'<span class="problem">{_e(_scrub_paths(line))}</span>' for line in lines)
+
+
 def _participation_section(run: RunRecord) -> str:
     rounds = [r for r in run.rounds if any(r.participation.get(k) is not None for k in PARTICIPATION_KEYS)]
     if not rounds:
@@ -452,10 +463,11 @@ def _participation_section(run: RunRecord) -> str:
     keys = [k for k in PARTICIPATION_KEYS if any(r.participation.get(k) is not None for r in rounds)]
     counts = {k: [r.participation.get(k) or 0 for r in rounds] for k in keys}
     uri = plots.participation_chart([r.server_round for r in rounds], counts)
-    rows = [(str(r.server_round), _e(r.phase), *(_int(r.participation.get(k)) for k in keys),
-             "skipped" + (f": {_e(r.note)}" if r.note else "") if r.skipped else _e(r.note)) for r in rounds]
+    rows = [(str(r.server_round), _e(r.phase), *(_int(r.participation.get(k)) for k in keys), _round_note(r))
+            for r in rounds]
     body = (_img(uri, "sites sampled, replied, failed and rejected per round")
-            + _table(("round", "phase", *keys, "note"), rows, table_id="participation-table", text_cols=2)
+            + _table(("round", "phase", *keys, "note"), rows, table_id="participation-table", text_cols=2,
+                     left_cols=(len(keys) + 2,))
             + '<p class="note">sampled: sites asked to train; replied: sites whose update was accepted and '
               "aggregated; failed: no reply in time or an error reply (training or evaluation); rejected: the "
               "reply failed the server's checks (schema, privacy, names, shapes, dtypes, finite values, norm "

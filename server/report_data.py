@@ -132,6 +132,7 @@ class RoundRecord:
     bytes_down: float | None
     skipped: bool
     note: str
+    problems: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +231,19 @@ def _site_block(block: Any) -> tuple[dict[str, float], dict[str, dict[str, float
     return aggregated, sites
 
 
+def _problems(items: Any, what: str) -> tuple[str, ...]:
+    """``[{"site", "check"?, "reason"}, ...]`` -> ``("rejected site0 (finite): non-finite values ...", ...)``."""
+    if not isinstance(items, list):
+        return ()
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        site, check, reason = (_pick(item, k, default="") for k in ("site", "check", "reason"))
+        out.append(f"{what} {site}" + (f" ({check})" if check else "") + (f": {reason}" if reason else ""))
+    return tuple(out)
+
+
 def _round_from_line(obj: Any, where: str) -> RoundRecord:
     if not isinstance(obj, Mapping):
         raise RunDirectoryError(f"{where} must be a JSON object (one round); got {type(obj).__name__}")
@@ -253,12 +267,14 @@ def _round_from_line(obj: Any, where: str) -> RoundRecord:
         down = _number(_pick(obj, "bytes_down", "down_bytes", "bytes_sent"))
     skipped = bool(_pick(obj, "skipped", default=False))
     note = _pick(obj, "note", "reason", default="")
+    problems = _problems(_pick(obj, "rejected_updates", default=[]), "rejected") + \
+        _problems(_pick(obj, "failures", default=[]), "failed")
     return RoundRecord(
         server_round=server_round, phase=phase,
         train_aggregated=train_agg, train_sites=train_sites,
         evaluate_aggregated=eval_agg, evaluate_sites=eval_sites,
         participation=participation, bytes_up=up, bytes_down=down,
-        skipped=skipped, note=note if isinstance(note, str) else "",
+        skipped=skipped, note=note if isinstance(note, str) else "", problems=problems,
     )
 
 
