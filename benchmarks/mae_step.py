@@ -157,11 +157,12 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
         "ours": lambda: MAE3D(cfg),
         "monai": lambda: monai_mae(cfg, flash=False),
         "monai-flash": lambda: monai_mae(cfg, flash=True),
+        "ours-compiled": lambda: torch.compile(MAE3D(cfg)),
     }
     runners = []
     for variant in variants:
         torch.manual_seed(SEED)
-        runners.append(Runner(variant, builders[variant](), cfg, batch, device, ours=variant == "ours"))
+        runners.append(Runner(variant, builders[variant](), cfg, batch, device, ours=variant.startswith("ours")))
     for _ in range(burn_in):
         for r in runners:
             r.step()
@@ -170,11 +171,13 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
             r.timed_step()
     record = {"config": name, "batch": batch, "models": {}}
     ours_median = statistics.median(runners[0].times)
+    ours_flops = runners[0].flops()
     for r in runners:
         median = statistics.median(r.times)
-        flops = r.flops()
+        compiled = r.name == "ours-compiled"  # same math as ours; the counters do not see inside compiled code
+        flops = ours_flops if compiled or r is runners[0] else r.flops()
         record["models"][r.name] = {
-            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": r.peak_bytes(),
+            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": None if compiled else r.peak_bytes(),
             "flops_per_step": flops, "achieved_flops": flops / median, "fraction_of_matmul_peak": flops / median / peak,
             "speedup_of_ours": median / ours_median,
         }
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "paper-p16"], choices=sorted(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=["ours", "monai", "monai-flash"],
-                        choices=["ours", "monai", "monai-flash"], help="'ours' first: ratios are against it")
+                        choices=["ours", "monai", "monai-flash", "ours-compiled"],
+                        help="'ours' first: ratios are against it; ours-compiled is torch.compile(MAE3D) (slow to build)")
     parser.add_argument("--burn-in", type=int, default=BURN_IN)
     parser.add_argument("--timed", type=int, default=TIMED)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             m["fraction_of_matmul_peak"] = m["achieved_flops"] / peak
             print(f"{rec['config']:>9} b{rec['batch']} {model_name:<11} median {m['median_s'] * 1000:9.1f} ms/step"
                   f"  time vs ours {m['speedup_of_ours']:5.2f}x  params {m['params'] / 1e6:7.2f} M"
-                  f"  peak {m['peak_bytes'] / 2 ** 30:6.2f} GiB"
+                  f"  peak {'   n/a' if m['peak_bytes'] is None else format(m['peak_bytes'] / 2 ** 30, '6.2f')} GiB"
                   f"  {m['achieved_flops'] / 1e9:7.1f} GFLOP/s = {100 * m['fraction_of_matmul_peak']:5.1f}% of peak")
     payload = {"device": str(device), "device_name": name, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "matmul_peak_flops": peak, "burn_in": args.burn_in,
