@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'':28s}{'ours':>12s}{'reference':>12s}")
     print(f"{'seconds per series (median)':28s}{ours_s:12.2f}{ref_s:12.2f}   speed-up {ref_s / ours_s:.1f}x")
-    print(f"{'peak extra memory (MiB)':28s}{ours_mib:12.0f}{ref_mib:12.0f}   ratio {ref_mib / max(ours_mib, 1e-9):.1f}x")
+    ratio = ref_mib / max(ours_mib, 1e-9)
+    print(f"{'peak extra memory (MiB)':28s}{ours_mib:12.0f}{ref_mib:12.0f}   ratio {ratio:.1f}x")
     print(f"{'lung volume (mL)':28s}{a.qc['lung_volume_ml']:12.0f}{b.qc['lung_volume_ml']:12.0f}")
     print(f"{'lung HU mean':28s}{a.qc['hu_mean']:12.1f}{b.qc['hu_mean']:12.1f}")
     print(f"output agreement: lung-mask Dice {mask_dice:.4f}, image mean |diff| {image_mad:.4f} "

@@ -118,7 +118,8 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"image", "lung_mask", "meta"} - set(npz.files)
             if missing:
-                raise CacheError(f"Unable to read cached sample {path} as it lacks {', '.join(sorted(missing))}; {hint}")
+                raise CacheError(f"Unable to read cached sample {path} as it lacks {', '.join(sorted(missing))}; "
+                                 f"{hint}")
             image = npz["image"]
             mask = npz["lung_mask"]
             meta_json = str(npz["meta"])

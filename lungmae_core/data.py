@@ -239,9 +239,10 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
     if labels is not None:
         items = labels.items() if isinstance(labels, Mapping) else None
         if items is None:
-            if len(labels) != len(ids):  # type: ignore[arg-type]
-                raise ConfigError(f"assign_splits got {len(ids)} patient ids but {len(labels)} labels")  # type: ignore[arg-type]
-            items = zip(ids, labels)  # type: ignore[arg-type]
+            label_list = list(labels)  # type: ignore[arg-type]
+            if len(label_list) != len(ids):
+                raise ConfigError(f"assign_splits got {len(ids)} patient ids but {len(label_list)} labels")
+            items = zip(ids, label_list)
         for pid, lab in items:
             lab = None if lab in (None, -1, "") else lab
             if pid in per_patient and per_patient[pid] != lab:

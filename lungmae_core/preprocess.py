@@ -31,7 +31,8 @@ from lungmae_core.errors import InvalidSeriesError
 from lungmae_core.lungmask import block_mean, coarse_lung_mask, lung_mask_from_hu
 from lungmae_core.volume import Volume, sample_linear, to_canonical
 
-__all__ = ["PreprocessConfig", "Sample", "preprocess_volume", "reference_preprocess", "lung_mask_from_hu", "crop_box_mm"]
+__all__ = ["PreprocessConfig", "Sample", "preprocess_volume", "reference_preprocess", "lung_mask_from_hu",
+           "crop_box_mm"]
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ class Volume:
             hu = hu.astype(np.float32)
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4):
-            raise InvalidSeriesError(f"Unable to use the volume as its affine has shape {affine.shape}; expected (4, 4)")
+            raise InvalidSeriesError(
+                f"Unable to use the volume as its affine has shape {affine.shape}; expected (4, 4)")
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
             raise InvalidSeriesError("Unable to use the volume as its affine is not finite and invertible")
         object.__setattr__(self, "hu", hu)

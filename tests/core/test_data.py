@@ -169,7 +169,8 @@ def test_small_cohorts_still_get_every_split():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"fractions": (0.5, 0.5, 0.5)}, "split fractions must be three non-negative numbers (train, val, test) summing to 1"),
+    ({"fractions": (0.5, 0.5, 0.5)},
+     "split fractions must be three non-negative numbers (train, val, test) summing to 1"),
     ({"fractions": (1.2, -0.2, 0.0)}, "got (1.2, -0.2, 0.0)"),
     ({"labels": [0]}, "got 2 patient ids but 1 labels"),
     ({"labels": {"a": 0, "b": 1}, "patient_ids": ["a", "a"]}, None),

@@ -65,7 +65,8 @@ def test_errors_name_file_line_and_column(tmp_path):
     path.write_text("series_id,status,colour\ns1,accepted,red\n")
     with pytest.raises(CacheError) as exc:
         read_manifest(tmp_path)
-    assert "header does not match" in str(exc.value) and "'colour'" in str(exc.value) and "'patient_id'" in str(exc.value)
+    message = str(exc.value)
+    assert "header does not match" in message and "'colour'" in message and "'patient_id'" in message
 
     path.write_text(",".join(MANIFEST_COLUMNS) + "\ns1,p,t,dicom,accepted" + "," * 19 + "\n")
     with pytest.raises(CacheError, match="line 2: manifest row s1: an accepted series needs a 'cache_file'"):

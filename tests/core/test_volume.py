@@ -60,7 +60,7 @@ def test_feet_first_series_orientation_code():
     affine = np.zeros((4, 4))
     affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = -2.5, 0.7, -0.7, 1.0
     vol = Volume(np.arange(60, dtype=np.float32).reshape(3, 4, 5), affine)
-    assert vol.orientation == "IPR"
+    assert vol.orientation == orientation_code(affine) == "IPR"
     canon = to_canonical(vol)
     assert canon.orientation == "SPL"
     assert canon.shape == (3, 4, 5)
