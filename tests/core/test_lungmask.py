@@ -72,7 +72,20 @@ def _lung_bases(p):
     return p.hu[: zs[0] + 4]
 
 
+def _head(p):
+    """A head-like volume: brain (30 HU) in a bone shell, air around it, small air-filled sinuses."""
+    d, h, w = 40, 96, 96
+    z, y, x = np.ogrid[:d, :h, :w]
+    r = np.sqrt(((z - 20) / 18.0) ** 2 + ((y - 48) / 40.0) ** 2 + ((x - 48) / 32.0) ** 2)
+    hu = np.full((d, h, w), -1000.0, np.float32)
+    hu[r < 1.0] = 700.0
+    hu[r < 0.9] = 30.0
+    hu[(z > 14) & (z < 20) & (y > 14) & (y < 22) & (np.abs(x - 48) < 10)] = -950.0  # sinuses
+    return hu + np.random.default_rng(1).normal(0, 10, hu.shape).astype(np.float32)
+
+
 @pytest.mark.parametrize("make,message", [
+    (_head, "Unable to find lungs as no air region inside the body reaches 80 mL"),
     (_lungs_removed, "mL is below the minimum of 500 mL (not a chest CT"),  # only the trachea is left
     (_abdomen, "Unable to find lungs"),
     (lambda p: np.full((20, 40, 40), -1000.0, np.float32), "Unable to find a body as no voxel is above -500 HU"),
