@@ -77,6 +77,8 @@ img{max-width:100%;height:auto;display:block;margin:6px 0 12px} .figs{display:fl
 .privacy{border-left:6px solid #2980b9;background:#ebf5fb;padding:10px 14px;margin:10px 0}
 nav a{margin-right:12px;font-size:.92em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
 .problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em}
+.cols{display:flex;flex-wrap:wrap;gap:0 20px;align-items:flex-start} .cols table{font-size:.82em}
+.cols td:last-child{max-width:210px;overflow-wrap:anywhere}
 """
 
 
@@ -198,9 +200,12 @@ def _config_section(run: RunRecord) -> str:
         else:
             shown = _e(value)
         rows.append((f"<code>{_e(name)}</code>", shown))
+    half = (len(rows) + 1) // 2 if len(rows) > 16 else len(rows)  # long configurations: two columns
+    tables = [_table(("key", "value"), part, table_id=ident, left_cols=(1,))
+              for part, ident in ((rows[:half], "config-table"), (rows[half:], "config-table-2")) if part]
     body = ('<p class="note">The run configuration as the server recorded it in <code>run_config.json</code>; '
-            "values that name files or directories are withheld.</p>" + _table(("key", "value"), rows,
-                                                                                table_id="config-table"))
+            "values that name files or directories are withheld.</p>"
+            + '<div class="cols">' + "".join(f"<div>{t}</div>" for t in tables) + "</div>")
     return _section("config", "Configuration", body)
 
 
