@@ -77,8 +77,8 @@ img{max-width:100%;height:auto;display:block;margin:6px 0 12px} .figs{display:fl
 .privacy{border-left:6px solid #2980b9;background:#ebf5fb;padding:10px 14px;margin:10px 0}
 nav a{margin-right:12px;font-size:.92em} code{background:#eef2f5;padding:1px 4px;border-radius:3px}
 .problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em}
-.cols{display:flex;flex-wrap:wrap;gap:0 20px;align-items:flex-start} .cols table{font-size:.82em}
-.cols td:last-child{max-width:210px;overflow-wrap:anywhere}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr));gap:0 20px;align-items:start}
+.cols table{font-size:.82em;width:100%} .cols td{overflow-wrap:anywhere}
 """
 
 
