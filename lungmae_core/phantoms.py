@@ -489,7 +489,7 @@ def _lung_vessels_and_airways(subj: _Subject, grid: _Grid, lung: np.ndarray, rng
     thin_radius = 0.75 * float(grid.spacing.min())
 
     def inside(point: np.ndarray) -> bool:
-        x, y, z = (float(v) for v in point)
+        x, y, z = point.tolist()
         i, j, k = round(z / sd - 0.5), round(y / sh + (nh - 1) / 2.0), round(x / sw + (nw - 1) / 2.0)
         return 0 <= i < nd and 0 <= j < nh and 0 <= k < nw and bool(lung[i, j, k])
 
