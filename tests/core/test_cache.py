@@ -46,6 +46,7 @@ def test_round_trip_keeps_arrays_qc_and_meta(tmp_path):
     assert back.qc == {"lung_volume_ml": 4200.0}
     assert read_sample_meta(path) == {"label": "ggo", "patient_id": "p-1"}
     assert [p.name for p in (tmp_path / "samples").iterdir()] == [f"{key}.npz"]  # no temp files left
+    assert path.stat().st_mode & 0o777 == 0o600  # patient-derived data: owner only
 
 
 def test_failed_write_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
