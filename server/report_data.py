@@ -377,8 +377,10 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if not run_dir.is_dir():
         raise RunDirectoryError(f"Unable to read run directory {run_dir} as it does not exist or is not a directory")
     if not (run_dir / "run_config.json").exists() and not (run_dir / "metrics.jsonl").exists():
+        inner = [d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "run_config.json").exists()]
+        hint = f"; did you mean {inner[0]}?" if inner else ""  # e.g. the simulate workdir instead of WORKDIR/run
         raise RunDirectoryError(f"Unable to read run directory {run_dir} as it has neither run_config.json nor "
-                                "metrics.jsonl; pass the directory the server wrote (federation.yaml 'run-dir')")
+                                f"metrics.jsonl; pass the directory the server wrote (federation.yaml 'run-dir'){hint}")
     warnings: list[str] = []
     run_config = _read_json(run_dir / "run_config.json", required=False)
     if run_config is None:

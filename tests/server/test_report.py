@@ -405,6 +405,8 @@ def test_resumed_round_logged_twice_keeps_the_later_line(tmp_path: Path) -> None
     ("no-phase", "{d}/metrics.jsonl line 1 has no 'phase' string (pretrain, finetune, ...); got ''"),
     ("bad-summary", "Unable to parse {d}/metrics.json as it is not valid JSON"),
     ("config-list", "{d}/run_config.json must hold a JSON object; got list"),
+    ("workdir", "as it has neither run_config.json nor metrics.jsonl; pass the directory the server wrote "
+                "(federation.yaml 'run-dir'); did you mean {d}/run?"),
 ])
 def test_bad_run_directory_errors_name_file_and_line(tmp_path: Path, setup: str, message: str) -> None:
     d = tmp_path / "run"
@@ -421,6 +423,10 @@ def test_bad_run_directory_errors_name_file_and_line(tmp_path: Path, setup: str,
         (d / "metrics.json").write_text('{"final": ')
     elif setup == "config-list":
         (d / "run_config.json").write_text("[]")
+    elif setup == "workdir":  # `lungmae simulate --workdir d` puts the run in d/run
+        (d / "sites").mkdir()
+        (d / "run").mkdir()
+        (d / "run" / "run_config.json").write_text("{}")
     with pytest.raises(RunDirectoryError) as info:
         render_report(d, reconstructions=False)
     assert message.format(d=d) in str(info.value)
