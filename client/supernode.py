@@ -19,15 +19,19 @@ from client.node_key import check_site_key
 from client.site_config import ConnectionSection
 from lungmae_core.errors import SiteConfigError
 
-__all__ = ["SUPERNODE_ADVICE", "deployment_problems", "supernode_command"]
+__all__ = ["ACTIVATION_REFUSED", "SUPERNODE_ADVICE", "deployment_problems", "supernode_command"]
+
+ACTIVATION_REFUSED = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR: also "still online from a crashed run"
 
 # Flower exit code -> what the hospital's IT should do (codes from flwr.supercore.exit.ExitCode).
 SUPERNODE_ADVICE = {
     302: "the authentication key is invalid; check connection: auth-key (run `lungmae site preflight`)",
     303: "node authentication needs TLS; set connection: root-certificates",
     305: "the SuperLink refused this SuperNode or could not be reached. If `lungmae site preflight` reaches it, "
-         "this site's key is not registered yet: send the .pub file of connection: auth-key to the coordinator, "
-         "who runs `flwr supernode register <site>.pub lungmae --name <site>`",
+         "either this site's key is not registered yet (send the .pub file of connection: auth-key to the "
+         "coordinator, who runs `flwr supernode register <site>.pub lungmae --name <site>`), or a SuperNode of "
+         "this site stopped abruptly less than a minute ago and the SuperLink still counts it as online "
+         "(start again in a minute)",
     600: "connection: superlink is not a valid host:port",
     603: "connection: root-certificates is not a PEM CA certificate (ask the coordinator for ca.crt)",
     604: "a path in the connection section does not exist",

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 __all__ = ["FLOWER_ENV_DEFAULTS", "flower_env", "run_forwarding_signals"]
 
@@ -57,8 +57,16 @@ def run_forwarding_signals(
     *,
     name: str,
     out=None,
+    retry_codes: Collection[int] = (),
+    retry_for_s: float = 0.0,
+    retry_every_s: float = 10.0,
+    retry_note: str = "",
 ) -> int:
     """Run ``cmd`` until it exits, relaying its output line by line and forwarding termination signals.
+
+    When the process reports one of ``retry_codes`` (e.g. a SuperNode refused because the SuperLink still
+    counts its previous, crashed connection as online), it is started again every ``retry_every_s`` seconds
+    until ``retry_for_s`` seconds have passed since the first start.
 
     The child runs in its own session (a Ctrl-C reaches it once, through us) and is killed if we die.
     Flower's helper processes (``flower-superexec``) inherit the output pipe and outlive the child by a few
@@ -70,18 +78,40 @@ def run_forwarding_signals(
         advice: Flower exit code -> sentence printed when the process reports that code.
         name: what to call the process in messages (``"SuperNode"``).
         out: where to relay the output. Defaults to ``sys.stdout``.
+        retry_codes / retry_for_s / retry_every_s / retry_note: see above; ``retry_note`` says why in the
+            message printed before each retry.
 
     Returns:
         The process's exit status; 0 after a clean stop by signal.
     """
-    out = sys.stdout if out is None else out
+    import time
+
+    started = time.monotonic()
+    while True:
+        status, code, stopped = _run_once(cmd, env, name=name, out=out)
+        if (code in retry_codes and not stopped
+                and time.monotonic() - started + retry_every_s <= retry_for_s):
+            print(f"lungmae: the {name} stopped with Flower exit code {code}; retrying in {retry_every_s:g} s "
+                  f"({retry_note})", file=sys.stderr, flush=True)
+            time.sleep(retry_every_s)
+            continue
+        break
+    if code is not None:
+        hint = advice.get(code, f"see https://flower.ai/docs/framework/ref-exit-codes/{code}.html")
+        print(f"lungmae: error: the {name} stopped with Flower exit code {code}: {hint}", file=sys.stderr)
+        return status or 1
+    return status
+
+
+def _run_once(cmd: Sequence[str], env: Mapping[str, str], *, name: str, out) -> tuple[int, int | None, bool]:
+    """One run of ``cmd``; returns ``(exit status, last Flower exit code or None, stopped on request)``."""
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
     except FileNotFoundError:
         print(f"lungmae: error: Unable to start the {name} as `{cmd[0]}` is not installed in this environment; "
               "install the project (pip install lungmae-fl) or use the container image", file=sys.stderr)
-        return 127
+        return 127, None, False
     codes: list[int] = []
     port_in_use = threading.Event()
     stopping = threading.Event()
@@ -121,17 +151,14 @@ def run_forwarding_signals(
                 proc.wait()
     relay.join(timeout=3)
     if codes:
-        code = codes[-1]
-        hint = advice.get(code, f"see https://flower.ai/docs/framework/ref-exit-codes/{code}.html")
-        print(f"lungmae: error: the {name} stopped with Flower exit code {code}: {hint}", file=sys.stderr)
-        return status or 1
+        return status, codes[-1], stopping.is_set()
     if port_in_use.is_set():
         print(f"lungmae: error: the {name} could not bind its port as another process uses it (an older "
               f"{name} still running?); stop it or change the port in the config", file=sys.stderr)
-        return status or 1
+        return status or 1, None, False
     if stopping.is_set():
         print(f"lungmae: the {name} stopped on request", file=sys.stderr)
-        return 0
+        return 0, None, True
     if status != 0:
         print(f"lungmae: error: the {name} exited with status {status}; see its log above", file=sys.stderr)
-    return status
+    return status, None, False

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lungmae site start`."""
     parser.add_argument("--config", type=Path, required=True, help="the site's site.yaml")
     parser.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous telemetry (off)")
+    parser.add_argument("--activation-retry-s", type=float, default=120.0,
+                        help="keep retrying this long when the SuperLink refuses activation: after a crash it "
+                             "holds the site's previous connection for up to a minute (120; 0: no retry)")
     parser.add_argument("--print-command", action="store_true",
                         help="print the flower-supernode command and exit (for a custom service manager)")
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import shlex
 
     from client.site_config import load_site_config
-    from client.supernode import SUPERNODE_ADVICE, supernode_command
+    from client.supernode import ACTIVATION_REFUSED, SUPERNODE_ADVICE, supernode_command
     from lungmae_cli._process import flower_env, run_forwarding_signals
 
     cfg = load_site_config(args.config)
@@ -50,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if metrics is not None:
             metrics.up = 1
-        return run_forwarding_signals(cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE,
-                                      name="SuperNode")
+        return run_forwarding_signals(
+            cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE, name="SuperNode",
+            retry_codes=(ACTIVATION_REFUSED,), retry_for_s=args.activation_retry_s, retry_every_s=10.0,
+            retry_note="the SuperLink may still hold this site's previous connection, or the key is not registered")
     finally:
         if metrics is not None:
             metrics.close()
