@@ -58,6 +58,8 @@ __all__ = [
     "REQUIRE_DP_KEY",
     "MAX_EPSILON_PER_ROUND_KEY",
     "OpacusPrivacy",
+    "central_dp_mean",
+    "central_dp_epsilon",
 ]
 
 logger = logging.getLogger(__name__)
@@ -591,3 +593,53 @@ class OpacusPrivacy:
     def epsilon(self, delta: float) -> float:
         """This round's epsilon at ``delta`` from Opacus' own accountant."""
         return 0.0 if self.engine is None else float(self.engine.accountant.get_epsilon(delta=delta))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Central DP: the server clips each site's update and adds Gaussian noise to their mean (site-level DP).
+# --------------------------------------------------------------------------------------------------------
+
+
+def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, noise_multiplier: float,
+                    generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Equal-weight mean of updates, each clipped to L2 norm ``clip``, plus ``N(0, (sigma clip / n)^2)`` noise.
+
+    The Gaussian mechanism on the sum of clipped site updates, as Flower's
+    ``DifferentialPrivacyServerSideFixedClipping``: one site changes the sum by at most ``clip``, so the
+    aggregate is site-level DP with noise multiplier ``sigma``. Weights must be equal (a weight by example
+    count would let a large site exceed the sensitivity), and robust aggregators (median, trimmed mean) are not
+    covered by this analysis.
+
+    Args:
+        updates: one ``{name: delta}`` per site, same names and shapes, float tensors.
+        clip: the bound ``S`` on each update's global L2 norm (over all its tensors).
+        noise_multiplier: ``sigma``.
+        generator: the noise's source (CPU generator); ``None``: the global RNG.
+
+    Returns:
+        (the noised mean ``{name: tensor}``, each update's norm before clipping).
+
+    Raises:
+        ValueError: for no update, ``clip <= 0`` or ``noise_multiplier <= 0``.
+    """
+    if not updates:
+        raise ValueError("central DP needs at least one update to aggregate")
+    if clip <= 0 or noise_multiplier <= 0:
+        raise ValueError(f"central DP needs clip > 0 and noise_multiplier > 0; got {clip} and {noise_multiplier}")
+    names = list(updates[0])
+    norms = [float(torch.sqrt(sum((u[k].double() ** 2).sum() for k in names))) for u in updates]
+    n = len(updates)
+    out: dict[str, torch.Tensor] = {}
+    for k in names:
+        ref = updates[0][k]
+        total = torch.zeros(ref.shape, dtype=torch.float64)
+        for u, norm in zip(updates, norms):
+            total += u[k].double().cpu() * min(1.0, clip / (norm + 1e-12))
+        noise = torch.randn(ref.shape, generator=generator, dtype=torch.float64) * (noise_multiplier * clip)
+        out[k] = ((total + noise) / n).to(ref.dtype)
+    return out, norms
+
+
+def central_dp_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Site-level epsilon of ``releases`` noised aggregates (no sampling amplification is claimed: q = 1)."""
+    return epsilon_for([(noise_multiplier, 1.0, releases)], delta)

@@ -154,16 +154,25 @@ class PrivacyRequirements:
     Args:
         require_dp: refuse updates from sites that do not train with DP-SGD.
         max_epsilon_per_round: largest epsilon a site may spend in one round (0: no limit).
-        central_dp: add server-side Gaussian noise to the aggregate.
+        central_dp: clip each site's update to ``central-dp-clip`` (L2) and add Gaussian noise of
+            ``central-dp-noise-multiplier * central-dp-clip`` to their sum (site-level DP of the aggregate;
+            equal weights, fedavg/fedprox only). Its epsilon at ``central-dp-delta`` is reported per round.
     """
 
     require_dp: bool = False
     max_epsilon_per_round: float = 0.0
     central_dp: bool = False
+    central_dp_noise_multiplier: float = 1.0
+    central_dp_clip: float = 1.0
+    central_dp_delta: float = 1e-3
 
     def __post_init__(self) -> None:
         check(self.max_epsilon_per_round >= 0,
               f"max-epsilon-per-round must be >= 0; got {self.max_epsilon_per_round}", _E)
+        check(self.central_dp_noise_multiplier > 0,
+              f"central-dp-noise-multiplier must be > 0; got {self.central_dp_noise_multiplier}", _E)
+        check(self.central_dp_clip > 0, f"central-dp-clip must be > 0; got {self.central_dp_clip}", _E)
+        check(0 < self.central_dp_delta < 1, f"central-dp-delta must be in (0, 1); got {self.central_dp_delta}", _E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +227,9 @@ class FederationConfig:
         check(len(set(self.classes)) == len(self.classes), f"classes must be distinct; got {list(self.classes)}", _E)
         check(self.round_timeout_s > 0, f"round-timeout-s must be > 0; got {self.round_timeout_s}", _E)
         check(self.compression in COMPRESSIONS, f"compression must be one of {COMPRESSIONS}", _E)
+        check(not self.privacy.central_dp or self.strategy.name in ("fedavg", "fedprox"),
+              f"privacy central-dp needs strategy fedavg or fedprox (an equal-weight mean of clipped updates); "
+              f"got {self.strategy.name!r}", _E)
 
     @property
     def num_classes(self) -> int:

@@ -181,7 +181,9 @@ class FederationRunner:
             method=self.cfg.strategy.name, trim=self.cfg.strategy.trim, mu=self.cfg.strategy.mu,
             compression=self.cfg.compression, max_norm=self.cfg.update_checks.max_norm, seed=self.cfg.seed,
             upload_names=self.upload_names(phase), static_config=self.static_config,
-            max_epsilon_per_round=self.cfg.privacy.max_epsilon_per_round, require_dp=self.cfg.privacy.require_dp)
+            max_epsilon_per_round=self.cfg.privacy.max_epsilon_per_round, require_dp=self.cfg.privacy.require_dp,
+            central_dp=(self.cfg.privacy.central_dp_noise_multiplier, self.cfg.privacy.central_dp_clip,
+                        self.cfg.privacy.central_dp_delta) if self.cfg.privacy.central_dp else None)
 
     def _evaluate(self, strategy: PhaseStrategy, server_round: int, arrays: ArrayRecord,
                   phase: str) -> RoundReport:

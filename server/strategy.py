@@ -27,7 +27,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from lungmae_core.errors import LungMAEError
-from lungmae_core.privacy import MAX_EPSILON_PER_ROUND_KEY, REQUIRE_DP_KEY, is_privacy_refusal
+from lungmae_core.privacy import (
+    MAX_EPSILON_PER_ROUND_KEY, REQUIRE_DP_KEY, central_dp_epsilon, central_dp_mean, is_privacy_refusal,
+)
 from lungmae_core.schema import (
     EVALUATE, FINAL, FINETUNE, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, SchemaError,
     check_metrics,
@@ -269,13 +271,15 @@ class PhaseStrategy(FedAvg):
         static_config: values added to every message config (model config, classes, mode, seed).
         max_epsilon_per_round: kept for the record; the sites enforce it on their planned round epsilon.
         require_dp: sample only sites that train with DP.
+        central_dp: ``None``, or ``(noise_multiplier, clip, delta)``: aggregate as an equal-weight mean of
+            updates clipped to ``clip`` plus Gaussian noise (``lungmae_core.privacy.central_dp_mean``).
     """
 
     def __init__(self, *, phase: str, sites: Mapping[int, SiteInfo], fraction: float = 1.0, min_sites: int = 1,
                  method: str = "fedavg", trim: float = 0.2, mu: float = 0.0, compression: str = "fp16",
                  max_norm: float = 1e3, seed: int = 0, upload_names: Sequence[str] | None = None,
                  static_config: Mapping[str, Any] | None = None, max_epsilon_per_round: float = 0.0,
-                 require_dp: bool = False) -> None:
+                 require_dp: bool = False, central_dp: tuple[float, float, float] | None = None) -> None:
         super().__init__(fraction_train=fraction, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=1, min_available_nodes=min_sites)
         self.phase = phase
@@ -291,6 +295,7 @@ class PhaseStrategy(FedAvg):
         self.static_config = dict(static_config or {})
         self.max_epsilon_per_round = max_epsilon_per_round
         self.require_dp = require_dp
+        self.central_dp = central_dp
         self.last_train: RoundReport | None = None
         self.last_evaluate: RoundReport | None = None
         self._global: dict[str, torch.Tensor] = {}
@@ -464,9 +469,22 @@ class PhaseStrategy(FedAvg):
                                           "the global model is kept")
             log.warning("round %d: %s", server_round, report.note)
             return None, None
-        agg = aggregate_updates(updates, weights, self.method, self.trim)
+        if self.central_dp is not None:
+            sigma, clip, delta = self.central_dp
+            agg, norms = central_dp_mean(updates, clip=clip, noise_multiplier=sigma,
+                                         generator=torch.Generator().manual_seed(self.seed * 7919 + server_round))
+            clipped = sum(1 for n in norms if n > clip)
+        else:
+            agg = aggregate_updates(updates, weights, self.method, self.trim)
         new_state = apply_delta(self._global, agg)
         report.aggregated = _weighted_mean(report.sites, skip=("update-bytes",))
+        if self.central_dp is not None:
+            # server_round counts every round of the schedule so far: an upper bound on the noised releases
+            report.aggregated["central-epsilon"] = central_dp_epsilon(sigma, server_round, delta)
+            report.aggregated["central-clipped"] = clipped
+            log.info("round %d: central DP, %d of %d updates clipped to %.3g, noise %.3g; central epsilon %.3f "
+                     "(delta %.2g)", server_round, clipped, len(updates), clip, sigma * clip / len(updates),
+                     report.aggregated["central-epsilon"], delta)
         log.info("round %d (%s): aggregated %d updates (%s), %d rejected, %d failed; %.1f kB down, %.1f kB up",
                  server_round, self.phase, len(updates), self.method, len(report.rejected), len(report.failed),
                  report.bytes_down / 1e3, report.bytes_up / 1e3)

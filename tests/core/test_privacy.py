@@ -312,3 +312,22 @@ def test_dp_linear_probe_classifier_beats_chance():
     assert privacy.steps_taken == plan.steps
     assert metrics["roc_auc"] >= 0.9 and metrics["balanced_accuracy"] > 0.5, metrics  # chance: 0.5 and 0.5
     assert math.isfinite(privacy.epsilon(1e-3))
+
+
+# -------------------------------------------------------------------------------------------- central DP
+def test_central_dp_mean_clips_each_update_and_adds_noise_of_the_stated_scale():
+    from lungmae_core.privacy import central_dp_epsilon, central_dp_mean
+
+    big = {"w": torch.full((200, 500), 1.0), "b": torch.zeros(7)}  # norm 316: clipped to 2
+    small = {"w": torch.zeros(200, 500), "b": torch.full((7,), 0.1)}  # norm 0.26: kept
+    quiet, norms = central_dp_mean([big, small], clip=2.0, noise_multiplier=1e-9)
+    assert norms == pytest.approx([316.2278, 0.2646], rel=1e-4)
+    assert quiet["w"] == pytest.approx(torch.full((200, 500), 2.0 / 316.2278 / 2), rel=1e-4)
+    assert quiet["b"] == pytest.approx(torch.full((7,), 0.05), rel=1e-4)
+    noisy, _ = central_dp_mean([big, small], clip=2.0, noise_multiplier=0.5,
+                               generator=torch.Generator().manual_seed(0))
+    noise = (noisy["w"] - quiet["w"]).flatten()
+    assert noise.std().item() == pytest.approx(0.5 * 2.0 / 2, rel=0.02)  # sigma * S / n
+    assert central_dp_epsilon(1.0, 3, 1e-3) == pytest.approx(epsilon_for([(1.0, 1.0, 3)], 1e-3))
+    with pytest.raises(ValueError, match="central DP needs clip > 0 and noise_multiplier > 0; got 0.0 and 1.0"):
+        central_dp_mean([small], clip=0.0, noise_multiplier=1.0)

@@ -108,3 +108,23 @@ def _train_message(state: dict[str, torch.Tensor], server_round: int) -> Message
 
 def _ctx() -> Context:
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def test_central_dp_reports_its_epsilon_per_round(tmp_path: Path) -> None:
+    from lungmae_core.privacy import central_dp_epsilon
+    from server.runner import FederationRunner
+
+    sites = prepared_sites(tmp_path / "sites")
+    run_dir = tmp_path / "run"
+    cfg = federation_from_mapping({
+        "model": {"name": "tiny", "overrides": {"img-size": 32, "depth": 2, "decoder-depth": 1}},
+        "phases": {"pretrain": {"rounds": 2, "local-epochs": 1, "lr": 1e-3, "min-sites": 1},
+                   "finetune": {"rounds": 0}},
+        "privacy": {"central-dp": True, "central-dp-noise-multiplier": 2.0, "central-dp-clip": 0.5},
+        "run-dir": str(run_dir), "round-timeout-s": 5, "update-checks": {"max-norm": 1e3}}, source="test")
+    FederationRunner(cfg, InProcessGrid(make_client_app(sites), [{"partition-id": 0}, {"partition-id": 1}])).run()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["train"]["aggregated"]["central-epsilon"] for x in lines] == pytest.approx(
+        [central_dp_epsilon(2.0, r, 1e-3) for r in (1, 2)])
+    with pytest.raises(Exception, match="privacy central-dp needs strategy fedavg or fedprox"):
+        federation_from_mapping({"privacy": {"central-dp": True}, "strategy": {"name": "median"}}, source="test")
