@@ -3,8 +3,8 @@
 Flower's FedAvg raises ``InconsistentMessageReplies`` when sites answer with different metric keys, and a
 site that leaves a key out when it has nothing to report makes the whole round fail. So every reply of a
 given kind carries exactly the keys listed here, always ``num-examples`` (the aggregation weight) and
-always ``epsilon`` (the site's total privacy spent so far, at its delta; 0.0 without DP). Values are plain ints and floats (one
-list of ints: the confusion matrix); nothing per scan, no identifiers, no paths.
+always ``epsilon`` (the site's total privacy spent so far, at its delta; 0.0 without DP). Values are plain
+ints and floats (one list of ints: the confusion matrix); nothing per scan, no identifiers, no paths.
 
 Framework-free (no ``flwr``): the ClientApp and ServerApp put these mappings into ``MetricRecord`` /
 ``ConfigRecord`` objects themselves.
