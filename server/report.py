@@ -509,24 +509,40 @@ def _privacy_section(run: RunRecord) -> str:
     info = run.site_info
     used = {s: sorted(p.items()) for s, p in per_site.items() if any(v > 0 for v in p.values())}
     used_names = set(used) | {s for s, i in info.items() if i.get("dp_enabled")}
-    if not used_names:
+    central = [(r.server_round, r.train_aggregated["central_epsilon"], r.train_aggregated.get("central_clipped"))
+               for r in run.rounds if "central_epsilon" in r.train_aggregated]
+    if not used_names and not central:
         return _section("privacy", "Differential privacy", _absent(
-            "Differential privacy was not used in this run: every site reported epsilon 0 (no DP-SGD)."
-            if per_site else "No site reported an epsilon, so differential privacy was not used."))
-    rows = []
-    for site in sorted(used_names):
-        spent = used[site][-1][1] if site in used else 0.0
-        budget = _number_or_none(info.get(site, {}).get("epsilon_budget"))
-        share = f"{100 * spent / budget:.0f}%" if budget else "&ndash;"
-        trained = sum(1 for r in run.rounds if site in r.train_sites)
-        rows.append((_e(site), _fmt(spent, 3), _fmt(budget, 3) if budget else "&ndash;", share, str(trained)))
-    parts = ['<p class="note">Each site reports the total epsilon it has spent so far (DP-SGD, RDP accounting at '
-             "its own delta), taken from the privacy ledger it keeps for itself; a site refuses to train once "
-             "its budget would be exceeded.</p>"]
-    if used:
-        parts.append(_img(plots.epsilon_chart(dict(used), site_order=run.sites), "epsilon spent per site over rounds"))
-    parts.append(_table(("site", "epsilon spent", "budget", "of budget", "rounds trained"), rows,
-                        table_id="privacy-table"))
+            "Differential privacy was not used in this run: every site reported epsilon 0 (no DP-SGD) and the "
+            "server added no noise (no central DP)." if per_site else
+            "No site reported an epsilon, so differential privacy was not used."))
+    parts = []
+    if used_names:
+        rows = []
+        for site in sorted(used_names):
+            spent = used[site][-1][1] if site in used else 0.0
+            budget = _number_or_none(info.get(site, {}).get("epsilon_budget"))
+            share = f"{100 * spent / budget:.0f}%" if budget else "&ndash;"
+            trained = sum(1 for r in run.rounds if site in r.train_sites)
+            rows.append((_e(site), _fmt(spent, 3), _fmt(budget, 3) if budget else "&ndash;", share, str(trained)))
+        parts.append('<h3>at the sites (DP-SGD)</h3><p class="note">Each site reports the total epsilon it has '
+                     "spent so far (RDP accounting at its own delta), taken from the privacy ledger it keeps for "
+                     "itself; a site refuses to train once its budget would be exceeded.</p>")
+        if used:
+            parts.append(_img(plots.epsilon_chart(dict(used), site_order=run.sites),
+                              "epsilon spent per site over rounds"))
+        parts.append(_table(("site", "epsilon spent", "budget", "of budget", "rounds trained"), rows,
+                            table_id="privacy-table"))
+    else:
+        parts.append(_absent("No site trained with DP-SGD (every site reported epsilon 0)."))
+    if central:
+        rows = [(str(rnd), _fmt(eps, 3), _int(clipped)) for rnd, eps, clipped in central]
+        parts.append('<h3>at the server (central DP)</h3><p class="note">The server clipped each site\'s update '
+                     "and added Gaussian noise to their mean: site-level DP of every aggregate, epsilon counted "
+                     "over all rounds so far at the federation's central-dp-delta. It is separate from the sites' "
+                     "own budgets.</p>"
+                     + _table(("round", "central epsilon (total)", "updates clipped"), rows,
+                              table_id="central-dp-table"))
     return _section("privacy", "Differential privacy", "".join(parts))
 
 

@@ -351,6 +351,18 @@ def test_absent_parts_are_left_out_with_a_sentence(tmp_path: Path, kwargs: dict[
         assert sentence in section_text(page, section), (section, sentence)
 
 
+def test_central_dp_epsilon_of_the_server_is_shown(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", finetune=0)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for k, line in enumerate(lines, start=1):  # what server/strategy.py adds to the train aggregate
+        line["train"]["aggregated"].update({"central-epsilon": 1.5 * k, "central-clipped": k - 1})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    page, _ = parse(render_report(run_dir, reconstructions=False))
+    assert page.tables["central-dp-table"] == [["round", "central epsilon (total)", "updates clipped"],
+                                               ["1", "1.500", "0"], ["2", "3.000", "1"]]
+    assert "No site trained with DP-SGD" in section_text(page, "privacy")
+
+
 def test_run_without_any_round_renders_every_section_with_a_sentence(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finetune=0, final=False)
     (run_dir / "metrics.jsonl").unlink()
