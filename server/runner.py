@@ -76,7 +76,7 @@ class FederationRunner:
         self.final: dict[str, Any] | None = None
         self.audit = AuditLog(self.run_dir / "audit.jsonl" if cfg.server.audit_log else None)
         self.prom = FederationMetrics(cfg.server.metrics_port or None)
-        self._queried: set[tuple[str, str]] = set()
+        self._joined: set[int] = set()
 
     # ---------------------------------------------------------------------------------- models
     @property
@@ -170,8 +170,8 @@ class FederationRunner:
                     timeout_s=self.cfg.round_timeout_s, config=self.static_config)
         self.prom.sites_connected(len(list(self.grid.get_node_ids())))
         for info in self.sites.values():
-            if (info.node_id, "joined") not in self._queried:
-                self._queried.add((info.node_id, "joined"))  # type: ignore[arg-type]
+            if info.node_id not in self._joined:
+                self._joined.add(info.node_id)
                 self.audit.record("site-joined", site=info.name, error=info.error[:200])
 
     def _strategy(self, phase: str) -> PhaseStrategy:

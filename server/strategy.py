@@ -385,6 +385,7 @@ class PhaseStrategy(FedAvg):
         """Separate failed replies and replies that break the schema from usable ones."""
         by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
         usable = []
+        replies = list(replies)
         for reply in replies:
             node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             site = self._name(node)
@@ -416,6 +417,10 @@ class PhaseStrategy(FedAvg):
             if kind == TRAIN and not self._privacy_ok(node, site, metrics, report):
                 continue
             usable.append((site, reply, metrics))
+        answered = {by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        for node in [m.metadata.dst_node_id for m in self._messages if m.metadata.dst_node_id not in answered]:
+            report.failed.append({"site": self._name(node), "reason": "no reply within round-timeout-s"})
+            log.warning("%s %s: site %s did not reply in time", kind, phase, self._name(node))
         report.replied = [s for s, _, _ in usable]
         return usable
 

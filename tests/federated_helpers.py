@@ -30,7 +30,8 @@ class InProcessGrid(Grid):
     Args:
         client_app: the ClientApp under test.
         node_configs: one node config per node (node ids 101, 102, ...).
-        tamper: ``f(node_id, reply) -> reply`` applied to every successful reply (bad-update tests).
+        tamper: ``f(node_id, reply) -> reply`` applied to every successful reply (bad-update tests);
+            returning None drops the reply, as a round timeout would.
         kill_after: raise :class:`ServerKilled` on this many-th ``send_and_receive`` call (1-based).
     """
 
@@ -81,6 +82,8 @@ class InProcessGrid(Grid):
                     reply = self.tamper(msg.metadata.dst_node_id, reply)
             except Exception as exc:  # what the Flower runtimes do with a ClientApp exception
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=delivered)
+            if reply is None:
+                continue
             reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
             replies.append(reply)
         return replies

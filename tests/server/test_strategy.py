@@ -83,6 +83,18 @@ def test_round_aggregates_able_sites_only(method: str, expected: float) -> None:
     assert metrics["train-loss"] == pytest.approx((1.0 * 1 + 2.0 * 2) / 3)
 
 
+def test_missing_reply_counts_as_failed_and_round_is_skipped() -> None:
+    grid = _grid(2)
+    sites = query_sites(grid, {}, phase="pretrain", kind="train", min_sites=1, timeout_s=5)
+    grid.tamper = lambda node, reply: None if node == 102 else reply
+    strategy = PhaseStrategy(phase="pretrain", sites=sites, min_sites=2, compression="fp16")
+    messages = list(strategy.configure_train(1, state_to_arrays(GLOBAL), ConfigRecord(), grid))
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert arrays is None and metrics is None
+    assert strategy.last_train.failed == [{"site": "s1", "reason": "no reply within round-timeout-s"}]
+    assert strategy.last_train.skipped and "1 valid updates, fewer than min-sites 2" in strategy.last_train.note
+
+
 def test_fraction_sampling_is_deterministic_and_respects_min_sites() -> None:
     grid = _grid(2)
     sites = query_sites(grid, {}, phase="pretrain", kind="train", min_sites=1, timeout_s=5)
