@@ -226,14 +226,16 @@ def sample_rate_for(num_samples: int, batch_size: int) -> float:
 
 
 def steps_for(num_samples: int, batch_size: int, epochs: int, max_steps: int | None = None) -> int:
-    """Optimizer steps of ``epochs`` passes of Opacus' Poisson loader, capped at ``max_steps``.
+    """Optimizer steps of a round as ``lungmae_core.train`` takes them: ``max_steps`` when set, else ``epochs``
+    passes of Opacus' Poisson loader.
 
     An epoch of that loader is ``int(1 / q)`` steps, which is ``ceil(N / B)`` except where floating point
     rounds ``1 / (1 / k)`` below ``k`` (k = 93, 99, ...): then it is one step fewer. Planning from the same
     expression keeps the ledger exact.
     """
-    steps = epochs * int(1 / sample_rate_for(num_samples, batch_size))
-    return steps if max_steps is None else min(steps, max_steps)
+    if max_steps is not None:
+        return int(max_steps)
+    return epochs * int(1 / sample_rate_for(num_samples, batch_size))
 
 
 def default_delta(num_samples: int) -> float:

@@ -112,6 +112,7 @@ def test_sample_rate_and_steps_are_those_of_opacus_poisson_loader(n, batch):
     assert sample_rate_for(n, batch) == loader.sample_rate
     assert steps_for(n, batch, epochs=3) == 3 * len(loader)
     assert steps_for(n, batch, epochs=3, max_steps=2) == 2
+    assert steps_for(n, batch, epochs=1, max_steps=50) == 50  # train.py runs max_steps when it is set
 
 
 def test_epsilon_for_is_opacus_rdp_accountant_stepped_independently():
