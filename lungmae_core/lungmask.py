@@ -30,9 +30,11 @@ __all__ = ["CoarseLungMask", "coarse_lung_mask", "lung_mask_from_hu", "block_mea
 
 log = logging.getLogger(__name__)
 
-# In-plane 8-connectivity, no connection between slices: per-slice operations on a 3D array.
+# In-plane 4-connectivity, no connection between slices: per-slice labelling of the background on a 3D array.
+# (Background 4-connected is the complement of foreground 8-connected: a wall one voxel thick that runs
+# diagonally still encloses a hole, as in scipy's binary_fill_holes.)
 _IN_PLANE = np.zeros((3, 3, 3), bool)
-_IN_PLANE[1] = True
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

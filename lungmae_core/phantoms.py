@@ -404,7 +404,8 @@ def _render_anatomy(subj: _Subject, grid: _Grid, rng: np.random.Generator,
                + 12.0 * texture[z0:z1])
         for side, code in ((-1, 1), (1, 2)):
             inside, rho = _lung_field(s, side, X, Y, Z, wob)
-            inside &= ~heart & ~aorta & (np.abs(X) > s.medial) & (rv > 26.0) & (e_in < 1.0)
+            # Inside the rib cage: at least ~7 mm of chest wall beyond the ribs' centre line.
+            inside &= ~heart & ~aorta & (np.abs(X) > s.medial) & (rv > 26.0) & (d_rad < -7.0)
             out = np.where(inside, par, out)
             lung[z0:z1][inside] = code
             rho_all[z0:z1][inside] = rho[inside]
