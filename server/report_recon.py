@@ -117,10 +117,13 @@ def load_mae(checkpoint: Mapping[str, Any], run_config: Mapping[str, Any]) -> tu
     state, args, _, server_round = parts
     if args is not None and _model_config_mapping(args):
         cfg = from_mapping(ModelConfig, _model_config_mapping(args), source="checkpoint 'model_args'")
+    elif isinstance(run_config.get("model_config"), Mapping):  # what the runner writes to run_config.json
+        cfg = from_mapping(ModelConfig, _model_config_mapping(run_config["model_config"]),
+                           source="run_config.json 'model_config'")
     else:
-        model = run_config.get("model", "tiny")
-        name = model.get("name", "tiny") if isinstance(model, Mapping) else str(model)
-        cfg = model_config(name)
+        federation = run_config.get("federation", run_config)
+        model = federation.get("model", "tiny") if isinstance(federation, Mapping) else "tiny"
+        cfg = model_config(model.get("name", "tiny") if isinstance(model, Mapping) else str(model))
     mae = build_mae(cfg)
     tensors = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
     mae.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
