@@ -105,6 +105,7 @@ def run_forwarding_signals(
 
 def _run_once(cmd: Sequence[str], env: Mapping[str, str], *, name: str, out) -> tuple[int, int | None, bool]:
     """One run of ``cmd``; returns ``(exit status, last Flower exit code or None, stopped on request)``."""
+    out = sys.stdout if out is None else out
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)

@@ -64,6 +64,12 @@ def test_sigterm_is_forwarded_and_counts_as_a_clean_stop(tmp_path: Path, capsys:
     assert "the SuperLink stopped on request" in capsys.readouterr().err
 
 
+def test_output_goes_to_stdout_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_forwarding_signals(_script(tmp_path, "print('hello from flower')\n"), flower_env(), {},
+                                  name="SuperNode") == 0
+    assert "hello from flower" in capsys.readouterr().out
+
+
 def test_missing_program(capsys: pytest.CaptureFixture) -> None:
     assert run_forwarding_signals(["no-such-flower-binary"], {}, {}, name="SuperNode") == 127
     assert "`no-such-flower-binary` is not installed" in capsys.readouterr().err
