@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # diagonally still encloses a hole, as in scipy's binary_fill_holes.)
 _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+_FULL = ndimage.generate_binary_structure(3, 3)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,7 +106,8 @@ def _ball(radius_vox: Sequence[float]) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
+    """Largest 26-connected component (the foreground pair of the 4-connected background used for holes)."""
+    labels, n = ndimage.label(mask, structure=_FULL)
     if n == 0:
         return mask
     sizes = np.bincount(labels.ravel())

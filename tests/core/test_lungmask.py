@@ -112,3 +112,18 @@ def test_block_mean_averages_whole_blocks_and_drops_partial_ones():
     assert out[1, 1, 0] == pytest.approx(a[2:4, 2:4, :].mean())
     np.testing.assert_array_equal(block_mean(a, (1, 1, 1)), a)
     assert block_mean(a, (9, 1, 1)).shape == (1, 4, 3)  # factor larger than the axis: one block
+
+
+def test_one_voxel_diagonal_wall_still_encloses_the_lungs():
+    """A chest wall that is one voxel thick and runs diagonally (a staircase touching only at corners) must
+    still enclose the lungs: the per-slice background is 4-connected, as in binary_fill_holes."""
+    y, x = np.ogrid[-48:48, -48:48]
+    diamond = np.abs(x) + np.abs(y)
+    slice_hu = np.full((96, 96), -1000.0, np.float32)
+    slice_hu[diamond <= 30] = 40.0                      # body: the wall is the single diagonal ring |x|+|y| = 30
+    lungs = (diamond <= 29) & (np.abs(x) > 3)
+    slice_hu[lungs] = -850.0
+    hu = np.repeat(slice_hu[None], 30, axis=0)
+    mask = lung_mask_from_hu(hu, (4.0, 3.0, 3.0), PreprocessConfig(closing_mm=0.0))
+    expected = np.repeat(lungs[None], 30, axis=0)
+    assert dice(mask, expected) > 0.99
