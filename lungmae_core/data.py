@@ -64,7 +64,8 @@ class _VolumeDataset(Dataset):
         return int(self._images.shape[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self._images[index], "lung_mask": self._masks[index].float(),
+        # A copy: in-place augmentation of an item must not change the dataset held in memory.
+        return {"image": self._images[index].clone(), "lung_mask": self._masks[index].float(),
                 "label": int(self.labels[index])}
 
     @property

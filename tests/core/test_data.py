@@ -52,6 +52,8 @@ def test_cached_volumes_items_labels_and_ids(cache, samples):
     assert item["lung_mask"].dtype == torch.float32 and set(item["lung_mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["label"] == 2
     np.testing.assert_array_equal(item["image"].numpy(), samples[2].image)
+    item["image"].zero_()  # in-place augmentation of an item leaves the dataset untouched
+    np.testing.assert_array_equal(ds[2]["image"].numpy(), samples[2].image)
 
 
 @pytest.mark.parametrize("kwargs,expected_ids", [
