@@ -242,6 +242,7 @@ class _Loop:
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches on the device with their lr set, until the step budget is spent."""
         while self.step < self.total_steps:
+            step_before = self.step
             for batch in self.loader:
                 if self.step >= self.total_steps:
                     break
@@ -253,6 +254,9 @@ class _Loop:
                     continue
                 yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                        for k, v in batch.items()}
+            if self.step == step_before:
+                raise DatasetError(f"Unable to train as the data loader yielded no batch in a whole pass "
+                                   f"({len(self.loader.dataset)} items)")  # type: ignore[arg-type]
 
     def empty_step(self) -> None:
         """Poisson sampling picked nobody: under DP-SGD this is still a (noise-only) step."""
