@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lungmae certs`."""
     parser.add_argument("--out", type=Path, required=True, help="directory for ca/, server/ and sites/")
     parser.add_argument("--server-name", action="append", default=[], metavar="DNS",
-                        help="DNS name of the coordinator as sites reach it (repeat; e.g. fl.consortium.org)")
+                        help="DNS name of the coordinator as sites reach it (repeat; e.g. fl.consortium.org); "
+                             "localhost and 127.0.0.1 are always added (the ServerApp connects on loopback)")
     parser.add_argument("--server-ip", action="append", default=[], metavar="IP",
                         help="IP address of the coordinator as sites reach it (repeat; e.g. 10.0.0.5)")
     parser.add_argument("--site", action="append", default=[], metavar="NAME",
@@ -43,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
     ca_key, ca_crt = make_ca(out / "ca", args.organisation)
     print(f"CA certificate   {ca_crt}  (give to every site; keep {ca_key} offline)")
     if args.server_name or args.server_ip:
-        key, crt = make_server_certificate(out / "server", ca_key, ca_crt, names=args.server_name,
-                                           ips=args.server_ip, days=args.days, overwrite=args.renew_server)
+        # The SuperLink's own ServerApp and the coordinator's CLI reach it on the loopback address, over TLS
+        # too: the certificate must always name localhost and 127.0.0.1 as well.
+        names = list(dict.fromkeys([*args.server_name, "localhost"]))
+        ips = list(dict.fromkeys([*args.server_ip, "127.0.0.1"]))
+        key, crt = make_server_certificate(out / "server", ca_key, ca_crt, names=names, ips=ips, days=args.days,
+                                           overwrite=args.renew_server)
         info = certificate_summary(crt)
         print(f"server cert      {crt}  key {key}")
         print(f"                 names: {', '.join(map(str, info['sans']))}; valid until {info['not_after']}")

@@ -15,8 +15,8 @@ from server.certs import CertificateError, certificate_summary, make_ca, make_se
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pki")
-    assert main(["certs", "--out", str(out), "--server-name", "localhost", "--server-name", "fl.example.org",
-                 "--server-ip", "127.0.0.1", "--site", "hospital-a", "--site", "hospital-b"]) == 0
+    assert main(["certs", "--out", str(out), "--server-name", "fl.example.org", "--server-ip", "10.0.0.5",
+                 "--site", "hospital-a", "--site", "hospital-b"]) == 0
     return out
 
 
@@ -25,7 +25,7 @@ def test_server_certificate_verifies_against_ca_and_names_hosts(pki: Path) -> No
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     info = certificate_summary(pki / "server/server.pem")
-    assert info["sans"] == ["localhost", "fl.example.org", "127.0.0.1"]
+    assert info["sans"] == ["fl.example.org", "localhost", "10.0.0.5", "127.0.0.1"]  # loopback always added
     assert (pki / "server/ca.crt").read_bytes() == (pki / "ca/ca.crt").read_bytes()
 
 
