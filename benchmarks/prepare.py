@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nifti", type=Path, help="preprocess this NIfTI volume instead of a phantom")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
+    if args.ours_runs < 1 or args.reference_runs < 1:
+        parser.error("--ours-runs and --reference-runs must be >= 1 (the comparison needs both)")
 
     t0 = time.perf_counter()
     if args.nifti:
