@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # Tuned so that the default run ends within 5 minutes on 2 CPU cores and the classifier clearly beats chance.
-DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=24, pretrain_rounds=2, finetune_rounds=5,
+DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=32, pretrain_rounds=2, finetune_rounds=6,
                                 pretrain_epochs=1, finetune_epochs=4, seed=0, slices=48, matrix=96)
 
 

@@ -33,4 +33,4 @@ def test_simulate_two_sites_one_plus_one_rounds(tmp_path: Path, capsys: pytest.C
     assert summary["status"] == "completed" and set(summary["final"]["sites"]) <= {"site0", "site1"}
     assert {"accuracy", "balanced_accuracy", "weighted_f1", "roc_auc"} <= set(summary["final"]["pooled"])
     assert (run / "model" / "manifest.json").exists() and (run / "state.json").exists()
-    assert "step 2/4  finetune 1/1" in out and f"metrics: {run / 'metrics.json'}" in out
+    assert "step 3/4  finetune 1/1" in out and f"metrics: {run / 'metrics.json'}" in out
