@@ -17,6 +17,8 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -68,11 +70,20 @@ def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] |
     return index, None
 
 
+@functools.lru_cache(maxsize=1)
+def _generator_fingerprint() -> str:
+    """Hash of the phantom generator's source: cached phantoms are redrawn whenever the generator changes."""
+    from lungmae_core import phantoms
+
+    return hashlib.sha256(Path(phantoms.__file__).read_bytes()).hexdigest()[:16]
+
+
 def _phantom_key(label: str, seed: int, scanner_index: int, size: int, shape: tuple[int, int, int] | None) -> str:
     from lungmae_core.cache import cache_key
     from lungmae_core.preprocess import PreprocessConfig
 
-    source = f"phantom-v{PHANTOM_SOURCE_VERSION}:{label}:{seed}:{scanner_index}:{shape}"
+    source = (f"phantom-v{PHANTOM_SOURCE_VERSION}:{_generator_fingerprint()}:{label}:{seed}:{scanner_index}:"
+              f"{shape}")
     return cache_key(source, PreprocessConfig(size=size))
 
 
@@ -91,7 +102,8 @@ def phantom_dataset(
     Phantom ``i`` has class ``CLASS_NAMES[i % 4]``, subject seed ``seed * 100_000 + i`` and scanner
     ``scanner_for_site(i // 4 % 4)``, so the pooled data mixes hospitals like a centralized study would.
     Each is preprocessed as a site would (lung mask, crop, cube, HU window) and cached atomically in
-    ``cache_dir``; a rerun with the same arguments only reads the cache.
+    ``cache_dir``; a rerun with the same arguments only reads the cache (keys include a hash of the
+    generator's source and the preprocessing fingerprint, so stale phantoms are never reused).
 
     Args:
         scans: number of phantoms (>= 4: one per class at least).
