@@ -49,8 +49,11 @@ def _dp_site(site_yaml: Path, out_dir: Path) -> tuple[Path, float, float]:
     return Path(path), eps2, cap
 
 
-def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: Path) -> None:
+def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     from server.runner import FederationRunner
+
+    caplog.set_level("WARNING", logger="server.strategy")
 
     site0, site1 = prepared_sites(tmp_path / "sites")
     dp_site0, eps2, cap = _dp_site(site0, tmp_path / "dp-site0")
@@ -76,6 +79,8 @@ def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: 
     refusal = [f for f in train[2]["failures"] if f["site"] == name0]
     assert refusal and refusal[0]["reason"].startswith("privacy-refusal: Unable to train pretrain round 3")
     assert name0 not in train[3]["participation"]["sampled"]
+    assert any(f"site {name0} refused for privacy and is excluded from further training rounds: "
+               "privacy-refusal: Unable to train pretrain round 3" in r.getMessage() for r in caplog.records)
     assert all(name1 in x["train"]["sites"] for x in train) and not any(x["skipped"] for x in train)
 
     ledger = PrivacyLedger(tmp_path / "dp-site0" / "ledger.json", budget_epsilon=cap, delta=None)
