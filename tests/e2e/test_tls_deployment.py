@@ -9,9 +9,10 @@ and a federation costs minutes on two cores:
    the CA is wrong; the unregistered site2 is refused by the SuperLink and `lungmae site start` says why.
 3. `lungmae server run` submits the federation (3 pretrain rounds of the tiny model); a real Prometheus
    scrapes the ServerApp's metrics and a query returns the round counter.
-4. site1 is SIGKILLed while it trains round 2: the round finishes with site0 within the round timeout, and
-   site1, started again, is back in a later round.
-5. The whole server (lungmae, SuperLink, SuperExec, ServerApp) is SIGKILLed during round 3 and started again:
+4. site1 is SIGKILLed while it trains round 1 and started again at once: the round finishes with site0
+   within the round timeout; the SuperLink refuses site1 until its old connection expires, `lungmae site
+   start` retries, and site1 is back in a later round.
+5. The whole server (lungmae, SuperLink, SuperExec, ServerApp) is SIGKILLed during the next round and started again:
    `lungmae server run` resubmits, the ServerApp resumes from the last checkpoint (at most one round lost)
    and the federation completes.
 
@@ -232,7 +233,8 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
                        "--name", f"site{i}")
         assert out["success"], out
     for i in (0, 1, 2):
-        dep.start(f"site{i}", [*LUNGMAE, "site", "start", "--config", str(site_yaml[i])])
+        retry = ["--activation-retry-s", "0"] if i == 2 else []  # the unregistered site: fail at once
+        dep.start(f"site{i}", [*LUNGMAE, "site", "start", "--config", str(site_yaml[i]), *retry])
 
     from client.preflight import run_preflight, tls_probe
     from server.certs import make_ca
@@ -251,26 +253,31 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     refused = dep.procs["site2"]
     assert refused.wait(timeout=120) != 0
     assert "this site's key is not registered yet" in dep.log("site2")
+    assert "exit code 305; retrying" not in dep.log("site2")
 
-    # 4. site1 killed while it trains round 2 ---------------------------------------------------------------
-    _wait_for("round 1", lambda: len(_metrics_rounds(run_dir)) >= 1, 300, 2)
+    # 4. site1 killed while it trains round 1, started again at once ---------------------------------------
+    _wait_for("site1 to receive the train message of round 1",
+              lambda: dep.log("site1").count("Receiving: train message") >= 1, 180, 0.5)
+    _kill_role("site1")
+    # started again at once: the SuperLink refuses it until the crashed node's heartbeat expires (~60 s),
+    # and `lungmae site start` keeps retrying until it is let in
+    dep.start("site1", [*LUNGMAE, "site", "start", "--config", str(site_yaml[1])])
+    # no hang: the round timeout ends the round with the sites that replied
+    _wait_for("round 1 without site1", lambda: len(_metrics_rounds(run_dir)) >= 1, ROUND_TIMEOUT_S + 120, 1)
+    round1 = _metrics_rounds(run_dir)[0]
+    assert round1["participation"]["replied"] == ["site0"], round1["participation"]
     counter = _wait_for("Prometheus to return the round counter", lambda: _prometheus_query(
         prom_port, 'lungmae_rounds_completed_total{phase="pretrain"}'), 60, 1)
     assert float(counter[0]["value"][1]) >= 1
 
-    _wait_for("site1 to receive the train message of round 2",
-              lambda: dep.log("site1").count("Receiving: train message") >= 2, 120, 0.5)
-    _kill_role("site1")
-    # no hang: the round timeout ends the round with the sites that replied
-    _wait_for("round 2 without site1", lambda: len(_metrics_rounds(run_dir)) >= 2, ROUND_TIMEOUT_S + 90, 1)
-    round2 = _metrics_rounds(run_dir)[1]
-    assert round2["participation"]["replied"] == ["site0"], round2["participation"]
-    dep.start("site1", [*LUNGMAE, "site", "start", "--config", str(site_yaml[1])])
-
-    # 5. the whole server killed during round 3, started again -----------------------------------------------
+    # 5. site1 back; then the whole server killed during the next round, started again -----------------------
+    _wait_for("site1 to be let in again", lambda: sum(
+        n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 180, 2)
+    done = len(_metrics_rounds(run_dir))
+    assert done < 3, "the federation finished before the server could be killed"
+    _wait_for(f"round {done + 1} to start at site0",
+              lambda: dep.log("site0").count("Receiving: train message") >= done + 1, 120, 0.5)
     checkpoint_before = json.loads((run_dir / "state.json").read_text())
-    _wait_for("round 3 to start at site0",
-              lambda: dep.log("site0").count("Receiving: train message") >= 3, 120, 0.5)
     _kill_role("server")
     assert not _tagged_pids("server")
     time.sleep(2)
@@ -288,8 +295,9 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     assert resumed and resumed[-1]["server_round"] >= checkpoint_before["server_round"], resumed
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     rounds = _metrics_rounds(run_dir)
-    later = [r for r in rounds if r["round"] > 2 and "site1" in r["participation"]["replied"]]
+    later = [r for r in rounds if r["round"] > done and "site1" in r["participation"]["replied"]]
     assert later, [r["participation"] for r in rounds]
+    assert "exit code 305; retrying in 10 s" in dep.log("site1")
     assert not any(k in json.dumps(audit) for k in ("patient", str(root / "sites")))
 
     status = json.loads(subprocess.run([*LUNGMAE, "server", "status", "--config", "federation.yaml", "--json"],
