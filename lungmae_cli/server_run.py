@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise LungMAEError(f"Unable to submit the federation as {app} has no pyproject.toml; give --app with the "
                            "LungMAE-FL project directory")
+    if not cfg.resume:
+        print(f"lungmae: warning: {args.config} sets resume: false, so a run submitted again after a SuperLink "
+              "restart starts over from round 1 instead of resuming from the last checkpoint", flush=True)
     follower = RunFollower(FlwrCLI(env=flower_env()), app, args.config, cfg.run_dir,
                            max_restarts=args.max_restarts, poll_s=args.poll_s,
                            unreachable_limit_s=args.unreachable_limit_s,
