@@ -266,9 +266,12 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     _wait_for("round 1 without site1", lambda: len(_metrics_rounds(run_dir)) >= 1, ROUND_TIMEOUT_S + 120, 1)
     round1 = _metrics_rounds(run_dir)[0]
     assert round1["participation"]["replied"] == ["site0"], round1["participation"]
+    assert round1["participation"]["failed"] == ["site1"], round1["participation"]
     counter = _wait_for("Prometheus to return the round counter", lambda: _prometheus_query(
         prom_port, 'lungmae_rounds_completed_total{phase="pretrain"}'), 60, 1)
     assert float(counter[0]["value"][1]) >= 1
+    failed = _prometheus_query(prom_port, 'lungmae_site_replies_total{outcome="failed"}')
+    assert failed and float(failed[0]["value"][1]) >= 1, failed
 
     # 5. site1 back; then the whole server killed during the next round, started again -----------------------
     _wait_for("site1 to be let in again", lambda: sum(
