@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from typing import TextIO
 
 __all__ = ["FLOWER_ENV_DEFAULTS", "flower_env", "run_forwarding_signals"]
 
@@ -56,7 +57,7 @@ def run_forwarding_signals(
     advice: Mapping[int, str],
     *,
     name: str,
-    out=None,
+    out: TextIO | None = None,
     retry_codes: Collection[int] = (),
     retry_for_s: float = 0.0,
     retry_every_s: float = 10.0,
@@ -103,7 +104,8 @@ def run_forwarding_signals(
     return status
 
 
-def _run_once(cmd: Sequence[str], env: Mapping[str, str], *, name: str, out) -> tuple[int, int | None, bool]:
+def _run_once(cmd: Sequence[str], env: Mapping[str, str], *, name: str,
+              out: TextIO | None) -> tuple[int, int | None, bool]:
     """One run of ``cmd``; returns ``(exit status, last Flower exit code or None, stopped on request)``."""
     out = sys.stdout if out is None else out
     try:
