@@ -1,0 +1,65 @@
+"""Wall time of the main job, `lungmae simulate` with its defaults, against the 5-minute target on 2 CPU cores.
+
+Usage::
+
+    python benchmarks/simulate.py                         # defaults, fresh workdir, report included
+    python benchmarks/simulate.py --cores 0,1 --json sim.json   # pin to two cores (emulate the target box)
+
+Runs the real command in a subprocess (a fresh Ray each time), parses its own summary lines and prints one
+line: total wall seconds beside the 300 s reference, the data part (synthetic DICOM + site prepare), the
+final pooled accuracy / balanced accuracy beside chance (1 / number of classes), and the machine's load
+average at the start (a busy machine inflates the time; rerun when idle for a figure to quote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REFERENCE_S = 300.0  # the main job must finish within 5 minutes on 2 CPU cores
+CHANCE = 0.25        # 4 ILD classes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", default="", help="taskset CPU list, e.g. 0,1 (default: no pinning)")
+    parser.add_argument("--json", type=Path, default=None, help="write the record here")
+    parser.add_argument("extra", nargs="*", help="extra `lungmae simulate` arguments (after --)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-simulate-"))
+    cmd = [str(Path(sys.executable).parent / "lungmae"), "simulate", "--workdir", str(workdir), *args.extra]
+    if args.cores:
+        cmd = ["taskset", "-c", args.cores, *cmd]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    out = proc.stdout
+    data = re.search(r"\(data (\d+) s\)", out)
+    pooled = re.search(r"accuracy ([0-9.]+), balanced accuracy ([0-9.]+)", out)
+    record = {"wall_s": round(wall, 1), "reference_s": REFERENCE_S, "data_s": float(data.group(1)) if data else None,
+              "accuracy": float(pooled.group(1)) if pooled else None,
+              "balanced_accuracy": float(pooled.group(2)) if pooled else None, "chance": CHANCE,
+              "returncode": proc.returncode, "load_avg_1m_at_start": round(load, 2), "cores": args.cores or "all",
+              "cpu_count": os.cpu_count(), "args": args.extra}
+    print(f"lungmae simulate: {wall:.0f} s (reference {REFERENCE_S:.0f} s), data {record['data_s']} s, "
+          f"pooled accuracy {record['accuracy']} / balanced {record['balanced_accuracy']} (chance {CHANCE}), "
+          f"exit {proc.returncode}, load {load:.1f} at start")
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if proc.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
