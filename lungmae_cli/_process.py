@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import TextIO
 
 __all__ = ["FLOWER_ENV_DEFAULTS", "flower_env", "run_forwarding_signals"]
@@ -32,8 +33,16 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def flower_env(base: Mapping[str, str] | None = None, telemetry: bool = False) -> dict[str, str]:
-    """The environment for a Flower process: ``base`` (default: ours) with telemetry and update check off."""
+    """The environment for a Flower process: ``base`` (default: ours) with telemetry and update check off.
+
+    The directory of this Python's scripts is put first on ``PATH``, so ``flower-superlink``, ``flwr`` and
+    the helpers Flower starts by name are found even when the virtual environment is not activated (systemd
+    units, ``.venv/bin/python -m pytest``).
+    """
     env = dict(os.environ if base is None else base)
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (scripts, env.get("PATH", "")) if p)
     for key, value in FLOWER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"

@@ -79,3 +79,10 @@ def test_telemetry_is_off_unless_asked() -> None:
     assert flower_env({"FLWR_TELEMETRY_ENABLED": "1"})["FLWR_TELEMETRY_ENABLED"] == "0"
     assert flower_env({}, telemetry=True)["FLWR_TELEMETRY_ENABLED"] == "1"
     assert flower_env({})["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+
+
+def test_this_pythons_scripts_come_first_on_path() -> None:
+    """`.venv/bin/python -m pytest` or a systemd unit: flwr and flower-* are found without activating."""
+    env = flower_env({"PATH": "/usr/bin"})
+    first = env["PATH"].split(os.pathsep)[0]
+    assert first == str(Path(sys.executable).parent) and (Path(first) / "flower-superlink").exists()

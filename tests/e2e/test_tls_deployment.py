@@ -181,7 +181,9 @@ def _prometheus_query(port: int, query: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("tls-deploy")
-    env = dict(os.environ, FLWR_HOME=str(root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+    from lungmae_cli._process import flower_env
+
+    env = dict(flower_env(), FLWR_HOME=str(root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     dep = Deployment(root, env)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lungmae_cli._process import flower_env
 from server.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, RunFollower
 
 
@@ -101,7 +101,8 @@ def test_real_flwr_cli_reports_an_unreachable_superlink_as_none(tmp_path: Path) 
         port = sock.getsockname()[1]
     (tmp_path / "config.toml").write_text(f'[superlink]\ndefault = "lungmae"\n[superlink.lungmae]\n'
                                           f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    cli = FlwrCLI(env=dict(os.environ, FLWR_HOME=str(tmp_path)), timeout_s=60)
+    env = dict(flower_env(), FLWR_HOME=str(tmp_path))  # finds flwr next to this Python, venv active or not
+    cli = FlwrCLI(env=env, timeout_s=60)
     assert cli.run_status(1) is None
     with pytest.raises(FlwrCLIError, match="SuperLink connection 'nope' not found"):
-        FlwrCLI(connection="nope", env=dict(os.environ, FLWR_HOME=str(tmp_path)), timeout_s=60).nodes()
+        FlwrCLI(connection="nope", env=env, timeout_s=60).nodes()
