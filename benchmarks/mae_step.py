@@ -163,23 +163,31 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
     for variant in variants:
         torch.manual_seed(SEED)
         runners.append(Runner(variant, builders[variant](), cfg, batch, device, ours=variant.startswith("ours")))
-    for _ in range(burn_in):
+    # Burn-in steps double as the measuring steps: the first records peak memory, the second counts FLOPs
+    # (neither is timed), so a slow config such as paper-p8 needs no extra steps.
+    peaks: dict[str, int | None] = {}
+    flops: dict[str, int] = {}
+    for i in range(max(burn_in, 2)):
         for r in runners:
-            r.step()
+            compiled = r.name == "ours-compiled"  # the counters do not see inside compiled code
+            if i == 0:
+                peaks[r.name] = None if compiled else r.peak_bytes()
+            elif i == 1 and not compiled:
+                flops[r.name] = r.flops()
+            else:
+                r.step()
     for _ in range(timed):  # interleaved
         for r in runners:
             r.timed_step()
     record = {"config": name, "batch": batch, "models": {}}
     ours_median = statistics.median(runners[0].times)
-    ours_flops = runners[0].flops()
     for r in runners:
         median = statistics.median(r.times)
-        compiled = r.name == "ours-compiled"  # same math as ours; the counters do not see inside compiled code
-        flops = ours_flops if compiled or r is runners[0] else r.flops()
+        step_flops = flops.get(r.name, flops[runners[0].name])  # compiled: same math as ours
         record["models"][r.name] = {
-            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": None if compiled else r.peak_bytes(),
-            "flops_per_step": flops, "achieved_flops": flops / median, "fraction_of_matmul_peak": flops / median / peak,
-            "speedup_of_ours": median / ours_median,
+            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": peaks[r.name],
+            "flops_per_step": step_flops, "achieved_flops": step_flops / median,
+            "fraction_of_matmul_peak": step_flops / median / peak, "speedup_of_ours": median / ours_median,
         }
     return record
 
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["ours", "monai", "monai-flash"],
                         choices=["ours", "monai", "monai-flash", "ours-compiled"],
                         help="'ours' first: ratios are against it; ours-compiled is torch.compile(MAE3D) (slow to build)")
-    parser.add_argument("--burn-in", type=int, default=BURN_IN)
+    parser.add_argument("--burn-in", type=int, default=BURN_IN,
+                        help="untimed steps per model (at least 2: they measure peak memory and FLOPs)")
     parser.add_argument("--timed", type=int, default=TIMED)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
