@@ -79,6 +79,7 @@ class FederationRunner:
         self.audit = AuditLog(self.run_dir / "audit.jsonl" if cfg.server.audit_log else None)
         self.prom = FederationMetrics(cfg.server.metrics_port or None)
         self._joined: set[int] = set()
+        self._connected: set[int] = set()  # node ids connected at the last site check (audit: site-left)
 
     # ---------------------------------------------------------------------------------- models
     @property
@@ -171,7 +172,14 @@ class FederationRunner:
         query_sites(self.grid, self.sites, phase=phase, kind=kind, min_sites=min_sites,
                     timeout_s=self.cfg.round_timeout_s if timeout_s is None else timeout_s,
                     config=self.static_config)
-        self.prom.sites_connected(len(list(self.grid.get_node_ids())))
+        connected = set(self.grid.get_node_ids())
+        self.prom.sites_connected(len(connected))
+        for node in sorted(self._connected - connected):
+            self.audit.record("site-left", site=self.sites[node].name if node in self.sites else f"node-{node}")
+        for node in sorted((connected - self._connected) & self._joined):
+            self.audit.record("site-joined", site=self.sites[node].name if node in self.sites else f"node-{node}",
+                              rejoined=True)
+        self._connected = connected
         for info in self.sites.values():
             if info.node_id not in self._joined:
                 self._joined.add(info.node_id)
@@ -247,6 +255,9 @@ class FederationRunner:
             bytes_sent=record["bytes"]["down"], bytes_received=record["bytes"]["up"],
             train_metrics=train.aggregated, eval_metrics={k: v for k, v in evaluate.aggregated.items()
                                                           if not isinstance(v, list)})
+        for site in train.replied:
+            self.audit.record("update-accepted", site=site, phase=step.phase, server_round=step.server_round,
+                              num_examples=int(train.sites.get(site, {}).get("num-examples", 0)))
         for r in rejected:
             self.audit.record("update-rejected", site=r["site"], phase=step.phase, server_round=step.server_round,
                               check=r["check"], reason=r["reason"][:300])
