@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/dp_step.py                              # tiny and paper-p16 at batch 2
     python benchmarks/dp_step.py --configs tiny --timed 5 --json dp_step.json
+    python benchmarks/dp_step.py --interleave --timed 8   # all modes alive, steps alternate (busy machines)
 
 One process, one config at a time. For each mode a fresh copy of the same seeded MAE takes the same steps
 (forward with the same masks, per-sample lung-weighted L1, backward, AdamW) on the same synthetic batch:
@@ -184,6 +185,37 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
     return records
 
 
+def bench_config_interleaved(name: str, batch_size: int, device: torch.device, burn_in: int,
+                             timed: int) -> list[dict]:
+    """All modes alive at once, one step of each in turn (plain, hooks, functorch, ghost, plain, ...).
+
+    On a machine shared with other work, load changes within seconds; round-robin steps see the same load,
+    so the medians compare well. Needs memory for every mode's model and optimizer state at once.
+    """
+    cfg = model_config(name)
+    base = build_mae(cfg, seed=SEED).to(device)
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
+    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    modes = ("plain",) + DP_MODES
+    steps = {mode: make_step(mode, copy.deepcopy(base), batch, SEED) for mode in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    peaks: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(burn_in):
+        for mode in modes:
+            steps[mode]()
+    for _ in range(timed):
+        for mode in modes:
+            ms, peak, _, _ = _measure(steps[mode], device, 0, 1)
+            times[mode].append(ms)
+            peaks[mode].append(peak)
+    plain = statistics.median(times["plain"])
+    return [{"config": name, "batch": batch_size, "mode": mode, "ms_per_step": statistics.median(times[mode]),
+             "ms_all": times[mode], "plain_ms_per_step": plain,
+             "ratio_to_plain": statistics.median(times[mode]) / plain, "peak_mib": max(peaks[mode]) / 2 ** 20,
+             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True} for mode in DP_MODES]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS) + ["paper-p8"])
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="write all records here")
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep every mode's model alive and alternate their steps (steadier on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median)")
     records = []
     for name in args.configs:
-        recs = bench_config(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed)
+        bench = bench_config_interleaved if args.interleave else bench_config
+        recs = bench(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed)
         records += recs
         for r in recs:
             print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<9} {r['ms_per_step']:10.1f} ms/step vs plain "
