@@ -303,6 +303,8 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     later = [r for r in rounds if r["round"] > done and "site1" in r["participation"]["replied"]]
     assert later, [r["participation"] for r in rounds]
     assert "exit code 305; retrying in 10 s" in dep.log("site1")
+    accepted = {(r["site"], r["server_round"]) for r in audit if r["event"] == "update-accepted"}
+    assert ("site0", 1) in accepted and ("site1", 1) not in accepted, accepted
     assert not any(k in json.dumps(audit) for k in ("patient", str(root / "sites")))
 
     status = json.loads(subprocess.run([*LUNGMAE, "server", "status", "--config", "federation.yaml", "--json"],
