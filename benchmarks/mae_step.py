@@ -14,7 +14,8 @@ on CPU it is the bytes autograd saves for backward (activations, deduplicated by
 differs between implementations, plus parameters, gradients and AdamW state. Achieved FLOP/s uses the
 FLOPs that ``torch.utils.flop_counter`` counts for one step and is compared with a measured fp32 matmul peak.
 
-Prints one summary line per config and model, and writes a JSON record (``--json``).
+Prints one summary line per config and model (median and minimum step time: on a shared machine the minimum
+is the steadier figure), and writes a JSON record (``--json``).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
         median = statistics.median(r.times)
         step_flops = flops.get(r.name, flops[runners[0].name])  # compiled: same math as ours
         record["models"][r.name] = {
-            "median_s": median, "times_s": r.times, "params": r.params, "peak_bytes": peaks[r.name],
+            "median_s": median, "min_s": min(r.times), "times_s": r.times, "params": r.params, "peak_bytes": peaks[r.name],
             "flops_per_step": step_flops, "achieved_flops": step_flops / median,
             "fraction_of_matmul_peak": step_flops / median / peak, "speedup_of_ours": median / ours_median,
         }
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_name, m in rec["models"].items():
             m["fraction_of_matmul_peak"] = m["achieved_flops"] / peak
             print(f"{rec['config']:>9} b{rec['batch']} {model_name:<11} median {m['median_s'] * 1000:9.1f} ms/step"
+                  f" (min {m['min_s'] * 1000:9.1f})"
                   f"  time vs ours {m['speedup_of_ours']:5.2f}x  params {m['params'] / 1e6:7.2f} M"
                   f"  peak {'   n/a' if m['peak_bytes'] is None else format(m['peak_bytes'] / 2 ** 30, '6.2f')} GiB"
                   f"  {m['achieved_flops'] / 1e9:7.1f} GFLOP/s = {100 * m['fraction_of_matmul_peak']:5.1f}% of peak")
