@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from lungmae_core.atomic import atomic_write_bytes
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["NodeKeyError", "SITE_NAME_RE", "check_site_key", "make_site_key"]
@@ -35,21 +35,6 @@ _FIX = "make one with `lungmae certs --site NAME` or `ssh-keygen -t ecdsa -b 384
 
 class NodeKeyError(LungMAEError, ValueError):
     """The SuperNode key is missing, unreadable or of a kind Flower cannot use."""
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _public_line(key: ec.EllipticCurvePrivateKey, site: str) -> bytes:
@@ -79,13 +64,13 @@ def make_site_key(site_dir: Path, site: str) -> tuple[Path, Path]:
         check_site_key(key_path)
         if not pub_path.exists():
             key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
-            _write_atomic(pub_path, _public_line(key, site), 0o644)  # type: ignore[arg-type]
+            atomic_write_bytes(pub_path, _public_line(key, site), 0o644)  # type: ignore[arg-type]
         logger.info("Keeping the existing key of site %s in %s", site, key_path)
         return key_path, pub_path
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                               serialization.NoEncryption()), 0o600)
-    _write_atomic(pub_path, _public_line(key, site), 0o644)
+    atomic_write_bytes(pub_path, _public_line(key, site), 0o644)
     logger.info("Created the authentication key of site %s in %s", site, key_path)
     return key_path, pub_path
 

@@ -26,9 +26,8 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -39,8 +38,9 @@ import numpy as np
 from client.labels import LabelIssue, LabelTable, read_labels
 from client.pseudonym import Pseudonymizer, load_or_create_secret
 from client.site_config import SiteConfig
+from lungmae_core.atomic import atomic_write_text
 from lungmae_core.cache import cache_key, read_sample_meta, remove_stale_temp_files, sample_path, write_sample
-from lungmae_core.dicom import (REJECTION_CODES, DicomSeries, SeriesRejected, SeriesRules, SkippedFile, SlicePlan,
+from lungmae_core.dicom import (REJECTION_CODES, DicomSeries, SeriesRejected, SeriesRules, SlicePlan,
                                 choose_per_study, index_tree, load_series, plan_series)
 from lungmae_core.errors import InvalidSeriesError, SiteConfigError
 from lungmae_core.manifest import ManifestRow, write_manifest
@@ -232,17 +232,8 @@ def _prune(cache_dir: Path, keep: set[str]) -> int:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Files derived from patient data stay readable by the site's own user only."""
+    atomic_write_text(path, text, mode=0o600)
 
 
 def _histogram(values: Sequence[float], edges: Sequence[float]) -> dict[str, int]:

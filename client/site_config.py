@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lungmae_core.atomic import atomic_write_text
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
 from lungmae_core.dicom import SeriesRules
 from lungmae_core.errors import SiteConfigError
@@ -292,8 +293,5 @@ def write_site_config(cfg: SiteConfig, path: str | os.PathLike[str], *, relative
         data[name] = section
     text = (f"# LungMAE-FL site configuration ({cfg.site.name}); relative paths are relative to this file.\n"
             + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Make what is missing under ``--out`` and print the register command per site."""
     from client.node_key import make_site_key
-    from server.certs import certificate_summary, make_ca, make_server_certificate, write_atomic
+    from lungmae_core.atomic import atomic_write_bytes
+    from server.certs import certificate_summary, make_ca, make_server_certificate
 
     out: Path = args.out
     if len(set(args.site)) != len(args.site):
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     registered = []
     for site in args.site:
         key, pub = make_site_key(out / "sites" / site, site)
-        write_atomic(out / "sites" / site / "ca.crt", ca_crt.read_bytes(), 0o644)
+        atomic_write_bytes(out / "sites" / site / "ca.crt", ca_crt.read_bytes(), 0o644)
         print(f"site {site:<12} private key {key} (give to that site only), public key {pub}")
         registered.append((site, pub))
     if registered:

@@ -25,7 +25,7 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], mode: int | None = None, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsync'd and renamed to ``path``.
 
     For writers that want a file name (``np.savez``, ``torch.save``). On any exception the temporary file is
@@ -36,6 +36,8 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
         mode: permission bits set on the temporary file before the rename (e.g. ``0o600`` for keys and for
             anything derived from patient data), so the final name never exists with looser permissions.
             ``None``: what a plain ``open()`` would give (``0o666`` less the umask).
+        fsync: flush the data to disk before the rename (the default). Only files that can be regenerated at
+            will (synthetic DICOM, thousands per site) skip it.
 
     Examples:
         >>> with atomic_path(cache / "samples" / "ab12.npz") as tmp:
@@ -49,8 +51,9 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
         os.fchmod(fd, _default_mode() if mode is None else mode)
         os.close(fd)
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,6 +71,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None 
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None) -> None:
-    """Write ``obj`` as indented JSON (sorted keys, trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None, *,
+                      sort_keys: bool = False) -> None:
+    """Write ``obj`` as indented JSON (trailing newline; values JSON cannot hold as ``str``) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n", mode)

@@ -13,11 +13,11 @@ import io
 import logging
 import math
 import os
-import tempfile
 import typing
 from collections.abc import Iterable
 from pathlib import Path
 
+from lungmae_core.atomic import atomic_write_text
 from lungmae_core.errors import CacheError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_COLUMNS", "ManifestRow", "write_manifest", "read_manifest", "STATUSES",
@@ -110,16 +110,7 @@ def write_manifest(cache_dir: str | os.PathLike[str], rows: Iterable[ManifestRow
     writer.writerow(MANIFEST_COLUMNS)
     for row in sorted(rows, key=lambda r: r.series_id):
         writer.writerow([_format(getattr(row, c)) for c in MANIFEST_COLUMNS])
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(final, buf.getvalue(), mode=0o600)  # pseudonymous, but per-scan: the site's user only
     return final
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lungmae_core.atomic import atomic_path, atomic_write_json
 from lungmae_core.config import ModelConfig, TrainConfig, model_config, to_mapping
 from lungmae_core.errors import DatasetError, InvalidSeriesError
 from lungmae_core.heads import ILDClassifier, transfer_encoder
@@ -202,19 +203,13 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, cfg: M
     """Save ``{model, model_args, **extra}`` atomically (temporary name, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "model_args": to_mapping(cfg), **extra}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
 
 
 class _EpochLog:

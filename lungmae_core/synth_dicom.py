@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lungmae_core.atomic import atomic_path, atomic_write_text
 from lungmae_core.phantoms import PHANTOM_CLASSES, ScannerProfile, generate_phantom, scanner_for_site
 
 __all__ = ["SyntheticStudy", "SyntheticScan", "SiteSynthResult", "write_ct_series", "write_scout",
@@ -178,9 +179,8 @@ def _stored(hu: np.ndarray, signed: bool) -> tuple[np.ndarray, float]:
 
 def _save(ds, path: Path) -> None:
     """Write a DICOM file atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:  # synthetic: regenerated at will, thousands of files
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def _signed_storage(scanner: ScannerProfile) -> bool:
@@ -421,9 +421,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
     labelled = set(np.random.default_rng([seed, site_index, 13]).permutation(n_scans)[:n_labelled].tolist())
     labels_csv = root / "labels.csv"
     lines = ["patient_id,label"] + [f"{s.patient_id},{s.label}" for i, s in enumerate(scans) if i in labelled]
-    tmp = labels_csv.with_name(labels_csv.name + ".part")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, labels_csv)
+    atomic_write_text(labels_csv, "\n".join(lines) + "\n")
     logger.info("Wrote synthetic site %d: %d studies (%s, %s) to %s", site_index, n_scans, scanner.manufacturer,
                 scanner.patient_position, root)
     return SiteSynthResult(root=root, dicom_dir=dicom_dir, labels_csv=labels_csv, scanner=scanner,

@@ -25,9 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,9 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from lungmae_core.atomic import atomic_write_bytes
 from lungmae_core.errors import LungMAEError
 
-__all__ = ["CertificateError", "certificate_summary", "make_ca", "make_server_certificate", "write_atomic"]
+__all__ = ["CertificateError", "certificate_summary", "make_ca", "make_server_certificate"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +46,6 @@ _DEFAULT_DAYS = 825  # the longest validity browsers and most TLS stacks still a
 
 class CertificateError(LungMAEError, ValueError):
     """A certificate or key could not be made, read or is of the wrong kind."""
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file + rename, with ``mode`` set before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> _dt.datetime:
@@ -102,9 +85,9 @@ def make_ca(ca_dir: Path, organisation: str = "LungMAE-FL consortium", days: int
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()), 0o600)
-    write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     logger.info("Created the consortium CA in %s", ca_dir)
     return key_path, crt_path
 
@@ -173,10 +156,10 @@ def make_server_certificate(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
         .sign(ca_private, hashes.SHA256())
     )
-    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()), 0o600)
-    write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    write_atomic(server_dir / "ca.crt", ca_crt.read_bytes(), 0o644)
+    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(server_dir / "ca.crt", ca_crt.read_bytes(), 0o644)
     logger.info("Issued the server certificate %s for %s", crt_path, ", ".join([*names, *ips]))
     return key_path, crt_path
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from importlib import metadata
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lungmae_core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lungmae_core.errors import LungMAEError
 
 __all__ = [
@@ -51,30 +51,6 @@ MAE_LATEST = "mae-latest.pt"  # the newest pretrain checkpoint, kept through pru
 
 class CheckpointError(LungMAEError):
     """A checkpoint or ``state.json`` is unreadable, corrupt, or from a different configuration."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -148,16 +124,8 @@ class CheckpointStore:
         payload = {"format": FORMAT, **dataclasses.asdict(ckpt)}
         payload["weights"] = {k: v.detach().cpu().contiguous() for k, v in ckpt.weights.items()}
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
         atomic_write_json(self.state_path, {
             "format": FORMAT,
             "step_index": ckpt.step_index,
@@ -253,16 +221,8 @@ def export_model(run_dir: Path, weights: Mapping[str, torch.Tensor], manifest: M
     out = Path(run_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".model.pt.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({k: v.detach().cpu().contiguous() for k, v in weights.items()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, model_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(model_path) as tmp:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp)
     full = dict(manifest)
     full.update({
         "code_version": code_version(),

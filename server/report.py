@@ -18,11 +18,12 @@ import datetime as _dt
 import html
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lungmae_core.atomic import atomic_write_text
 
 from server import plots
 from server.report_data import (
@@ -598,14 +599,6 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
             f"<nav>{nav}</nav>" + "".join(sections) + "</main></body></html>\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def render_report(run_dir: str | Path, out: str | Path | None = None, *, reconstructions: bool = True) -> Path:
@@ -637,6 +630,6 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, reconst
         recon, reason = phantom_reconstruction(run)
     out_path = Path(out) if out is not None else run_dir / REPORT_NAME
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_path, build_html(run, recon, reason))
+    atomic_write_text(out_path, build_html(run, recon, reason))
     logger.info("Report written to %s", out_path)
     return out_path
