@@ -221,7 +221,11 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         phase = config_value(config, "phase", str)
         model, mcfg = _build_model(config)
         received = _load_global(model, msg)
-        epochs = min(config_value(config, "local-epochs", int), site.training.max_local_epochs)
+        asked = config_value(config, "local-epochs", int)
+        epochs = min(asked, site.training.max_local_epochs)
+        if epochs < asked:
+            log.warning("site '%s': the server asked for %d local epochs; training %d (site.yaml training: "
+                        "max-local-epochs)", site.site.name, asked, epochs)
         overrides = dict(lr=config_value(config, "lr", float), epochs=epochs, batch_size=site.training.batch_size,
                          num_workers=site.training.num_workers)
         mu = config_value(config, "proximal-mu", float, 0.0)
