@@ -389,8 +389,8 @@ def evaluate_mae(
 ) -> dict[str, float | int]:
     """Masked reconstruction L1, plain and on lung patches only, each beside a trivial predictor's.
 
-    The trivial predictor outputs, at every patch position, the average patch over the evaluated dataset
-    (the "mean anatomy"). An MAE whose L1 is not clearly below the baseline's has learned nothing beyond
+    The trivial predictor outputs, at every patch position, the average patch of the OTHER scans of the
+    evaluated dataset (the "mean anatomy", leave-one-out so it never sees the scan it predicts). An MAE whose L1 is not clearly below the baseline's has learned nothing beyond
     the average anatomy, and its features are then no better than random for classification; reporting
     both makes that failure visible. Both are scored on the same masks (seeded by ``seed``), pooled over
     all masked patches of the dataset.
@@ -414,12 +414,12 @@ def evaluate_mae(
     was_training = model.training
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    mean_patch = torch.zeros(mcfg.num_patches, mcfg.patch_dim, dtype=torch.float64, device=device)
+    sum_patch = torch.zeros(mcfg.num_patches, mcfg.patch_dim, dtype=torch.float64, device=device)  # (L, P)
     for batch in loader:
         images = batch["image"].to(device)
         _check_volume_size(images, mcfg)
-        mean_patch += patchify3d(images, mcfg.patch_size).sum(dim=0, dtype=torch.float64)
-    mean_patch = (mean_patch / len(dataset)).float().unsqueeze(0)  # (1, L, P)  # type: ignore[arg-type]
+        sum_patch += patchify3d(images, mcfg.patch_size).sum(dim=0, dtype=torch.float64)
+    n_scans = len(dataset)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
     sums = dict.fromkeys(("model", "model_lung", "base", "base_lung", "n", "n_lung"), 0.0)
     for batch in loader:
@@ -427,7 +427,13 @@ def evaluate_mae(
         pred, mask = model(images, mask_ratio=mcfg.mask_ratio, generator=gen)
         target = patchify3d(images, mcfg.patch_size)
         lung_sel = mask * (lung_fraction_per_patch(lung, mcfg.patch_size) > lung_threshold).float()
-        l1, base = patch_l1(pred, target), patch_l1(mean_patch.expand_as(target), target)  # (B, L)
+        # Leave-one-out: each scan is scored against the average of the OTHER scans, so the baseline never
+        # sees the scan it predicts (with one scan there is no other: it is its own average, L1 0).
+        if n_scans > 1:
+            others = ((sum_patch.unsqueeze(0) - target.double()) / (n_scans - 1)).float()  # (B, L, P)
+        else:
+            others = target
+        l1, base = patch_l1(pred, target), patch_l1(others, target)  # (B, L)
         sums["model"] += (l1 * mask).sum().item()
         sums["base"] += (base * mask).sum().item()
         sums["model_lung"] += (l1 * lung_sel).sum().item()

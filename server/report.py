@@ -347,8 +347,8 @@ def _mae_quality(run: RunRecord, recon: Reconstruction | None) -> tuple[str, str
                 "learned anatomy; consider more pretrain rounds or a larger learning rate.</div>")
     elif overall is None:
         flag = ('<div class="warn" id="mae-flag">No verdict on the MAE against the "average patch" predictor: its '
-                "baseline is missing or 0 (the average patch is the mean over the evaluated scans, so a site "
-                "that evaluates a single scan gets a perfect baseline). Give the sites more validation scans."
+                "baseline is missing or 0 (the average patch is the mean over the other evaluated scans, so a "
+                "site that evaluates a single scan has no other and gets a perfect baseline). Give the sites more validation scans."
                 "</div>")
     else:
         flag = ('<div class="ok" id="mae-flag">The MAE beat the trivial "average patch" predictor: masked L1 '

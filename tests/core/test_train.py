@@ -78,6 +78,15 @@ def test_mean_anatomy_baseline_is_exact_on_identical_scans() -> None:
     assert out["num_examples"] == 3
 
 
+def test_mean_anatomy_baseline_leaves_the_scored_scan_out() -> None:
+    data = ToyVolumes(2, label=0)
+    data.items[0]["image"] = torch.full_like(data.items[0]["image"], 0.2)
+    data.items[1]["image"] = torch.full_like(data.items[1]["image"], 0.6)
+    out = evaluate_mae(build_mae(CFG, seed=0), data)
+    # each scan is predicted by the other one: |0.2 - 0.6| everywhere (an average including itself would give 0.2)
+    assert out["baseline_l1_masked"] == pytest.approx(0.4, abs=1e-5)
+
+
 def test_same_seed_gives_the_same_result() -> None:
     data = ToyVolumes(6)
     runs = []
