@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch (CI pins it; GPU sites may install a newer CUDA build instead).
 TORCH_PIN ?= torch==2.13.0
+# Programs of the venv (flwr, flower-superlink, flower-superexec that Flower starts by name) come first on PATH,
+# as if the venv were activated.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install simulate train test test-fast clean
 

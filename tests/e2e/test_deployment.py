@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lungmae_cli._process import flower_env
 from tests.federated_helpers import prepared_sites
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,9 +46,11 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
 
 @pytest.fixture()
 def flower(tmp_path: Path) -> Iterator[dict]:
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               LUNGMAE_CLIENT_THREADS="1", PYTHONPATH=str(REPO))
+    # flower_env puts this venv's scripts first on PATH: the SuperLink starts `flower-superexec` by name, which
+    # fails when the venv is not activated (`.venv/bin/python -m pytest`, as `make test` runs it).
+    env = flower_env(dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+                          FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                          LUNGMAE_CLIENT_THREADS="1", PYTHONPATH=str(REPO)))
     port = _free_port()
     Path(env["FLWR_HOME"]).mkdir()
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(
