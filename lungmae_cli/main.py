@@ -33,7 +33,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full argument parser; subcommands whose module is absent are left out."""
-    parser = argparse.ArgumentParser(prog="lungmae", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lungmae",
+        description="LungMAE-FL: federated 3D masked-autoencoder pretraining on chest CT, then ILD classification. "
+                    "Researchers: simulate, train, report. Hospital IT: site prepare/preflight/start. "
+                    "Coordinators: certs, server start/run/status.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command")}
     parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
