@@ -18,8 +18,29 @@ def _flwr_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _torch_threads() -> None:
-    """Two cores here: keep torch from oversubscribing when tests run beside Ray or Flower processes."""
+def _torch_threads():
+    """One torch thread per test: the models in tests are miniatures, where a second thread costs more than it
+    saves, and on two shared cores (beside Ray or Flower processes) oversubscription made them ~10x slower."""
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def flower_task_identity() -> None:
+    """Let tests build Flower instruction messages outside a runtime (flwr 1.42 raises without a task id)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Two small prepared synthetic sites plus one whose cache is missing (site.yaml paths)."""
+    from tests.federated_helpers import broken_site, prepared_sites
+
+    root = tmp_path_factory.mktemp("sites")
+    return prepared_sites(root) + [broken_site(root)]

@@ -15,21 +15,11 @@ from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
 from lungmae_core.schema import reply_keys
 from lungmae_core.wire import pack_state, unpack_state
-from tests.federated_helpers import broken_site, prepared_sites
-from flwr.supercore.task_identity import TaskIdentity
 
 MCFG = model_config("tiny", img_size=32, depth=2, decoder_depth=1)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("sites")
-    return prepared_sites(root) + [broken_site(root)]
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _message(kind: str, phase: str, state: dict[str, torch.Tensor] | None, **extra: object) -> Message:

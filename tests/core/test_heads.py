@@ -13,15 +13,6 @@ from lungmae_core.model import build_mae
 CFG = model_config("tiny", img_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Miniature models: a second thread costs more than it saves, and the two cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("pooling, classes, has_cls", [("mean", 4, False), ("cls", 2, True)])
 def test_classifier_shapes(pooling: str, classes: int, has_cls: bool) -> None:
     clf = ILDClassifier(CFG, classes, pooling=pooling)

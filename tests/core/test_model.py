@@ -11,15 +11,6 @@ from lungmae_core.model import (MAE3D, LearnedPositionEmbedding, LearnedToken, b
                                 patchify3d, random_masking, unpatchify3d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Miniature models: a second thread costs more than it saves, and the two cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("shape, p, expected", [
     ((2, 1, 32, 32, 32), 16, (2, 8, 4096)),
     ((1, 1, 16, 32, 48), 8, (1, 2 * 4 * 6, 512)),

@@ -34,15 +34,6 @@ CLASSES = ("normal", "ggo", "fibrosis", "emphysema")
 SMALL = (48, 64, 64)  # phantom grid over the usual field of view: quick to generate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Miniature models: a second thread costs more than it saves, and the two cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture()
 def site_cache(tmp_path: Path) -> Path:
     """A prepared cache of 16**3 scans: 8 train, 4 val, 4 test labelled (class = intensity), 2 unlabelled."""

@@ -20,15 +20,6 @@ CFG = ModelConfig(name="test", img_size=16, patch_size=4, embed_dim=48, depth=2,
                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, decoder_mlp_dim=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Miniature models: a second thread costs more than it saves, and the two cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class ToyVolumes(Dataset):
     """Smooth 32**3 'scans' with a lung box; label 1 brightens one half of the lung (a learnable sign)."""
 

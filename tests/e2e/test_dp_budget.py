@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import _counts, make_client_app
 from client.ledger import PrivacyLedger
@@ -29,9 +28,7 @@ from tests.federated_helpers import InProcessGrid, prepared_sites
 ROUNDS = 4
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _dp_site(site_yaml: Path, out_dir: Path) -> tuple[Path, float, float]:

@@ -298,16 +298,14 @@ def test_single_scan_baseline_gives_no_verdict(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_report_of_a_run_written_by_the_real_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_report_of_a_run_written_by_the_real_server(tmp_path_factory: pytest.TempPathFactory,
+                                                     flower_task_identity: None) -> None:
     """The federation runner itself writes the run directory (in-process grid, real ClientApps), so the
     reader is checked against the writer, not against this file's idea of it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from client.client_app import make_client_app
     from server.runner import FederationRunner
     from tests.federated_helpers import InProcessGrid, broken_site, prepared_sites
 
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
     root = tmp_path_factory.mktemp("real-sites")
     sites = prepared_sites(root) + [broken_site(root)]  # the same key as the server tests: prepared once
     run_dir = tmp_path_factory.mktemp("real-run") / "run"

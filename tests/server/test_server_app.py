@@ -15,24 +15,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
 from server.checkpoints import CheckpointStore
 from server.federation_config import federation_from_mapping
 from server.server_app import make_server_app
-from tests.federated_helpers import InProcessGrid, ServerKilled, broken_site, prepared_sites
+from tests.federated_helpers import InProcessGrid, ServerKilled
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("sites")
-    return prepared_sites(root) + [broken_site(root)]
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _cfg(run_dir: Path, **extra: object) -> object:

@@ -7,7 +7,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from lungmae_core.schema import build_metrics
 from lungmae_core.wire import pack_state
@@ -47,9 +46,7 @@ def _app(step: float = 0.1) -> ClientApp:
     return app
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _grid(n: int = 3) -> InProcessGrid:
