@@ -16,11 +16,14 @@ References:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lungmae_core.config import ModelConfig, model_config
+from lungmae_core.config import INPUT_HU_MAX, INPUT_HU_MIN, ModelConfig, model_config
 
 __all__ = [
     "patchify3d",
@@ -211,6 +214,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+#: Window ramps reach the patch embedding as means over blocks of this many voxels per axis (when it divides
+#: the patch size; else the largest common divisor).
+WINDOW_BLOCK = 2
+
+
 class ViTEncoder3D(nn.Module):
     """ViT encoder over cubic patches: linear patch embedding, learned positions, pre-norm blocks, LayerNorm.
 
@@ -220,6 +228,9 @@ class ViTEncoder3D(nn.Module):
     Args:
         img_size: side of the input cube in voxels. patch_size: side of a patch; divides ``img_size``.
         in_chans: C. embed_dim: E. depth: number of blocks. num_heads: attention heads. mlp_dim: MLP width.
+        input_mean, input_std: the input is standardised, ``(x - input_mean) / input_std``, before the patch
+            embedding (see :class:`~lungmae_core.config.ModelConfig`: without centring the tiny ViT cannot fit).
+        input_windows: HU windows ``(lo, hi)``, each adding a ramp channel per input channel (ModelConfig).
 
     Examples:
         >>> enc = ViTEncoder3D(img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_dim=768)
@@ -228,13 +239,21 @@ class ViTEncoder3D(nn.Module):
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 1, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_dim: int = 3072) -> None:
+                 depth: int = 12, num_heads: int = 12, mlp_dim: int = 3072, input_mean: float = 0.55,
+                 input_std: float = 0.35, input_windows: Sequence[tuple[float, float]] = ()) -> None:
         super().__init__()
         assert img_size % patch_size == 0, (img_size, patch_size)
+        assert input_std > 0, input_std
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.input_mean, self.input_std = float(input_mean), float(input_std)
+        self.input_windows = tuple((float(lo), float(hi)) for lo, hi in input_windows)
         self.grid = (img_size // patch_size,) * 3
         self.num_patches = self.grid[0] ** 3
-        self.patch_embed = nn.Linear(patch_size ** 3 * in_chans, embed_dim)
+        # Window ramps are read as means over blocks of `window_block` voxels: a soft histogram per block is
+        # what they are for, and full resolution would double the embedding's cost for no measured gain.
+        self.window_block = math.gcd(patch_size, WINDOW_BLOCK)
+        window_dim = (patch_size // self.window_block) ** 3 * in_chans * len(self.input_windows)
+        self.patch_embed = nn.Linear(patch_size ** 3 * in_chans + window_dim, embed_dim)
         self.pos_embed = LearnedPositionEmbedding(self.num_patches, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
@@ -244,13 +263,29 @@ class ViTEncoder3D(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> ViTEncoder3D:
         """Build the encoder described by ``cfg``."""
         return cls(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                   cfg.mlp_dim)
+                   cfg.mlp_dim, cfg.input_mean, cfg.input_std, cfg.input_windows)
 
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (B, C, S, S, S) -> tokens with positions (B, L, E)."""
         expected = (self.in_chans,) + (self.img_size,) * 3
         assert tuple(imgs.shape[1:]) == expected, f"input {tuple(imgs.shape[1:])} != expected {expected}"
-        return self.pos_embed(self.patch_embed(patchify3d(imgs, self.patch_size)))
+        return self.pos_embed(self.patch_embed(self.patch_inputs(imgs)))
+
+    def patch_inputs(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the patch embedding reads per token: the patch's voxels, then its window-ramp block means.
+
+        imgs (B, C, S, S, S) in [0, 1] -> (B, L, p^3 C + (p / block)^3 C W), all standardised with
+        ``(x - input_mean) / input_std``.
+        """
+        tokens = patchify3d((imgs - self.input_mean) / self.input_std, self.patch_size)
+        if not self.input_windows:
+            return tokens
+        hu = imgs * (INPUT_HU_MAX - INPUT_HU_MIN) + INPUT_HU_MIN
+        ramps = torch.cat([((hu - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in self.input_windows], dim=1)
+        if self.window_block > 1:
+            ramps = F.avg_pool3d(ramps, self.window_block)
+        ramps = (ramps - self.input_mean) / self.input_std
+        return torch.cat([tokens, patchify3d(ramps, self.patch_size // self.window_block)], dim=-1)
 
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Run the blocks and the final norm on any token sequence: (B, N, E) -> (B, N, E)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lungmae_core.config import MODEL_CONFIGS, ModelConfig, TrainConfig, model_config, to_mapping
 from lungmae_core.errors import ConfigError
-from lungmae_core.model import MAE3D
+from lungmae_core.model import MAE3D, WINDOW_BLOCK
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -32,7 +34,9 @@ def _blocks(dim: int, depth: int, mlp: int) -> int:
 def test_parameter_counts_match_the_architecture(name: str) -> None:
     cfg = model_config(name)
     e, d, n, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_patches, cfg.patch_dim
-    encoder = p * e + e + n * e + _blocks(e, cfg.depth, cfg.mlp_dim) + 2 * e
+    block = math.gcd(cfg.patch_size, WINDOW_BLOCK)  # window ramps enter as block means
+    embed_in = p + (cfg.patch_size // block) ** 3 * cfg.in_chans * len(cfg.input_windows)
+    encoder = embed_in * e + e + n * e + _blocks(e, cfg.depth, cfg.mlp_dim) + 2 * e
     decoder = e * d + d + d + n * d + _blocks(d, cfg.decoder_depth, cfg.decoder_mlp_dim) + 2 * d + d * p + p
     with torch.device("meta"):
         mae = MAE3D(cfg)
