@@ -249,7 +249,7 @@ def test_each_sample_is_clipped_to_c_and_noise_has_the_stated_scale():
     factor = (clip / (raw + 1e-6)).clamp(max=1.0)
     clipped_norms = torch.stack([(p.grad_sample * factor.view(-1, *[1] * (p.dim()))).flatten(1).norm(dim=1)
                                  for p in params], dim=1).norm(dim=1)
-    assert (clipped_norms <= clip * (1 + 1e-5)).all()
+    assert (clipped_norms <= clip * (1 + 1e-4)).all()  # float32 rounding of clip / raw
     expected_sum = [torch.einsum("i,i...", factor, p.grad_sample) for p in params]
     optimizer.step()
     for p, expected in zip(params, expected_sum):  # Opacus' clipped sum (before noise) is ours
