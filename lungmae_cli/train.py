@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretraining batch (default: 8); fine-tuning uses half of it (paper: 4)")
     parser.add_argument("--finetune-mode", choices=("full", "linear-probe"), default="full",
                         help="train the whole classifier or only its head, norm and CLS token (default: full)")
-    parser.add_argument("--pooling", choices=("mean", "cls"), default="mean",
-                        help="classifier pooling over tokens (default: mean)")
+    parser.add_argument("--pooling", choices=("lung", "mean", "cls"), default="lung",
+                        help="classifier pooling over tokens: lung-fraction weighted (default), mean or CLS")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seeds phantoms, splits, weights and masks (default: 0)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (default: 2)")

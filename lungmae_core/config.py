@@ -420,7 +420,8 @@ class TrainConfig:
         flip_p: probability of flipping each spatial axis (image and lung mask together). Defaults to 0.1.
         rot90_p: probability of one random 90-degree rotation. Defaults to 0.1.
         finetune_mode: ``"full"`` or ``"linear-probe"`` (only head, norm and CLS token train).
-        pooling: classifier pooling, ``"mean"`` over tokens or a learned ``"cls"`` token.
+        pooling: classifier pooling: ``"lung"`` (tokens weighted by their lung fraction), ``"mean"`` over
+            tokens or a learned ``"cls"`` token (see :class:`~lungmae_core.heads.ILDClassifier`).
         label_smoothing: cross-entropy label smoothing in [0, 1). Defaults to 0.
         mixup_alpha: Beta(alpha, alpha) mixup of volumes and labels; 0 disables it.
         num_workers: DataLoader worker processes. Defaults to 0.
@@ -442,7 +443,7 @@ class TrainConfig:
     flip_p: float = 0.1
     rot90_p: float = 0.1
     finetune_mode: Literal["full", "linear-probe"] = "full"
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["lung", "mean", "cls"] = "lung"
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     num_workers: int = 0
@@ -465,7 +466,8 @@ class TrainConfig:
             check(0.0 <= value <= 1.0, f"{key} must be a probability in [0, 1]; got {value!r}")
         check(self.finetune_mode in ("full", "linear-probe"),
               f"finetune_mode must be one of 'full', 'linear-probe'; got {self.finetune_mode!r}")
-        check(self.pooling in ("mean", "cls"), f"pooling must be one of 'mean', 'cls'; got {self.pooling!r}")
+        check(self.pooling in ("lung", "mean", "cls"),
+              f"pooling must be one of 'lung', 'mean', 'cls'; got {self.pooling!r}")
         check(0.0 <= self.label_smoothing < 1.0,
               f"label_smoothing must be in [0, 1); got {self.label_smoothing!r}")
         check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0; got {self.mixup_alpha!r}")

@@ -460,6 +460,20 @@ def _labels_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return labels.long()
 
 
+def _needs_mask(model: nn.Module) -> bool:
+    return bool(getattr(model, "needs_lung_mask", False))
+
+
+def _lung_mask_of(batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+    """The batch's lung masks; a clear error when ``lung`` pooling needs them and the dataset has none."""
+    if "lung_mask" in batch:
+        return batch["lung_mask"]
+    if _needs_mask(model):
+        raise DatasetError("Unable to pool over the lungs as the dataset's items have no 'lung_mask'; use a "
+                           "cache from `lungmae site prepare` or pooling 'mean'")
+    return batch["image"][:, :1]
+
+
 def train_classifier(
     model: nn.Module,
     dataset: Dataset,
@@ -509,15 +523,16 @@ def train_classifier(
     for batch in loop.batches():
         images, labels = batch["image"], _labels_of(batch)
         _check_volume_size(images, core.cfg)
-        images, _ = random_flip_rot90_batch(images, batch.get("lung_mask", images), aug_gen, cfg.flip_p,
-                                            cfg.rot90_p)
+        images, masks = random_flip_rot90_batch(images, _lung_mask_of(batch, core), aug_gen, cfg.flip_p,
+                                                cfg.rot90_p)
         lam, partner = 1.0, labels
         if cfg.mixup_alpha > 0:
             lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
             perm = torch.as_tensor(rng.permutation(images.shape[0]), device=device)
             images, partner = lam * images + (1 - lam) * images[perm], labels[perm]
+            masks = torch.maximum(masks, masks[perm])
         with loop.autocast:
-            logits = loop.model(images)
+            logits = loop.model(images, masks) if _needs_mask(core) else loop.model(images)
         logits = logits.float()
         if privacy is not None:
             per_sample = F.cross_entropy(logits, labels, weight=weights, reduction="none",
@@ -570,7 +585,11 @@ def evaluate_classifier(
     labels, probs, loss_sum = [], [], 0.0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         y = _labels_of(batch).to(device)
-        logits = model(batch["image"].to(device)).float()
+        images = batch["image"].to(device)
+        if _needs_mask(_core(model)):
+            logits = model(images, _lung_mask_of(batch, _core(model)).to(device)).float()
+        else:
+            logits = model(images).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         labels.append(y.cpu())
         probs.append(logits.softmax(dim=1).cpu())

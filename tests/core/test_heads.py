@@ -20,8 +20,39 @@ def test_classifier_shapes(pooling: str, classes: int, has_cls: bool) -> None:
     assert (clf.cls_token is not None) == has_cls
 
 
+def test_lung_pooling_weights_tokens_by_their_lung_fraction() -> None:
+    torch.manual_seed(0)
+    clf = ILDClassifier(CFG, 4, pooling="lung").eval()
+    images = torch.rand(2, 1, 32, 32, 32)
+    tokens = clf.encoder(images)  # (B, 8, E): a 2x2x2 grid of 16^3 patches
+    mask = torch.zeros(2, 1, 32, 32, 32)
+    mask[0, :, :16, :16, :16] = 1.0                 # scan 0: all lung in token 0
+    mask[1, :, :16, :16, :16] = 1.0                 # scan 1: token 0 all lung, token 7 half lung
+    mask[1, :, 16:, 16:, 16:24] = 1.0
+    w0 = torch.tensor([1.0] + [0.0] * 7) + 1e-3     # lung fraction + the non-lung token weight
+    w1 = torch.tensor([1.0] + [0.0] * 6 + [0.5]) + 1e-3
+    expected = torch.stack([(tokens[0] * (w0 / w0.sum())[:, None]).sum(0), (tokens[1] * (w1 / w1.sum())[:, None]).sum(0)])
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(images, mask), clf.norm(expected), rtol=1e-4, atol=1e-5)
+        # An empty mask falls back to the plain mean instead of dividing by zero.
+        torch.testing.assert_close(clf.features(images, torch.zeros_like(mask)), clf.norm(tokens.mean(1)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_lung_pooling_without_a_mask_says_what_to_do() -> None:
+    clf = ILDClassifier(CFG, 4)
+    assert clf.pooling == "lung" and clf.needs_lung_mask
+    with pytest.raises(ValueError, match="no lung mask was given; call model\\(images, lung_mask\\)"):
+        clf(torch.rand(1, 1, 32, 32, 32))
+
+
+def test_lung_and_mean_pooling_share_their_parameters() -> None:
+    assert ILDClassifier(CFG, 4, pooling="lung").state_dict().keys() == \
+        ILDClassifier(CFG, 4, pooling="mean").state_dict().keys()
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_classes": 4, "pooling": "max"}, "pooling must be one of 'mean', 'cls'; got 'max'"),
+    ({"num_classes": 4, "pooling": "max"}, "pooling must be one of 'lung', 'mean', 'cls'; got 'max'"),
     ({"num_classes": 1}, "num_classes must be an integer >= 2; got 1"),
 ])
 def test_classifier_bad_arguments(kwargs: dict, message: str) -> None:

@@ -242,7 +242,7 @@ def test_each_sample_is_clipped_to_c_and_noise_has_the_stated_scale():
     model, optimizer, loader = privacy.make_private(
         clf, torch.optim.SGD(clf.parameters(), lr=0.0), DataLoader(ds, batch_size=3))
     batch = next(b for b in loader if not is_empty_batch(b))
-    F.cross_entropy(model(batch["image"]), batch["label"]).backward()
+    F.cross_entropy(model(batch["image"], batch["lung_mask"]), batch["label"]).backward()
     params = [p for p in clf.parameters() if p.requires_grad]
     raw = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], dim=1).norm(dim=1)  # (B,)
     assert (raw > 10 * clip).all(), raw  # every sample really needs clipping

@@ -215,3 +215,13 @@ def test_resolve_device(name: str, message: str | None) -> None:
     with pytest.raises(ConfigError) as info:
         resolve_device(name)
     assert message in str(info.value)
+
+
+def test_lung_pooling_refuses_items_without_a_lung_mask():
+    items = [{"image": torch.rand(1, 16, 16, 16), "label": torch.tensor(i % 2)} for i in range(4)]
+    clf = ILDClassifier(CFG, num_classes=2)  # lung pooling by default
+    with pytest.raises(DatasetError, match="items have no 'lung_mask'"):
+        train_classifier(clf, items, TrainConfig.finetune_defaults(epochs=1, batch_size=2), class_weights=None)
+    mean = ILDClassifier(CFG, num_classes=2, pooling="mean")
+    out = train_classifier(mean, items, TrainConfig.finetune_defaults(epochs=1, batch_size=2), class_weights=None)
+    assert out["num_steps"] == 2 and evaluate_classifier(mean, items, num_classes=2)["num_examples"] == 4
