@@ -21,10 +21,11 @@ from lungmae_core.errors import ConfigError, WeightsMismatchError
 from lungmae_core.loss import lung_fraction_per_patch
 from lungmae_core.model import LearnedToken, ViTEncoder3D
 
-__all__ = ["POOLINGS", "FINETUNE_MODES", "ILDClassifier", "transfer_encoder", "set_trainable",
+__all__ = ["POOLINGS", "DEFAULT_POOLING", "FINETUNE_MODES", "ILDClassifier", "transfer_encoder", "set_trainable",
            "trainable_state_dict"]
 
 POOLINGS = ("lung", "mean", "cls")
+DEFAULT_POOLING = "lung"
 #: Weight of a token without lung in ``lung`` pooling, relative to an all-lung token (keeps a scan whose mask
 #: is empty, or nearly, pooled over all its tokens instead of dividing by zero).
 _NON_LUNG_TOKEN_WEIGHT = 1e-3
@@ -52,7 +53,7 @@ class ILDClassifier(nn.Module):
         torch.Size([2, 4])
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, pooling: str = "lung") -> None:
+    def __init__(self, cfg: ModelConfig, num_classes: int, pooling: str = DEFAULT_POOLING) -> None:
         super().__init__()
         check(pooling in POOLINGS, f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {pooling!r}")
         check(isinstance(num_classes, int) and num_classes >= 2,

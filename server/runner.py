@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from lungmae_core.config import model_config, to_mapping
-from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder
+from lungmae_core.heads import DEFAULT_POOLING, ILDClassifier, set_trainable, transfer_encoder
 from lungmae_core.model import build_mae
 from lungmae_core.schema import EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN
 
@@ -314,7 +314,7 @@ class FederationRunner:
     def _export(self, weights: dict[str, torch.Tensor]) -> Path:
         participating = sorted({s for r in self.history for s in r["train"]["sites"]})
         return export_model(self.run_dir, weights, {
-            "kind": "ILDClassifier", "model_config": to_mapping(self.model_cfg),
+            "kind": "ILDClassifier", "model_config": to_mapping(self.model_cfg), "pooling": DEFAULT_POOLING,
             "class_names": list(self.cfg.classes), "finetune_mode": self.cfg.phases.finetune.mode,
             "federation": federation_to_mapping(self.cfg), "config_hash": self.hash,
             "rounds": [{"round": r["round"], "phase": r["phase"], "train": r["train"]["aggregated"],

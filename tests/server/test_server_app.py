@@ -114,6 +114,7 @@ def test_whole_schedule_with_failures_and_bad_updates(sites: list[Path], tmp_pat
     assert summary["counters"]["rejected"]["site0"] == {"finite": 1, "norm": 1}
     manifest = json.loads((tmp_path / "run" / "model" / "manifest.json").read_text())
     assert manifest["participating_sites"] == ["site0", "site1"] and len(manifest["rounds"]) == 4
+    assert manifest["pooling"] == "lung"
     # nothing about patient data or site paths in what the server wrote
     text = (tmp_path / "run" / "metrics.jsonl").read_text() + json.dumps(summary)
     assert str(sites[0].parent) not in text and "no-cache" not in text
