@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 # Tuned so that the default run ends within 5 minutes on 2 CPU cores and the classifier clearly beats chance.
-DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=40, pretrain_rounds=2, finetune_rounds=8,
-                                pretrain_epochs=1, finetune_epochs=3, seed=0, slices=48, matrix=96)
+DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=60, pretrain_rounds=4, finetune_rounds=10,
+                                pretrain_epochs=5, finetune_epochs=5, seed=0, slices=48, matrix=96)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
