@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model config: tiny (CPU, default), paper-p16, paper-p8, paper-256, or a YAML file")
     parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
                         help="a site cache prepared by `lungmae site prepare` (default: built-in phantoms)")
-    parser.add_argument("--scans", type=int, default=48,
-                        help="number of built-in phantoms, balanced over the 4 classes (default: 48)")
+    parser.add_argument("--scans", type=int, default=120,
+                        help="number of built-in phantoms, balanced over the 4 classes (default: 120)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/train"), metavar="DIR",
                         help="where metrics.json, log.jsonl, checkpoints/ and cached phantoms go "
                              "(default: runs/train)")
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tiny, which has far fewer steps; 10%% warmup + cosine)")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="peak AdamW lr of fine-tuning (default: 1e-5, the paper's, for paper-* models; "
-                             "1e-4 for tiny, which has far fewer steps)")
+                             "1e-3 for tiny, which has far fewer steps)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="pretraining batch (default: 8); fine-tuning uses half of it (paper: 4)")
     parser.add_argument("--finetune-mode", choices=("full", "linear-probe"), default="full",
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = model_config(args.model)
     batch = args.batch_size or 8
-    finetune_lr = args.finetune_lr or (1e-4 if cfg.name == "tiny" else 1e-5)
+    finetune_lr = args.finetune_lr or (1e-3 if cfg.name == "tiny" else 1e-5)
     pretrain_lr = args.pretrain_lr or (1e-3 if cfg.name == "tiny" else 3e-4)
     pre = TrainConfig.pretrain_defaults(epochs=args.pretrain_epochs, batch_size=batch, lr=pretrain_lr)
     fine = TrainConfig.finetune_defaults(epochs=args.finetune_epochs, batch_size=max(batch // 2, 1), lr=finetune_lr,
