@@ -253,7 +253,8 @@ class ModelConfig:
             preprocessing window ``[INPUT_HU_MIN, INPUT_HU_MAX]`` (PAPER.md: -1000..200). A linear patch
             embedding only sees linear projections of a patch's voxels; these ramps let it measure how much of
             a patch lies in each density range (emphysema below -900 HU, aerated lung, ground glass, soft
-            tissue), a soft histogram per patch. Voxelwise, so the MAE's masking hides just as much. Empty (the
+            tissue), a soft histogram per patch (read as 2^3-voxel block means: ``model.WINDOW_BLOCK``).
+            Voxelwise, so the MAE's masking hides just as much. Empty (the
             paper's single channel) for the paper configs; ``tiny`` uses four (see docs/model.md for the
             measured effect).
 

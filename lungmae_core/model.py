@@ -250,7 +250,8 @@ class ViTEncoder3D(nn.Module):
         self.grid = (img_size // patch_size,) * 3
         self.num_patches = self.grid[0] ** 3
         # Window ramps are read as means over blocks of `window_block` voxels: a soft histogram per block is
-        # what they are for, and full resolution would double the embedding's cost for no measured gain.
+        # what they are for; at full resolution the tiny MAE step took 75 vs 54 ms for a gain within noise
+        # (held-out balanced accuracy 0.55 vs 0.53).
         self.window_block = math.gcd(patch_size, WINDOW_BLOCK)
         window_dim = (patch_size // self.window_block) ** 3 * in_chans * len(self.input_windows)
         self.patch_embed = nn.Linear(patch_size ** 3 * in_chans + window_dim, embed_dim)
