@@ -88,6 +88,9 @@ def _seed(config: Any, site_name: str) -> int:
 def _datasets(site: Any, size: int, split: str, labelled: bool) -> Any:
     from lungmae_core.data import CachedVolumes
 
+    from client.site_config import require_model_window
+
+    require_model_window(site)
     if site.data.cache is None:
         raise CacheError("site.yaml has no data.cache directory")
     return CachedVolumes(site.data.cache, size=size, splits=(split,), labelled_only=labelled)

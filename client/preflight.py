@@ -93,11 +93,12 @@ class PreflightReport:
 
 # --------------------------------------------------------------------------------------------- checks
 def _check_config(path: Path) -> tuple[CheckResult, Any]:
-    from client.site_config import load_site_config
+    from client.site_config import load_site_config, require_model_window
     from lungmae_core.errors import ConfigError
 
     try:
         cfg = load_site_config(path)
+        require_model_window(cfg)
     except ConfigError as exc:
         return CheckResult("config", False, str(exc), "fix the key named above (docs/site-data.md lists every "
                                                       "key of site.yaml)"), None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import make_client_app
@@ -97,3 +98,17 @@ def test_bad_weights_and_config_are_refused(sites: list[Path]) -> None:
         make_client_app(sites)(msg, _ctx(0))
     with pytest.raises(Exception, match="cannot serve query pretrain: its site.yaml is invalid"):
         make_client_app(sites)(_message("query", "pretrain", None), _ctx(5))
+
+
+def test_a_cache_windowed_otherwise_is_refused_without_paths(sites: list[Path]) -> None:
+    data = yaml.safe_load(sites[0].read_text())
+    data["preprocess"]["hu-max"] = 400.0
+    other = sites[0].parent / "site-other-window.yaml"  # beside site.yaml: its relative paths still resolve
+    other.write_text(yaml.safe_dump(data))
+    msg = _message("train", "pretrain", build_mae(MCFG, seed=0).state_dict())
+    try:
+        with pytest.raises(Exception, match="cannot serve train pretrain: its site.yaml is invalid") as info:
+            make_client_app([other])(msg, _ctx(0))
+    finally:
+        other.unlink()
+    assert str(sites[0].parent) not in str(info.value)

@@ -112,6 +112,16 @@ def test_bad_config_stops_early_with_the_key(prepared_site: Path, tmp_path: Path
     assert "'training'" in report.results[0].message and "device" in report.results[0].message
 
 
+def test_a_cache_windowed_otherwise_than_the_models_fails_the_config_check(prepared_site: Path, tmp_path: Path,
+                                                                         pki: Path) -> None:
+    cfg = _site(prepared_site, tmp_path, pki, 1, preprocess={"hu-min": -1200.0, "hu-max": 400.0})
+    report = run_preflight(cfg)
+    assert not report.ok and [r.name for r in report.results] == ["config"]
+    message = report.results[0].message
+    assert "preprocess hu-min/hu-max are -1200/400" in message and "windowed to -1000/200 HU" in message
+    assert "set hu-min: -1000 and hu-max: 200" in message
+
+
 def test_every_problem_is_collected(prepared_site: Path, tmp_path: Path, pki: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     """Missing input, missing cache, unreachable server, missing key: four FAIL lines, exit status 1."""
@@ -146,7 +156,7 @@ def test_broken_cache_is_reported(prepared_site: Path, tmp_path: Path, pki: Path
     elif problem == "sample":
         next((cache / "samples").glob("*.npz")).unlink()
     else:
-        changes["preprocess"] = {"hu-max": 300.0}
+        changes["preprocess"] = {"margin-voxels": 16}
     report = run_preflight(_site(prepared_site, tmp_path, pki, tls_server, **changes), min_free_gb=0.01)
     assert _result(report, "cache").ok is False
     assert message in _result(report, "cache").message
