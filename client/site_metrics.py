@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +95,24 @@ class SiteMetrics(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield the metric families (called by prometheus_client on every scrape)."""
         errors = 0
+
+        def read(problem: str, source: Callable[[], Any]) -> Any:
+            """``source()``, or None after logging and counting the failure: a scrape must never fail."""
+            nonlocal errors
+            try:
+                return source()
+            except Exception as exc:
+                log.warning("site metrics: %s: %s", problem, exc)
+                errors += 1
+                return None
+
         yield GaugeMetricFamily("lungmae_site_up", "1 while this site's SuperNode runs", value=self.up)
         samples = GaugeMetricFamily("lungmae_site_samples", "Accepted scans in the prepared cache, by split",
                                     labels=["split"])
-        try:
-            for split, n in sorted(self._samples().items()):
-                samples.add_metric([split], n)
-        except Exception as exc:  # a scrape must never fail: count the problem instead
-            log.warning("site metrics: manifest unreadable: %s", exc)
-            errors += 1
+        for split, n in sorted((read("manifest unreadable", self._samples) or {}).items()):
+            samples.add_metric([split], n)
         yield samples
-        try:
-            ledger = self._ledger()
-        except Exception as exc:
-            log.warning("site metrics: privacy ledger unreadable: %s", exc)
-            ledger, errors = None, errors + 1
+        ledger = read("privacy ledger unreadable", self._ledger)
         if ledger is not None:
             budget = float(self.cfg.privacy.epsilon or 0.0)
             yield GaugeMetricFamily("lungmae_site_epsilon_spent", "Privacy budget epsilon spent (ledger)",
@@ -122,11 +125,7 @@ class SiteMetrics(Collector):
             if ledger["last_seconds"] is not None:
                 yield GaugeMetricFamily("lungmae_site_last_round_seconds", "Local training time of the last DP "
                                         "round (reserve to settle)", value=ledger["last_seconds"])
-        try:
-            gpu = self._gpu()
-        except Exception as exc:
-            log.warning("site metrics: GPU query failed: %s", exc)
-            gpu, errors = None, errors + 1
+        gpu = read("GPU query failed", self._gpu)
         if gpu is not None:
             memory = GaugeMetricFamily("lungmae_site_gpu_memory_bytes", "GPU memory", labels=["kind"])
             memory.add_metric(["total"], gpu[0])
