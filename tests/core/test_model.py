@@ -108,3 +108,44 @@ def test_token_modules_give_one_copy_per_sample() -> None:
 def test_mae_is_an_mae3d_with_encoder_attribute() -> None:
     mae = build_mae("tiny")
     assert isinstance(mae, MAE3D) and mae.encoder.num_patches == 64
+
+
+def test_patch_inputs_are_standardised_voxels_then_window_ramp_block_means() -> None:
+    from lungmae_core.model import ViTEncoder3D
+
+    enc = ViTEncoder3D(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2, mlp_dim=8, input_mean=0.5,
+                       input_std=0.25, input_windows=[(-1000.0, -900.0), (-900.0, -500.0)])
+    hu = torch.full((1, 1, 8, 8, 8), -950.0)
+    hu[..., :4, :, :] = -700.0                       # tokens of the first half in D: -700 HU, the rest -950 HU
+    x = (hu + 1000.0) / 1200.0                       # the preprocessing window [-1000, 200] -> [0, 1]
+    tokens = enc.patch_inputs(x)
+    assert tokens.shape == (1, 8, 4 ** 3 + 2 * 2 ** 3)  # 64 voxels + 2 windows x (4/2)^3 block means
+    first, last = tokens[0, 0], tokens[0, -1]
+    std = lambda v: (v - 0.5) / 0.25  # noqa: E731
+    torch.testing.assert_close(first[:64], std(torch.full((64,), 300.0 / 1200.0)))
+    # -700 HU: above the emphysema window (ramp 1), half-way up -900..-500 (0.5); -950 HU: 0.5 and 0.
+    # Block means are patchified like voxels: per block position, the windows in order (pd, ph, pw, C).
+    torch.testing.assert_close(first[64:], std(torch.tensor([1.0, 0.5] * 8)))
+    torch.testing.assert_close(last[64:], std(torch.tensor([0.5, 0.0] * 8)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"input_windows": [[-500.0, -900.0]]}, "each window must be [low, high] HU with low < high; got [-500, -900]"),
+    ({"input_windows": [-500.0]}, "'input-windows'[0] must be a list; got -500.0"),
+    ({"input_std": 0.0}, "input_std must be a positive number; got 0.0"),
+    ({"input_mean": float("nan")}, "input_mean must be a finite number"),
+])
+def test_bad_input_settings_are_named(overrides: dict, message: str) -> None:
+    from lungmae_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        model_config("tiny", **overrides)
+
+
+def test_input_windows_built_in_code_are_checked_too() -> None:
+    from lungmae_core.config import ModelConfig
+    from lungmae_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"input_windows must be a list of \[low, high\] HU pairs; got \[-500.0\]"):
+        ModelConfig(input_windows=[-500.0])  # type: ignore[list-item]
+    assert ModelConfig(input_windows=[[-1000, -900]]).input_windows == ((-1000.0, -900.0),)
