@@ -7,7 +7,8 @@ Usage::
 
 Runs the real command in a subprocess (a fresh Ray each time), parses its own summary lines and prints one
 line: total wall seconds beside the 300 s reference, the data part (synthetic DICOM + site prepare), the
-final pooled accuracy / balanced accuracy beside chance (1 / number of classes), and the machine's load
+final pooled accuracy / balanced accuracy / ROC AUC beside chance (1 / number of classes; 0.5 for the
+AUC), and the machine's load
 average at the start (a busy machine inflates the time; rerun when idle for a figure to quote).
 """
 
@@ -45,13 +46,16 @@ def main() -> int:
     out = proc.stdout
     data = re.search(r"\(data (\d+) s\)", out)
     pooled = re.search(r"accuracy ([0-9.]+), balanced accuracy ([0-9.]+)", out)
+    auc = re.search(r"ROC AUC ([0-9.]+)", out)
     record = {"wall_s": round(wall, 1), "reference_s": REFERENCE_S, "data_s": float(data.group(1)) if data else None,
               "accuracy": float(pooled.group(1)) if pooled else None,
               "balanced_accuracy": float(pooled.group(2)) if pooled else None, "chance": CHANCE,
+              "roc_auc": float(auc.group(1)) if auc else None,
               "returncode": proc.returncode, "load_avg_1m_at_start": round(load, 2), "cores": args.cores or "all",
               "cpu_count": os.cpu_count(), "args": args.extra}
     print(f"lungmae simulate: {wall:.0f} s (reference {REFERENCE_S:.0f} s), data {record['data_s']} s, "
           f"pooled accuracy {record['accuracy']} / balanced {record['balanced_accuracy']} (chance {CHANCE}), "
+          f"ROC AUC {record['roc_auc']} (chance 0.5), "
           f"exit {proc.returncode}, load {load:.1f} at start")
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
