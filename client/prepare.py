@@ -12,7 +12,8 @@ Steps (each series ends as one manifest row, accepted or rejected with a specifi
    preprocessing parameters: a rerun reuses every sample whose key exists and redoes what changed.
    Series refused by preprocessing (implausible lungs) are remembered in ``rejections/<key>.json`` so a
    rerun does not recompute them either;
-4. match labels (``labels.csv``), assign train/val/test splits by patient (deterministic, site seed);
+4. match labels (``labels.csv``), assign train/val/test splits by patient (deterministic: site seed and the
+   source's patient ids, so a new site secret does not reshuffle them);
 5. write ``manifest.csv``, ``label-issues.csv`` (CSV line numbers only) and ``datacard.json`` (aggregates
    only: what may be shared with the consortium).
 
@@ -501,12 +502,15 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
                 _atomic_write_text(cache_path / REJECTIONS_DIR / f"{entry.key}.json",
                                    json.dumps({"code": result["code"], "reason": result["reason"]}))
 
-    # Labels, then splits by patient over the accepted labelled series.
+    # Labels, then splits by patient over the accepted labelled series. Splits are drawn over the source's own
+    # patient ids (in memory only; the manifest holds pseudonyms), not over the pseudonyms: a new site secret
+    # (a lost key, a fresh copy of the data) must not move patients between train and test, and the same data
+    # with the same site seed gives the same splits wherever it is prepared.
     label_of = _apply_labels(entries, table)
     patient_label: dict[str, str] = {}
-    for entry in sorted(entries, key=lambda e: e.series_id):
+    for entry in sorted(entries, key=lambda e: (e.raw_patient, e.raw_study, e.series_id)):
         if entry.accepted and entry.series_id in label_of:
-            patient_label.setdefault(entry.patient_id, label_of[entry.series_id])
+            patient_label.setdefault(entry.raw_patient, label_of[entry.series_id])
     splits = (assign_splits(sorted(patient_label), seed=cfg.site.seed, labels=patient_label)
               if patient_label else {})
     rows: list[ManifestRow] = []
@@ -516,7 +520,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         label = label_of.get(entry.series_id, "")
         split = ""
         if entry.accepted:
-            split = splits.get(entry.patient_id, "train") if label else "train"
+            split = splits.get(entry.raw_patient, "train") if label else "train"
             if entry.plan is not None:
                 for note in entry.plan.notes:
                     notes.append(f"{entry.series_id}: {note}")

@@ -8,6 +8,11 @@ Runs, on one machine and with no arguments needed:
    1 CPU each): federated MAE pretraining, hand-off, federated fine-tuning, final evaluation at every site;
 4. ``lungmae report``: ``WORKDIR/run/report.html``.
 
+With ``--site a/site.yaml --site b/site.yaml ...`` steps 1-2 are skipped: the federation runs over those
+sites' already prepared caches (real or synthetic data), one virtual SuperNode per site.yaml with its own
+settings, privacy ledger and labels. Every cache is checked first (:mod:`lungmae_cli.site_caches`), so a
+missing, stale or unlabelled cache is one error naming the site and the fix, before Ray starts.
+
 Sites are reused on a second run with the same ``--sites/--scans-per-site/--seed``; the federation run
 directory ``WORKDIR/run`` starts afresh unless ``--resume`` is given.
 """
@@ -26,6 +31,9 @@ DEFAULTS: dict[str, Any] = dict(sites=3, model="tiny", scans_per_site=60, pretra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lungmae simulate`."""
     d = DEFAULTS
+    parser.add_argument("--site", type=Path, action="append", default=None, metavar="SITE_YAML",
+                        help="run over this site's prepared cache instead of synthetic hospitals; once per site "
+                             "(`lungmae site prepare --config SITE_YAML` first)")
     parser.add_argument("--sites", type=int, default=d["sites"], help=f"synthetic hospitals ({d['sites']})")
     parser.add_argument("--model", default=d["model"], help=f"model config name or YAML ({d['model']})")
     parser.add_argument("--scans-per-site", type=int, default=d["scans_per_site"],
@@ -55,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
 
 
+def site_count(args: argparse.Namespace) -> int:
+    """How many sites this simulation runs: one per ``--site``, else ``--sites`` synthetic hospitals."""
+    return len(args.site) if args.site else args.sites
+
+
 def federation_for(args: argparse.Namespace, run_dir: Path) -> Any:
     """The FederationConfig of this simulation (from the options, or the given YAML with our run-dir)."""
     import dataclasses
@@ -64,7 +77,7 @@ def federation_for(args: argparse.Namespace, run_dir: Path) -> Any:
     if args.federation_config is not None:
         cfg = load_federation_config(args.federation_config)
         return dataclasses.replace(cfg, run_dir=run_dir, resume=bool(args.resume))
-    min_sites = max(1, args.sites - 1)  # one failing hospital must not stop the federation
+    min_sites = max(1, site_count(args) - 1)  # one failing hospital must not stop the federation
     return federation_from_mapping({
         "model": {"name": args.model},
         "phases": {
@@ -110,27 +123,41 @@ def prepare_sites(args: argparse.Namespace, sites_dir: Path, img_size: int) -> l
     return [Path(p) for p in paths]
 
 
-def _progress_printer(total_steps: int) -> Any:
+def _step_line(step: Any, total_steps: int, record: dict[str, Any]) -> str:
+    """One line per finished step: loss, validation, participation, bytes and time."""
+    head = f"  step {step.index + 1}/{total_steps}"
+    if step.kind == "handoff":
+        return f"{head}  hand-off: MAE encoder -> classifier"
+    if step.kind == "final":
+        return f"{head}  final evaluation at every site"
+    train, ev = record["train"]["aggregated"], record["evaluate"]["aggregated"]
+    part = record["participation"]
+    text = f"{head}  {step.name:<14} loss {train.get('train-loss', float('nan')):.4f}"
+    if "accuracy" in ev:
+        text += f"  val acc {ev['accuracy']:.3f}"
+    elif "l1-masked" in ev:
+        text += f"  val L1 {ev['l1-masked']:.4f} (baseline {ev['baseline-l1-masked']:.4f})"
+    text += (f"  sites {len(part['replied'])}/{len(part['sampled'])}"
+             f"  {record['bytes']['up'] / 1e6:.1f} MB up  {record['duration_s']:.1f} s")
+    if record["skipped"]:
+        text += f"  SKIPPED: {record['note']}"
+    return text
+
+
+def _progress_bar(total_steps: int) -> tuple[Any, Any]:
+    """A tqdm bar over the plan's steps (rounds, hand-off, final), advanced after each; and its callback.
+
+    Each finished step also prints its line above the bar, so the log keeps every round's figures.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc="federation", unit="step", dynamic_ncols=True)
+
     def show(step: Any, record: dict[str, Any]) -> None:
-        if step.kind == "handoff":
-            print(f"  step {step.index + 1}/{total_steps}  hand-off: MAE encoder -> classifier", flush=True)
-            return
-        if step.kind == "final":
-            print(f"  step {step.index + 1}/{total_steps}  final evaluation at every site", flush=True)
-            return
-        train, ev = record["train"]["aggregated"], record["evaluate"]["aggregated"]
-        part = record["participation"]
-        text = f"  step {step.index + 1}/{total_steps}  {step.name:<14} loss {train.get('train-loss', float('nan')):.4f}"
-        if "accuracy" in ev:
-            text += f"  val acc {ev['accuracy']:.3f}"
-        elif "l1-masked" in ev:
-            text += f"  val L1 {ev['l1-masked']:.4f} (baseline {ev['baseline-l1-masked']:.4f})"
-        text += (f"  sites {len(part['replied'])}/{len(part['sampled'])}"
-                 f"  {record['bytes']['up'] / 1e6:.1f} MB up  {record['duration_s']:.1f} s")
-        if record["skipped"]:
-            text += f"  SKIPPED: {record['note']}"
-        print(text, flush=True)
-    return show
+        tqdm.write(_step_line(step, total_steps, record))
+        bar.set_postfix_str(step.name if step.kind not in ("handoff", "final") else step.kind, refresh=False)
+        bar.update(1)
+    return show, bar
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,20 +171,32 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from lungmae_cli.site_caches import check_site_caches
     from lungmae_core.config import check, model_config
     from server.schedule import phase_plan
 
-    check(args.sites >= 1, f"--sites must be at least 1; got {args.sites}")
-    check(args.scans_per_site >= 5, f"--scans-per-site must be at least 5 (train/val/test per site); "
-                                    f"got {args.scans_per_site}")
+    if not args.site:
+        check(args.sites >= 1, f"--sites must be at least 1; got {args.sites}")
+        check(args.scans_per_site >= 5, f"--scans-per-site must be at least 5 (train/val/test per site); "
+                                        f"got {args.scans_per_site}")
     for name in ("alembic", "client.prepare", "client.pseudonym", "lungmae_core.synth_dicom"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-series lines: see each cache's manifest.csv
     t0 = time.perf_counter()
     workdir = args.workdir.resolve()
     run_dir = workdir / "run"
     cfg = federation_for(args, run_dir)
-    img_size = model_config(cfg.model.name, **cfg.model.overrides).img_size
-    site_paths = prepare_sites(args, workdir / "sites", img_size)
+    if args.site:
+        site_paths = [Path(p).resolve() for p in args.site]
+        print(f"[1/3] using the prepared caches of {len(site_paths)} sites (no synthetic hospitals)")
+    else:
+        img_size = model_config(cfg.model.name, **cfg.model.overrides).img_size
+        site_paths = prepare_sites(args, workdir / "sites", img_size)
+    # Both ways reach here with site.yaml files; each cache is checked before Ray starts (minutes of start-up
+    # and a vague "site cannot serve" from inside a worker otherwise).
+    caches = check_site_caches(site_paths, need_labels=cfg.phases.finetune.rounds > 0)
+    for item in caches:
+        print(f"[2/3] {item.name}: {item.accepted} scans ({item.labelled_train} labelled for training, "
+              f"{item.labelled_test} for testing)")
     t_data = time.perf_counter() - t0
 
     from flwr.simulation import run_simulation
@@ -171,15 +210,19 @@ def run(args: argparse.Namespace) -> int:
           f"(starting Ray takes ~30 s)", flush=True)
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(cfg, progress=_progress_printer(len(plan))),
-        client_app=make_client_app(site_paths),
-        num_supernodes=len(site_paths),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
-                                      "logging_level": "error", "log_to_driver": True}},
-        verbose_logging=False,
-    )
+    progress, bar = _progress_bar(len(plan))
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, progress=progress),
+            client_app=make_client_app(site_paths),
+            num_supernodes=len(site_paths),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
+                                          "logging_level": "error", "log_to_driver": True}},
+            verbose_logging=False,
+        )
+    finally:
+        bar.close()
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
         print(f"lungmae simulate: the federated run wrote no {metrics_path}; see the log above")

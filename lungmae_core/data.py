@@ -8,6 +8,7 @@ once; the mask is kept as uint8 until an item is asked for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -182,9 +183,16 @@ class CachedVolumes(_VolumeDataset):
             image, mask = resize_cube(sample.image, sample.lung_mask, target)
             images.append(image)
             masks.append(mask)
+        # Serve the samples in an order set by their voxels, not by the manifest's (sorted by pseudonym, which
+        # a new site secret changes): the same data and seed then give the same batches, and the same model,
+        # wherever and however often the cache was prepared.
+        order = sorted(range(len(rows)), key=lambda i: (hashlib.sha256(images[i].tobytes()).hexdigest(),
+                                                        rows[i].series_id))
+        rows = [rows[i] for i in order]
         self.rows = rows
         self.series_ids = [r.series_id for r in rows]
-        super().__init__(np.stack(images), np.stack(masks), np.asarray(labels, np.int64), [r.patient_id for r in rows])
+        super().__init__(np.stack([images[i] for i in order]), np.stack([masks[i] for i in order]),
+                         np.asarray([labels[i] for i in order], np.int64), [r.patient_id for r in rows])
         log.info("loaded %d samples (%d^3) from the cache", len(rows), self.size)
 
 
