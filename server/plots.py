@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # before pyplot: the coordinator has no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 __all__ = [
     "figure_to_data_uri",
@@ -27,6 +27,8 @@ __all__ = [
     "bytes_chart",
     "epsilon_chart",
     "confusion_matrix_figure",
+    "cross_site_heatmap",
+    "metric_vs_labels",
     "reconstruction_figure",
     "orthogonal_slices",
 ]
@@ -222,6 +224,89 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[float]], class_names: Sequ
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    return figure_to_data_uri(fig)
+
+
+def cross_site_heatmap(values: Sequence[Sequence[float | None]], models: Sequence[str], data_sites: Sequence[str],
+                       *, title: str, counts: Sequence[Sequence[int | None]] | None = None,
+                       suppressed: Sequence[Sequence[bool]] | None = None) -> str:
+    """A models x data sites matrix of one metric in [0, 1], value (and scan count) written in every cell.
+
+    Args:
+        values: ``values[i][j]``: model ``models[i]`` on ``data_sites[j]``'s test split; None = not evaluated.
+        models: row labels (the model: global or a site's local copy).
+        data_sites: column labels (whose test data).
+        title: the figure title.
+        counts: test scans per cell, shown as ``n=..``; None where unknown or withheld.
+        suppressed: cells whose count the data site withheld (shown as ``n<min``).
+
+    Returns:
+        A ``data:image/png;base64,...`` URI.
+    """
+    m = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    assert m.shape == (len(models), len(data_sites)), (m.shape, len(models), len(data_sites))
+    width = 2.2 + 1.25 * len(data_sites)
+    fig, ax = plt.subplots(figsize=(min(width, 10.0), 1.4 + 0.75 * len(models)))
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#e6e9ec")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            text = "not\nevaluated" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}"
+            if not np.isnan(m[i, j]):
+                if suppressed is not None and suppressed[i][j]:
+                    text += "\nn<min"
+                elif counts is not None and counts[i][j] is not None:
+                    text += f"\nn={counts[i][j]}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="#1d2733")
+    ax.set_xticks(np.arange(len(data_sites)), list(data_sites), rotation=20 if len(data_sites) > 5 else 0)
+    ax.set_yticks(np.arange(len(models)), list(models))
+    ax.set_xlabel("test data of site")
+    ax.set_ylabel("model")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return figure_to_data_uri(fig)
+
+
+def metric_vs_labels(arms: Mapping[str, Sequence[tuple[float, float, float | None, float | None]]], *,
+                     title: str, ylabel: str, chance: float | None = None) -> str:
+    """A metric against labelled scans per class (log2 axis), one line per experiment arm, with 95% intervals.
+
+    Args:
+        arms: arm name -> ``[(k, value, low, high), ...]``; ``low``/``high`` None when the arm has no interval.
+        title: the figure title.
+        ylabel: label of the y axis.
+        chance: a dashed horizontal line at the chance level, if given.
+
+    Returns:
+        A ``data:image/png;base64,...`` URI.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ks: set[float] = set()
+    for index, (name, points) in enumerate(arms.items()):
+        pts = sorted(points)
+        if not pts:
+            continue
+        x = np.array([p[0] for p in pts], dtype=float)
+        y = np.array([p[1] for p in pts], dtype=float)
+        lo = np.array([p[1] - p[2] if p[2] is not None else 0.0 for p in pts])
+        hi = np.array([p[3] - p[1] if p[3] is not None else 0.0 for p in pts])
+        # Arms share the k values: a small horizontal offset keeps their intervals apart.
+        shift = 2 ** ((index - (len(arms) - 1) / 2) * 0.03)
+        ax.errorbar(x * shift, y, yerr=np.vstack([np.clip(lo, 0, None), np.clip(hi, 0, None)]), marker="o",
+                    ms=4, capsize=3, lw=1.4, color=_site_colour(index), label=name)
+        ks.update(x.tolist())
+    if chance is not None:
+        ax.axhline(chance, ls="--", lw=1, color="#7f8c8d", label="chance")
+    if ks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ks), [f"{k:g}" for k in sorted(ks)])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
+    ax.set_xlabel("labelled scans per class per site (k)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return figure_to_data_uri(fig)
 
 

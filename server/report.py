@@ -26,6 +26,8 @@ from typing import Any
 from lungmae_core.atomic import atomic_write_text
 
 from server import plots
+from server.report_cross_site import cross_site_section, global_per_site_table
+from server.report_experiment import EXPERIMENT_NAME, experiment_section
 from server.report_data import (
     FINAL_METRICS,
     MAE_METRICS,
@@ -33,6 +35,7 @@ from server.report_data import (
     FinalResults,
     Reconstruction,
     RoundRecord,
+    RunDirectoryError,
     RunRecord,
     SiteResult,
     load_run,
@@ -80,6 +83,7 @@ nav a{margin-right:12px;font-size:.92em} code{background:#eef2f5;padding:1px 4px
 .problem{display:inline-block;max-width:380px;text-align:left;font-size:.88em}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr));gap:0 20px;align-items:start}
 .cols table{font-size:.82em;width:100%} .cols td{overflow-wrap:anywhere}
+.ci{color:#55636f;font-size:.88em;white-space:nowrap} tr.diag td{background:#f7fafc}
 """
 
 
@@ -405,16 +409,6 @@ def _class_names(final: FinalResults, n: int) -> list[str]:
     return [f"class {i}" for i in range(n)]
 
 
-def _cross_site_adds(final: FinalResults) -> bool:
-    """Whether the cross-site table says more than the per-site one (the server may repeat the same numbers)."""
-    for site, metrics in final.cross_site.items():
-        if site not in final.sites:
-            return True
-        if any(final.sites[site].metrics.get(k) != v for k, v in metrics.items()):
-            return True
-    return False
-
-
 def _final_section(run: RunRecord) -> str:
     final = run.final
     if final is None or (not final.sites and final.pooled is None):
@@ -433,15 +427,12 @@ def _final_section(run: RunRecord) -> str:
         rows.append(("pooled (all test scans)", *(_metric_cell(final.pooled, k) for k in FINAL_METRICS),
                      _int(final.pooled.metrics.get("num_examples"))))
         classes.append("pooled")
-    parts = ['<p class="note">The final global classifier on each site\'s held-out test split; "pooled" scores '
-             "all test scans together (computed from the sites' aggregate counts).</p>",
-             _table(header, rows, row_classes=classes, table_id="final-table")]
-    if _cross_site_adds(final):
-        keys = sorted({k for m in final.cross_site.values() for k in m if k in FINAL_METRICS})
-        parts.append("<h3>cross-site</h3>" + _table(
-            ("site", *(_METRIC_LABELS[k] for k in keys)),
-            [(_e(s), *(_fmt(final.cross_site[s].get(k)) for k in keys)) for s in sorted(final.cross_site)],
-            table_id="cross-site-table"))
+    parts = ["<h3>global model per site</h3>"
+             '<p class="note">The final global classifier on each site\'s held-out test split; "pooled" scores '
+             "all test scans together (computed from the sites' aggregate counts). Each site's own fine-tuned "
+             "model on the other sites' data is the cross-site matrix below.</p>",
+             _table(header, rows, row_classes=classes, table_id="final-table"),
+             global_per_site_table(run.summary, {s: r.metrics for s, r in final.sites.items()})]
     matrix = _pooled_confusion(final)
     if matrix is None:
         parts.append(_absent("No site sent a confusion matrix, so none is shown."))
@@ -557,13 +548,15 @@ def _number_or_none(value: Any) -> float | None:
 # the page
 
 
-def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str = "") -> str:
+def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str = "", *,
+               run_dir: Path | None = None) -> str:
     """The whole page as one string: sections in reading order, every figure inline.
 
     Args:
         run: the run directory, read by :func:`server.report_data.load_run`.
         recon: the phantom reconstruction, or ``None`` with ``recon_reason`` saying why there is none.
         recon_reason: the sentence shown instead of the reconstruction figure.
+        run_dir: where the run lives; an ``experiment.json`` there adds the experiment section.
     """
     flag, quality = _mae_quality(run, recon)
     warnings = "".join(f'<div class="warn">{_e(w)}</div>' for w in run.warnings)
@@ -571,12 +564,14 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     if skipped:
         rounds = _e(", ".join(map(str, skipped)))
         warnings += f'<div class="warn">Rounds skipped (too few valid updates; the model was kept): {rounds}.</div>'
+    experiment = experiment_section(run_dir) if run_dir is not None else ""
     sections = [
         _section("summary", "Summary", "<ul>" + "".join(f"<li>{line}</li>" for line in _status_lines(run))
                  + "</ul>" + flag + warnings + _sites_table(run)),
         _loss_section(run),
         _reconstruction_section(recon, recon_reason, quality),
         _final_section(run),
+        cross_site_section(run.summary),
         _participation_section(run),
         _bytes_section(run),
         _privacy_section(run),
@@ -584,19 +579,26 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     ]
     nav = " ".join(f'<a href="#{i}">{t}</a>' for i, t in (
         ("summary", "summary"), ("loss", "loss"), ("reconstructions", "reconstructions"),
-        ("final-metrics", "final metrics"), ("participation", "participation"), ("bytes", "bytes"),
-        ("privacy", "privacy"), ("config", "configuration")))
+        ("final-metrics", "final metrics"), ("cross-site", "cross-site"), ("participation", "participation"),
+        ("bytes", "bytes"), ("privacy", "privacy"), ("config", "configuration")))
+    if experiment:
+        sections.insert(1, experiment)
+        nav = nav.replace('<a href="#loss">', '<a href="#experiment">experiment</a> <a href="#loss">', 1)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     config_hash = run.run_config.get("config_hash") or run.summary.get("config_hash")
     subtitle = f"configuration {_e(str(config_hash)[:12])} &middot; " if config_hash else ""
     version = run.run_config.get("code_version")
     subtitle += f"{_e(version)} &middot; " if isinstance(version, str) else ""
+    return _page(f'<p class="lead">{subtitle}federated MAE pretraining and ILD fine-tuning &middot; rendered {when}</p>'
+                 f"<nav>{nav}</nav>" + "".join(sections))
+
+
+def _page(body: str) -> str:
+    """The HTML document around ``body`` (inline CSS only: no script, nothing fetched)."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>LungMAE-FL run report</title><style>{_CSS}</style></head><body><main>"
-            "<h1>LungMAE-FL run report</h1>"
-            f'<p class="lead">{subtitle}federated MAE pretraining and ILD fine-tuning &middot; rendered {when}</p>'
-            f"<nav>{nav}</nav>" + "".join(sections) + "</main></body></html>\n")
+            "<h1>LungMAE-FL run report</h1>" + body + "</main></body></html>\n")
 
 
 
@@ -621,15 +623,26 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, reconst
         PosixPath('runs/simulate/run-20261128-021500/report.html')
     """
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    out_path = Path(out) if out is not None else run_dir / REPORT_NAME
+    try:
+        run = load_run(run_dir)
+    except RunDirectoryError:
+        if not (run_dir / EXPERIMENT_NAME).is_file():
+            raise
+        # An experiment's output folder without a federation run of its own: the page shows the experiment.
+        when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_path, _page(f'<p class="lead">experiment results &middot; rendered {when}</p>'
+                                          + experiment_section(run_dir)))
+        logger.info("Report written to %s", out_path)
+        return out_path
     recon: Reconstruction | None = None
     reason = "Reconstructions were not requested for this rendering."
     if reconstructions:
         from server.report_recon import phantom_reconstruction  # torch and the model: only when needed
 
         recon, reason = phantom_reconstruction(run)
-    out_path = Path(out) if out is not None else run_dir / REPORT_NAME
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_path, build_html(run, recon, reason))
+    atomic_write_text(out_path, build_html(run, recon, reason, run_dir=run_dir))
     logger.info("Report written to %s", out_path)
     return out_path

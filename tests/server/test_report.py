@@ -80,7 +80,7 @@ def _finetune_line(r: int, phase_round: int, rounds: int, *, dp: bool) -> dict[s
 
 
 def write_run(run_dir: Path, *, pretrain: int = 2, finetune: int = 2, dp: bool = False, mae_wins: bool = True,
-              final: bool = True, checkpoint: bool = False) -> Path:
+              final: bool = True, checkpoint: bool = False, cross_site: dict[str, Any] | None = None) -> Path:
     """A run directory in the server's format (``server/runner.py``), with the server's own writers."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = federation_from_mapping({
@@ -121,8 +121,9 @@ def write_run(run_dir: Path, *, pretrain: int = 2, finetune: int = 2, dp: bool =
             "pooled": {"num_examples": 14, "accuracy": 0.64, "balanced_accuracy": 0.61, "weighted_f1": 0.6,
                        "roc_auc": 0.8, "roc_auc_valid": 1,
                        "confusion_matrix": [[3, 1, 0, 0], [0, 2, 1, 0], [0, 0, 3, 1], [1, 0, 1, 1]]},
-            "cross_site": {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "weighted_f1", "roc_auc",
-                                                 "num_examples")} for s, m in sites.items()},
+            "cross_site": cross_site if cross_site is not None else {
+                s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "weighted_f1", "roc_auc", "num_examples")}
+                for s, m in sites.items()},
             "failures": [], "rejected": [], "bytes": {"down": 1000, "up": 100}, "note": ""}
     elif final:
         summary["final"] = {"class_names": CLASSES, "sites": {}, "pooled": {}, "cross_site": {},
@@ -195,7 +196,17 @@ def section_text(page: _Page, ident: str) -> str:
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, _Page, str]:
-    run_dir = write_run(tmp_path_factory.mktemp("run") / "run-full", dp=True, checkpoint=True)
+    from server.cross_site import build_cross_site
+
+    matrix = build_cross_site({("global", "hospital-a"): {"balanced_accuracy": 0.7, "roc_auc": 0.88, "num_examples": 8},
+                               ("global", "hospital-b"): {"balanced_accuracy": 0.5, "roc_auc": None, "num_examples": 6},
+                               ("hospital-a", "hospital-a"): {"balanced_accuracy": 0.8, "roc_auc": 0.9,
+                                                              "num_examples": 8},
+                               ("hospital-a", "hospital-b"): {"balanced_accuracy": 0.4, "roc_auc": 0.6,
+                                                              "num_examples": 6}},
+                              models=["global", "hospital-a"], data_sites=["hospital-a", "hospital-b"],
+                              min_count={"hospital-a": 5, "hospital-b": 10})
+    run_dir = write_run(tmp_path_factory.mktemp("run") / "run-full", dp=True, checkpoint=True, cross_site=matrix)
     path = render_report(run_dir)
     page, text = parse(path)
     return run_dir, page, text
@@ -206,10 +217,17 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, _Page, 
 
 def test_full_report_has_every_section_table_and_image(full_report: tuple[Path, _Page, str]) -> None:
     run_dir, page, _ = full_report
-    assert set(page.sections) == {"summary", "loss", "reconstructions", "final-metrics", "participation", "bytes",
-                                  "privacy", "config"}
+    assert set(page.sections) == {"summary", "loss", "reconstructions", "final-metrics", "cross-site",
+                                  "participation", "bytes", "privacy", "config"}
     sections_with_images = {img["section"] for img in page.images}
-    assert sections_with_images == {"loss", "reconstructions", "final-metrics", "participation", "bytes", "privacy"}
+    assert sections_with_images == {"loss", "reconstructions", "final-metrics", "cross-site", "participation",
+                                    "bytes", "privacy"}
+    assert len([i for i in page.images if i["section"] == "cross-site"]) == 2  # balanced accuracy, ROC AUC
+    assert page.tables["cross-site-matrix"][1:] == [
+        ["global model", "hospital-a", "0.700", "0.880", "8"],
+        ["global model", "hospital-b", "0.500", "–", "< 10"],  # 6 scans < hospital-b's minimum of 10: withheld
+        ["hospital-a (local)", "hospital-a", "0.800", "0.900", "8"],
+        ["hospital-a (local)", "hospital-b", "0.400", "0.600", "< 10"]]
     # pretrain + finetune training loss, pretrain validation vs baseline, finetune validation
     assert len([i for i in page.images if i["section"] == "loss"]) == 4
     final = page.tables["final-table"]
@@ -317,6 +335,7 @@ def test_report_of_a_run_written_by_the_real_server(tmp_path_factory: pytest.Tem
     page, text = parse(render_report(run_dir))
     assert {img["section"] for img in page.images} == {"loss", "reconstructions", "final-metrics", "participation",
                                                        "bytes"}
+    assert "metrics.json has no cross-site matrix" in section_text(page, "cross-site")
     assert [row[:2] for row in page.tables["participation-table"][1:]] == [["1", "pretrain"], ["2", "finetune"]]
     assert {row[0] for row in page.tables["final-table"][1:]} == {"site0", "site1", "pooled (all test scans)"}
     assert [row[0] for row in page.tables["sites-table"][1:]] == ["node-103", "site0", "site1"]
