@@ -233,7 +233,8 @@ def cross_site_heatmap(values: Sequence[Sequence[float | None]], models: Sequenc
     """A models x data sites matrix of one metric in [0, 1], value (and scan count) written in every cell.
 
     Args:
-        values: ``values[i][j]``: model ``models[i]`` on ``data_sites[j]``'s test split; None = not evaluated.
+        values: ``values[i][j]``: model ``models[i]`` on ``data_sites[j]``'s test split; None = not evaluated
+            (or, where the cell has a count, undefined: e.g. ROC AUC on a one-class split).
         models: row labels (the model: global or a site's local copy).
         data_sites: column labels (whose test data).
         title: the figure title.
@@ -246,18 +247,22 @@ def cross_site_heatmap(values: Sequence[Sequence[float | None]], models: Sequenc
     m = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
     assert m.shape == (len(models), len(data_sites)), (m.shape, len(models), len(data_sites))
     width = 2.2 + 1.25 * len(data_sites)
-    fig, ax = plt.subplots(figsize=(min(width, 10.0), 1.4 + 0.75 * len(models)))
+    fig, ax = plt.subplots(figsize=(min(width, 10.0), 1.3 + 0.6 * len(models)))
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#e6e9ec")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            text = "not\nevaluated" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}"
+            evaluated = (counts is not None and counts[i][j] is not None) or (suppressed is not None
+                                                                               and suppressed[i][j])
+            text = ("undefined" if evaluated else "not\nevaluated") if np.isnan(m[i, j]) else f"{m[i, j]:.2f}"
             if not np.isnan(m[i, j]):
                 if suppressed is not None and suppressed[i][j]:
                     text += "\nn<min"
                 elif counts is not None and counts[i][j] is not None:
                     text += f"\nn={counts[i][j]}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="#1d2733")
+            # The colour map's ends are dark: white text there, dark text on the light middle and grey.
+            dark = not np.isnan(m[i, j]) and (m[i, j] < 0.2 or m[i, j] > 0.85)
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "#1d2733")
     ax.set_xticks(np.arange(len(data_sites)), list(data_sites), rotation=20 if len(data_sites) > 5 else 0)
     ax.set_yticks(np.arange(len(models)), list(models))
     ax.set_xlabel("test data of site")
@@ -280,7 +285,7 @@ def metric_vs_labels(arms: Mapping[str, Sequence[tuple[float, float, float | Non
     Returns:
         A ``data:image/png;base64,...`` URI.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ks: set[float] = set()
     for index, (name, points) in enumerate(arms.items()):
         pts = sorted(points)
@@ -306,7 +311,8 @@ def metric_vs_labels(arms: Mapping[str, Sequence[tuple[float, float, float | Non
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # Below the axes: inside, the legend would cover intervals wherever the arms happen to lie.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return figure_to_data_uri(fig)
 
 
