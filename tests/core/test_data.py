@@ -44,16 +44,42 @@ def cache(tmp_path, samples):
 def test_cached_volumes_items_labels_and_ids(cache, samples):
     ds = CachedVolumes(cache)
     assert len(ds) == 4 and ds.size == 24
-    np.testing.assert_array_equal(ds.labels, [0, -1, 2, 3])
+    # Samples come in voxel-digest order (see the next test); labels and ids travel with their sample.
+    assert sorted(ds.patient_ids) == ["p0", "p1", "p2", "p3"]
+    by_patient = dict(zip(ds.patient_ids, ds.labels.tolist()))
+    assert by_patient == {"p0": 0, "p1": -1, "p2": 2, "p3": 3}
+    assert ds.series_ids == [f"s{p[1:]}" for p in ds.patient_ids]
     assert ds.labels.dtype == np.int64
-    assert ds.patient_ids == ["p0", "p1", "p2", "p3"]
-    item = ds[2]
+    index = ds.patient_ids.index("p2")
+    for i, pid in enumerate(ds.patient_ids):
+        np.testing.assert_array_equal(ds[i]["image"].numpy(), samples[int(pid[1:])].image)
+    item = ds[index]
     assert item["image"].shape == (1, 24, 24, 24) and item["image"].dtype == torch.float32
     assert item["lung_mask"].dtype == torch.float32 and set(item["lung_mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["label"] == 2
     np.testing.assert_array_equal(item["image"].numpy(), samples[2].image)
     item["image"].zero_()  # in-place augmentation of an item leaves the dataset untouched
-    np.testing.assert_array_equal(ds[2]["image"].numpy(), samples[2].image)
+    np.testing.assert_array_equal(ds[index]["image"].numpy(), samples[2].image)
+
+
+def test_cached_volumes_order_does_not_depend_on_the_pseudonyms(tmp_path, samples):
+    """Two preparations of the same data under different site secrets name the rows differently; the samples
+    (and so a seeded training run) must come in the same order."""
+    orders = []
+    for run, names in enumerate((["a", "b", "c", "d"], ["z", "y", "x", "w"])):
+        folder = tmp_path / f"prep{run}"
+        rows = []
+        for i, (sample, name) in enumerate(zip(samples, names)):
+            key = cache_key(f"series-{i}-{run}", CFG)
+            path = write_sample(folder, key, sample, {})
+            rows.append(ManifestRow(series_id=f"ser-{name}", patient_id=f"pat-{name}", study_id=f"stu-{name}",
+                                    source="dicom", status="accepted", label=CLASS_NAMES[i], split="train",
+                                    cache_file=str(path.relative_to(folder)), cache_key=key))
+        write_manifest(folder, rows)
+        ds = CachedVolumes(folder)
+        orders.append(ds.labels.tolist())
+        assert [r.series_id for r in read_manifest(folder)] == sorted(f"ser-{n}" for n in names)
+    assert orders[0] == orders[1]  # the manifests' orders are [0, 1, 2, 3] and [3, 2, 1, 0]
 
 
 @pytest.mark.parametrize("kwargs,expected_ids", [
@@ -63,7 +89,7 @@ def test_cached_volumes_items_labels_and_ids(cache, samples):
     ({"splits": ["train"], "labelled_only": True}, ["p0"]),
 ])
 def test_filters(cache, kwargs, expected_ids):
-    assert CachedVolumes(cache, **kwargs).patient_ids == expected_ids
+    assert sorted(CachedVolumes(cache, **kwargs).patient_ids) == expected_ids
 
 
 def test_resize_to_requested_size(cache, samples):
