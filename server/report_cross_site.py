@@ -101,4 +101,5 @@ def global_per_site_table(summary: Mapping[str, Any], per_site: Mapping[str, Map
             '<p class="note">The final global classifier scored on each site\'s test split, as the server recorded '
             "it under final.cross_site; this is not a cross-site matrix of local models.</p>"
             f'<table id="cross-site-table"><thead><tr><th class="name">site</th>'
-            + "".join(f"<th>{_e(_LABELS.get(k, k))}</th>" for k in keys) + f"</tr></thead><tbody>{rows}</tbody></table>")
+            + "".join(f"<th>{_e(_LABELS.get(k, k))}</th>" for k in keys)
+            + f"</tr></thead><tbody>{rows}</tbody></table>")
