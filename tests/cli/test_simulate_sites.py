@@ -57,9 +57,16 @@ def test_missing_cache_names_the_site_and_the_fix(tmp_path: Path, capsys: pytest
     assert f"run `lungmae site prepare --config {config}`" in err
 
 
-def test_stale_and_unlabelled_caches_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicate_incomplete_stale_and_unlabelled_caches_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (labelled,) = _synth(tmp_path / "a")
     _prepare(labelled)
+    err = _simulate_error(capsys, tmp_path, labelled, labelled)
+    assert "are both named 'site0'" in err
+    sample = next((labelled.parent / "cache" / "samples").glob("*.npz"))
+    sample.rename(sample.with_suffix(".bak"))
+    err = _simulate_error(capsys, tmp_path, labelled)
+    assert "site 'site0'" in err and "1 of " in err and "samples are missing" in err
+    sample.with_suffix(".bak").rename(sample)
     # The site.yaml now asks for another preprocessing than the cache was built with.
     text = labelled.read_text()
     assert "size: 32" in text
