@@ -239,9 +239,11 @@ def run(args: argparse.Namespace) -> int:
     pooled = (summary.get("final") or {}).get("pooled") or {}
     print(f"done in {time.perf_counter() - t0:.0f} s (data {t_data:.0f} s); status {summary.get('status')}")
     if pooled:
+        # None: undefined (the test scans hold one class); 0.000 would read as a model that is always wrong
+        auc = "n/a" if pooled.get("roc_auc") is None else f"{pooled['roc_auc']:.3f}"
         print(f"final global classifier, pooled over {int(pooled.get('num_examples', 0))} test scans: "
               f"accuracy {pooled['accuracy']:.3f}, balanced accuracy {pooled['balanced_accuracy']:.3f}, "
-              f"weighted F1 {pooled['weighted_f1']:.3f}, ROC AUC {pooled.get('roc_auc') or 0:.3f} "
+              f"weighted F1 {pooled['weighted_f1']:.3f}, ROC AUC {auc} "
               f"(chance: {1 / len(cfg.classes):.2f})")
     print(f"metrics: {metrics_path}")
     if report_path is not None:
