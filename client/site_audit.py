@@ -34,12 +34,14 @@ _MAX_TEXT = 300
 
 
 def site_audit_path(cfg: Any) -> Path:
-    """Where a site keeps its log: ``apps: audit-log`` in site.yaml, else ``<data cache>/site-audit.jsonl``."""
-    apps = getattr(cfg, "apps", None)
-    explicit = getattr(apps, "audit_log", None) if apps is not None else None
+    """Where a site keeps its log: ``trust: audit-log`` in site.yaml, else ``<data cache>/site-audit.jsonl``
+    (else beside site.yaml)."""
+    explicit = getattr(getattr(cfg, "trust", None), "audit_log", None)
     if explicit:
         return Path(explicit)
-    return Path(cfg.data.cache) / SITE_AUDIT_NAME
+    if getattr(cfg.data, "cache", None) is not None:
+        return Path(cfg.data.cache) / SITE_AUDIT_NAME
+    return Path(cfg.source).resolve().parent / SITE_AUDIT_NAME
 
 
 def _plain(key: str, value: Any, depth: int = 0) -> Any:
