@@ -291,7 +291,8 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
                                                              ".pytest_cache", "runs", ".flwr"))
     target = app / "client" / "__init__.py"
     original = target.read_bytes()
-    target.write_bytes(original[:-2] + bytes([original[-2] ^ 0x01]) + original[-1:])  # one byte changed
+    at = next(i for i in range(original.index(b'"""') + 3, len(original)) if chr(original[i]).isalpha())
+    target.write_bytes(original[:at] + bytes([original[at] ^ 0x20]) + original[at + 1:])  # one letter's case
     from flwr.cli.build import build_fab_from_disk
 
     from lungmae_core.signing import fab_sha256, sign_fab
