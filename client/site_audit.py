@@ -6,8 +6,9 @@ by the site, with the same chain as the server's audit log (``lungmae_core/hashc
 back: counts and metric names, never per-scan values), refusals (a policy rule, an untrusted app bundle)
 and nothing that identifies a patient.
 
-The ClientApp calls :func:`record_site_event` once per message; the FAB check calls it for every bundle it
-accepts or refuses, before any of the bundle's code is imported.
+The ClientApp records each exchange with one call, ``return record_exchange(site, msg, reply)`` (the request,
+and what the reply releases: metric names, example count, number and size of arrays, or the refusal); the
+FAB check records every bundle it accepts or refuses, before any of the bundle's code is imported.
 
 Examples:
     >>> record_site_event(site_cfg, "released", message_type="train.pretrain", server_round=3,
@@ -24,7 +25,7 @@ from typing import Any
 
 from lungmae_core.hashchain import ChainReport, append_record, verify_chain
 
-__all__ = ["SITE_AUDIT_NAME", "record_site_event", "site_audit_path", "verify_site_audit"]
+__all__ = ["SITE_AUDIT_NAME", "record_exchange", "record_site_event", "site_audit_path", "verify_site_audit"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,29 @@ def record_site_event(cfg_or_path: Any, event: str, /, **fields: Any) -> dict[st
     except (OSError, ValueError) as exc:
         logger.error("Unable to write the site audit log %s: %s", path, exc)
         return None
+
+
+def record_exchange(cfg: Any, msg: Any, reply: Any) -> Any:
+    """Record what the coordinator asked (``msg``) and what this site answers (``reply``); returns ``reply``.
+
+    ``released`` lists only what leaves: metric names, ``num-examples``, the number of arrays and their bytes;
+    an error reply is recorded as ``refused`` with its reason (already written to be sent).
+    """
+    try:
+        config = msg.content["config"] if "config" in msg.content else {}
+        asked = {"message_type": msg.metadata.message_type, "phase": config.get("phase"),
+                 "server_round": config.get("server-round")}
+        if reply.has_error():
+            record_site_event(cfg, "refused", **asked, code=reply.error.code, reason=reply.error.reason)
+            return reply
+        metrics = {k: v for record in reply.content.metric_records.values() for k, v in record.items()}
+        arrays = [a for record in reply.content.array_records.values() for a in record.values()]
+        record_site_event(cfg, "released", **asked, metrics=sorted(metrics),
+                          num_examples=metrics.get("num-examples"), arrays=len(arrays),
+                          array_bytes=sum(len(a.data) for a in arrays))
+    except Exception as exc:  # the log must never break a round
+        logger.error("Unable to record the exchange in the site audit log: %s", exc)
+    return reply
 
 
 def verify_site_audit(path: Path) -> ChainReport:

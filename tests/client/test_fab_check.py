@@ -128,3 +128,30 @@ clientapp_main()
     assert "refused: its signature does not verify" in out.stderr
     events = [json.loads(line) for line in (tmp_path / "site/cache/site-audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["fab-refused"]
+
+
+def test_record_exchange_logs_what_was_asked_and_released(tmp_path: Path) -> None:
+    flwr = pytest.importorskip("flwr")
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.site_audit import record_exchange
+
+    del flwr
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+    log = tmp_path / "site-audit.jsonl"
+    msg = Message(RecordDict({"config": ConfigRecord({"phase": "pretrain", "server-round": 3})}), dst_node_id=7,
+                  message_type="train.pretrain")
+    reply = Message(RecordDict({"metrics": MetricRecord({"train_loss": 0.5, "num-examples": 12}),
+                                "arrays": ArrayRecord(array_dict={"w": Array(np.zeros(4, np.float32))})}),
+                    reply_to=msg)
+    assert record_exchange(log, msg, reply) is reply
+    refusal = Message(Error(code=42, reason="privacy refusal: budget spent"), reply_to=msg)
+    assert record_exchange(log, msg, refusal) is refusal
+    released, refused = [json.loads(line) for line in log.read_text().splitlines()]
+    assert released["event"] == "released" and released["message_type"] == "train.pretrain"
+    assert (released["server_round"], released["num_examples"], released["arrays"]) == (3, 12, 1)
+    assert released["metrics"] == ["num-examples", "train_loss"] and released["array_bytes"] >= 16
+    assert refused["event"] == "refused" and refused["reason"] == "privacy refusal: budget spent"
+    assert verify_site_audit(log).ok
