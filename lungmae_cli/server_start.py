@@ -15,6 +15,7 @@ the ServerApp is started here with the same secret. SIGTERM / Ctrl-C stop all of
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _proxy_command(args: argparse.Namespace, tls: object, port: int, workdir: Path) -> list[str]:
+    """Write the standalone nginx.conf for ``--proxy-listen`` under ``workdir``; returns the nginx command."""
     import shutil
 
     from lungmae_core.atomic import atomic_write_text
@@ -110,9 +112,8 @@ def _proxy_command(args: argparse.Namespace, tls: object, port: int, workdir: Pa
     return [nginx, "-c", str(conf), "-p", str(workdir)]
 
 
-def _start_extras(extras: list[tuple[str, list[str]]], env: dict[str, str]) -> list[tuple[str, object]]:
-    import subprocess
-
+def _start_extras(extras: list[tuple[str, list[str]]], env: dict[str, str]) -> list[tuple[str, subprocess.Popen]]:
+    """Start the processes that live beside the SuperLink (SuperExec, proxy); they die with us."""
     from lungmae_cli._process import _die_with_parent
 
     children = []
@@ -128,15 +129,14 @@ def _start_extras(extras: list[tuple[str, list[str]]], env: dict[str, str]) -> l
     return children
 
 
-def _stop(children: list[tuple[str, object]]) -> None:
-    import subprocess
-
+def _stop(children: list[tuple[str, subprocess.Popen]]) -> None:
+    """SIGTERM each child, then SIGKILL what is still there after 15 s."""
     for _, proc in children:
-        if proc.poll() is None:  # type: ignore[attr-defined]
-            proc.terminate()  # type: ignore[attr-defined]
-    for name, proc in children:
+        if proc.poll() is None:
+            proc.terminate()
+    for _, proc in children:
         try:
-            proc.wait(timeout=15)  # type: ignore[attr-defined]
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()  # type: ignore[attr-defined]
-            proc.wait()  # type: ignore[attr-defined]
+            proc.kill()
+            proc.wait()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lungmae_core.errors import LungMAEError
-from lungmae_core.hashchain import append_record, canonical, verify_chain
+from lungmae_core.hashchain import ChainReport, append_record, canonical, verify_chain
 from lungmae_core.signing import AUDIT_DOMAIN, load_private_key, load_public_key, sign, verify
 
 __all__ = ["AUDIT_KEY_ENV", "AuditLog", "AuditLogError", "EVENTS", "config_hash", "iter_events", "read_audit_log",
@@ -191,22 +191,25 @@ class AuditLog:
         return entry
 
     def _checkpoint_sha256(self, name: str) -> str | None:
-        """SHA-256 of a checkpoint named relative to the run directory (or its ``checkpoints/``)."""
         assert self.path is not None
-        base = self.path.parent
-        for candidate in (Path(name), base / name, base / "checkpoints" / name):
-            if candidate.is_file():
-                digest = hashlib.sha256()
-                with open(candidate, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(block)
-                return "sha256:" + digest.hexdigest()
-        logger.warning("Unable to hash checkpoint %s for the audit log as it is not under %s", name, base)
-        return None
+        return _checkpoint_sha256(self.path.parent, name)
 
     def _sign(self, record: dict[str, Any], text: str) -> dict[str, Any]:
         assert self._key is not None
         return {**record, "sig": sign(text.encode(), self._key, AUDIT_DOMAIN)}
+
+
+def _checkpoint_sha256(run_dir: Path, name: str) -> str | None:
+    """``"sha256:<hex>"`` of a checkpoint named relative to the run directory (or its ``checkpoints/``)."""
+    for candidate in (Path(name), run_dir / name, run_dir / "checkpoints" / name):
+        if candidate.is_file():
+            digest = hashlib.sha256()
+            with open(candidate, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            return "sha256:" + digest.hexdigest()
+    logger.warning("Unable to hash checkpoint %s for the audit log as it is not under %s", name, run_dir)
+    return None
 
 
 def read_audit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -232,7 +235,7 @@ def read_audit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def verify_audit_log(path: str | os.PathLike[str], public_key: str | os.PathLike[str] | None = None, *,
-                     check_files: bool = True):  # -> lungmae_core.hashchain.ChainReport
+                     check_files: bool = True) -> ChainReport:
     """Check the chain of an audit log, the signature of every signed line and, where the file is still
     there, that each checkpoint's SHA-256 matches the file the line names.
 
@@ -265,10 +268,8 @@ def verify_audit_log(path: str | os.PathLike[str], public_key: str | os.PathLike
 
     report = verify_chain(path, check_record=_check)
     if report.ok and check_files:
-        log = AuditLog(None)
-        log.path = path
         for name, (number, digest) in newest.items():
-            actual = log._checkpoint_sha256(name)
+            actual = _checkpoint_sha256(path.parent, name)
             if actual is not None and actual != digest:
                 report.broken_line = number
                 report.problem = f"checkpoint {name} no longer has the SHA-256 recorded here ({digest[:19]}...)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import re
 import shutil
 import subprocess
@@ -17,9 +16,6 @@ REQUIRED = {"NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectSystem": "str
 
 def _service(path: Path) -> dict[str, list[str]]:
     """The [Service] section; systemd allows repeated keys (Environment=), so values are lists."""
-    parser = configparser.RawConfigParser(strict=False, delimiters=("=",), comment_prefixes=("#", ";"),
-                                          interpolation=None, dict_type=dict)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
     values: dict[str, list[str]] = {}
     section = None
     for line in path.read_text().splitlines():
