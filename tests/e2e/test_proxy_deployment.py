@@ -4,7 +4,8 @@ that binds loopback, a site in a second network namespace, a signed app bundle a
 1. `lungmae certs` makes the PKI (server certificate for the proxy's address, per-site client certificates,
    the app-signing key); `lungmae server start --proxy-listen` runs the SuperLink on 127.0.0.1 in process
    isolation with its SuperExec secret, flower-superexec, and nginx on a non-loopback address.
-2. From the site's network namespace (a veth pair; where namespaces cannot be made, a second loopback
+2. On the server host, ServerAppIo's AcquireTask without the SuperExec secret is refused (401). From the
+   site's network namespace (a veth pair; where namespaces cannot be made, a second loopback
    address, and the test says so): the SuperLink's own port is unreachable; a Fleet call with a site
    certificate reaches Flower; a Control or Runtime call with a site certificate is refused by the proxy;
    a call without a client certificate is refused; a site's certificate stops working once revoked.
@@ -191,9 +192,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Processes,
 
 
 def _probe(procs: Processes, net: Network, port: int, path: str, cert: str = "-", key: str = "-",
-           host: str | None = None) -> str:
+           host: str | None = None, from_site: bool = True) -> str:
+    """POST ``path`` from the site's namespace (or, ``from_site=False``, from the server host)."""
     pki = procs.root / "pki"
-    out = procs.run([*net.prefix(), sys.executable, "-c", PROBE, host or net.host_ip, str(port), path,
+    prefix = net.prefix() if from_site else []
+    out = procs.run([*prefix, sys.executable, "-c", PROBE, host or net.host_ip, str(port), path,
                      str(pki / "ca/ca.crt"), cert, key], timeout=60)
     return out.stdout.strip() or out.stderr.strip()
 
@@ -246,6 +249,9 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     # 2. what the network sees ----------------------------------------------------------------------------------
     direct = _probe(procs, net, link_port, "/v1/control/list-runs", host=net.host_ip)
     assert direct.startswith("ERR"), f"the SuperLink port answers on {net.host_ip}: {direct}"
+    # on the server host itself, ServerAppIo's AcquireTask needs the SuperExec secret (process isolation)
+    acquire = _probe(procs, net, link_port, "/v1/runtime/acquire-task", host="127.0.0.1", from_site=False)
+    assert acquire.startswith("401") and "Authentication failed" in acquire, acquire
     fleet = _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s0)
     assert fleet.split()[0] not in ("400", "403", "404") and not fleet.startswith("ERR"), fleet  # Flower answered
     for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/acquire-task",
