@@ -10,6 +10,7 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
                  grad-sample-mode, pretrain-max-grad-norm
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
+    trust:       trusted-keys, fab-sha256, client-certificate, client-key, audit-log
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
 None of these values ever leaves the site: the federation only sees weights and aggregate metrics.
@@ -188,6 +189,34 @@ class ConnectionSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrustSection:
+    """``trust``: which app bundles this site runs, the site's TLS client certificate, and its own audit log.
+
+    Args:
+        trusted-keys: Ed25519 public keys (PEM) whose signature on an app bundle (FAB) this site accepts,
+            normally the consortium's ``signing/fab-signing.pub``.
+        fab-sha256: SHA-256 (hex) of app bundles this site accepts even unsigned (an allow-list).
+            With neither set, the site refuses every bundle (``client/fab_check.py``).
+        client-certificate / client-key: this site's TLS client certificate and key (``lungmae certs --site``),
+            presented to the coordinator's proxy (mutual TLS). Both or neither.
+        audit-log: the site's own chained log. Defaults to ``<data cache>/site-audit.jsonl``.
+    """
+
+    trusted_keys: tuple[Path, ...] = ()
+    fab_sha256: tuple[str, ...] = ()
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+    audit_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        for value in self.fab_sha256:
+            _check(bool(re.fullmatch(r"[0-9a-f]{64}", str(value))),
+                   f"'fab-sha256' entries must be 64 lower-case hex digits (sha256sum of the .fab); got {value!r}")
+        _check((self.client_certificate is None) == (self.client_key is None),
+               "'client-certificate' and 'client-key' must be given together (from `lungmae certs --site NAME`)")
+
+
+@dataclasses.dataclass(frozen=True)
 class SiteConfig:
     """A whole ``site.yaml``; see the module docstring for the sections."""
 
@@ -197,6 +226,7 @@ class SiteConfig:
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     privacy: PrivacySection = dataclasses.field(default_factory=PrivacySection)
     connection: ConnectionSection = dataclasses.field(default_factory=ConnectionSection)
+    trust: TrustSection = dataclasses.field(default_factory=TrustSection)
     source: str = dataclasses.field(default="site.yaml", compare=False)
 
     def with_data(self, **changes: Any) -> SiteConfig:
@@ -231,16 +261,20 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "privacy": PrivacySection,
     "connection": ConnectionSection,
+    "trust": TrustSection,
 }
 _PATH_KEYS = {"data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
-              "connection": ("root_certificates", "auth_key")}
+              "connection": ("root_certificates", "auth_key"),
+              "trust": ("trusted_keys", "client_certificate", "client_key", "audit_log")}
 
 
 def _resolve(section: Any, name: str, base_dir: Path) -> Any:
     changes = {}
     for key in _PATH_KEYS.get(name, ()):
         value = getattr(section, key)
-        if value is not None and not value.is_absolute():
+        if isinstance(value, tuple):
+            changes[key] = tuple(v if v.is_absolute() else (base_dir / v).resolve() for v in value)
+        elif value is not None and not value.is_absolute():
             changes[key] = (base_dir / value).resolve()
     return dataclasses.replace(section, **changes) if changes else section
 

@@ -1,5 +1,16 @@
 """The command line of this site's Flower SuperNode, built from ``site.yaml`` (what `lungmae site start` runs).
 
+`lungmae site start` does not exec ``flower-superlink`` directly but this module's launcher
+(:func:`launch_command`, ``python -m client.supernode``), which runs Flower's SuperNode in-process after two
+changes Flower 1.42 has no option for:
+
+* **Mutual TLS.** The coordinator's proxy asks each site for its client certificate (``trust:
+  client-certificate`` / ``client-key``), but Flower's Fleet HTTP client only takes a CA. The launcher gives
+  the SuperNode's HTTP client (``flwr.supercore.protobuf.client.ProtobufClient``, the one whose base URL is
+  the coordinator) an SSL context holding the consortium CA and the site's certificate.
+* **Only approved app bundles.** A directory holding the checking ``flwr-clientapp`` (``client/fab_check.py``)
+  is put first on ``PATH``, so Flower's SuperExec starts it for every message.
+
 The SuperNode connects out to the coordinator over TLS (verified with the consortium CA), authenticates with
 the site's registered ECDSA key, and hands each message to our ClientApp with ``node_config["site-config"]``
 set to the absolute path of ``site.yaml``: that path stays at the hospital (it is only ever read locally).
@@ -13,13 +24,21 @@ Examples:
 
 from __future__ import annotations
 
+import os
+import shutil
+import ssl
+import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from client.node_key import check_site_key
 from client.site_config import ConnectionSection
 from lungmae_core.errors import SiteConfigError
 
-__all__ = ["ACTIVATION_REFUSED", "SUPERNODE_ADVICE", "deployment_problems", "supernode_command"]
+__all__ = ["ACTIVATION_REFUSED", "SUPERNODE_ADVICE", "client_tls_context", "deployment_problems", "launch_command",
+           "main", "supernode_command"]
 
 ACTIVATION_REFUSED = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR: also "still online from a crashed run"
 
@@ -102,3 +121,100 @@ def supernode_command(site_config: Path, connection: ConnectionSection, *,
         "--node-config", _node_config_value(Path(site_config).resolve()),
     ]
     return cmd
+
+
+def launch_command(site_config: Path, cfg: Any) -> list[str]:
+    """The command `lungmae site start` runs: this module's launcher around :func:`supernode_command`.
+
+    Args:
+        site_config: path of ``site.yaml``.
+        cfg: the loaded ``SiteConfig`` (its ``connection`` and ``trust`` sections).
+
+    Raises:
+        SiteConfigError: as :func:`supernode_command`, or for a client certificate file that does not exist.
+    """
+    cmd = supernode_command(site_config, cfg.connection)
+    launcher = [sys.executable, "-m", "client.supernode", "--site-config", str(Path(site_config).resolve())]
+    trust = cfg.trust
+    if trust.client_certificate is not None:
+        for key, path in (("client-certificate", trust.client_certificate), ("client-key", trust.client_key)):
+            if not Path(path).is_file():
+                raise SiteConfigError(f"{site_config}: trust: '{key}' file {path} does not exist; the coordinator "
+                                      "makes it with `lungmae certs --site NAME` (sites/NAME/NAME.client.pem/.key)")
+        launcher += ["--client-certificate", str(Path(trust.client_certificate).resolve()),
+                     "--client-key", str(Path(trust.client_key).resolve())]
+    return [*launcher, "--", *cmd]
+
+
+def client_tls_context(root_certificates: Path, certificate: Path, key: Path) -> ssl.SSLContext:
+    """An SSL client context that verifies the coordinator with the CA and presents the site's certificate.
+
+    Raises:
+        SiteConfigError: if the certificate and key cannot be loaded (naming both files).
+    """
+    context = ssl.create_default_context(cafile=str(root_certificates))
+    try:
+        context.load_cert_chain(str(certificate), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise SiteConfigError(f"Unable to load the TLS client certificate {certificate} with key {key}: {exc}; "
+                              "get them again from the coordinator (`lungmae certs --site NAME`)") from exc
+    return context
+
+
+def _patch_fleet_client(superlink: str, context: ssl.SSLContext) -> None:
+    """Make the SuperNode's HTTP client for ``superlink`` use ``context`` (mutual TLS)."""
+    from flwr.supercore.protobuf import client as protobuf_client
+
+    cls = protobuf_client.ProtobufClient
+    original_init = cls.__init__
+    target = f"https://{superlink}"
+
+    def init_with_client_certificate(self: Any, base_url: str, *args: Any, **kwargs: Any) -> None:
+        if base_url.rstrip("/") == target:
+            kwargs["verify"] = context
+        original_init(self, base_url, *args, **kwargs)
+
+    cls.__init__ = init_with_client_certificate  # type: ignore[method-assign]
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m client.supernode --site-config S [--client-certificate C --client-key K] -- flower-supernode ...``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m client.supernode", description=main.__doc__)
+    parser.add_argument("--site-config", required=True)
+    parser.add_argument("--client-certificate")
+    parser.add_argument("--client-key")
+    parser.add_argument("flower", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    flower = args.flower[1:] if args.flower[:1] == ["--"] else list(args.flower)
+    if not flower or Path(flower[0]).name != "flower-supernode":
+        parser.error("expected `-- flower-supernode ARGS...` after the launcher's options")
+    from client.fab_check import SITE_CONFIG_ENV, install_launcher
+
+    bin_dir = Path(tempfile.mkdtemp(prefix="lungmae-supernode-"))
+    install_launcher(bin_dir)
+    os.environ[SITE_CONFIG_ENV] = args.site_config
+    os.environ["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
+                                          os.environ.get("PATH", "")])
+    if args.client_certificate:
+        superlink, ca = _option(flower, "--superlink"), _option(flower, "--root-certificates")
+        if superlink is None or ca is None:
+            parser.error("mutual TLS needs --superlink and --root-certificates in the SuperNode command")
+        _patch_fleet_client(superlink, client_tls_context(Path(ca), Path(args.client_certificate),
+                                                          Path(args.client_key)))
+    import atexit
+
+    atexit.register(shutil.rmtree, bin_dir, True)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = flower
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

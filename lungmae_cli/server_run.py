@@ -6,6 +6,12 @@ config ``federation-config=<absolute path of federation.yaml>``, then polls ``fl
 stopped and submitted again, and the ServerApp resumes from the run directory's last checkpoint. Run it again
 after a crash of this command: it follows the run recorded in ``<run-dir>/flwr-run.json``.
 Exit status: 0 completed, 1 failed or stopped, 3 SuperLink unreachable too long.
+
+It submits on the server host only: the connection points at the SuperLink's loopback port (its Control
+API is not behind the proxy). With ``--signing-key`` (the consortium's ``signing/fab-signing.key``) it builds
+the app bundle exactly as ``flwr run`` does (Flower's deterministic ``build_fab_from_disk``), signs its
+SHA-256 and passes the signature as run config ``fab-signature``; sites that trust the key run it, every
+other site refuses it before importing any of it (``client/fab_check.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the coordinator's federation.yaml")
     parser.add_argument("--app", type=Path, default=None,
                         help="the Flower app directory (with pyproject.toml). Default: this installed project")
+    parser.add_argument("--signing-key", type=Path, default=None,
+                        help="the consortium's Ed25519 app-signing key (pki/signing/fab-signing.key); without it "
+                             "the bundle is unsigned and sites accept it only by sha256 allow-list")
     parser.add_argument("--new", action="store_true",
                         help="submit a new run even if flwr-run.json records an active one")
     parser.add_argument("--max-restarts", type=int, default=3, help="resubmissions after SuperLink restarts (3)")
@@ -41,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from lungmae_cli._process import flower_env
     from server.federation_config import load_federation_config
     from server.run_control import FlwrCLI, RunFollower
-    from server.superlink import ServerTLS, write_connection
+    from server.superlink import LOOPBACK, ServerTLS, split_address, write_connection
 
     cfg = load_federation_config(args.config)
     tls = ServerTLS.from_section(cfg.server, base_dir=args.config.resolve().parent)
-    write_connection(cfg.server.superlink, tls.root_certificates)
+    write_connection(f"{LOOPBACK}:{split_address(cfg.server.superlink)[1]}", tls.root_certificates)
     app = (args.app or _project_dir()).resolve()
     if not (app / "pyproject.toml").is_file():
         from lungmae_core.errors import LungMAEError
@@ -55,8 +64,23 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.resume:
         print(f"lungmae: warning: {args.config} sets resume: false, so a run submitted again after a SuperLink "
               "restart starts over from round 1 instead of resuming from the last checkpoint", flush=True)
+    run_config = {}
+    if args.signing_key is not None:
+        run_config["fab-signature"] = _sign_app(app, args.signing_key)
     follower = RunFollower(FlwrCLI(env=flower_env()), app, args.config, cfg.run_dir,
                            max_restarts=args.max_restarts, poll_s=args.poll_s,
                            unreachable_limit_s=args.unreachable_limit_s,
-                           say=lambda line: print(f"lungmae: {line}", flush=True))
+                           say=lambda line: print(f"lungmae: {line}", flush=True), run_config=run_config)
     return follower.follow(resume_existing=not args.new)
+
+
+def _sign_app(app: Path, key: Path) -> str:
+    """Build the FAB as ``flwr run`` will and sign it; prints its SHA-256 (sites may allow-list it instead)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from lungmae_core.signing import fab_sha256, load_private_key, sign_fab
+
+    private = load_private_key(key)  # a bad key fails here, before anything is built
+    fab = build_fab_from_disk(app)
+    print(f"lungmae: app bundle sha256 {fab_sha256(fab)} ({len(fab)} bytes) signed with {key}", flush=True)
+    return sign_fab(fab, private)

@@ -69,11 +69,12 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     record = read_json(run_dir / RUN_RECORD)
     status["flwr_run"] = record
     if not offline:
-        from server.superlink import ServerTLS, write_connection
+        from server.superlink import LOOPBACK, ServerTLS, split_address, write_connection
 
         try:
             tls = ServerTLS.from_section(cfg.server, base_dir=Path(config).resolve().parent)
-            write_connection(cfg.server.superlink, tls.root_certificates)
+            # the Control API is on the SuperLink's loopback port only (sites use the proxy)
+            write_connection(f"{LOOPBACK}:{split_address(cfg.server.superlink)[1]}", tls.root_certificates)
         except LungMAEError as exc:
             status["superlink_error"] = str(exc).splitlines()[0]
             status["superlink_reachable"] = False

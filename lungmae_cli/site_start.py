@@ -1,7 +1,9 @@
 """`lungmae site start --config site.yaml`: run this hospital's Flower SuperNode until stopped.
 
-It connects out to the coordinator's SuperLink over TLS (consortium CA), authenticates with the site's
-registered key, and runs our ClientApp for each message with the site config path as node config. Flower
+It connects out to the coordinator's SuperLink over TLS (consortium CA; with ``trust: client-certificate``
+also presenting the site's certificate to the coordinator's proxy), authenticates with the site's
+registered key, and runs our ClientApp for each message with the site config path as node config, but only
+for app bundles the site's ``trust`` section approves (``client/fab_check.py``). Flower
 telemetry and update checks are off. SIGTERM / Ctrl-C stop the SuperNode cleanly (systemd: `systemctl stop`).
 Run `lungmae site preflight --config site.yaml` first: it checks the same things and more, one line each.
 """
@@ -28,11 +30,13 @@ def run(args: argparse.Namespace) -> int:
     import shlex
 
     from client.site_config import load_site_config
-    from client.supernode import ACTIVATION_REFUSED, SUPERNODE_ADVICE, supernode_command
+    from client.fab_check import FabPolicy
+    from client.supernode import ACTIVATION_REFUSED, SUPERNODE_ADVICE, launch_command
     from lungmae_cli._process import flower_env, run_forwarding_signals
 
     cfg = load_site_config(args.config)
-    cmd = supernode_command(args.config, cfg.connection)
+    cmd = launch_command(args.config, cfg)
+    policy = FabPolicy.from_site_config(cfg)  # a broken trusted key is an error now, not at the first message
     if args.print_command:
         print(shlex.join(cmd))
         return 0
@@ -48,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
             raise SiteConfigError(f"Unable to serve site metrics on 127.0.0.1:{cfg.connection.metrics_port} as "
                                   f"{exc.strerror or exc}; change connection: metrics-port in {args.config}") from exc
     where = f"; metrics on http://127.0.0.1:{cfg.connection.metrics_port}/metrics" if metrics else ""
-    print(f"lungmae: site '{cfg.site.name}' joining the federation at {cfg.connection.superlink} (TLS, key "
-          f"{cfg.connection.auth_key}){where}; stop with Ctrl-C or SIGTERM", flush=True)
+    trusted = ", ".join([p.name for p in policy.trusted_keys] + [f"{len(policy.allowed_sha256)} allowed sha256"])
+    mtls = ", client certificate" if cfg.trust.client_certificate else ""
+    print(f"lungmae: site '{cfg.site.name}' joining the federation at {cfg.connection.superlink} (TLS{mtls}, key "
+          f"{cfg.connection.auth_key}){where}; app bundles trusted: {trusted}; site log {policy.audit_log}; "
+          "stop with Ctrl-C or SIGTERM", flush=True)
     try:
         if metrics is not None:
             metrics.up = 1

@@ -6,6 +6,11 @@ and IP address that sites use to reach the coordinator (subjectAltName), or the 
 SuperNode authentication keys are a separate mechanism and are made at the site (``client/node_key.py``),
 so a site's private key never has to leave the hospital. ``lungmae certs`` drives both for a consortium.
 
+Mutual TLS: the coordinator's reverse proxy (nginx, ``deploy/nginx/``) admits only clients presenting a
+certificate of the consortium CA that is not on the CA's revocation list (``ca/crl.pem``, rewritten by every
+``lungmae certs`` run and by ``lungmae certs --revoke SITE``). Two Ed25519 keys complete the PKI: the
+consortium's app-signing key (sites trust its ``.pub``) and the server's audit-signing key.
+
 Layout::
 
     <out>/ca/ca.key            CA private key (0600): keep it offline
@@ -13,6 +18,10 @@ Layout::
     <out>/server/server.key    SuperLink TLS key (0600)
     <out>/server/server.pem    SuperLink TLS certificate, SANs = the server's DNS names and IPs
     <out>/server/ca.crt        copy of the CA certificate (flower-superlink --ssl-ca-certfile)
+    <out>/ca/crl.pem           revocation list the proxy checks (valid CRL_DAYS; refreshed by each run)
+    <out>/sites/<s>/<s>.client.pem / .client.key   a site's TLS client certificate (clientAuth) and key
+    <out>/signing/fab-signing.key / .pub           consortium app-bundle signing key (keep .key offline)
+    <out>/server/audit-signing.key / .pub          the server's audit-log signing key
 
 Examples:
     >>> ca_key, ca_crt = make_ca(Path("pki/ca"))
@@ -37,10 +46,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lungmae_core.atomic import atomic_write_bytes
 from lungmae_core.errors import LungMAEError
 
-__all__ = ["CertificateError", "certificate_summary", "make_ca", "make_server_certificate"]
+__all__ = ["CRL_DAYS", "CertificateError", "certificate_summary", "make_ca", "make_client_certificate", "revoke",
+           "revoked_serials", "write_crl", "make_server_certificate"]
 
 logger = logging.getLogger(__name__)
 
+CRL_DAYS = 90  # the proxy refuses every client once the CRL expires: rerun `lungmae certs` before that
 _DEFAULT_DAYS = 825  # the longest validity browsers and most TLS stacks still accept for leaf certificates
 
 
@@ -162,6 +173,85 @@ def make_server_certificate(
     atomic_write_bytes(server_dir / "ca.crt", ca_crt.read_bytes(), 0o644)
     logger.info("Issued the server certificate %s for %s", crt_path, ", ".join([*names, *ips]))
     return key_path, crt_path
+
+
+def make_client_certificate(site_dir: Path, site: str, ca_key: Path, ca_crt: Path, *,
+                            days: int = _DEFAULT_DAYS, overwrite: bool = False) -> tuple[Path, Path]:
+    """Issue a site's TLS client certificate (ECDSA P-256, clientAuth, CN = site name) signed by the CA.
+
+    Returns:
+        ``(<site>.client.key, <site>.client.pem)`` in ``site_dir``; an existing pair is kept unless ``overwrite``.
+    """
+    key_path, crt_path = site_dir / f"{site}.client.key", site_dir / f"{site}.client.pem"
+    if crt_path.exists() and key_path.exists() and not overwrite:
+        return key_path, crt_path
+    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "LungMAE-FL site"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - _dt.timedelta(minutes=5)).not_valid_after(_now() + _dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
+        .sign(ca_private, hashes.SHA256())
+    )
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()), 0o600)
+    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    logger.info("Issued the TLS client certificate %s for site %s", crt_path, site)
+    return key_path, crt_path
+
+
+def revoked_serials(crl_path: Path) -> dict[int, _dt.datetime]:
+    """Serial number -> revocation time of the CRL at ``crl_path`` (empty when there is none)."""
+    if not crl_path.exists():
+        return {}
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except ValueError as exc:
+        raise CertificateError(f"Unable to read the revocation list {crl_path} ({exc}); restore it from your "
+                               "backup: it is the only record of which site certificates were revoked") from exc
+    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+
+def write_crl(ca_key: Path, ca_crt: Path, crl_path: Path, add: dict[int, _dt.datetime] | None = None,
+              days: int = CRL_DAYS) -> Path:
+    """(Re)write the CA's revocation list with every serial revoked so far plus ``add``, valid ``days``."""
+    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    serials = {**revoked_serials(crl_path), **(add or {})}
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(_now() - _dt.timedelta(minutes=5)).next_update(_now() + _dt.timedelta(days=days)))
+    for serial, when in sorted(serials.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_private, hashes.SHA256())
+    atomic_write_bytes(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crl_path
+
+
+def revoke(ca_key: Path, ca_crt: Path, crl_path: Path, certificate: Path) -> int:
+    """Put ``certificate`` on the CRL; returns its serial number. Reload the proxy afterwards.
+
+    Raises:
+        CertificateError: if the certificate cannot be read or was not issued by this CA.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(certificate.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"Unable to revoke {certificate} as it cannot be read as a PEM certificate "
+                               f"({exc})") from exc
+    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    if cert.issuer != ca_cert.subject:
+        raise CertificateError(f"Unable to revoke {certificate} as it was issued by {cert.issuer.rfc4514_string()}, "
+                               f"not by this CA ({ca_cert.subject.rfc4514_string()})")
+    write_crl(ca_key, ca_crt, crl_path, {cert.serial_number: _now()})
+    logger.info("Revoked %s (serial %x)", certificate, cert.serial_number)
+    return cert.serial_number
 
 
 def certificate_summary(crt: Path) -> dict[str, object]:

@@ -141,7 +141,7 @@ class RunFollower:
 
     def __init__(self, cli: FlwrCLI, app_dir: Path, federation_config: Path, run_dir: Path, *,
                  max_restarts: int = 3, poll_s: float = 5.0, unreachable_limit_s: float = 3600.0,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, run_config: Mapping[str, str] | None = None) -> None:
         self.cli = cli
         self.app_dir = Path(app_dir)
         self.federation_config = Path(federation_config).resolve()
@@ -150,6 +150,7 @@ class RunFollower:
         self.poll_s = poll_s
         self.unreachable_limit_s = unreachable_limit_s
         self.say = say
+        self.extra_run_config = dict(run_config or {})  # e.g. the app bundle's signature (fab-signature)
         self.restarts = 0
         self._last_progress: tuple[Any, ...] | None = None
 
@@ -171,7 +172,8 @@ class RunFollower:
     def _submit(self) -> int:
         deadline = time.monotonic() + self.unreachable_limit_s
         while True:
-            run_id = self.cli.submit(self.app_dir, {"federation-config": str(self.federation_config)})
+            run_id = self.cli.submit(self.app_dir, {"federation-config": str(self.federation_config),
+                                                    **self.extra_run_config})
             if run_id is not None:
                 self._record(run_id)
                 self.say(f"submitted run {run_id} (federation {self.federation_config.name}"

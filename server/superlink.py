@@ -5,6 +5,20 @@ join), a persistent state database (registrations and runs survive a restart) an
 installation disabled (the coordinator never downloads packages at run time). `lungmae server run` and
 `lungmae server status` reach it through a named connection in ``$FLWR_HOME/config.toml``.
 
+Least exposure. Flower 1.42 serves the Fleet API (sites), the Control API (``flwr run``, node
+registration; no user authentication in the open-source release) and the ServerAppIo/Runtime API (the
+ServerApp's task, every site's update) on ONE port. So the SuperLink binds the loopback address only, and
+the sites reach it through a reverse proxy (``server/proxy.py``: nginx with mutual TLS that forwards only
+the Fleet routes). Control and ServerAppIo stay on the server host.
+
+The SuperExec secret. In its default ``subprocess`` isolation the SuperLink ignores
+``--superexec-auth-secret-file`` (``flwr/superlink/cli/flower_superlink.py``: "SuperExec auth secret is
+ignored in subprocess isolation mode"), and ``AcquireTask`` then hands the ServerApp's task to the first
+local caller. We run it with ``--isolation process`` and the secret, and start ``flower-superexec`` ourselves
+with the same secret (:func:`superexec_command`): every ``AcquireTask`` must then carry an HMAC of the secret
+(``flwr/supercore/dependencies/superexec.py``), so a local process that does not hold the secret file (0600,
+owned by the service user) cannot take the ServerApp's task.
+
 Examples:
     >>> tls = ServerTLS.from_section(federation.server, base_dir=Path("/etc/lungmae"))
     >>> superlink_command(federation.server.superlink, tls, database=Path("/var/lib/lungmae/superlink.db"))
@@ -23,6 +37,9 @@ from lungmae_core.errors import FederationConfigError
 
 __all__ = [
     "CONNECTION_NAME",
+    "LOOPBACK",
+    "ensure_superexec_secret",
+    "superexec_command",
     "SUPERLINK_ADVICE",
     "ServerTLS",
     "flwr_home",
@@ -41,6 +58,7 @@ SUPERLINK_ADVICE = {
     605: "the server certificate or key is invalid or they do not match; remake them with `lungmae certs`",
 }
 
+LOOPBACK = "127.0.0.1"
 _ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -102,19 +120,59 @@ class ServerTLS:
         return cls(**paths)
 
 
+def ensure_superexec_secret(path: Path) -> Path:
+    """Create the SuperExec shared secret (32 random bytes from the OS, hex, mode 0600) if it is missing.
+
+    Raises:
+        FederationConfigError: if the existing file is empty or readable by others.
+    """
+    from lungmae_core.atomic import atomic_write_bytes
+
+    if path.exists():
+        if path.stat().st_size == 0:
+            raise FederationConfigError(f"The SuperExec secret {path} is empty; delete it to have a new one made")
+        if path.stat().st_mode & 0o077:
+            raise FederationConfigError(f"The SuperExec secret {path} is readable by other users "
+                                        f"(mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, os.urandom(32).hex().encode(), 0o600)
+    return path
+
+
+def superexec_command(address: str, tls: ServerTLS, *, secret_file: Path, parent_pid: int | None = None,
+                      executable: str = "flower-superexec") -> list[str]:
+    """The ``flower-superexec`` that launches the ServerApp for each run (``--isolation process``).
+
+    It reaches the SuperLink's Runtime API on the loopback port of ``address`` over TLS, and signs its
+    ``AcquireTask`` calls with the shared secret.
+    """
+    _, port = split_address(address)
+    cmd = [executable, "--root-certificates", str(tls.root_certificates),
+           "--runtime-api-address", f"{LOOPBACK}:{port}", "--superexec-auth-secret-file", str(secret_file)]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
 def superlink_command(address: str, tls: ServerTLS, *, database: Path, listen_host: str | None = None,
-                      log_file: Path | None = None, executable: str = "flower-superlink") -> list[str]:
+                      log_file: Path | None = None, executable: str = "flower-superlink",
+                      superexec_secret: Path | None = None) -> list[str]:
     """The ``flower-superlink`` command.
 
     Args:
         address: ``server: superlink`` (``host:port``); the port is the one SuperLink serves on.
         tls: certificate, key and CA.
         database: SQLite state file (registered sites, runs); created if missing.
-        listen_host: address to bind; defaults to the host of ``address`` (``0.0.0.0``: every interface).
+        listen_host: address to bind. Defaults to 127.0.0.1: sites come through the proxy. Binding another
+            address exposes the Control and ServerAppIo APIs to that network.
         log_file: also write the SuperLink log there (rotated by Flower).
         executable: the SuperLink program.
+        superexec_secret: with a secret file, ``--isolation process`` and the secret (start
+            :func:`superexec_command` beside it); without, Flower's default subprocess mode, where the
+            secret cannot be enforced.
     """
-    host, port = split_address(address)
+    _, port = split_address(address)
     database.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         executable,
@@ -124,9 +182,11 @@ def superlink_command(address: str, tls: ServerTLS, *, database: Path, listen_ho
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database", str(database.resolve()),
-        "--host", listen_host or host,
+        "--host", listen_host or LOOPBACK,
         "--port", str(port),
     ]
+    if superexec_secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
     return cmd

@@ -16,6 +16,8 @@ path = state / "sites" / f"site{i}" / "site.yaml"
 cfg = yaml.safe_load(path.read_text())
 cfg["connection"] = {"superlink": "coordinator:9091", "root-certificates": str(state / "pki/ca/ca.crt"),
                      "auth-key": str(state / f"pki/sites/site{i}/site{i}.key"), "node-port": 9094}
+# run only app bundles signed with the consortium key (the runner signs with pki/signing/fab-signing.key)
+cfg["trust"] = {"trusted-keys": [str(state / f"pki/sites/site{i}/fab-signing.pub")]}
 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 PY
   lungmae site prepare --config "$STATE/sites/site$i/site.yaml"

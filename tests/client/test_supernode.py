@@ -55,4 +55,28 @@ def test_public_key_instead_of_private_is_refused(tmp_path: Path) -> None:
 def test_cli_prints_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = _site(tmp_path)
     assert main(["site", "start", "--config", str(path), "--print-command"]) == 0
-    assert capsys.readouterr().out.startswith("flower-supernode --superlink fl.example.org:9091 ")
+    out = capsys.readouterr().out
+    # the launcher (bundle check, client certificate) runs Flower's SuperNode in-process
+    assert f"-m client.supernode --site-config {path.resolve()} -- flower-supernode --superlink " in out
+    assert "--client-certificate" not in out
+
+
+def test_launcher_passes_the_client_certificate_and_refuses_half_a_pair(tmp_path: Path) -> None:
+    from client.supernode import launch_command
+
+    path = _site(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["trust"] = {"client-certificate": "north.client.pem", "client-key": "north.client.key"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SiteConfigError, match="client-certificate' file .*north.client.pem does not exist"):
+        launch_command(path, load_site_config(path))
+    (tmp_path / "north.client.pem").write_text("x")
+    (tmp_path / "north.client.key").write_text("x")
+    cmd = launch_command(path, load_site_config(path))
+    assert cmd[1:3] == ["-m", "client.supernode"]
+    assert cmd[cmd.index("--client-certificate") + 1] == str(tmp_path / "north.client.pem")
+    assert cmd[cmd.index("--") + 1] == "flower-supernode"
+    data["trust"] = {"client-certificate": "north.client.pem"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SiteConfigError, match="'client-certificate' and 'client-key' must be given together"):
+        load_site_config(path)

@@ -151,6 +151,7 @@ def _with_connection(path: Path, out: Path, *, superlink: str, ca: Path, key: Pa
     data = yaml.safe_load(path.read_text())
     data["connection"] = {"superlink": superlink, "root-certificates": str(ca), "auth-key": str(key),
                           "node-port": node_port}
+    data["trust"] = {"trusted-keys": [str(ca.parents[1] / "signing/fab-signing.pub")]}  # runs only signed apps
     data["training"]["max-local-epochs"] = 1
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
@@ -251,7 +252,8 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
         n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 120, 1)
 
     # 3. the federation, scraped by a real Prometheus -----------------------------------------------------
-    dep.start("runner", [*LUNGMAE, "server", "run", "--config", "federation.yaml", "--poll-s", "2"])
+    dep.start("runner", [*LUNGMAE, "server", "run", "--config", "federation.yaml", "--poll-s", "2",
+                         "--signing-key", str(pki / "signing/fab-signing.key")])
     refused = dep.procs["site2"]
     assert refused.wait(timeout=120) != 0
     assert "this site's key is not registered yet" in dep.log("site2")

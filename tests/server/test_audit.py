@@ -94,3 +94,114 @@ def test_config_hash_is_stable_across_key_order() -> None:
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
     assert config_hash("x: 1\n").startswith("sha256:") and len(config_hash(b"x")) == 7 + 64
+
+
+# ------------------------------------------------------------------------------------------ chain and signatures
+def _chained_log(tmp_path: Path, key: Path | None = None) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000.pt").write_bytes(b"weights")
+    log = AuditLog(run / "audit.jsonl", signing_key=key)
+    log.record("run-started", config_hash=config_hash({"a": 1}))
+    log.record("round-started", phase="pretrain", server_round=1, sampled=2)
+    log.record("checkpoint-written", phase="pretrain", server_round=1, file="step-0000.pt")
+    log.record("round-finished", phase="pretrain", server_round=1, replied=2)
+    log.record("run-finished", status="completed")
+    return run
+
+
+def _verify(*args: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "lungmae_cli.main", "audit", "verify", *args],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_each_record_carries_the_hash_of_the_previous_line_and_checkpoints_their_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    run = _chained_log(tmp_path)
+    lines = (run / "audit.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["prev"] == "0" * 64
+    for before, line in zip(lines, lines[1:]):
+        assert json.loads(line)["prev"] == hashlib.sha256(before.encode()).hexdigest()
+    ckpt = json.loads(lines[2])
+    assert ckpt["sha256"] == "sha256:" + hashlib.sha256(b"weights").hexdigest() and "sig" not in ckpt
+    assert json.loads((run / "audit.jsonl.head").read_text())["records"] == 5
+    assert _verify(str(run)) == (0, f"OK   {run / 'audit.jsonl'}: 5 records, chain intact\n")
+
+
+@pytest.mark.parametrize("line", range(5))
+def test_deleting_any_line_is_detected(tmp_path: Path, line: int) -> None:
+    run = _chained_log(tmp_path)
+    path = run / "audit.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    del lines[line]
+    path.write_text("".join(lines))
+    code, out = _verify(str(run))
+    assert code == 1 and "FAIL" in out
+    if line < 4:
+        assert f"broken at line {line + 1}:" in out, out
+    else:
+        assert "the last line(s) were removed or edited" in out, out
+
+
+@pytest.mark.parametrize("line", range(5))
+def test_editing_any_line_is_detected(tmp_path: Path, line: int) -> None:
+    run = _chained_log(tmp_path)
+    path = run / "audit.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[line])
+    record["edited"] = True
+    lines[line] = json.dumps(record, separators=(",", ":")) + "\n"
+    path.write_text("".join(lines))
+    code, out = _verify(str(run))
+    assert code == 1, out
+    assert f"broken at line {line + 2}:" in out or (line == 4 and "were removed or edited" in out), out
+
+
+def test_checkpoint_lines_are_signed_and_a_forged_line_fails(tmp_path: Path) -> None:
+    from lungmae_core.hashchain import canonical, line_hash
+    from lungmae_core.signing import make_signing_key
+
+    key, pub = make_signing_key(tmp_path / "keys", "audit-signing")
+    run = _chained_log(tmp_path, key)
+    code, out = _verify(str(run), "--public-key", str(pub))
+    assert code == 0 and "1 signatures checked" in out, out
+    # rewrite the checkpoint line with another hash and re-chain everything after it: only the key can sign
+    path = run / "audit.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    records[2]["sha256"] = "sha256:" + "0" * 64
+    lines = []
+    for i, rec in enumerate(records):
+        if i:
+            rec["prev"] = line_hash(lines[-1])
+        lines.append(canonical(rec))
+    path.write_text("\n".join(lines) + "\n")
+    (run / "audit.jsonl.head").write_text(json.dumps({"records": 5, "last": line_hash(lines[-1])}))
+    code, out = _verify(str(run), "--public-key", str(pub))
+    assert code == 1 and "broken at line 3: the server's signature on this line does not verify" in out, out
+
+
+def test_a_replaced_checkpoint_file_is_detected(tmp_path: Path) -> None:
+    run = _chained_log(tmp_path)
+    (run / "checkpoints" / "step-0000.pt").write_bytes(b"other weights")
+    code, out = _verify(str(run))
+    assert code == 1 and "checkpoint step-0000.pt no longer has the SHA-256 recorded here" in out, out
+    assert _verify(str(run), "--no-files")[0] == 0
+
+
+def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    code = (f"from server.audit import AuditLog; log = AuditLog({str(path)!r}); "
+            f"[log.record('site-joined', site=f'n{{i}}') for i in range(40)]")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    from server.audit import verify_audit_log
+
+    report = verify_audit_log(path)
+    assert report.ok and report.records == 120, report.render()
+
+
+def test_reserved_chain_fields_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(AuditLogError, match="reserved"):
+        AuditLog(tmp_path / "a.jsonl").record("site-joined", prev="0" * 64)

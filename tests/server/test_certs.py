@@ -42,7 +42,8 @@ def test_site_public_key_is_openssh_ecdsa_384(pki: Path) -> None:
 
 
 def test_rerun_keeps_existing_files_and_prints_register_commands(pki: Path, capsys: pytest.CaptureFixture) -> None:
-    before = {p: p.read_bytes() for p in pki.rglob("*") if p.is_file()}
+    # every file is kept except the revocation list, which each run re-signs so that it does not expire
+    before = {p: p.read_bytes() for p in pki.rglob("*") if p.is_file() and p.name != "crl.pem"}
     assert main(["certs", "--out", str(pki), "--site", "hospital-a", "--site", "hospital-c"]) == 0
     assert all(p.read_bytes() == data for p, data in before.items())
     out = capsys.readouterr().out
@@ -73,3 +74,44 @@ def test_half_made_ca_is_refused(tmp_path: Path) -> None:
 def test_cli_reports_bad_site_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["certs", "--out", str(tmp_path), "--site", "Hospital A"]) == 2
     assert "Site name 'Hospital A' must be 1-63 lower-case letters" in capsys.readouterr().err
+
+
+def test_site_client_certificates_verify_and_revocation_is_checked(pki: Path) -> None:
+    """Each site gets a clientAuth certificate of the CA; `--revoke` puts it on the CRL OpenSSL checks."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    crt, crl = pki / "sites/hospital-a/hospital-a.client.pem", pki / "ca/crl.pem"
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert stat.S_IMODE((pki / "sites/hospital-a/hospital-a.client.key").stat().st_mode) == 0o600
+
+    def verify(site: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", pki / "ca/ca.crt", "-CRLfile", crl,
+                               pki / f"sites/{site}/{site}.client.pem"], capture_output=True, text=True, check=False)
+
+    assert verify("hospital-a").returncode == 0 and verify("hospital-b").returncode == 0
+    assert main(["certs", "--out", str(pki), "--revoke", "hospital-b"]) == 0
+    revoked = verify("hospital-b")
+    assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
+    assert verify("hospital-a").returncode == 0
+    assert main(["certs", "--out", str(pki)]) == 0  # refreshing the CRL keeps every revocation
+    assert "certificate revoked" in verify("hospital-b").stdout + verify("hospital-b").stderr
+
+
+def test_revoking_an_unknown_site_names_it(pki: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["certs", "--out", str(pki), "--revoke", "nowhere"]) == 2
+    assert "Unable to revoke site 'nowhere'" in capsys.readouterr().err
+
+
+def test_signing_keys_are_made_once_and_sites_get_the_public_key(pki: Path) -> None:
+    from lungmae_core.signing import load_private_key, load_public_key, sign_fab, verify_fab
+
+    key, pub = pki / "signing/fab-signing.key", pki / "signing/fab-signing.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (pki / "sites/hospital-a/fab-signing.pub").read_bytes() == pub.read_bytes()
+    load_public_key(pki / "server/audit-signing.pub")
+    before = key.read_bytes()
+    assert main(["certs", "--out", str(pki), "--site", "hospital-c"]) == 0
+    assert key.read_bytes() == before  # never replaced: sites trust it
+    assert verify_fab(b"fab", sign_fab(b"fab", load_private_key(key)), [pub]) == "fab-signing.pub"

@@ -34,7 +34,7 @@ def test_command_enables_tls_auth_and_persistent_state(tmp_path: Path) -> None:
     assert "--disable-runtime-dependency-installation" in cmd
     assert args["--ssl-certfile"] == str((tmp_path / "server.pem").resolve())
     assert args["--database"] == str((tmp_path / "state/db.sqlite").resolve())
-    assert (args["--host"], args["--port"]) == ("0.0.0.0", "9091")
+    assert (args["--host"], args["--port"]) == ("127.0.0.1", "9091")  # loopback whatever the configured host
     assert (tmp_path / "state").is_dir()
 
 
