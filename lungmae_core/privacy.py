@@ -27,6 +27,8 @@ import dataclasses
 import functools
 import logging
 import math
+import random
+import secrets
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,6 +41,16 @@ from lungmae_core.config import check
 from lungmae_core.errors import ConfigError, LungMAEError
 
 __all__ = [
+    "secure_seed",
+    "secure_generator",
+    "PRIVACY_UNIT",
+    "PatientSampled",
+    "count_patients",
+    "check_delta",
+    "PRETRAIN_CLIP",
+    "FINETUNE_CLIP",
+    "DEFAULT_DP_FINETUNE",
+    "patient_ids_of",
     "DPConfig",
     "RoundPlan",
     "GRAD_SAMPLE_MODES",
@@ -77,11 +89,84 @@ PRIVACY_REFUSAL_PREFIX = "privacy-refusal:"
 
 ACCOUNTANT = "rdp"
 
+#: Clipping bound of DP pretraining: the median per-sample gradient norm of the tiny MAE's voxel loss,
+#: measured on the built-in phantoms (``benchmarks/dp_utility.py --measure-norms``; docs/privacy.md).
+PRETRAIN_CLIP = 0.2
+#: Clipping bound of DP fine-tuning in the default trainable mode, measured the same way.
+FINETUNE_CLIP = 1.0
+#: What DP fine-tuning trains unless site.yaml says otherwise (``privacy.finetune-trainable``).
+DEFAULT_DP_FINETUNE = "linear-probe"
+
 
 #: Message config keys by which the server states the federation's privacy requirement in every train round
 #: (``federation.yaml`` ``privacy``); the site enforces them (``client/privacy_gate.py``).
 REQUIRE_DP_KEY = "require-dp"
 MAX_EPSILON_PER_ROUND_KEY = "max-epsilon-per-round"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Secret randomness: every draw that protects privacy comes from the operating system's secure source.
+# --------------------------------------------------------------------------------------------------------
+
+#: What one record of DP accounting is: a pseudonymous patient (every scan of a patient is one unit).
+PRIVACY_UNIT = "patient"
+
+
+def secure_seed() -> int:
+    """64 bits from the operating system's secure source (``secrets``, i.e. ``os.urandom``).
+
+    The seed of every generator that draws DP noise or a Poisson sample. It is never derived from anything
+    another party knows (run seed, round, site name): a coordinator that could rebuild the noise could
+    subtract it and read the clipped gradient sum.
+    """
+    return secrets.randbits(64)
+
+
+#: Layout of torch's CPU generator state (``CPUGeneratorImplState``): the Mersenne Twister's 624 words sit
+#: as uint64 (low 32 bits used) after ``the_initial_seed`` (u64), ``left`` (i32), ``seeded`` (i32), ``next`` (u64).
+_MT_STATE_OFFSET, _MT_WORDS, _CPU_STATE_BYTES = 24, 624, 5056
+
+
+def _fill_mt_state(generator: torch.Generator) -> torch.Generator:
+    """Replace a CPU generator's 624-word Mersenne Twister state with words from the OS's secure source.
+
+    ``manual_seed`` on a CPU generator keeps only the low 32 bits of the seed (torch seeds its MT19937 with a
+    uint32), so a seeded CPU generator has at most 2^32 possible noise streams, few enough to search. Writing
+    the state itself gives 19,968 secret bits. The layout is checked on the generator first; if torch ever
+    changes it this raises instead of drawing predictable noise.
+    """
+    import numpy as np
+
+    seed = secure_seed()
+    generator.manual_seed(seed)
+    state = generator.get_state().numpy().copy()
+    first_word = int.from_bytes(state[_MT_STATE_OFFSET:_MT_STATE_OFFSET + 8].tobytes(), "little")
+    if state.size != _CPU_STATE_BYTES or first_word != seed & 0xFFFFFFFF:
+        raise RuntimeError("Unable to seed the DP generator from the OS as torch's CPU generator state has an "
+                           f"unexpected layout ({state.size} bytes); refusing to draw DP noise from a 32-bit seed")
+    words = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4").astype("<u8")
+    state[_MT_STATE_OFFSET:_MT_STATE_OFFSET + 8 * _MT_WORDS] = np.frombuffer(words.tobytes(), dtype=np.uint8)
+    generator.set_state(torch.from_numpy(state))
+    return generator
+
+
+def secure_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` whose whole state comes from the OS's secure source.
+
+    CPU: the Mersenne Twister's 624 state words are written from ``secrets`` (:func:`_fill_mt_state`; a
+    plain ``manual_seed`` would keep only 32 bits). CUDA: Philox takes the full 64-bit :func:`secure_seed`.
+
+    Why not Opacus' ``secure_mode``: it needs ``torchcsprng``, which is not maintained for current torch
+    releases and not installable here. These generators are not cryptographic (an attacker who saw very many
+    raw outputs could in principle recover the state), but no raw output is ever released: the noise is
+    added to clipped gradients and only the noised sum leaves the party, and the state is never derivable
+    from anything another party knows. Each round, each party draws a fresh generator.
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    if device.type == "cpu":
+        return _fill_mt_state(generator)
+    return generator.manual_seed(secure_seed())
 
 
 def is_privacy_refusal(reason: str | None) -> bool:
@@ -104,18 +189,26 @@ class DPConfig:
         enabled: train with DP-SGD. Defaults to False (the site then reports ``epsilon`` 0.0 and a
             federation that requires DP excludes it).
         epsilon: total budget ``epsilon`` (> 0); required when ``enabled``.
-        delta: total budget ``delta`` in (0, 1). ``None`` (default): ``1 / (10 * N)`` for the site's ``N``
-            training scans, fixed in the ledger the first time it is used.
-        max_grad_norm: per-sample gradient clipping bound ``C`` (L2) of classifier fine-tuning. Defaults to
-            1.0 (per-sample gradient norms of the tiny classifier start near 15, so most are clipped).
-        pretrain_max_grad_norm: ``C`` of MAE pretraining. Defaults to 0.005: the voxel L1 loss gives
-            per-sample gradient norms near 0.003 at the start, and a bound far above the real norms only
-            adds noise (the noise is ``sigma * C``) without keeping more signal.
+        delta: total budget ``delta`` in (0, 1). ``None`` (default): ``min(1e-5, 1 / (10 N))`` for the site's
+            ``N`` training patients, fixed in the ledger the first time it is used; a delta above ``1 / N`` is
+            refused (:func:`check_delta`).
+        max_grad_norm: per-patient gradient clipping bound ``C`` (L2) of classifier fine-tuning. Defaults to
+            ``FINETUNE_CLIP``, the median per-sample gradient norm measured on the built-in phantoms for the
+            default DP fine-tuning mode (``docs/privacy.md``, "Clipping bounds").
+        pretrain_max_grad_norm: ``C`` of MAE pretraining. Defaults to ``PRETRAIN_CLIP``, the measured median
+            per-sample gradient norm of the tiny MAE on the phantoms: a bound far below the real norms clips
+            every sample to a sliver of its signal, one far above adds noise (``sigma * C``) for nothing.
+        finetune_trainable: what DP fine-tuning trains, whatever the server asks (the site decides):
+            ``"linear-probe"`` (head, its norm, CLS token), ``"last-K"`` (those plus the last ``K`` encoder
+            blocks and the encoder's final norm) or ``"full"``. The server's request is narrowed to this, never
+            widened. Defaults to ``DEFAULT_DP_FINETUNE``: under noise a few thousand parameters learn where
+            millions cannot (the noise grows with the square root of the trained dimension).
         noise_multiplier: ``sigma``, the noise standard deviation relative to ``C``; give this or
             ``target_epsilon_per_round``, not both.
         target_epsilon_per_round: derive ``sigma`` so that one round alone costs at most this epsilon
             (at ``delta``); rounds compose to less than the sum of their epsilons.
-        ledger: the ledger file. ``None``: ``<cache>/privacy-ledger.json`` (set by the site config).
+        ledger: the ledger file. ``None``: ``<state-dir>/privacy-ledger.json`` (``site.yaml`` ``site:
+            state-dir``, which defaults to a ``state`` folder beside site.yaml, never inside the cache).
         grad_sample_mode: Opacus per-sample gradient mode, ``"hooks"`` (default, fastest here) or
             ``"functorch"``.
 
@@ -131,12 +224,13 @@ class DPConfig:
     enabled: bool = False
     epsilon: float | None = None
     delta: float | None = None
-    max_grad_norm: float = 1.0
-    pretrain_max_grad_norm: float = 0.005
+    max_grad_norm: float = FINETUNE_CLIP
+    pretrain_max_grad_norm: float = PRETRAIN_CLIP
     noise_multiplier: float | None = None
     target_epsilon_per_round: float | None = None
     ledger: Path | None = None
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    finetune_trainable: str = DEFAULT_DP_FINETUNE
 
     def __post_init__(self) -> None:
         for key in ("max_grad_norm", "pretrain_max_grad_norm"):
@@ -158,6 +252,9 @@ class DPConfig:
               "give either noise-multiplier or target-epsilon-per-round, not both; got "
               f"noise-multiplier {self.noise_multiplier} and target-epsilon-per-round "
               f"{self.target_epsilon_per_round}")
+        from lungmae_core.heads import parse_finetune_mode
+
+        parse_finetune_mode(self.finetune_trainable, key="finetune-trainable")
         if not self.enabled:
             return
         check(self.epsilon is not None,
@@ -238,11 +335,92 @@ def steps_for(num_samples: int, batch_size: int, epochs: int, max_steps: int | N
     return epochs * int(1 / sample_rate_for(num_samples, batch_size))
 
 
-def default_delta(num_samples: int) -> float:
-    """``1 / (10 N)``: comfortably below ``1 / N``, so no single scan is likely to be exposed outright."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 to derive delta; got {num_samples}")
-    return 1.0 / (10.0 * num_samples)
+def default_delta(num_patients: int) -> float:
+    """``min(1e-5, 1 / (10 N))`` for ``N`` patients: the usual 1e-5, and always well below ``1 / N``.
+
+    ``delta`` bounds the probability that the guarantee fails outright; above ``1 / N`` a mechanism that
+    publishes one random patient's record whole would satisfy it, so it must sit far below ``1 / N``
+    (:func:`check_delta` refuses anything above).
+
+    Examples:
+        >>> default_delta(100), default_delta(1_000_000)
+        (1e-05, 1e-07)
+    """
+    if num_patients < 1:
+        raise ValueError(f"num_patients must be >= 1 to derive delta; got {num_patients}")
+    return min(1e-5, 1.0 / (10.0 * num_patients))
+
+
+def check_delta(delta: float, num_patients: int, *, source: str = "site.yaml privacy.delta") -> None:
+    """Refuse a ``delta`` above ``1 / N`` for the site's ``N`` patients (it would permit a full leak).
+
+    Raises:
+        ConfigError: naming where delta came from, its value, ``1 / N`` and the default.
+    """
+    if num_patients >= 1 and delta > 1.0 / num_patients:
+        raise ConfigError(
+            f"Unable to use delta {delta:g} ({source}) as it is above 1/N = {1.0 / num_patients:.3g} for this site's "
+            f"{num_patients} patients: such a delta allows one patient's data to be released outright. Use "
+            f"at most {default_delta(num_patients):g} (the default, min(1e-5, 1/(10 N)))")
+
+
+def patient_ids_of(dataset: Any) -> list[str] | None:
+    """The pseudonymous patient id of every item of a scan dataset (also through ``Subset``); None if unknown."""
+    ids = getattr(dataset, "patient_ids", None)
+    if ids is not None:
+        return [str(i) for i in ids]
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = patient_ids_of(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    return None
+
+
+def count_patients(patient_ids: Iterable[str]) -> int:
+    """Distinct pseudonymous patients in a sequence of per-scan patient ids."""
+    return len(set(patient_ids))
+
+
+class PatientSampled(torch.utils.data.Dataset):
+    """The patients of a scan dataset: item ``i`` is one scan of patient ``i``, drawn afresh on every access.
+
+    DP-SGD's guarantee is about one record; a patient with three studies would otherwise be three records
+    and lose three times the stated privacy. Here a record is a pseudonymous patient: Poisson sampling picks
+    patients, and a picked patient contributes exactly one of its scans, so one patient changes a step's
+    clipped-gradient sum by at most ``C`` whatever the number of its scans. (The alternative, all of a
+    patient's scans in one group with one clipped group gradient, needs variable-size groups that Opacus'
+    per-sample machinery does not batch.) Over the epochs every scan of a patient is used.
+
+    Which scan is picked does not need to be secret: the sensitivity argument holds for any choice that
+    does not depend on other patients. It is drawn independently per access from the OS source
+    (``secrets``), so it is also independent of the presence of other patients.
+
+    Args:
+        dataset: a scan dataset with ``patient_ids`` (one per item), as ``lungmae_core.data`` datasets have.
+
+    Raises:
+        ConfigError: when the dataset has no ``patient_ids`` or their count differs from its length.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        ids = patient_ids_of(dataset)
+        if ids is None or len(ids) != len(dataset):
+            raise ConfigError(
+                f"Unable to sample by patient as the dataset {type(dataset).__name__} has no patient_ids list of "
+                f"its length ({len(dataset)}); DP accounting is per patient, so every scan needs its patient's "
+                "pseudonym")
+        groups: dict[str, list[int]] = {}
+        for index, pid in enumerate(ids):
+            groups.setdefault(str(pid), []).append(index)
+        self.dataset = dataset
+        self.patient_ids = list(groups)
+        self.groups = list(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> Any:
+        group = self.groups[index]
+        return self.dataset[group[0] if len(group) == 1 else group[secrets.randbelow(len(group))]]
 
 
 @functools.lru_cache(maxsize=256)
@@ -459,29 +637,41 @@ class OpacusPrivacy:
     per-sample gradient is treated as an empty batch.
 
     Args:
-        plan: the round's noise, sample rate, step cap and clipping bound.
+        plan: the round's noise, sample rate, step cap and clipping bound; ``plan.num_samples`` counts
+            patients (the unit of accounting, :class:`PatientSampled`).
         grad_sample_mode: ``"hooks"`` (default) or ``"functorch"``.
-        seed: seeds the Poisson sampler and the noise (reproducible rounds; tests). ``None``: fresh
-            randomness from the OS. Either way this is not Opacus' cryptographically secure mode.
+        trainable: for a classifier, what may train (``"linear-probe"``, ``"last-K"``, ``"full"``); it narrows
+            what the training loop unfroze (:func:`lungmae_core.heads.narrow_trainable`). ``None``: leave it.
+
+    The noise and the Poisson sampler draw from generators seeded from the OS's secure source
+    (:func:`secure_generator`) inside :meth:`make_private`; nothing a caller passes can seed them, so no
+    function of the round config reproduces them.
 
     Examples:
         >>> plan = plan_round(DPConfig(enabled=True, epsilon=8, noise_multiplier=1.0),
-        ...                   num_samples=8, batch_size=2, epochs=1, delta=1e-3)
+        ...                   num_samples=8, batch_size=2, epochs=1, delta=1e-5)
         >>> privacy = OpacusPrivacy(plan)
         >>> # train_mae(model, dataset, cfg, device="cpu", seed=0, privacy=privacy)
         >>> # privacy.steps_taken, privacy.history -> what the ledger settles
     """
 
-    def __init__(self, plan: RoundPlan, *, grad_sample_mode: str = "hooks", seed: int | None = None) -> None:
+    def __init__(self, plan: RoundPlan, *, grad_sample_mode: str = "hooks", trainable: str | None = None) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; "
                               f"got {grad_sample_mode!r}")
+        if trainable is not None:
+            from lungmae_core.heads import parse_finetune_mode
+
+            parse_finetune_mode(trainable, key="trainable")
         self.plan = plan
         self.grad_sample_mode = grad_sample_mode
-        self.seed = seed
+        self.trainable = trainable
         self.engine: Any = None
         self.optimizer: Any = None
         self.module: Any = None
+        self.loader: Any = None
+        self.noise_generator: torch.Generator | None = None
+        self.sample_generator: torch.Generator | None = None
         self._warned_unused: set[str] = set()
 
     # -- the PrivacyHook protocol ---------------------------------------------------------------------
@@ -490,9 +680,13 @@ class OpacusPrivacy:
                                                                     torch.utils.data.DataLoader]:
         """Return the DP versions of ``(model, optimizer, loader)``; train with those only.
 
+        The returned loader samples patients (:class:`PatientSampled` over ``loader.dataset``), each with
+        probability ``q`` per step, from a secret generator; the optimizer clips each patient's gradient and
+        adds noise from another secret generator on the model's device.
+
         Raises:
             DPIncompatibleModelError: listing every layer Opacus cannot handle.
-            ConfigError: when the loader does not match the plan (another dataset size or batch size),
+            ConfigError: when the loader does not match the plan (another patient count or batch size),
                 which would make the accountant's sample rate differ from the training's.
         """
         from opacus import PrivacyEngine
@@ -505,19 +699,27 @@ class OpacusPrivacy:
             raise DPIncompatibleModelError(
                 f"Unable to train {type(model).__name__} with DP-SGD as Opacus cannot compute its per-sample "
                 f"gradients:\n{listed}")
-        n, batch = len(loader.dataset), loader.batch_size
+        if self.trainable is not None and hasattr(model, "head"):
+            from lungmae_core.heads import narrow_trainable
+
+            kept = narrow_trainable(model, self.trainable)
+            logger.info("DP fine-tuning trains %d parameter tensors (%s)", len(kept), self.trainable)
+        units = PatientSampled(loader.dataset)
+        n, batch = len(units), loader.batch_size
         if n != self.plan.num_samples or batch != self.plan.batch_size or loader.drop_last:
             raise ConfigError(
-                f"Unable to apply the DP plan as the loader has {n} samples, batch size {batch} and "
-                f"drop_last {loader.drop_last}; the plan was made for {self.plan.num_samples} samples at batch "
-                f"size {self.plan.batch_size} without drop_last (the accountant's sample rate would be wrong)")
+                f"Unable to apply the DP plan as the loader has {n} patients ({len(loader.dataset)} scans), batch "
+                f"size {batch} and drop_last {loader.drop_last}; the plan was made for {self.plan.num_samples} "
+                f"patients at batch size {self.plan.batch_size} without drop_last (the accountant's sample rate "
+                "would be wrong)")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        noise_gen = sample_gen = None
-        if self.seed is not None:
-            noise_gen = torch.Generator(device=device).manual_seed(self.seed)
-            sample_gen = torch.Generator().manual_seed(self.seed + 1)
-        if sample_gen is not None:  # Opacus' Poisson sampler draws from the loader's generator
-            loader.generator = sample_gen  # type: ignore[misc]
+        self.noise_generator = secure_generator(device)
+        self.sample_generator = secure_generator("cpu")
+        # Opacus (secure_mode off) builds its Poisson sampler from the loader's own generator and draws the
+        # noise from `noise_generator`; both are ours, seeded from the OS. Nothing touches the global RNG.
+        loader = torch.utils.data.DataLoader(
+            units, batch_size=batch, shuffle=False, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory, drop_last=False, generator=self.sample_generator)
         # Expected with our models (the input volume and a token's batch-size input need no gradient).
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
                                 "respect to module outputs", category=UserWarning)
@@ -527,12 +729,16 @@ class OpacusPrivacy:
         module, dp_optimizer, dp_loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=noise_gen)
+            poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=self.noise_generator)
         assert dp_loader.sample_rate == self.plan.sample_rate, (dp_loader.sample_rate, self.plan.sample_rate)
-        dp_loader.collate_fn = _EmptySafeCollate(loader.collate_fn, loader.dataset[0])
+        if dp_loader.batch_sampler.generator is not self.sample_generator or \
+                dp_optimizer.generator is not self.noise_generator:
+            raise RuntimeError("Opacus did not take the secret generators (did its PrivacyEngine API change?); "
+                               "refusing to train with predictable DP randomness")
+        dp_loader.collate_fn = _EmptySafeCollate(loader.collate_fn, units.dataset[0])
         self._guard_steps(dp_optimizer)
-        self.module, self.optimizer = module, dp_optimizer
-        logger.info("DP-SGD: sigma %.4g, C %.4g, q %.4g (%d scans, batch %d), at most %d steps, mode %s",
+        self.module, self.optimizer, self.loader = module, dp_optimizer, dp_loader
+        logger.info("DP-SGD: sigma %.4g, C %.4g, q %.4g (%d patients, batch %d), at most %d steps, mode %s",
                     self.plan.noise_multiplier, self.plan.max_grad_norm, self.plan.sample_rate, n, batch,
                     self.plan.steps, self.grad_sample_mode)
         return module, dp_optimizer, dp_loader
@@ -616,7 +822,8 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
         updates: one ``{name: delta}`` per site, same names and shapes, float tensors.
         clip: the bound ``S`` on each update's global L2 norm (over all its tensors).
         noise_multiplier: ``sigma``.
-        generator: the noise's source (CPU generator); ``None``: the global RNG.
+        generator: the noise's source (CPU generator); ``None``: a fresh :func:`secure_generator`. Never
+            pass one seeded from the run config: whoever knows the seed could subtract the noise.
 
     Returns:
         (the noised mean ``{name: tensor}``, each update's norm before clipping).
@@ -628,6 +835,8 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
         raise ValueError("central DP needs at least one update to aggregate")
     if clip <= 0 or noise_multiplier <= 0:
         raise ValueError(f"central DP needs clip > 0 and noise_multiplier > 0; got {clip} and {noise_multiplier}")
+    if generator is None:
+        generator = secure_generator()
     names = list(updates[0])
     norms = [float(torch.sqrt(sum((u[k].double() ** 2).sum() for k in names))) for u in updates]
     n = len(updates)
