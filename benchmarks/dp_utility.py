@@ -57,13 +57,23 @@ log = logging.getLogger("dp_utility")
 NUM_CLASSES = 4
 
 
-def _pretrain(data: Any, epochs: int, seed: int) -> Any:
+def _pretrain(data: Any, epochs: int, seed: int, cache: Path | None = None) -> Any:
+    """The non-private MAE (``cache``: reuse or keep its weights, keyed by epochs and seed)."""
     cfg = model_config("tiny")
     mae = build_mae(cfg, seed=seed)
+    path = None if cache is None else cache / f"mae-tiny-e{epochs}-s{seed}-n{len(data)}.pt"
+    if path is not None and path.is_file():
+        mae.load_state_dict(torch.load(path, map_location="cpu"))
+        return mae
     pre = TrainConfig.pretrain_defaults(epochs=1, batch_size=8, lr=1e-3)
     for epoch in range(epochs):
         train_mae(mae, data, pre, device="cpu", seed=seed * 1000 + epoch,
                   lr_schedule=WarmupCosine(pre.warmup_frac, epoch / epochs, (epoch + 1) / epochs))
+    if path is not None:
+        from lungmae_core.atomic import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save(mae.state_dict(), tmp)
     return mae
 
 
@@ -76,7 +86,7 @@ def _classifier(mae: Any, seed: int) -> ILDClassifier:
 
 
 def _finetune(mae: Any, parts: dict[str, Any], *, seed: int, mode: str, epochs: int, batch: int, lr: float,
-              epsilon: float | None) -> dict[str, float]:
+              epsilon: float | None, clip: float) -> dict[str, float]:
     """Fine-tune one classifier (``epsilon`` None: without DP) and score it on the test split."""
     clf = _classifier(mae, seed)
     train = parts["train"]
@@ -86,7 +96,7 @@ def _finetune(mae: Any, parts: dict[str, Any], *, seed: int, mode: str, epochs: 
     if epsilon is not None:
         n = len(train)  # one scan per phantom patient
         delta = default_delta(n)
-        dp = DPConfig(enabled=True, epsilon=epsilon, target_epsilon_per_round=epsilon, max_grad_norm=FINETUNE_CLIP,
+        dp = DPConfig(enabled=True, epsilon=epsilon, target_epsilon_per_round=epsilon, max_grad_norm=clip,
                       finetune_trainable=mode)
         plan = plan_round(dp, num_samples=n, batch_size=batch, epochs=epochs, delta=delta)
         sigma = plan.noise_multiplier
@@ -163,7 +173,7 @@ def measure_norms(args: argparse.Namespace, dataset: Any, parts: dict[str, Any])
     """Print per-sample gradient norm quantiles (markdown) for pretraining and each fine-tuning mode."""
     mae = build_mae(model_config("tiny"), seed=0)
     rows = [("MAE pretraining, at initialisation", _mae_norms(mae, parts["pretrain"], args.norm_samples))]
-    mae = _pretrain(parts["pretrain"], args.pretrain_epochs, seed=0)
+    mae = _pretrain(parts["pretrain"], args.pretrain_epochs, seed=0, cache=args.workdir)
     rows.append((f"MAE pretraining, after {args.pretrain_epochs} epochs",
                  _mae_norms(mae, parts["pretrain"], args.norm_samples)))
     for mode in ("linear-probe", "last-1", "last-2", "full"):
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="fine-tuning batch (expected Poisson batch) (16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="non-private fine-tuning lr (1e-3, tiny's)")
     parser.add_argument("--dp-lr", type=float, default=1e-2, help="DP fine-tuning lr (1e-2)")
+    parser.add_argument("--clip", type=float, default=FINETUNE_CLIP,
+                        help=f"DP fine-tuning clipping bound C ({FINETUNE_CLIP:g}, the measured default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating phantoms (1)")
     parser.add_argument("--measure-norms", action="store_true", help="print gradient norm quantiles and stop")
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return measure_norms(args, dataset, _splits(dataset, 0, None))
     seeds = [int(s) for s in args.seeds.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    mae = _pretrain(_splits(dataset, 0, None)["pretrain"], args.pretrain_epochs, seed=0)
+    mae = _pretrain(_splits(dataset, 0, None)["pretrain"], args.pretrain_epochs, seed=0, cache=args.workdir)
     rows: dict[str, list[float]] = {"no DP, full": [], f"no DP, {args.mode}": []}
     rows.update({f"DP eps {e:g}, {args.mode}": [] for e in epsilons})
     details = []
@@ -212,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(f"DP eps {e:g}, {args.mode}", args.mode, e, args.dp_lr) for e in epsilons]
         for name, mode, eps, lr in runs:
             out = _finetune(mae, parts, seed=seed, mode=mode, epochs=args.epochs, batch=args.batch, lr=lr,
-                            epsilon=eps)
+                            epsilon=eps, clip=args.clip)
             rows[name].append(out["balanced_accuracy"])
             details.append({"seed": seed, "run": name, **out})
             print(f"seed {seed} {name}: balanced accuracy {out['balanced_accuracy']:.3f} "
                   f"(sigma {out['sigma']:.3g}, {out['seconds']:.0f} s)", flush=True)
     n_train = len(_splits(dataset, seeds[0], None)["train"])
     print(f"\n{args.scans} phantoms ({n_train} training patients), tiny model, MAE {args.pretrain_epochs} epochs "
-          f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {FINETUNE_CLIP:g}, delta "
+          f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {args.clip:g}, DP lr {args.dp_lr:g}, delta "
           f"{default_delta(n_train):g}; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all\n")
     print(_table(rows, "no DP, full"))
     (args.workdir / "dp_utility.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
