@@ -60,6 +60,13 @@ def test_disabled_site_trains_without_dp_unless_the_federation_requires_it(tmp_p
             pass
 
 
+def test_pretraining_trains_the_whole_mae(tmp_path: Path) -> None:
+    gate = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_patients=8)
+    with gate.round(phase="pretrain", server_round=1, num_samples=8, batch_size=2, epochs=1) as privacy:
+        assert privacy.trainable is None
+        _train_linear(privacy)
+
+
 def test_a_round_over_the_per_round_limit_is_refused_and_not_recorded(tmp_path: Path) -> None:
     gate = PrivacyGate.for_site(DP, ledger_path=tmp_path / "l.json", num_patients=8)
     plan = gate.plan(phase="pretrain", num_samples=8, batch_size=2, epochs=1)
@@ -108,6 +115,7 @@ def test_the_unit_is_the_patient_not_the_scan(tmp_path: Path) -> None:
     data = Records(12, per_patient=3)
     with gate.round(phase="finetune", server_round=1, dataset=data, batch_size=2, epochs=1, run="7") as privacy:
         assert privacy.plan.num_samples == 4 and privacy.plan.sample_rate == 0.5
+        assert privacy.trainable == "linear-probe"  # DP fine-tuning trains the head by default
         model = nn.Linear(3, 1)
         model, opt, loader = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                                   DataLoader(data, batch_size=2))

@@ -95,6 +95,7 @@ def _per_sample_masking(x: torch.Tensor, mask_ratio: float, generator=None):
     ({"delta": 1.0}, "delta must be in the open range (0, 1); got 1.0"),
     ({"max_grad_norm": 0.0}, "max-grad-norm must be a number > 0; got 0.0"),
     ({"pretrain_max_grad_norm": float("nan")}, "pretrain-max-grad-norm must be a number > 0"),
+    ({"finetune_trainable": "head"}, "finetune-trainable must be 'full', 'linear-probe' or 'last-K'"),
     ({"noise_multiplier": 0.0}, "noise-multiplier must be a number > 0; got 0.0"),
     ({"enabled": True, "epsilon": 1.0, "target_epsilon_per_round": 2.0},
      "target-epsilon-per-round 2.0 must not exceed the total epsilon 1.0"),
