@@ -203,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating phantoms (1)")
     parser.add_argument("--measure-norms", action="store_true", help="print gradient norm quantiles and stop")
+    parser.add_argument("--out", type=Path, default=None, help="per-run results JSON (<workdir>/dp_utility.json)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="only print the table of earlier --out files (e.g. one process per seed)")
     parser.add_argument("--norm-samples", type=int, default=32, help="scans per norm measurement (32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.combine:
+        return combine(args.combine)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     dataset, _ = phantom_dataset(args.scans, size=model_config("tiny").img_size, seed=0,
@@ -234,8 +239,21 @@ def main(argv: list[str] | None = None) -> int:
           f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {args.clip:g}, DP lr {args.dp_lr:g}, delta "
           f"{default_delta(n_train):g}; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all\n")
     print(_table(rows, "no DP, full"))
-    (args.workdir / "dp_utility.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                              "runs": details}, indent=1))
+    out = args.out or args.workdir / "dp_utility.json"
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": details}, indent=1))
+    return 0
+
+
+def combine(paths: list[Path]) -> int:
+    """Print the markdown table of several result files (runs of the same settings, different seeds)."""
+    rows: dict[str, list[float]] = {}
+    seeds = []
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            rows.setdefault(run["run"], []).append(run["balanced_accuracy"])
+            seeds.append(run["seed"])
+    print(f"seeds {sorted(set(seeds))}\n")
+    print(_table(rows, "no DP, full"))
     return 0
 
 
