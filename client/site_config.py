@@ -69,7 +69,8 @@ class SiteSection:
         name: short site name (letters, digits, ``_ . -``; at most 64), shown in the coordinator's report.
         seed: seed for this site's splits and local training randomness. Defaults to 0.
         state-dir: folder of the state that must survive the cache: the privacy ledger, its journal and the
-            pseudonym key. Defaults to ``state`` beside site.yaml; it must not be inside the cache.
+            pseudonym key. Defaults to ``state`` beside site.yaml (for a mapping not read from a file:
+            ``<cache>.state`` beside the cache); it must not be inside the cache.
     """
 
     name: str = "site"
@@ -282,7 +283,8 @@ def site_config_from_mapping(mapping: Mapping[str, Any] | None, *, source: str =
             raw = {}
         section = from_mapping(cls, raw, source=f"{source}: '{name}'", error=SiteConfigError)
         sections[name] = _resolve(section, name, base)
-    return SiteConfig(**_with_state_defaults(sections, base, source), source=source)
+    return SiteConfig(**_with_state_defaults(sections, Path(base_dir) if base_dir is not None else None, source),
+                      source=source)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -290,10 +292,20 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _with_state_defaults(sections: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
-    """Fill in ``state-dir`` (``<base>/state``), the key file and the ledger inside it; refuse state in the cache."""
+def _default_state_dir(base: Path | None, cache: Path | None) -> Path:
+    """``<base>/state`` beside site.yaml; without a file, ``<cache>.state`` beside the cache (one per cache,
+    never shared by two sites), else ``./state``."""
+    if base is not None:
+        return (base / "state").resolve()
+    if cache is not None:
+        return cache.parent / f"{cache.name}.state"
+    return (Path.cwd() / "state").resolve()
+
+
+def _with_state_defaults(sections: dict[str, Any], base: Path | None, source: str) -> dict[str, Any]:
+    """Fill in ``state-dir``, the key file and the ledger inside it; refuse state inside the cache."""
     site, data, privacy = sections["site"], sections["data"], sections["privacy"]
-    state = site.state_dir if site.state_dir is not None else (base / "state").resolve()
+    state = site.state_dir if site.state_dir is not None else _default_state_dir(base, data.cache)
     if data.cache is not None:
         for key, path in (("site: state-dir", state), ("data: secret-file", data.secret_file),
                           ("privacy: ledger", privacy.ledger)):

@@ -63,6 +63,11 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
                                                                defaults.connection)
 
 
+def test_state_dir_of_a_mapping_without_a_file_sits_beside_its_cache(tmp_path: Path) -> None:
+    cfg = site_config_from_mapping({"data": {"cache": str(tmp_path / "caches" / "north")}})
+    assert cfg.site.state_dir == tmp_path / "caches" / "north.state"
+
+
 def test_state_dir_is_configurable_and_never_inside_the_cache(tmp_path: Path) -> None:
     cfg = site_config_from_mapping({"site": {"state-dir": "/srv/lungmae-state"}, "data": {"cache": "cache"}},
                                    base_dir=tmp_path)
