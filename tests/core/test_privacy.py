@@ -317,10 +317,12 @@ def test_dp_linear_probe_classifier_beats_chance():
     train, test = Phantoms(24, seed=0), Phantoms(16, seed=1)
     torch.manual_seed(0)
     clf = ILDClassifier(model_config("tiny", img_size=S), num_classes=2)
-    cfg = TrainConfig(lr=2e-2, weight_decay=0.0, warmup_frac=0.0, epochs=8, batch_size=24, amp="none",
+    # The noise is secret and fresh on every run, so the margin must hold for any draw: 16 steps at sigma 0.5
+    # gave ROC AUC 1.0 and balanced accuracy >= 0.94 in 4 of 4 runs (8 steps at sigma 1: AUC 0.875 once).
+    cfg = TrainConfig(lr=2e-2, weight_decay=0.0, warmup_frac=0.0, epochs=16, batch_size=24, amp="none",
                       flip_p=0.0, rot90_p=0.0, finetune_mode="linear-probe")
-    plan = plan_round(DPConfig(enabled=True, epsilon=50.0, noise_multiplier=1.0), num_samples=24, batch_size=24,
-                      epochs=8, delta=1e-3)
+    plan = plan_round(DPConfig(enabled=True, epsilon=50.0, noise_multiplier=0.5), num_samples=24, batch_size=24,
+                      epochs=16, delta=1e-3)
     privacy = OpacusPrivacy(plan)
     train_classifier(clf, train, cfg, class_weights=None, device="cpu", seed=0, privacy=privacy)
     metrics = evaluate_classifier(clf, test, num_classes=2)
