@@ -117,10 +117,7 @@ def _privacy_gate(site: Any) -> Any:
     """The site's DP settings and ledger (``client.privacy_gate``); cheap when DP is disabled."""
     from client.privacy_gate import PrivacyGate
 
-    if not site.privacy.enabled:
-        return PrivacyGate(site.privacy, None, site.site.name)
-    counts = _counts(site)  # all training scans: the default delta is 1 / (10 N)
-    return PrivacyGate.for_site_config(site, num_scans=counts["num-unlabelled"] + counts["num-labelled-train"])
+    return PrivacyGate.for_site_config(site)
 
 
 def _build_model(config: Any) -> tuple[Any, Any]:
@@ -245,9 +242,9 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         # DP-SGD: the round's full cost is in the ledger before the first step and its real steps after the
         # last, so both are on disk before any weight leaves (a refusal raises here and becomes the reply).
         gate = _privacy_gate(site)
-        with gate.round(phase=phase, server_round=int(config.get("server-round", 0)), num_samples=len(data),
+        with gate.round(phase=phase, server_round=int(config.get("server-round", 0)), dataset=data,
                         batch_size=tcfg.batch_size, epochs=tcfg.epochs, max_steps=tcfg.max_steps,
-                        requirement=PrivacyRequirement.from_config(config), seed=seed) as privacy:
+                        requirement=PrivacyRequirement.from_config(config), run=str(msg.metadata.run_id)) as privacy:
             hook = ProximalHook(mu, inner=privacy) if mu > 0 else privacy
             if phase == PRETRAIN:
                 out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=hook, lr_schedule=schedule)

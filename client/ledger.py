@@ -13,17 +13,27 @@ keeps it across rounds, both phases, restarts and crashes:
   more than planned) and marks the round ``trained``; only then may the client send its weights.
 
 Epsilon is recomputed from the whole history with Opacus' RDP accountant at the ledger's ``delta``, which is
-fixed when the ledger is created (from ``site.yaml`` or ``1 / (10 N)``), so every number the site reports is
-stated at the same delta. A ledger that cannot be read is an error, never an empty history.
+fixed when the ledger is created (from ``site.yaml`` or ``min(1e-5, 1 / (10 N))`` for ``N`` patients), so
+every number the site reports is stated at the same delta. The unit of accounting is the pseudonymous
+patient (``unit: patient``): sampling and clipping are per patient (``lungmae_core.privacy.PatientSampled``).
 
-File format (``format: lungmae-privacy-ledger/1``)::
+The ledger cannot silently restart. Beside it, a journal (``privacy-journal.json``, append-only, hash-chained,
+written atomically) records that this site has started DP work, and every reset. When the journal (or any
+other witness the site names, such as a marker in its cache) shows earlier DP work but the ledger is
+missing, DP training is refused until an operator runs ``lungmae site ledger reset --reason ...``, which
+archives what is left of the old ledger, records who, when and why in the journal and starts a new one. A
+ledger that cannot be read is an error, never an empty history.
 
-    {"format": ..., "site": "north", "delta": 1e-05, "accountant": "rdp",
-     "entries": [{"id": 1, "phase": "pretrain", "server_round": 1, "noise_multiplier": 1.1,
-                  "sample_rate": 0.25, "steps": 8, "planned_steps": 8, "max_grad_norm": 1.0,
-                  "status": "trained", "epsilon_total": 0.93, "reserved_at": "...", "settled_at": "..."}],
+File format (``format: lungmae-privacy-ledger/2``)::
+
+    {"format": ..., "site": "north", "delta": 1e-05, "accountant": "rdp", "unit": "patient",
+     "entries": [{"id": 1, "phase": "pretrain", "server_round": 1, "run": "4711", "unit": "patient",
+                  "num_units": 58, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 8,
+                  "planned_steps": 8, "max_grad_norm": 0.2, "status": "trained", "epsilon_total": 0.93,
+                  "reserved_at": "...", "settled_at": "..."}],
      "refusals": [{"phase": "finetune", "server_round": 7, "epsilon_spent": 2.9,
-                   "epsilon_would_be": 3.4, "budget": 3.0, "at": "..."}]}
+                   "epsilon_would_be": 3.4, "budget": 3.0, "at": "..."}],
+     "resets": [{"event": "reset", "reason": "...", "by": "...", "at": "...", ...}]}
 """
 
 from __future__ import annotations
@@ -31,28 +41,46 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import getpass
+import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lungmae_core.atomic import atomic_write_json
 from lungmae_core.errors import LungMAEError, PrivacyBudgetExceeded
-from lungmae_core.privacy import RoundPlan, epsilon_for
+from lungmae_core.privacy import PRIVACY_UNIT, RoundPlan, epsilon_for
 
-__all__ = ["LEDGER_FORMAT", "LedgerError", "LedgerEntry", "PrivacyLedger"]
+__all__ = ["LEDGER_FORMAT", "JOURNAL_NAME", "RESET_COMMAND", "LedgerError", "LedgerMissingError", "LedgerEntry",
+           "PrivacyLedger"]
 
 logger = logging.getLogger(__name__)
 
-LEDGER_FORMAT = "lungmae-privacy-ledger/1"
+LEDGER_FORMAT = "lungmae-privacy-ledger/2"
+_OLD_FORMATS = ("lungmae-privacy-ledger/1",)
 _STATUSES = ("reserved", "trained")
+#: The journal file beside the ledger: evidence of DP work that outlives a deleted ledger.
+JOURNAL_NAME = "privacy-journal.json"
+JOURNAL_FORMAT = "lungmae-privacy-journal/1"
+#: What an operator runs to start a new ledger on purpose (named in every refusal about a lost ledger).
+RESET_COMMAND = "lungmae site ledger reset --config site.yaml --reason '...'"
 
 
 class LedgerError(LungMAEError):
     """The privacy ledger is unreadable, malformed or inconsistent; the site must not train until it is fixed."""
+
+
+class LedgerMissingError(LedgerError, PrivacyBudgetExceeded):
+    """The ledger is gone while the site's state shows earlier DP work: refuse until an explicit reset.
+
+    A :class:`PrivacyBudgetExceeded` too (the spent budget is unknown, so no round fits in it): the ClientApp
+    answers it as a privacy refusal, whose text goes to the server, so the message names no path.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +91,9 @@ class LedgerEntry:
         id: 1, 2, ... in the order rounds were reserved.
         phase: ``"pretrain"`` or ``"finetune"`` (free text; it is only reported).
         server_round: the federation's round number.
+        run: the federation run (Flower run id) the round belonged to; ``""`` when unknown.
+        unit: what one record of the accounting is (``"patient"``).
+        num_units: patients the round sampled from.
         noise_multiplier, sample_rate, steps: the accountant's ``(sigma, q, T)``; ``steps`` is the planned
             count while ``reserved`` and the count really taken once ``trained``.
         planned_steps: the steps reserved before training.
@@ -85,6 +116,9 @@ class LedgerEntry:
     epsilon_total: float
     reserved_at: str
     settled_at: str | None = None
+    run: str = ""
+    unit: str = PRIVACY_UNIT
+    num_units: int = 0
 
     @property
     def history(self) -> tuple[float, float, int]:
@@ -92,8 +126,26 @@ class LedgerEntry:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
+def _event_hash(event: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically (temporary file, fsync, rename; lungmae_core.atomic), owner-only, then fsync the folder."""
+    atomic_write_json(path, data, mode=0o600)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,6 +166,8 @@ class PrivacyLedger:
         delta: the budget's delta; used to create a new ledger. An existing ledger keeps its own delta
             unless ``delta`` is given explicitly and differs, which is an error (the DPO signed one pair).
         site: the site's name, written into a new ledger.
+        witnesses: other files whose existence proves this site did DP work before (e.g. a marker the gate
+            keeps in the cache); the journal beside the ledger is always one.
 
     Raises:
         LedgerError: when the file exists but cannot be parsed or fails validation.
@@ -126,7 +180,7 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, budget_epsilon: float, delta: float | None,
-                 site: str = "") -> None:
+                 site: str = "", witnesses: Sequence[str | os.PathLike[str]] = ()) -> None:
         if not (isinstance(budget_epsilon, (int, float)) and math.isfinite(budget_epsilon) and budget_epsilon > 0):
             raise LedgerError(f"Unable to open the privacy ledger {path} as the budget epsilon must be > 0; "
                               f"got {budget_epsilon!r}")
@@ -134,6 +188,8 @@ class PrivacyLedger:
         self.budget_epsilon = float(budget_epsilon)
         self._delta_arg = delta
         self.site = site
+        self.journal_path = self.path.with_name(JOURNAL_NAME)
+        self.witnesses = [Path(w) for w in witnesses]
         data = self._read()
         if data is not None and delta is not None and not math.isclose(data["delta"], delta, rel_tol=1e-9):
             raise LedgerError(
@@ -178,6 +234,12 @@ class PrivacyLedger:
 
     def _validate(self, data: Any) -> dict[str, Any]:
         where = f"privacy ledger {self.path}"
+        if isinstance(data, dict) and data.get("format") in _OLD_FORMATS:
+            raise LedgerError(
+                f"Unable to use the {where} as it is in the old format {data['format']!r}, which accounted per scan, "
+                "not per patient (a patient with several scans spent more than it says). Keep it as evidence and "
+                f"start a patient-level ledger with: {RESET_COMMAND} (the reset archives the old file and records "
+                "its epsilon in the journal)")
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise LedgerError(f"Unable to read the {where} as its 'format' is {found!r}; expected {LEDGER_FORMAT!r}")
@@ -188,7 +250,8 @@ class PrivacyLedger:
         if not isinstance(entries, list):
             raise LedgerError(f"Unable to read the {where} as 'entries' is not a list")
         fields = {f.name for f in dataclasses.fields(LedgerEntry)}
-        required = fields - {"settled_at"}
+        required = {f.name for f in dataclasses.fields(LedgerEntry)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not required <= set(entry) or not set(entry) <= fields:
                 keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
@@ -202,33 +265,127 @@ class PrivacyLedger:
                     f"{q!r}, steps {steps!r}, status {entry['status']!r}; expected sigma > 0, q in (0, 1], "
                     f"steps >= 0 and status in {_STATUSES}")
         data.setdefault("refusals", [])
+        data.setdefault("resets", [])
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
         """Write atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.path.parent)
+        _write_json(self.path, data)
 
-    def _load_or_new(self) -> dict[str, Any]:
-        data = self._read()
-        if data is not None:
-            return data
+    def _new(self) -> dict[str, Any]:
         if self._delta_arg is None:
             raise LedgerError(f"Unable to create the privacy ledger {self.path} without a delta")
         return {"format": LEDGER_FORMAT, "site": self.site, "delta": float(self._delta_arg),
-                "accountant": "rdp", "created_at": _now(), "entries": [], "refusals": []}
+                "accountant": "rdp", "unit": PRIVACY_UNIT, "created_at": _now(), "entries": [], "refusals": [],
+                "resets": []}
+
+    def _load_or_new(self) -> dict[str, Any]:
+        """The ledger, or a new one when this site has no trace of earlier DP work (else refuse)."""
+        data = self._read()
+        if data is not None:
+            return data
+        self._refuse_if_lost()
+        data = self._new()
+        events = self.journal()
+        if events and events[-1].get("event") == "reset":
+            data["resets"] = [{k: events[-1].get(k) for k in ("reason", "by", "at", "archived",
+                                                               "epsilon_spent_before")}]
+        self._journal_append({"event": "created", "ledger": self.path.name, "delta": data["delta"],
+                              "unit": PRIVACY_UNIT})
+        return data
+
+    def _refuse_if_lost(self) -> None:
+        """Raise :class:`LedgerMissingError` when there is no ledger but evidence of earlier DP work."""
+        evidence = self.prior_dp_evidence()
+        if evidence:
+            logger.error("privacy ledger %s is missing; evidence of earlier DP work: %s", self.path,
+                         "; ".join(evidence))
+            raise LedgerMissingError(
+                f"Unable to train with DP as the site's privacy ledger ({self.path.name}) is missing while its "
+                "state shows earlier DP work: a lost ledger would restart the budget at zero. Restore the ledger "
+                f"from backup, or start a new one deliberately with: {RESET_COMMAND}")
+
+    # -- the journal: evidence that survives the ledger -------------------------------------------------
+    def journal(self) -> list[dict[str, Any]]:
+        """The journal's events, oldest first ([] when there is none).
+
+        Raises:
+            LedgerError: when the journal is unreadable or its hash chain is broken.
+        """
+        try:
+            data = json.loads(self.journal_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LedgerError(f"Unable to read the privacy journal {self.journal_path} as {exc}; restore it from "
+                              "backup (DP training stays refused until then)") from exc
+        events = data.get("events") if isinstance(data, dict) and data.get("format") == JOURNAL_FORMAT else None
+        if not isinstance(events, list):
+            raise LedgerError(f"Unable to read the privacy journal {self.journal_path} as it is not a "
+                              f"{JOURNAL_FORMAT} file with an 'events' list")
+        previous = ""
+        for i, event in enumerate(events):
+            if not isinstance(event, dict) or event.get("prev") != previous or \
+                    event.get("hash") != _event_hash({k: v for k, v in event.items() if k != "hash"}):
+                raise LedgerError(f"Unable to trust the privacy journal {self.journal_path} as event {i + 1} does "
+                                  "not continue its hash chain (edited or truncated); restore it from backup")
+            previous = event["hash"]
+        return events
+
+    def _journal_append(self, event: dict[str, Any]) -> dict[str, Any]:
+        events = self.journal()
+        record = {**event, "at": _now(), "site": self.site, "prev": events[-1]["hash"] if events else ""}
+        record["hash"] = _event_hash(record)
+        _write_json(self.journal_path, {"format": JOURNAL_FORMAT, "events": [*events, record]})
+        return record
+
+    def prior_dp_evidence(self) -> list[str]:
+        """Why this site is known to have done DP work before (journal, witness files); [] if none.
+
+        Nothing counts after a reset that no ledger has followed yet: the operator has acknowledged the loss.
+        """
+        events = self.journal()
+        if events and events[-1].get("event") == "reset":
+            return []
+        reasons = [f"the journal {self.journal_path} records {len(events)} event(s)"] if events else []
+        return reasons + [f"{w} exists" for w in self.witnesses if w.exists()]
+
+    def reset(self, *, reason: str, operator: str | None = None) -> dict[str, Any]:
+        """Give up the current ledger on purpose: archive it and record who, when and why in the journal.
+
+        The old ledger (when present, readable or not) is renamed to ``<ledger>.reset-<UTC time>`` and its
+        spent epsilon (when readable) goes into the journal; the next DP round then starts a new ledger,
+        which carries the reset in its ``resets``. Logged at WARNING: a reset gives the site a fresh budget,
+        which only its data protection officer may decide.
+
+        Raises:
+            LedgerError: for a reason shorter than 3 characters, or an unreadable journal.
+        """
+        reason = (reason or "").strip()
+        if len(reason) < 3:
+            raise LedgerError("Unable to reset the privacy ledger without a reason; pass --reason 'why, who agreed'")
+        by = operator or _operator()
+        with self._locked():
+            spent: float | None = None
+            entries: int | None = None
+            archived = None
+            if self.path.exists():
+                with contextlib.suppress(LedgerError):
+                    old = self._read()
+                    if old is not None:
+                        entries = len(old["entries"])
+                        spent = epsilon_for([(e["noise_multiplier"], e["sample_rate"], e["steps"])
+                                             for e in old["entries"]], float(old["delta"]))
+                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+                target = self.path.with_name(f"{self.path.name}.reset-{stamp}")
+                os.replace(self.path, target)
+                _fsync_dir(self.path.parent)
+                archived = target.name
+            event = self._journal_append({"event": "reset", "reason": reason, "by": by, "archived": archived,
+                                          "epsilon_spent_before": spent, "entries_before": entries})
+        logger.warning("privacy ledger %s reset by %s: %s (archived %s, epsilon spent before %s)", self.path, by,
+                       reason, archived or "nothing", "unknown" if spent is None else f"{spent:.3f}")
+        return event
 
     # -- queries ------------------------------------------------------------------------------------
     @property
@@ -247,7 +404,13 @@ class PrivacyLedger:
         return [e.history for e in self.entries()]
 
     def epsilon_spent(self) -> float:
-        """Total epsilon at :attr:`delta` of everything recorded; 0.0 for a new ledger."""
+        """Total epsilon at :attr:`delta` of everything recorded; 0.0 for a new ledger.
+
+        Raises:
+            LedgerMissingError: when the ledger is missing but the site did DP work before (0.0 would lie).
+        """
+        if not self.path.exists():
+            self._refuse_if_lost()
         delta = self.delta
         return 0.0 if delta is None else epsilon_for(self.history(), delta)
 
@@ -262,8 +425,35 @@ class PrivacyLedger:
         data = self._read()
         return [] if data is None else list(data["refusals"])
 
+    def summary(self) -> dict[str, Any]:
+        """What ``lungmae site ledger show`` prints: totals and, per (run, phase), that group's own epsilon.
+
+        A group's epsilon is its rounds composed alone; groups compose to the total (which is less than the
+        sum of the groups' epsilons, as RDP composes sub-additively in epsilon).
+        """
+        data = self._read()
+        entries = [] if data is None else [LedgerEntry(**e) for e in data["entries"]]
+        delta = float(data["delta"]) if data is not None else self._delta_arg
+        groups: dict[tuple[str, str], list[LedgerEntry]] = {}
+        for entry in entries:
+            groups.setdefault((entry.run, entry.phase), []).append(entry)
+        spent = 0.0 if delta is None else epsilon_for([e.history for e in entries], delta)
+        return {
+            "ledger": str(self.path), "exists": data is not None, "delta": delta, "unit": PRIVACY_UNIT,
+            "budget": self.budget_epsilon, "spent": spent, "remaining": max(0.0, self.budget_epsilon - spent),
+            "groups": [{"run": run, "phase": phase, "rounds": len(items),
+                        "steps": sum(e.steps for e in items),
+                        "patients": max(e.num_units for e in items),
+                        "reserved_unsettled": sum(e.status == "reserved" for e in items),
+                        "epsilon": 0.0 if delta is None else epsilon_for([e.history for e in items], delta)}
+                       for (run, phase), items in groups.items()],
+            "refusals": [] if data is None else list(data["refusals"]),
+            "resets": [] if data is None else list(data["resets"]),
+            "evidence": self.prior_dp_evidence() if data is None else [],
+        }
+
     # -- the two writes around a round --------------------------------------------------------------
-    def reserve(self, plan: RoundPlan, *, phase: str, server_round: int) -> LedgerEntry:
+    def reserve(self, plan: RoundPlan, *, phase: str, server_round: int, run: str = "") -> LedgerEntry:
         """Record ``plan`` as spent before training it, or refuse if it would exceed the budget.
 
         Raises:
@@ -293,7 +483,7 @@ class PrivacyLedger:
                 server_round=int(server_round), noise_multiplier=float(plan.noise_multiplier),
                 sample_rate=float(plan.sample_rate), steps=int(plan.steps), planned_steps=int(plan.steps),
                 max_grad_norm=float(plan.max_grad_norm), status="reserved", epsilon_total=would_be,
-                reserved_at=_now())
+                reserved_at=_now(), run=str(run), unit=PRIVACY_UNIT, num_units=int(plan.num_samples))
             data["entries"].append(dataclasses.asdict(entry))
             data["budget_epsilon"] = self.budget_epsilon
             self._write(data)

@@ -458,7 +458,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
     cache_path.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(cache_path)
     secret_file = data.secret_file or cache_path / "site-secret.key"
-    pseudo = Pseudonymizer(load_or_create_secret(secret_file))
+    pseudo = Pseudonymizer(load_or_create_secret(secret_file, legacy=cache_path / "site-secret.key"))
     classes = tuple(class_names or CLASS_NAMES)
     table = read_labels(labels_path, classes) if labels_path is not None else None
     rules = data.series_rules()

@@ -2,8 +2,9 @@
 
 The manifest, the logs and everything the client sends refer to scans by these ids only. A keyed hash (not a
 plain hash) is used because identifiers such as PatientID are guessable: without the site's secret nobody can
-check a guess against a pseudonym. The secret never leaves the site; losing it only means new pseudonyms on
-the next preparation (the cache is rebuilt from the DICOM, nothing else depends on it).
+check a guess against a pseudonym. The secret never leaves the site. It lives in the site's state folder
+(``site: state-dir``), not in the cache: the privacy ledger counts patients by these pseudonyms, so a key that
+changed with every rebuilt cache would turn one patient into a new one.
 
 Examples:
     >>> p = Pseudonymizer(b"0" * 32)
@@ -91,14 +92,16 @@ def _parse_secret(text: str, path: Path) -> bytes:
     return key
 
 
-def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
+def load_or_create_secret(path: str | os.PathLike[str], *, legacy: str | os.PathLike[str] | None = None) -> bytes:
     """Read the site's HMAC key, creating it (mode 0600, atomically) on first use.
 
     Creation writes a private temporary file and hard-links it into place, so two processes starting at once
     agree on one key and nobody ever reads a half-written file.
 
     Args:
-        path: the key file (``<cache>/site-secret.key`` unless ``data.secret-file`` names another).
+        path: the key file (``<state-dir>/site-secret.key`` unless ``data.secret-file`` names another).
+        legacy: where an older version kept the key (``<cache>/site-secret.key``). When ``path`` does not exist
+            but this does, its key is carried over (same pseudonyms), not replaced by a new one.
 
     Returns:
         The key bytes.
@@ -113,13 +116,18 @@ def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
             logger.warning("The site secret %s is readable by other users (mode %o); run: chmod 600 %s",
                            path, mode, path)
         return _parse_secret(path.read_text(encoding="ascii", errors="replace"), path)
+    key_text = secrets.token_hex(SECRET_BYTES)
+    if legacy is not None and Path(legacy).is_file():
+        key_text = _parse_secret(Path(legacy).read_text(encoding="ascii", errors="replace"), Path(legacy)).hex()
+        logger.warning("Moving the site secret from %s (inside the cache) to %s so that pseudonyms survive the "
+                       "cache; the old copy may be deleted", legacy, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(secrets.token_hex(SECRET_BYTES) + "\n")
+                fh.write(key_text + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             try:

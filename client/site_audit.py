@@ -35,11 +35,17 @@ _MAX_TEXT = 300
 
 
 def site_audit_path(cfg: Any) -> Path:
-    """Where a site keeps its log: ``trust: audit-log`` in site.yaml, else ``<data cache>/site-audit.jsonl``
-    (else beside site.yaml)."""
+    """Where a site keeps its log: ``trust: audit-log`` in site.yaml, else ``<site: state-dir>/site-audit.jsonl``.
+
+    Evidence lives with the ledger in the state directory, not in the cache, so rebuilding the cache cannot
+    erase it.
+    """
     explicit = getattr(getattr(cfg, "trust", None), "audit_log", None)
     if explicit:
         return Path(explicit)
+    state_dir = getattr(getattr(cfg, "site", None), "state_dir", None)
+    if state_dir is not None:
+        return Path(state_dir) / SITE_AUDIT_NAME
     if getattr(cfg.data, "cache", None) is not None:
         return Path(cfg.data.cache) / SITE_AUDIT_NAME
     return Path(cfg.source).resolve().parent / SITE_AUDIT_NAME

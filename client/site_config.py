@@ -2,15 +2,19 @@
 
 Sections (kebab-case keys; unknown keys are errors naming the file, the key and the allowed keys)::
 
-    site:        name, seed
+    site:        name, seed, state-dir
     data:        input, labels, cache, workers, min-slices, spacing-tolerance, irregular-spacing,
                  max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file
     preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
-                 grad-sample-mode, pretrain-max-grad-norm
+                 grad-sample-mode, pretrain-max-grad-norm, finetune-trainable
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
     trust:       trusted-keys, fab-sha256, client-certificate, client-key, audit-log
+
+The site's state that must outlive the cache (the privacy ledger and its journal, the pseudonym key) lives in
+``site: state-dir``, by default a ``state`` folder beside site.yaml, never inside ``data: cache``: deleting or
+rebuilding the cache must neither reset the privacy budget nor change the pseudonyms.
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
 None of these values ever leaves the site: the federation only sees weights and aggregate metrics.
@@ -65,10 +69,14 @@ class SiteSection:
     Args:
         name: short site name (letters, digits, ``_ . -``; at most 64), shown in the coordinator's report.
         seed: seed for this site's splits and local training randomness. Defaults to 0.
+        state-dir: folder of the state that must survive the cache: the privacy ledger, its journal and the
+            pseudonym key. Defaults to ``state`` beside site.yaml (for a mapping not read from a file:
+            ``<cache>.state`` beside the cache); it must not be inside the cache.
     """
 
     name: str = "site"
     seed: int = 0
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         _check(bool(_NAME.match(self.name)), f"'name' must be 1-64 letters, digits, '_', '.' or '-' starting "
@@ -90,7 +98,7 @@ class DataSection:
         max-gap-factor: largest gap, in median gaps, that resampling may bridge. Defaults to 2.0.
         axial-tolerance-deg: largest tilt of the slice normal from the head-foot axis. Defaults to 5.
         tilt-tolerance-mm: largest sideways drift of slice positions (gantry tilt). Defaults to 1.
-        secret-file: HMAC key for pseudonyms; defaults to ``<cache>/site-secret.key``.
+        secret-file: HMAC key for pseudonyms; defaults to ``<state-dir>/site-secret.key``.
     """
 
     input: Path | None = None
@@ -122,9 +130,11 @@ class DataSection:
                            axial_tolerance_deg=self.axial_tolerance_deg, tilt_tolerance_mm=self.tilt_tolerance_mm)
 
     def secret_path(self) -> Path | None:
-        """The pseudonym key file: ``secret-file``, else ``<cache>/site-secret.key`` (None without a cache)."""
-        if self.secret_file is not None:
-            return self.secret_file
+        """The pseudonym key file: ``secret-file`` (a loaded site.yaml fills in ``<state-dir>/site-secret.key``)."""
+        return self.secret_file
+
+    def legacy_secret_path(self) -> Path | None:
+        """Where older versions kept the key (``<cache>/site-secret.key``), to carry it over once."""
         return None if self.cache is None else self.cache / "site-secret.key"
 
 
@@ -154,9 +164,10 @@ class TrainingSection:
 
 #: ``privacy``: this site's DP-SGD settings and total budget. The privacy area owns its keys and validation
 #: (``lungmae_core.privacy.DPConfig``: enabled, epsilon, delta, max-grad-norm, pretrain-max-grad-norm,
-#: noise-multiplier, target-epsilon-per-round, ledger, grad-sample-mode); with ``enabled: true``, ``epsilon``
-#: and one of ``noise-multiplier`` / ``target-epsilon-per-round`` are required, ``delta`` defaults to 1 / (10 N) for the
-#: site's N scans, and ``ledger`` to ``<cache>/privacy-ledger.json``.
+#: noise-multiplier, target-epsilon-per-round, ledger, grad-sample-mode, finetune-trainable); with
+#: ``enabled: true``, ``epsilon`` and one of ``noise-multiplier`` / ``target-epsilon-per-round`` are required,
+#: ``delta`` defaults to min(1e-5, 1 / (10 N)) for the site's N patients, and ``ledger`` to
+#: ``<state-dir>/privacy-ledger.json``.
 PrivacySection = DPConfig
 
 
@@ -199,7 +210,7 @@ class TrustSection:
             With neither set, the site refuses every bundle (``client/fab_check.py``).
         client-certificate / client-key: this site's TLS client certificate and key (``lungmae certs --site``),
             presented to the coordinator's proxy (mutual TLS). Both or neither.
-        audit-log: the site's own chained log. Defaults to ``<data cache>/site-audit.jsonl``.
+        audit-log: the site's own chained log. Defaults to ``<site: state-dir>/site-audit.jsonl``.
     """
 
     trusted_keys: tuple[Path, ...] = ()
@@ -263,7 +274,7 @@ _SECTIONS: dict[str, type] = {
     "connection": ConnectionSection,
     "trust": TrustSection,
 }
-_PATH_KEYS = {"data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
+_PATH_KEYS = {"site": ("state_dir",), "data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
               "connection": ("root_certificates", "auth_key"),
               "trust": ("trusted_keys", "client_certificate", "client_key", "audit_log")}
 
@@ -306,7 +317,42 @@ def site_config_from_mapping(mapping: Mapping[str, Any] | None, *, source: str =
             raw = {}
         section = from_mapping(cls, raw, source=f"{source}: '{name}'", error=SiteConfigError)
         sections[name] = _resolve(section, name, base)
-    return SiteConfig(**sections, source=source)
+    return SiteConfig(**_with_state_defaults(sections, Path(base_dir) if base_dir is not None else None, source),
+                      source=source)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
+
+
+def _default_state_dir(base: Path | None, cache: Path | None) -> Path:
+    """``<base>/state`` beside site.yaml; without a file, ``<cache>.state`` beside the cache (one per cache,
+    never shared by two sites), else ``./state``."""
+    if base is not None:
+        return (base / "state").resolve()
+    if cache is not None:
+        return cache.parent / f"{cache.name}.state"
+    return (Path.cwd() / "state").resolve()
+
+
+def _with_state_defaults(sections: dict[str, Any], base: Path | None, source: str) -> dict[str, Any]:
+    """Fill in ``state-dir``, the key file and the ledger inside it; refuse state inside the cache."""
+    site, data, privacy = sections["site"], sections["data"], sections["privacy"]
+    state = site.state_dir if site.state_dir is not None else _default_state_dir(base, data.cache)
+    if data.cache is not None:
+        for key, path in (("site: state-dir", state), ("data: secret-file", data.secret_file),
+                          ("privacy: ledger", privacy.ledger)):
+            _check(path is None or not _inside(path, data.cache),
+                   f"{source}: '{key}' ({path}) is inside the cache {data.cache}; the privacy ledger and the "
+                   "pseudonym key must survive deleting the cache, so keep them outside it (the default is a "
+                   "'state' folder beside site.yaml)")
+    sections["site"] = dataclasses.replace(site, state_dir=state)
+    if data.secret_file is None:
+        sections["data"] = dataclasses.replace(data, secret_file=state / "site-secret.key")
+    if privacy.ledger is None:
+        sections["privacy"] = dataclasses.replace(privacy, ledger=state / "privacy-ledger.json")
+    return sections
 
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -420,7 +421,8 @@ class TrainConfig:
         lung_threshold: a masked patch is "lung" when more than this fraction of its voxels is lung.
         flip_p: probability of flipping each spatial axis (image and lung mask together). Defaults to 0.1.
         rot90_p: probability of one random 90-degree rotation. Defaults to 0.1.
-        finetune_mode: ``"full"`` or ``"linear-probe"`` (only head, norm and CLS token train).
+        finetune_mode: ``"full"``, ``"linear-probe"`` (only head, norm and CLS token train) or ``"last-K"``
+            (those plus the encoder's last K blocks; ``lungmae_core.heads.set_trainable``).
         pooling: classifier pooling: ``"lung"`` (tokens weighted by their lung fraction), ``"mean"`` over
             tokens or a learned ``"cls"`` token (see :class:`~lungmae_core.heads.ILDClassifier`).
         label_smoothing: cross-entropy label smoothing in [0, 1). Defaults to 0.
@@ -443,7 +445,7 @@ class TrainConfig:
     lung_threshold: float = 0.25
     flip_p: float = 0.1
     rot90_p: float = 0.1
-    finetune_mode: Literal["full", "linear-probe"] = "full"
+    finetune_mode: str = "full"
     pooling: Literal["lung", "mean", "cls"] = "lung"
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
@@ -465,8 +467,9 @@ class TrainConfig:
         for key in ("flip_p", "rot90_p"):
             value = getattr(self, key)
             check(0.0 <= value <= 1.0, f"{key} must be a probability in [0, 1]; got {value!r}")
-        check(self.finetune_mode in ("full", "linear-probe"),
-              f"finetune_mode must be one of 'full', 'linear-probe'; got {self.finetune_mode!r}")
+        check(self.finetune_mode in ("full", "linear-probe")
+              or bool(re.fullmatch(r"last-[1-9][0-9]?", str(self.finetune_mode))),
+              f"finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got {self.finetune_mode!r}")
         check(self.pooling in ("lung", "mean", "cls"),
               f"pooling must be one of 'lung', 'mean', 'cls'; got {self.pooling!r}")
         check(0.0 <= self.label_smoothing < 1.0,

@@ -1,4 +1,4 @@
-"""ILD classifier on the MAE encoder, strict weight transfer from the MAE, and full vs linear-probe training.
+"""ILD classifier on the MAE encoder, strict weight transfer from the MAE, and what fine-tuning trains.
 
 The classifier is the pretrained encoder run on all tokens (no masking), pooled, then LayerNorm and
 Linear(E -> classes), as in PAPER.md. Pooling: the paper's mean over tokens or a new CLS token, or (our
@@ -6,10 +6,14 @@ default) the mean weighted by each token's lung fraction, the pooling counterpar
 lung-weighted loss: ILD is a lung finding, and a plain mean lets body, heart and air tokens (most of a
 64^3 cube) dominate. Measured on the simulation's phantoms (central, MAE 20 epochs + 30 fine-tuning epochs,
 144 train / 96 held out): balanced accuracy 0.64 vs 0.56 for the mean, ROC AUC 0.83 vs 0.79. Linear probing
-trains only the head, its norm and the CLS token (the public code forgot to unfreeze the CLS token).
+trains only the head, its norm and the CLS token (the public code forgot to unfreeze the CLS token);
+``last-K`` trains those plus the encoder's last ``K`` blocks and final norm, the DP-friendly middle ground
+(under DP-SGD the noise grows with the trained dimension, so training fewer parameters keeps more signal).
 """
 
 from __future__ import annotations
+
+import re
 
 from collections.abc import Mapping
 
@@ -22,16 +26,18 @@ from lungmae_core.loss import lung_fraction_per_patch
 from lungmae_core.model import LearnedToken, ViTEncoder3D
 
 __all__ = ["POOLINGS", "DEFAULT_POOLING", "FINETUNE_MODES", "ILDClassifier", "transfer_encoder", "set_trainable",
-           "trainable_state_dict"]
+           "parse_finetune_mode", "narrow_trainable", "trainable_state_dict"]
 
 POOLINGS = ("lung", "mean", "cls")
 DEFAULT_POOLING = "lung"
 #: Weight of a token without lung in ``lung`` pooling, relative to an all-lung token (keeps a scan whose mask
 #: is empty, or nearly, pooled over all its tokens instead of dividing by zero).
 _NON_LUNG_TOKEN_WEIGHT = 1e-3
+#: Named fine-tuning modes; besides these, ``"last-K"`` (K >= 1) trains the probe plus the last K blocks.
 FINETUNE_MODES = ("full", "linear-probe")
 #: Parameter-name prefixes that train in linear probing.
 _PROBE_PREFIXES = ("head.", "norm.", "cls_token.")
+_LAST_K = re.compile(r"last-([1-9][0-9]?)")
 
 
 class ILDClassifier(nn.Module):
@@ -150,24 +156,81 @@ def transfer_encoder(source: nn.Module | Mapping[str, torch.Tensor], classifier:
     return [f"encoder.{k}" for k in target]
 
 
+def parse_finetune_mode(mode: str, *, key: str = "finetune mode") -> int | None:
+    """How many encoder blocks a fine-tuning mode trains: ``None`` for all (``full``), 0 for
+    ``linear-probe``, ``K`` for ``last-K``.
+
+    Raises:
+        ConfigError: naming ``key`` and the modes allowed.
+
+    Examples:
+        >>> parse_finetune_mode("last-2"), parse_finetune_mode("linear-probe"), parse_finetune_mode("full")
+        (2, 0, None)
+    """
+    if mode == "full":
+        return None
+    if mode == "linear-probe":
+        return 0
+    match = _LAST_K.fullmatch(mode) if isinstance(mode, str) else None
+    if match is None:
+        raise ConfigError(f"{key} must be 'full', 'linear-probe' or 'last-K' (K in 1..99, e.g. 'last-2'); "
+                          f"got {mode!r}")
+    return int(match.group(1))
+
+
+def _trains(name: str, blocks: int | None, depth: int) -> bool:
+    """Whether parameter ``name`` trains when the last ``blocks`` of ``depth`` encoder blocks do."""
+    if blocks is None or name.startswith(_PROBE_PREFIXES):
+        return True
+    if blocks == 0:
+        return False
+    if name.startswith("encoder.norm."):
+        return True
+    match = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    return match is not None and int(match.group(1)) >= depth - blocks
+
+
 def set_trainable(model: ILDClassifier, mode: str = "full") -> list[str]:
     """Freeze or unfreeze parameters for fine-tuning.
 
     Args:
         model: the classifier.
-        mode: ``"full"`` trains everything; ``"linear-probe"`` trains only ``head``, ``norm`` and ``cls_token``.
+        mode: ``"full"`` trains everything; ``"linear-probe"`` trains only ``head``, ``norm`` and ``cls_token``;
+            ``"last-K"`` trains those, the last ``K`` encoder blocks and the encoder's final norm.
 
     Returns:
         Names of the parameters left trainable.
 
     Raises:
-        ConfigError: for an unknown mode.
+        ConfigError: for an unknown mode, or ``K`` above the encoder's depth.
     """
-    if mode not in FINETUNE_MODES:
-        raise ConfigError(f"finetune mode must be one of {', '.join(map(repr, FINETUNE_MODES))}; got {mode!r}")
+    blocks = parse_finetune_mode(mode)
+    depth = len(model.encoder.blocks)
+    if blocks is not None and blocks > depth:
+        raise ConfigError(f"finetune mode {mode!r} trains {blocks} blocks but the encoder has only {depth}")
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(mode == "full" or name.startswith(_PROBE_PREFIXES))
+        param.requires_grad_(_trains(name, blocks, depth))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def narrow_trainable(model: nn.Module, mode: str) -> list[str]:
+    """Freeze what ``mode`` does not train; never unfreezes (a site can narrow the server's request only).
+
+    Used by DP fine-tuning: the site's ``privacy.finetune-trainable`` caps what trains whatever mode the
+    server asked for. ``K`` larger than the depth means every block.
+
+    Returns:
+        Names of the parameters still trainable.
+    """
+    blocks = parse_finetune_mode(mode)
+    depth = len(model.encoder.blocks) if hasattr(model, "encoder") else 0
+    names = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and not _trains(name, blocks, depth):
+            param.requires_grad_(False)
         if param.requires_grad:
             names.append(name)
     return names

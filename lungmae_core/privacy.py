@@ -1,14 +1,17 @@
 """Differential privacy for local training: DP-SGD with Opacus, round planning and privacy accounting.
 
-A site trains each round with DP-SGD: every step draws a Poisson sample of its scans (each scan joins the
-batch independently with probability ``q``), clips each scan's gradient to L2 norm ``C``
-(``max_grad_norm``), sums them, adds Gaussian noise of standard deviation ``sigma * C`` and steps the
+A site trains each round with DP-SGD: every step draws a Poisson sample of its pseudonymous patients (each
+joins the batch independently with probability ``q`` and brings one of its scans), clips each patient's
+gradient to L2 norm ``C`` (``max_grad_norm``), sums them, adds Gaussian noise of standard deviation
+``sigma * C`` drawn from a generator seeded from the OS (never from the round config) and steps the
 optimizer. The privacy loss of ``T`` such steps is ``(sigma, q, T)``; the RDP accountant composes the rounds
 of both phases into one ``(epsilon, delta)`` that the site's ledger compares with its budget.
 
 This module is framework-free (no ``flwr``): :class:`DPConfig` is the ``privacy`` section of ``site.yaml``,
-:func:`plan_round` says what a round will cost before it runs, and :class:`OpacusPrivacy` implements
-``lungmae_core.train.PrivacyHook`` so that ``train_mae`` / ``train_classifier`` run DP-SGD unchanged.
+:func:`plan_round` says what a round will cost before it runs, and :class:`OpacusPrivacy`
+(``lungmae_core.dp_opacus``, re-exported here with the secret generators and patient sampling of
+``lungmae_core.dp_sampling``) implements ``lungmae_core.train.PrivacyHook`` so that ``train_mae`` /
+``train_classifier`` run DP-SGD unchanged.
 
 Per-sample gradient mode: Opacus can compute per-sample gradients with module hooks (closed-form grad
 samplers per layer type), with ``torch.func`` (vmap over each layer) or avoid them with ghost clipping
@@ -27,18 +30,43 @@ import dataclasses
 import functools
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import nn
 
 from lungmae_core.config import check
-from lungmae_core.errors import ConfigError, LungMAEError
+from lungmae_core.dp_opacus import (
+    ACCOUNTANT,
+    GRAD_SAMPLE_MODES,
+    DPIncompatibleModelError,
+    OpacusPrivacy,
+    dp_problems,
+    is_empty_batch,
+    register_grad_samplers,
+)
+from lungmae_core.dp_sampling import (
+    PRIVACY_UNIT,
+    PatientSampled,
+    count_patients,
+    patient_ids_of,
+    secure_generator,
+    secure_seed,
+)
+from lungmae_core.errors import ConfigError
 
 __all__ = [
+    "secure_seed",
+    "secure_generator",
+    "PRIVACY_UNIT",
+    "PatientSampled",
+    "count_patients",
+    "check_delta",
+    "PRETRAIN_CLIP",
+    "FINETUNE_CLIP",
+    "DEFAULT_DP_FINETUNE",
+    "patient_ids_of",
     "DPConfig",
     "RoundPlan",
     "GRAD_SAMPLE_MODES",
@@ -64,10 +92,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Per-sample gradient modes of Opacus that ``OpacusPrivacy`` supports through the ``PrivacyHook`` protocol.
-#: ("ghost" clipping is measured in ``benchmarks/dp_step.py`` but needs a per-sample loss and two backward
-#: passes inside the training loop, which the hook protocol does not give it.)
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
 
 #: Flower error code of a train reply in which the site refuses a round to protect its privacy budget
 #: (or because it cannot meet the federation's privacy requirement). Codes below 100 are Flower's own.
@@ -75,7 +99,18 @@ PRIVACY_REFUSAL_CODE = 4001
 #: Every refusal reason starts with this, so the server can tell a refusal from a crash.
 PRIVACY_REFUSAL_PREFIX = "privacy-refusal:"
 
-ACCOUNTANT = "rdp"
+
+#: Clipping bound of DP pretraining, from per-sample gradient norms of the tiny MAE's voxel loss measured on
+#: the built-in phantoms (``benchmarks/dp_utility.py --measure-norms``; docs/privacy.md "Clipping bounds"):
+#: median 0.221 at initialisation, 0.161 after 20 epochs. The old 0.005 clipped every sample ~45x.
+PRETRAIN_CLIP = 0.2
+#: Clipping bound of DP fine-tuning, measured the same way: per-patient norms of the class-weighted
+#: cross-entropy with the pretrained encoder and a new head are 11.2 / 12.4 / 12.9 (p10 / median / p90),
+#: dominated by the head in every trainable mode; 10 keeps ~80% of a typical sample at the start, and
+#: samples the head already classifies fall under it.
+FINETUNE_CLIP = 10.0
+#: What DP fine-tuning trains unless site.yaml says otherwise (``privacy.finetune-trainable``).
+DEFAULT_DP_FINETUNE = "linear-probe"
 
 
 #: Message config keys by which the server states the federation's privacy requirement in every train round
@@ -89,10 +124,6 @@ def is_privacy_refusal(reason: str | None) -> bool:
     return bool(reason) and str(reason).lstrip().startswith(PRIVACY_REFUSAL_PREFIX)
 
 
-class DPIncompatibleModelError(LungMAEError, ValueError):
-    """The model cannot be trained with DP-SGD as built (a layer without per-sample gradients, BatchNorm...)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
     """The ``privacy`` section of ``site.yaml``: whether this site trains with DP-SGD and its total budget.
@@ -104,18 +135,27 @@ class DPConfig:
         enabled: train with DP-SGD. Defaults to False (the site then reports ``epsilon`` 0.0 and a
             federation that requires DP excludes it).
         epsilon: total budget ``epsilon`` (> 0); required when ``enabled``.
-        delta: total budget ``delta`` in (0, 1). ``None`` (default): ``1 / (10 * N)`` for the site's ``N``
-            training scans, fixed in the ledger the first time it is used.
-        max_grad_norm: per-sample gradient clipping bound ``C`` (L2) of classifier fine-tuning. Defaults to
-            1.0 (per-sample gradient norms of the tiny classifier start near 15, so most are clipped).
-        pretrain_max_grad_norm: ``C`` of MAE pretraining. Defaults to 0.005: the voxel L1 loss gives
-            per-sample gradient norms near 0.003 at the start, and a bound far above the real norms only
-            adds noise (the noise is ``sigma * C``) without keeping more signal.
+        delta: total budget ``delta`` in (0, 1). ``None`` (default): ``min(1e-5, 1 / (10 N))`` for the site's
+            ``N`` training patients, fixed in the ledger the first time it is used; a delta above ``1 / N`` is
+            refused (:func:`check_delta`).
+        max_grad_norm: per-patient gradient clipping bound ``C`` (L2) of classifier fine-tuning. Defaults to
+            ``FINETUNE_CLIP`` (10), just under the per-sample gradient norms measured on the built-in phantoms
+            (median 12.4; ``docs/privacy.md``, "Clipping bounds").
+        pretrain_max_grad_norm: ``C`` of MAE pretraining. Defaults to ``PRETRAIN_CLIP`` (0.2), between the
+            measured medians of the tiny MAE on the phantoms (0.22 at initialisation, 0.16 after pretraining): a
+            bound far below the real norms clips every sample to a sliver of its signal, one far above adds
+            noise (``sigma * C``) for nothing.
+        finetune_trainable: what DP fine-tuning trains, whatever the server asks (the site decides):
+            ``"linear-probe"`` (head, its norm, CLS token), ``"last-K"`` (those plus the last ``K`` encoder
+            blocks and the encoder's final norm) or ``"full"``. The server's request is narrowed to this, never
+            widened. Defaults to ``DEFAULT_DP_FINETUNE``: under noise a few thousand parameters learn where
+            millions cannot (the noise grows with the square root of the trained dimension).
         noise_multiplier: ``sigma``, the noise standard deviation relative to ``C``; give this or
             ``target_epsilon_per_round``, not both.
         target_epsilon_per_round: derive ``sigma`` so that one round alone costs at most this epsilon
             (at ``delta``); rounds compose to less than the sum of their epsilons.
-        ledger: the ledger file. ``None``: ``<cache>/privacy-ledger.json`` (set by the site config).
+        ledger: the ledger file. ``None``: ``<state-dir>/privacy-ledger.json`` (``site.yaml`` ``site:
+            state-dir``, which defaults to a ``state`` folder beside site.yaml, never inside the cache).
         grad_sample_mode: Opacus per-sample gradient mode, ``"hooks"`` (default, fastest here) or
             ``"functorch"``.
 
@@ -131,12 +171,13 @@ class DPConfig:
     enabled: bool = False
     epsilon: float | None = None
     delta: float | None = None
-    max_grad_norm: float = 1.0
-    pretrain_max_grad_norm: float = 0.005
+    max_grad_norm: float = FINETUNE_CLIP
+    pretrain_max_grad_norm: float = PRETRAIN_CLIP
     noise_multiplier: float | None = None
     target_epsilon_per_round: float | None = None
     ledger: Path | None = None
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    finetune_trainable: str = DEFAULT_DP_FINETUNE
 
     def __post_init__(self) -> None:
         for key in ("max_grad_norm", "pretrain_max_grad_norm"):
@@ -158,6 +199,9 @@ class DPConfig:
               "give either noise-multiplier or target-epsilon-per-round, not both; got "
               f"noise-multiplier {self.noise_multiplier} and target-epsilon-per-round "
               f"{self.target_epsilon_per_round}")
+        from lungmae_core.heads import parse_finetune_mode
+
+        parse_finetune_mode(self.finetune_trainable, key="finetune-trainable")
         if not self.enabled:
             return
         check(self.epsilon is not None,
@@ -238,11 +282,33 @@ def steps_for(num_samples: int, batch_size: int, epochs: int, max_steps: int | N
     return epochs * int(1 / sample_rate_for(num_samples, batch_size))
 
 
-def default_delta(num_samples: int) -> float:
-    """``1 / (10 N)``: comfortably below ``1 / N``, so no single scan is likely to be exposed outright."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 to derive delta; got {num_samples}")
-    return 1.0 / (10.0 * num_samples)
+def default_delta(num_patients: int) -> float:
+    """``min(1e-5, 1 / (10 N))`` for ``N`` patients: the usual 1e-5, and always well below ``1 / N``.
+
+    ``delta`` bounds the probability that the guarantee fails outright; above ``1 / N`` a mechanism that
+    publishes one random patient's record whole would satisfy it, so it must sit far below ``1 / N``
+    (:func:`check_delta` refuses anything above).
+
+    Examples:
+        >>> default_delta(100), default_delta(1_000_000)
+        (1e-05, 1e-07)
+    """
+    if num_patients < 1:
+        raise ValueError(f"num_patients must be >= 1 to derive delta; got {num_patients}")
+    return min(1e-5, 1.0 / (10.0 * num_patients))
+
+
+def check_delta(delta: float, num_patients: int, *, source: str = "site.yaml privacy.delta") -> None:
+    """Refuse a ``delta`` above ``1 / N`` for the site's ``N`` patients (it would permit a full leak).
+
+    Raises:
+        ConfigError: naming where delta came from, its value, ``1 / N`` and the default.
+    """
+    if num_patients >= 1 and delta > 1.0 / num_patients:
+        raise ConfigError(
+            f"Unable to use delta {delta:g} ({source}) as it is above 1/N = {1.0 / num_patients:.3g} for this site's "
+            f"{num_patients} patients: such a delta allows one patient's data to be released outright. Use "
+            f"at most {default_delta(num_patients):g} (the default, min(1e-5, 1/(10 N)))")
 
 
 @functools.lru_cache(maxsize=256)
@@ -329,275 +395,6 @@ def plan_round(cfg: DPConfig, *, num_samples: int, batch_size: int, epochs: int,
 
 
 # --------------------------------------------------------------------------------------------------------
-# Opacus: per-sample gradients for our token modules, compatibility checks, the PrivacyHook.
-# --------------------------------------------------------------------------------------------------------
-
-_REGISTERED = False
-
-
-def register_grad_samplers() -> None:
-    """Teach Opacus the per-sample gradients (and norms, for ghost clipping) of our bare-tensor modules.
-
-    ``LearnedPositionEmbedding.forward(x) = x + weight`` with ``weight: (1, L, E)``: the per-sample gradient
-    of ``weight`` is the output gradient of that sample, ``backprops: (B, L, E) -> (B, 1, L, E)``.
-    ``LearnedToken.forward(x) = weight.expand(B, 1, E)``: likewise ``(B, 1, E) -> (B, 1, 1, E)``.
-    Without these Opacus would fall back to ``torch.func`` for them, which works but is slower. Idempotent.
-    """
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
-
-    from lungmae_core.model import LearnedPositionEmbedding, LearnedToken
-
-    @register_grad_sampler([LearnedPositionEmbedding, LearnedToken])
-    def _token_grad_sample(module: nn.Module, activations: list[torch.Tensor],
-                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        # backprops: (B, L, E) or (B, 1, E), already scaled by Opacus for the loss reduction
-        if not module.weight.requires_grad:
-            return {}
-        return {module.weight: backprops.unsqueeze(1).to(module.weight.dtype)}  # (B, 1, L, E)
-
-    @register_norm_sampler([LearnedPositionEmbedding, LearnedToken])
-    def _token_norm_sample(module: nn.Module, activations: list[torch.Tensor],
-                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        if not module.weight.requires_grad:
-            return {}
-        return {module.weight: backprops.reshape(backprops.shape[0], -1).norm(2, dim=1)}  # (B,)
-
-    _REGISTERED = True
-
-
-def dp_problems(model: nn.Module) -> list[str]:
-    """Every reason ``model`` cannot be trained with Opacus per-sample gradients, as readable sentences.
-
-    Opacus' own validator (BatchNorm, plain ``nn.MultiheadAttention``...) plus what it misses: a module
-    that owns a trainable parameter directly *and* has submodules (a bare ``cls_token`` on the classifier)
-    has no grad sampler, so Opacus would run ``torch.func`` over that whole module and its children, which
-    fails on our models; such tensors belong in a ``LearnedToken`` of their own. An empty list means fit.
-    """
-    from opacus.grad_sample import GradSampleModule
-    from opacus.validators import ModuleValidator
-
-    register_grad_samplers()
-    problems = [str(err) for err in ModuleValidator.validate(model, strict=False)]
-    for name, module in model.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own or type(module) in GradSampleModule.GRAD_SAMPLERS:
-            continue
-        where = name or type(model).__name__
-        if any(True for _ in module.children()):
-            problems.append(
-                f"module '{where}' ({type(module).__name__}) holds trainable parameter(s) {own} beside its "
-                "submodules, so Opacus has no per-sample gradient for them; move each into a small module "
-                "of its own (lungmae_core.model.LearnedToken / LearnedPositionEmbedding)")
-        elif any(True for _ in module.buffers(recurse=False)):
-            problems.append(f"module '{where}' ({type(module).__name__}) has buffers and no Opacus grad "
-                            "sampler; torch.func cannot compute its per-sample gradients")
-    return problems
-
-
-def _first_tensor_len(batch: Any) -> int | None:
-    if torch.is_tensor(batch):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    if isinstance(batch, dict):
-        for value in batch.values():
-            n = _first_tensor_len(value)
-            if n is not None:
-                return n
-    if isinstance(batch, (list, tuple)):
-        for value in batch:
-            n = _first_tensor_len(value)
-            if n is not None:
-                return n
-    return None
-
-
-def _empty_like(batch: Any) -> Any:
-    """The same structure as a collated batch, every tensor cut to zero items along the batch axis."""
-    if torch.is_tensor(batch):
-        return batch[:0] if batch.dim() > 0 else batch
-    if isinstance(batch, dict):
-        return {k: _empty_like(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_empty_like(v) for v in batch)
-    return batch
-
-
-class _EmptySafeCollate:
-    """Collate that returns a zero-length batch of the dataset's own structure when Poisson picks nobody.
-
-    Opacus learns the structure of an empty batch from the first non-empty one and returns a bare list when
-    the very first batch is empty; our training loops index batches by key, so the structure is taken from
-    one collated example up front instead.
-    """
-
-    def __init__(self, collate_fn: Any, example: Any) -> None:
-        self.collate_fn = collate_fn
-        self.empty = _empty_like(collate_fn([example]))
-
-    def __call__(self, items: list[Any]) -> Any:
-        return self.collate_fn(items) if items else self.empty
-
-
-def is_empty_batch(batch: Any) -> bool:
-    """True when a Poisson-sampled batch holds no scan (it must still be a noise-only optimizer step)."""
-    return _first_tensor_len(batch) == 0
-
-
-class OpacusPrivacy:
-    """DP-SGD for one round of local training: implements ``lungmae_core.train.PrivacyHook`` with Opacus.
-
-    ``make_private`` wraps the model in Opacus' ``GradSampleModule`` (per-sample gradients), the optimizer in
-    a ``DPOptimizer`` (clip each sample to ``C``, add ``N(0, (sigma C)^2)``, divide by the expected batch)
-    and replaces the loader by a Poisson one with ``q = 1 / len(loader)``. The round may not take more steps
-    than its :class:`RoundPlan` (which the ledger recorded before training): the step after the last planned
-    one raises before it updates anything, so the ledger can never under-count.
-
-    Training loops must call ``optimizer.step()`` also for a batch in which Poisson sampling picked nobody
-    (see :func:`is_empty_batch`): DP-SGD's guarantee needs that noise-only step. Here a step without any
-    per-sample gradient is treated as an empty batch.
-
-    Args:
-        plan: the round's noise, sample rate, step cap and clipping bound.
-        grad_sample_mode: ``"hooks"`` (default) or ``"functorch"``.
-        seed: seeds the Poisson sampler and the noise (reproducible rounds; tests). ``None``: fresh
-            randomness from the OS. Either way this is not Opacus' cryptographically secure mode.
-
-    Examples:
-        >>> plan = plan_round(DPConfig(enabled=True, epsilon=8, noise_multiplier=1.0),
-        ...                   num_samples=8, batch_size=2, epochs=1, delta=1e-3)
-        >>> privacy = OpacusPrivacy(plan)
-        >>> # train_mae(model, dataset, cfg, device="cpu", seed=0, privacy=privacy)
-        >>> # privacy.steps_taken, privacy.history -> what the ledger settles
-    """
-
-    def __init__(self, plan: RoundPlan, *, grad_sample_mode: str = "hooks", seed: int | None = None) -> None:
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ConfigError(f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; "
-                              f"got {grad_sample_mode!r}")
-        self.plan = plan
-        self.grad_sample_mode = grad_sample_mode
-        self.seed = seed
-        self.engine: Any = None
-        self.optimizer: Any = None
-        self.module: Any = None
-        self._warned_unused: set[str] = set()
-
-    # -- the PrivacyHook protocol ---------------------------------------------------------------------
-    def make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     loader: torch.utils.data.DataLoader) -> tuple[nn.Module, torch.optim.Optimizer,
-                                                                    torch.utils.data.DataLoader]:
-        """Return the DP versions of ``(model, optimizer, loader)``; train with those only.
-
-        Raises:
-            DPIncompatibleModelError: listing every layer Opacus cannot handle.
-            ConfigError: when the loader does not match the plan (another dataset size or batch size),
-                which would make the accountant's sample rate differ from the training's.
-        """
-        from opacus import PrivacyEngine
-
-        if self.engine is not None:
-            raise RuntimeError("OpacusPrivacy.make_private was already called; use one hook per round")
-        problems = dp_problems(model)
-        if problems:
-            listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-            raise DPIncompatibleModelError(
-                f"Unable to train {type(model).__name__} with DP-SGD as Opacus cannot compute its per-sample "
-                f"gradients:\n{listed}")
-        n, batch = len(loader.dataset), loader.batch_size
-        if n != self.plan.num_samples or batch != self.plan.batch_size or loader.drop_last:
-            raise ConfigError(
-                f"Unable to apply the DP plan as the loader has {n} samples, batch size {batch} and "
-                f"drop_last {loader.drop_last}; the plan was made for {self.plan.num_samples} samples at batch "
-                f"size {self.plan.batch_size} without drop_last (the accountant's sample rate would be wrong)")
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        noise_gen = sample_gen = None
-        if self.seed is not None:
-            noise_gen = torch.Generator(device=device).manual_seed(self.seed)
-            sample_gen = torch.Generator().manual_seed(self.seed + 1)
-        if sample_gen is not None:  # Opacus' Poisson sampler draws from the loader's generator
-            loader.generator = sample_gen  # type: ignore[misc]
-        # Expected with our models (the input volume and a token's batch-size input need no gradient).
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                                "respect to module outputs", category=UserWarning)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-            self.engine = PrivacyEngine(accountant=ACCOUNTANT)
-        module, dp_optimizer, dp_loader = self.engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=noise_gen)
-        assert dp_loader.sample_rate == self.plan.sample_rate, (dp_loader.sample_rate, self.plan.sample_rate)
-        dp_loader.collate_fn = _EmptySafeCollate(loader.collate_fn, loader.dataset[0])
-        self._guard_steps(dp_optimizer)
-        self.module, self.optimizer = module, dp_optimizer
-        logger.info("DP-SGD: sigma %.4g, C %.4g, q %.4g (%d scans, batch %d), at most %d steps, mode %s",
-                    self.plan.noise_multiplier, self.plan.max_grad_norm, self.plan.sample_rate, n, batch,
-                    self.plan.steps, self.grad_sample_mode)
-        return module, dp_optimizer, dp_loader
-
-    def _guard_steps(self, optimizer: Any) -> None:
-        """Refuse the step after the planned last one, and let a step without per-sample grads be empty."""
-        accountant_hook = optimizer.step_hook
-        plan_steps = self.plan.steps
-
-        def guarded_hook(opt: Any) -> None:
-            if self.steps_taken >= plan_steps:
-                from lungmae_core.errors import PrivacyBudgetExceeded
-
-                raise PrivacyBudgetExceeded(
-                    f"Unable to take DP-SGD step {self.steps_taken + 1} as the round's plan, recorded in the "
-                    f"privacy ledger before training, allows {plan_steps} steps")
-            accountant_hook(opt)
-
-        optimizer.step_hook = guarded_hook
-        original_pre_step = optimizer.pre_step
-
-        def pre_step(closure: Any = None) -> Any:
-            self._fill_missing_grad_samples(optimizer)
-            return original_pre_step(closure)
-
-        optimizer.pre_step = pre_step
-
-    def _fill_missing_grad_samples(self, optimizer: Any) -> None:
-        """Zero per-sample gradients for parameters the backward pass did not reach (or for an empty batch)."""
-        params = optimizer.params
-        have = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
-        if len(have) == len(params):
-            return
-        first = have[0] if have else None
-        if isinstance(first, list):
-            first = first[0]
-        batch = 0 if first is None else int(first.shape[0])
-        for p in params:
-            if getattr(p, "grad_sample", None) is None:
-                if batch and id(p) not in self._warned_unused:
-                    self._warned_unused.add(id(p))
-                    logger.warning("DP-SGD: a parameter of shape %s got no gradient in this step (unused in "
-                                   "forward?); its per-sample gradient is zero and it only receives noise",
-                                   tuple(p.shape))
-                p.grad_sample = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
-
-    # -- what the ledger needs after training --------------------------------------------------------
-    @property
-    def steps_taken(self) -> int:
-        """DP-SGD steps actually taken (each one counted by Opacus' accountant)."""
-        if self.engine is None:
-            return 0
-        return sum(int(t) for _, _, t in self.engine.accountant.history)
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        """Opacus' accountant history of this round: ``[(noise_multiplier, sample_rate, steps)]``."""
-        return [] if self.engine is None else [tuple(h) for h in self.engine.accountant.history]
-
-    def epsilon(self, delta: float) -> float:
-        """This round's epsilon at ``delta`` from Opacus' own accountant."""
-        return 0.0 if self.engine is None else float(self.engine.accountant.get_epsilon(delta=delta))
-
-
-# --------------------------------------------------------------------------------------------------------
 # Central DP: the server clips each site's update and adds Gaussian noise to their mean (site-level DP).
 # --------------------------------------------------------------------------------------------------------
 
@@ -616,7 +413,8 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
         updates: one ``{name: delta}`` per site, same names and shapes, float tensors.
         clip: the bound ``S`` on each update's global L2 norm (over all its tensors).
         noise_multiplier: ``sigma``.
-        generator: the noise's source (CPU generator); ``None``: the global RNG.
+        generator: the noise's source (CPU generator); ``None``: a fresh :func:`secure_generator`. Never
+            pass one seeded from the run config: whoever knows the seed could subtract the noise.
 
     Returns:
         (the noised mean ``{name: tensor}``, each update's norm before clipping).
@@ -628,6 +426,8 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
         raise ValueError("central DP needs at least one update to aggregate")
     if clip <= 0 or noise_multiplier <= 0:
         raise ValueError(f"central DP needs clip > 0 and noise_multiplier > 0; got {clip} and {noise_multiplier}")
+    if generator is None:
+        generator = secure_generator()
     names = list(updates[0])
     norms = [float(torch.sqrt(sum((u[k].double() ** 2).sum() for k in names))) for u in updates]
     n = len(updates)

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from lungmae_core.errors import LungMAEError
 from lungmae_core.privacy import (
     MAX_EPSILON_PER_ROUND_KEY, REQUIRE_DP_KEY, central_dp_epsilon, central_dp_mean, is_privacy_refusal,
+    secure_generator,
 )
 from lungmae_core.schema import (
     EVALUATE, FINAL, FINETUNE, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, SchemaError,
@@ -477,7 +478,7 @@ class PhaseStrategy(FedAvg):
         if self.central_dp is not None:
             sigma, clip, delta = self.central_dp
             agg, norms = central_dp_mean(updates, clip=clip, noise_multiplier=sigma,
-                                         generator=torch.Generator().manual_seed(self.seed * 7919 + server_round))
+                                         generator=secure_generator())
             clipped = sum(1 for n in norms if n > clip)
         else:
             agg = aggregate_updates(updates, weights, self.method, self.trim)

@@ -64,5 +64,5 @@ lungmae server run --config runs/demo/federation.yaml --signing-key runs/demo/pk
 
 # 8. the evidence: both chained logs intact, the bundle each site accepted and why
 lungmae audit verify runs/demo/run --public-key runs/demo/pki/server/audit-signing.pub
-lungmae audit verify runs/demo/sites/site0/cache/site-audit.jsonl runs/demo/sites/site1/cache/site-audit.jsonl
-grep -h '"fab-accepted"' runs/demo/sites/site*/cache/site-audit.jsonl | tail -n 2
+lungmae audit verify runs/demo/sites/site0/state/site-audit.jsonl runs/demo/sites/site1/state/site-audit.jsonl
+grep -h '"fab-accepted"' runs/demo/sites/site*/state/site-audit.jsonl | tail -n 2

@@ -65,7 +65,7 @@ def test_policy_from_site_yaml_resolves_paths_and_checks_keys(tmp_path: Path, ke
     rel = os.path.relpath(keys["pub"], tmp_path / "site")
     policy = FabPolicy.from_site_config(load_site_config(_site(tmp_path, {"trusted-keys": [rel]})))
     assert policy.trusted_keys == (keys["pub"].resolve(),)
-    assert policy.audit_log == (tmp_path / "site" / "cache" / "site-audit.jsonl").resolve()
+    assert policy.audit_log == (tmp_path / "site" / "state" / "site-audit.jsonl").resolve()
     with pytest.raises(SigningKeyError, match="not a PEM public key"):
         FabPolicy.from_site_config(load_site_config(_site(tmp_path, {"trusted-keys": [str(keys["key"])]})))
     with pytest.raises(Exception, match="'fab-sha256' entries must be 64 lower-case hex digits"):
@@ -126,7 +126,7 @@ clientapp_main()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "REFUSED FabRefused" in out.stdout and "INSTALLED 0" in out.stdout, out.stdout + out.stderr
     assert "refused: its signature does not verify" in out.stderr
-    events = [json.loads(line) for line in (tmp_path / "site/cache/site-audit.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "site/state/site-audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["fab-refused"]
 
 

@@ -1,4 +1,5 @@
-"""The site's privacy ledger: composition equals Opacus' accountant, refusals, restarts, atomic writes, bad files."""
+"""The site's privacy ledger: composition equals Opacus' accountant, refusals, restarts, atomic writes, bad files,
+the journal that makes a lost ledger a refusal, the explicit reset, and the per-run/phase summary."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import LEDGER_FORMAT, LedgerError, PrivacyLedger
+from client.ledger import (
+    JOURNAL_NAME, LEDGER_FORMAT, RESET_COMMAND, LedgerError, LedgerMissingError, PrivacyLedger,
+)
 from lungmae_core.errors import PrivacyBudgetExceeded
 from lungmae_core.privacy import DPConfig, RoundPlan, epsilon_for, plan_round
 
@@ -83,7 +86,8 @@ def test_writes_are_atomic_json_and_leave_no_temporary_file(tmp_path: Path) -> N
     ledger.settle(ledger.reserve(_plan(), phase="pretrain", server_round=1).id, steps_taken=3)
     data = json.loads(path.read_text())
     assert data["format"] == LEDGER_FORMAT and data["delta"] == DELTA and data["site"] == "north"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json", "ledger.json.lock", JOURNAL_NAME]
+    assert path.stat().st_mode & 0o777 == 0o600 and data["unit"] == "patient"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -111,3 +115,90 @@ def test_a_changed_delta_is_refused(tmp_path: Path) -> None:
 def test_bad_budget_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="the budget epsilon must be > 0; got 0"):
         PrivacyLedger(tmp_path / "l.json", budget_epsilon=0, delta=DELTA)
+
+
+def _spend(ledger: PrivacyLedger, rnd: int = 1, phase: str = "pretrain", run: str = "11") -> None:
+    plan = _plan()
+    ledger.settle(ledger.reserve(plan, phase=phase, server_round=rnd, run=run).id, steps_taken=plan.steps)
+
+
+def test_a_deleted_ledger_is_refused_until_an_explicit_reset(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "state" / "privacy-ledger.json"
+    ledger = PrivacyLedger(path, budget_epsilon=50.0, delta=DELTA, site="north")
+    _spend(ledger)
+    spent = ledger.epsilon_spent()
+    path.unlink()  # lost, or deleted to get a fresh budget
+    again = PrivacyLedger(path, budget_epsilon=50.0, delta=DELTA, site="north")
+    with pytest.raises(LedgerMissingError) as err:
+        again.reserve(_plan(), phase="pretrain", server_round=2)
+    message = str(err.value)
+    assert "privacy ledger (privacy-ledger.json) is missing while its state shows earlier DP work" in message
+    assert RESET_COMMAND in message and str(tmp_path) not in message  # sent to the server: no path
+    with pytest.raises(LedgerMissingError):
+        again.epsilon_spent()  # 0.0 would be a lie
+    with pytest.raises(LedgerError, match="without a reason"):
+        again.reset(reason=" ")
+    caplog.set_level("WARNING", logger="client.ledger")
+    event = again.reset(reason="ledger lost in disk failure; DPO approved", operator="dpo@north")
+    assert event["event"] == "reset" and event["by"] == "dpo@north" and event["archived"] is None
+    assert "reset by dpo@north: ledger lost in disk failure" in caplog.text
+    _spend(again, rnd=2)
+    data = json.loads(path.read_text())
+    assert data["resets"][0]["reason"] == "ledger lost in disk failure; DPO approved"
+    assert [e["event"] for e in again.journal()] == ["created", "reset", "created"]
+    assert again.epsilon_spent() == pytest.approx(spent)  # one round in the new ledger
+
+
+def test_reset_archives_the_old_ledger_and_records_what_it_had_spent(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, budget_epsilon=50.0, delta=DELTA)
+    _spend(ledger)
+    spent = ledger.epsilon_spent()
+    event = ledger.reset(reason="new consortium agreement, DPO signed", operator="it")
+    assert not path.exists() and (tmp_path / event["archived"]).is_file()
+    assert event["epsilon_spent_before"] == pytest.approx(spent) and event["entries_before"] == 1
+    assert ledger.epsilon_spent() == 0.0  # the reset itself is the acknowledgement
+
+
+def test_a_witness_outside_the_state_folder_also_refuses(tmp_path: Path) -> None:
+    witness = tmp_path / "cache" / "dp-witness.json"
+    witness.parent.mkdir()
+    witness.write_text("{}")
+    ledger = PrivacyLedger(tmp_path / "state" / "l.json", budget_epsilon=5.0, delta=DELTA, witnesses=[witness])
+    with pytest.raises(LedgerMissingError):  # the whole state folder is gone, the cache still knows
+        ledger.reserve(_plan(), phase="pretrain", server_round=1)
+
+
+def test_an_edited_journal_is_not_trusted(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.json", budget_epsilon=50.0, delta=DELTA)
+    _spend(ledger)
+    ledger.reset(reason="test reset", operator="x")
+    journal = tmp_path / JOURNAL_NAME
+    data = json.loads(journal.read_text())
+    data["events"] = data["events"][1:]  # drop the first event
+    journal.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="event 1 does not continue its hash chain"):
+        ledger.reserve(_plan(), phase="pretrain", server_round=2)
+
+
+def test_an_old_per_scan_ledger_is_refused_with_the_reset_command(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps({"format": "lungmae-privacy-ledger/1", "delta": 1e-3, "entries": []}))
+    with pytest.raises(LedgerError, match="old format 'lungmae-privacy-ledger/1', which accounted per scan"):
+        PrivacyLedger(path, budget_epsilon=5.0, delta=None)
+
+
+def test_summary_per_run_and_phase(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.json", budget_epsilon=50.0, delta=DELTA)
+    _spend(ledger, 1, "pretrain", "11")
+    _spend(ledger, 2, "pretrain", "11")
+    _spend(ledger, 3, "finetune", "11")
+    _spend(ledger, 1, "finetune", "12")
+    summary = ledger.summary()
+    groups = {(g["run"], g["phase"]): g for g in summary["groups"]}
+    assert list(groups) == [("11", "pretrain"), ("11", "finetune"), ("12", "finetune")]
+    one = epsilon_for([_plan().history], DELTA)
+    assert groups[("11", "pretrain")]["epsilon"] == pytest.approx(epsilon_for([_plan().history] * 2, DELTA))
+    assert groups[("12", "finetune")]["epsilon"] == pytest.approx(one) and groups[("12", "finetune")]["rounds"] == 1
+    assert summary["spent"] == pytest.approx(epsilon_for([_plan().history] * 4, DELTA))
+    assert summary["remaining"] == pytest.approx(50.0 - summary["spent"]) and summary["unit"] == "patient"

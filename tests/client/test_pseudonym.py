@@ -74,3 +74,15 @@ def test_readable_secret_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     path.chmod(0o644)
     load_or_create_secret(path)
     assert "readable by other users (mode 644); run: chmod 600" in caplog.text
+
+
+def test_a_key_left_in_the_cache_is_carried_to_the_state_folder(tmp_path: Path) -> None:
+    legacy = tmp_path / "cache" / "site-secret.key"
+    old = load_or_create_secret(legacy)  # where older versions kept it
+    new_path = tmp_path / "state" / "site-secret.key"
+    assert load_or_create_secret(new_path, legacy=legacy) == old  # same key: same pseudonyms
+    assert stat.S_IMODE(new_path.stat().st_mode) == 0o600
+    legacy.unlink()  # deleting the cache no longer changes the key
+    assert load_or_create_secret(new_path, legacy=legacy) == old
+    fresh = load_or_create_secret(tmp_path / "other" / "site-secret.key", legacy=tmp_path / "none.key")
+    assert fresh != old and len(fresh) == 32

@@ -32,7 +32,11 @@ def test_example_file_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
     assert cfg.data.input == tmp_path / "conf" / "dicom"
     assert cfg.data.labels == tmp_path / "shared" / "labels.csv"
     assert cfg.data.cache == Path("/var/cache/lungmae")
-    assert cfg.data.secret_path() == Path("/var/cache/lungmae/site-secret.key")
+    state = tmp_path / "conf" / "state"  # outside the cache, beside site.yaml
+    assert cfg.site.state_dir == state
+    assert cfg.data.secret_path() == state / "site-secret.key"
+    assert cfg.data.legacy_secret_path() == Path("/var/cache/lungmae/site-secret.key")
+    assert cfg.privacy.ledger == state / "privacy-ledger.json"
     assert cfg.data.series_rules().irregular_spacing == "reject"
     assert cfg.preprocess.size == 64 and cfg.preprocess.margin_voxels == 32
     assert cfg.training.device == "cpu" and cfg.training.batch_size == 1
@@ -50,7 +54,32 @@ def test_write_then_load_round_trips(tmp_path: Path) -> None:
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     (tmp_path / "site.yaml").write_text("")
-    assert load_site_config(tmp_path / "site.yaml") == SiteConfig()
+    cfg = load_site_config(tmp_path / "site.yaml")
+    state = tmp_path / "state"
+    assert cfg.site.state_dir == state and cfg.privacy.ledger == state / "privacy-ledger.json"
+    assert cfg.data.secret_file == state / "site-secret.key"
+    defaults = SiteConfig()
+    assert (cfg.training, cfg.preprocess, cfg.connection) == (defaults.training, defaults.preprocess,
+                                                               defaults.connection)
+
+
+def test_state_dir_of_a_mapping_without_a_file_sits_beside_its_cache(tmp_path: Path) -> None:
+    cfg = site_config_from_mapping({"data": {"cache": str(tmp_path / "caches" / "north")}})
+    assert cfg.site.state_dir == tmp_path / "caches" / "north.state"
+
+
+def test_state_dir_is_configurable_and_never_inside_the_cache(tmp_path: Path) -> None:
+    cfg = site_config_from_mapping({"site": {"state-dir": "/srv/lungmae-state"}, "data": {"cache": "cache"}},
+                                   base_dir=tmp_path)
+    assert cfg.site.state_dir == Path("/srv/lungmae-state")
+    assert cfg.privacy.ledger == Path("/srv/lungmae-state/privacy-ledger.json")
+    for mapping, key in [({"site": {"state-dir": "cache/state"}}, "site: state-dir"),
+                         ({"privacy": {"ledger": "cache/l.json"}}, "privacy: ledger"),
+                         ({"data": {"secret-file": "cache/k.key"}}, "data: secret-file")]:
+        mapping = {**mapping, "data": {"cache": "cache", **mapping.get("data", {})}}
+        with pytest.raises(SiteConfigError, match=f"s.yaml: '{key}' .* is inside the cache .*; the privacy ledger "
+                                                  "and the pseudonym key must survive deleting the cache"):
+            site_config_from_mapping(mapping, source="s.yaml", base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("mapping,message", [

@@ -103,6 +103,7 @@ def test_train_defaults_follow_paper() -> None:
     assert (fine.lr, fine.weight_decay, fine.batch_size, fine.warmup_frac) == (1e-5, 1e-3, 4, 0.1)
     assert (pre.non_lung_weight, pre.lung_threshold, pre.flip_p, pre.rot90_p) == (0.01, 0.25, 0.1, 0.1)
     assert TrainConfig.finetune_defaults(**{"finetune-mode": "linear-probe"}).finetune_mode == "linear-probe"
+    assert TrainConfig.finetune_defaults(**{"finetune-mode": "last-2"}).finetune_mode == "last-2"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -111,7 +112,8 @@ def test_train_defaults_follow_paper() -> None:
     ({"max_steps": 0}, "max_steps must be >= 1 or null; got 0"),
     ({"flip_p": 1.5}, "flip_p must be a probability in [0, 1]; got 1.5"),
     ({"amp": "fp8"}, "'amp' must be one of 'bf16', 'fp16', 'none'; got 'fp8'"),
-    ({"finetune_mode": "probe"}, "'finetune_mode' must be one of 'full', 'linear-probe'; got 'probe'"),
+    ({"finetune_mode": "probe"}, "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'probe'"),
+    ({"finetune_mode": "last-0"}, "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'last-0'"),
     ({"batch_size": "8"}, "'batch_size' must be an integer; got '8'"),
 ])
 def test_train_config_errors(overrides: dict, message: str) -> None:

@@ -7,7 +7,9 @@ import torch
 
 from lungmae_core.config import model_config
 from lungmae_core.errors import ConfigError, WeightsMismatchError
-from lungmae_core.heads import ILDClassifier, set_trainable, trainable_state_dict, transfer_encoder
+from lungmae_core.heads import (
+    ILDClassifier, narrow_trainable, parse_finetune_mode, set_trainable, trainable_state_dict, transfer_encoder,
+)
 from lungmae_core.model import build_mae
 
 CFG = model_config("tiny", img_size=32)
@@ -108,5 +110,42 @@ def test_linear_probe_gradients_reach_only_head_norm_and_cls() -> None:
 
 
 def test_set_trainable_bad_mode() -> None:
-    with pytest.raises(ConfigError, match="finetune mode must be one of 'full', 'linear-probe'; got 'probe'"):
+    with pytest.raises(ConfigError, match=r"finetune mode must be 'full', 'linear-probe' or 'last-K' \(K in 1..99, "
+                                          r"e.g. 'last-2'\); got 'probe'"):
         set_trainable(ILDClassifier(CFG, 2), "probe")
+    for bad in ("last-0", "last-", "last-100", "Last-1"):
+        with pytest.raises(ConfigError, match="finetune mode must be"):
+            set_trainable(ILDClassifier(CFG, 2), bad)
+    with pytest.raises(ConfigError, match=f"finetune mode 'last-9' trains 9 blocks but the encoder has only "
+                                          f"{CFG.depth}"):
+        set_trainable(ILDClassifier(CFG, 2), "last-9")
+
+
+def test_last_k_trains_the_probe_plus_the_last_k_blocks_and_the_final_norm() -> None:
+    clf = ILDClassifier(CFG, 4)
+    depth = len(clf.encoder.blocks)
+    names = set(set_trainable(clf, "last-1"))
+    probe = set(set_trainable(ILDClassifier(CFG, 4), "linear-probe"))
+    last = {n for n, _ in clf.named_parameters() if n.startswith(f"encoder.blocks.{depth - 1}.")}
+    final_norm = {"encoder.norm.weight", "encoder.norm.bias"}
+    assert last and names == probe | last | final_norm
+    torch.nn.functional.cross_entropy(clf(torch.rand(2, 1, 32, 32, 32), torch.ones(2, 1, 32, 32, 32)),
+                                      torch.tensor([0, 3])).backward()
+    for name, p in clf.named_parameters():
+        assert (p.grad is not None) == (name in names), name
+    every_block = set(set_trainable(clf, f"last-{depth}"))
+    assert {n for n, _ in clf.named_parameters() if n.startswith("encoder.blocks.")} <= every_block
+    assert not any(n.startswith("encoder.blocks.") for n in probe)
+
+
+def test_narrow_trainable_only_freezes_never_unfreezes() -> None:
+    clf = ILDClassifier(CFG, 4)
+    set_trainable(clf, "linear-probe")
+    probe = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert set(narrow_trainable(clf, "last-2")) == probe  # a site cannot widen what the server asked
+    set_trainable(clf, "full")
+    kept = set(narrow_trainable(clf, "last-1"))
+    assert kept == set(set_trainable(ILDClassifier(CFG, 4), "last-1"))
+    assert {n for n, p in clf.named_parameters() if p.requires_grad} == kept
+    assert parse_finetune_mode("last-3") == 3 and parse_finetune_mode("linear-probe") == 0
+    assert parse_finetune_mode("full") is None

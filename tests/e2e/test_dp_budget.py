@@ -2,21 +2,24 @@
 
 A DP site with room for exactly two rounds trains rounds 1-2, refuses round 3 with a privacy refusal the
 server logs, is not sampled again, while the other site carries the federation on; a restarted client
-(a new ClientApp reading only the ledger on disk) still refuses.
+(a new ClientApp reading only the ledger on disk) still refuses, also after its cache was deleted and
+rebuilt; with the ledger deleted it refuses DP work and names the reset command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.client_app import _counts, make_client_app
-from client.ledger import PrivacyLedger
+from client.client_app import make_client_app
+from client.ledger import RESET_COMMAND, PrivacyLedger
+from client.privacy_gate import training_patients
 from client.site_config import load_site_config, write_site_config
 from lungmae_core.config import to_mapping
 from lungmae_core.model import build_mae
@@ -32,17 +35,20 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _dp_site(site_yaml: Path, out_dir: Path) -> tuple[Path, float, float]:
-    """A copy of ``site_yaml`` with DP on and a budget for exactly 2 pretrain rounds; (path, eps2, cap)."""
+    """A copy of ``site_yaml`` (own cache copy, own state folder) with DP on and a budget for exactly 2 pretrain
+    rounds; (path, eps2, cap)."""
     site = load_site_config(site_yaml)
-    counts = _counts(site)
-    n = counts["num-unlabelled"] + counts["num-labelled-train"]
+    shutil.copytree(site.data.cache, out_dir / "cache")
+    n = training_patients(site.data.cache)  # the unit is the patient
     batch = site.training.batch_size
     round_history = (1.0, sample_rate_for(n, batch), steps_for(n, batch, epochs=1))
     delta = default_delta(n)
     eps2, eps3 = (epsilon_for([round_history] * k, delta) for k in (2, 3))
     cap = (eps2 + eps3) / 2
-    privacy = DPConfig(enabled=True, epsilon=cap, noise_multiplier=1.0, ledger=out_dir / "ledger.json")
-    path = write_site_config(dataclasses.replace(site, privacy=privacy), out_dir / "site.yaml")
+    privacy = DPConfig(enabled=True, epsilon=cap, noise_multiplier=1.0)  # ledger: <state-dir>/privacy-ledger.json
+    site = dataclasses.replace(site.with_data(cache=out_dir / "cache", secret_file=None), privacy=privacy,
+                               site=dataclasses.replace(site.site, state_dir=out_dir / "state"))
+    path = write_site_config(site, out_dir / "site.yaml")
     return Path(path), eps2, cap
 
 
@@ -80,7 +86,9 @@ def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: 
                "privacy-refusal: Unable to train pretrain round 3" in r.getMessage() for r in caplog.records)
     assert all(name1 in x["train"]["sites"] for x in train) and not any(x["skipped"] for x in train)
 
-    ledger = PrivacyLedger(tmp_path / "dp-site0" / "ledger.json", budget_epsilon=cap, delta=None)
+    ledger_path = tmp_path / "dp-site0" / "state" / "privacy-ledger.json"
+    assert load_site_config(dp_site0).privacy.ledger == ledger_path
+    ledger = PrivacyLedger(ledger_path, budget_epsilon=cap, delta=None)
     assert [(e.server_round, e.status) for e in ledger.entries()] == [(1, "trained"), (2, "trained")]
     assert ledger.epsilon_spent() == pytest.approx(eps2)
 
@@ -91,6 +99,20 @@ def test_small_budget_trains_k_rounds_then_refuses_even_after_restart(tmp_path: 
     assert reply.error.reason.startswith(f"privacy-refusal: Unable to train pretrain round {ROUNDS + 1}")
     assert f"over its budget {cap:.3f}" in reply.error.reason and str(tmp_path) not in reply.error.reason
     assert len(ledger.entries()) == 2 and [r["server_round"] for r in ledger.refusals()] == [3, ROUNDS + 1]
+
+    # Deleting the cache (and rebuilding it) does not give the budget back: the ledger lives in the state folder.
+    cache = tmp_path / "dp-site0" / "cache"
+    shutil.rmtree(cache)
+    shutil.copytree(load_site_config(site0).data.cache, cache)
+    reply = make_client_app([dp_site0])(_train_message(state, server_round=ROUNDS + 2), _ctx())
+    assert reply.has_error() and f"over its budget {cap:.3f}" in reply.error.reason
+
+    # Deleting the ledger: DP work is refused, and the refusal names the reset command (and no path).
+    ledger_path.unlink()
+    reply = make_client_app([dp_site0])(_train_message(state, server_round=ROUNDS + 3), _ctx())
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSAL_CODE
+    assert "privacy ledger (privacy-ledger.json) is missing" in reply.error.reason
+    assert RESET_COMMAND in reply.error.reason and str(tmp_path) not in reply.error.reason
 
 
 def _tiny():

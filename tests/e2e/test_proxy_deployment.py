@@ -239,7 +239,7 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     data["training"]["max-local-epochs"] = 1
     site_yaml = synthetic.parent / "deploy.yaml"
     site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
-    site_log = synthetic.parent / "cache" / "site-audit.jsonl"
+    site_log = synthetic.parent / "state" / "site-audit.jsonl"
 
     _wait_for("the SuperLink", lambda: "Uvicorn running on https://127.0.0.1" in procs.log("server"), 120)
     s0 = (str(pki / "sites/s0/s0.client.pem"), str(pki / "sites/s0/s0.client.key"))
