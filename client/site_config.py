@@ -10,6 +10,8 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
                  grad-sample-mode, pretrain-max-grad-norm
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
+    policy:      allowed-models, max-parameters, max-image-size, max-batch-size, max-local-epochs,
+                 max-rounds-per-run, evaluation-splits, min-count, max-evaluations-per-run
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
 None of these values ever leaves the site: the federation only sees weights and aggregate metrics.
@@ -44,6 +46,7 @@ __all__ = [
     "TrainingSection",
     "PrivacySection",
     "ConnectionSection",
+    "PolicySection",
     "SiteConfig",
     "load_site_config",
     "site_config_from_mapping",
@@ -187,6 +190,54 @@ class ConnectionSection:
                f"'metrics-port' must be in [1, 65535] or null; got {self.metrics_port}")
 
 
+def _builtin_models() -> tuple[str, ...]:
+    from lungmae_core.config import MODEL_CONFIGS
+
+    return tuple(MODEL_CONFIGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySection:
+    """``policy``: what this site agrees to do, whatever the coordinator asks (checked before any work).
+
+    The coordinator's round config is a request; a request outside this policy is refused with a reply
+    that names the key, and a line in the site's log. Defaults are safe for a hospital that reads nothing.
+
+    Args:
+        allowed_models: model config names the site builds. Defaults to the built-in configs.
+        max_parameters: largest model (parameters of the MAE or classifier) the site builds. Defaults to 3e8.
+        max_image_size: largest cube side (voxels) the site feeds a model. Defaults to 256.
+        max_batch_size: largest batch the coordinator may ask for. Defaults to 64.
+        max_local_epochs: most local epochs per round the coordinator may ask for (more is refused;
+            ``training.max-local-epochs`` silently trims what is allowed). Defaults to 20.
+        max_rounds_per_run: most training rounds the site serves in one run. Defaults to 200.
+        evaluation_splits: splits the coordinator may ask to evaluate. Defaults to ``val`` and ``test``
+            (``train`` only if the site opts in: evaluating on training scans is a membership oracle).
+        min_count: a split with fewer scans gets no confusion matrix or score histogram (pooled
+            figures only). Defaults to 10.
+        max_evaluations_per_run: most evaluation requests the site serves in one run. Defaults to 100.
+    """
+
+    allowed_models: tuple[str, ...] = dataclasses.field(default_factory=_builtin_models)
+    max_parameters: int = 300_000_000
+    max_image_size: int = 256
+    max_batch_size: int = 64
+    max_local_epochs: int = 20
+    max_rounds_per_run: int = 200
+    evaluation_splits: tuple[str, ...] = ("val", "test")
+    min_count: int = 10
+    max_evaluations_per_run: int = 100
+
+    def __post_init__(self) -> None:
+        _check(len(self.allowed_models) >= 1, "'allowed-models' must name at least one model config")
+        for key in ("max_parameters", "max_image_size", "max_batch_size", "max_local_epochs", "max_rounds_per_run",
+                    "max_evaluations_per_run"):
+            _check(getattr(self, key) >= 1, f"'{key.replace('_', '-')}' must be at least 1; got {getattr(self, key)}")
+        _check(self.min_count >= 1, f"'min-count' must be at least 1; got {self.min_count}")
+        bad = [s for s in self.evaluation_splits if s not in ("train", "val", "test")]
+        _check(not bad, f"'evaluation-splits' must be among train, val, test; got {list(self.evaluation_splits)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SiteConfig:
     """A whole ``site.yaml``; see the module docstring for the sections."""
@@ -197,6 +248,7 @@ class SiteConfig:
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     privacy: PrivacySection = dataclasses.field(default_factory=PrivacySection)
     connection: ConnectionSection = dataclasses.field(default_factory=ConnectionSection)
+    policy: PolicySection = dataclasses.field(default_factory=PolicySection)
     source: str = dataclasses.field(default="site.yaml", compare=False)
 
     def with_data(self, **changes: Any) -> SiteConfig:
@@ -231,6 +283,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "privacy": PrivacySection,
     "connection": ConnectionSection,
+    "policy": PolicySection,
 }
 _PATH_KEYS = {"data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
               "connection": ("root_certificates", "auth_key")}
