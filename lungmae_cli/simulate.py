@@ -120,11 +120,13 @@ def _progress_printer(total_steps: int) -> Any:
             return
         train, ev = record["train"]["aggregated"], record["evaluate"]["aggregated"]
         part = record["participation"]
-        text = f"  step {step.index + 1}/{total_steps}  {step.name:<14} loss {train.get('train-loss', float('nan')):.4f}"
-        if "accuracy" in ev:
+        loss = train.get("loss")  # None: withheld by the sites (DP) or no valid update
+        text = f"  step {step.index + 1}/{total_steps}  {step.name:<14} loss " + \
+            (f"{loss:.4f}" if loss is not None else "n/a")
+        if ev.get("accuracy") is not None:
             text += f"  val acc {ev['accuracy']:.3f}"
-        elif "l1-masked" in ev:
-            text += f"  val L1 {ev['l1-masked']:.4f} (baseline {ev['baseline-l1-masked']:.4f})"
+        elif ev.get("l1_masked") is not None and ev.get("baseline_l1_masked") is not None:
+            text += f"  val L1 {ev['l1_masked']:.4f} (baseline {ev['baseline_l1_masked']:.4f})"
         text += (f"  sites {len(part['replied'])}/{len(part['sampled'])}"
                  f"  {record['bytes']['up'] / 1e6:.1f} MB up  {record['duration_s']:.1f} s")
         if record["skipped"]:
