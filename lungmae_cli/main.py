@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("synth",), "lungmae_cli.synth", "Write synthetic hospitals: DICOM trees of CT phantoms plus labels."),
     (("site", "prepare"), "lungmae_cli.site_prepare", "Index, check and preprocess a site's DICOM/NIfTI into its cache."),
     (("site", "preflight"), "lungmae_cli.site_preflight", "Check that a site is ready to join the federation."),
+    (("site", "policy"), "lungmae_cli.site_policy", "Print the policy this site enforces on every coordinator request."),
     (("site", "start"), "lungmae_cli.site_start", "Start this site's Flower SuperNode (long-running)."),
     (("server", "start"), "lungmae_cli.server_start", "Start the coordinator's Flower SuperLink (long-running)."),
     (("server", "run"), "lungmae_cli.server_run", "Submit (or resume) the federation to the running SuperLink."),
