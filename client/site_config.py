@@ -4,7 +4,7 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
 
     site:        name, seed
     data:        input, labels, cache, workers, min-slices, spacing-tolerance, irregular-spacing,
-                 max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file
+                 max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file, classes, strict-labels
     preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
@@ -35,6 +35,7 @@ import yaml
 
 from lungmae_core.atomic import atomic_write_text
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
+from lungmae_core.contract import DEFAULT_CLASSES, ContractError, check_class_names
 from lungmae_core.dicom import SeriesRules
 from lungmae_core.errors import SiteConfigError
 from lungmae_core.preprocess import PreprocessConfig
@@ -93,6 +94,11 @@ class DataSection:
         axial-tolerance-deg: largest tilt of the slice normal from the head-foot axis. Defaults to 5.
         tilt-tolerance-mm: largest sideways drift of slice positions (gantry tilt). Defaults to 1.
         secret-file: HMAC key for pseudonyms; defaults to ``<cache>/site-secret.key``.
+        classes: the federation's class list (names, in label order) that the labels CSV must use. Defaults to
+            the built-in ``normal, ggo, fibrosis, emphysema``; a consortium with its own classes (UIP, NSIP, ...)
+            gives every site the same list as in its ``federation.yaml``.
+        strict-labels: refuse to prepare when the labels CSV names a class outside ``classes`` (default: those
+            rows stay unlabelled and ``site prepare`` lists every unknown label with its count).
     """
 
     input: Path | None = None
@@ -106,8 +112,14 @@ class DataSection:
     axial_tolerance_deg: float = 5.0
     tilt_tolerance_mm: float = 1.0
     secret_file: Path | None = None
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    strict_labels: bool = False
 
     def __post_init__(self) -> None:
+        try:
+            check_class_names(self.classes, "'classes'")
+        except ContractError as exc:
+            raise SiteConfigError(str(exc)) from None
         _check(1 <= self.workers <= 256, f"'workers' must be in [1, 256]; got {self.workers}")
         _check(self.min_slices >= 2, f"'min-slices' must be at least 2; got {self.min_slices}")
         _check(0.0 < self.spacing_tolerance < 1.0,
