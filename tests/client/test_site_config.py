@@ -57,7 +57,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ({"dat": {}}, "s.yaml: 'dat' is not a known section; allowed sections: site, data, preprocess, training, "
                   "privacy, connection"),
     ({"data": {"workerz": 2}}, "s.yaml: 'data': 'workerz' is not a known key; allowed keys: axial-tolerance-deg, "
-                               "cache, input, irregular-spacing, labels"),
+                               "cache, classes, input, irregular-spacing, labels"),
     ({"data": {"irregular-spacing": "fix"}}, "s.yaml: 'data': 'irregular-spacing' must be one of 'resample', "
                                              "'reject'; got 'fix'"),
     ({"data": {"workers": 0}}, "s.yaml: 'data': 'workers' must be in [1, 256]; got 0"),
