@@ -198,10 +198,15 @@ def run(args: argparse.Namespace) -> int:
     pooled = (summary.get("final") or {}).get("pooled") or {}
     print(f"done in {time.perf_counter() - t0:.0f} s (data {t_data:.0f} s); status {summary.get('status')}")
     if pooled:
+        def fmt(key: str) -> str:  # None: undefined (a class missing from the test scans), never 0 or 1
+            value = pooled.get(key)
+            return "undefined" if value is None else f"{value:.3f}"
+
         print(f"final global classifier, pooled over {int(pooled.get('num_examples', 0))} test scans: "
-              f"accuracy {pooled['accuracy']:.3f}, balanced accuracy {pooled['balanced_accuracy']:.3f}, "
-              f"weighted F1 {pooled['weighted_f1']:.3f}, ROC AUC {pooled.get('roc_auc') or 0:.3f} "
-              f"(chance: {1 / len(cfg.classes):.2f})")
+              f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, "
+              f"weighted F1 {fmt('weighted_f1')}, ROC AUC {fmt('roc_auc')} "
+              f"(chance: {1 / len(cfg.classes):.2f}; {int(pooled.get('classes_present', 0))} of "
+              f"{len(cfg.classes)} classes in the test scans)")
     print(f"metrics: {metrics_path}")
     if report_path is not None:
         print(f"report:  {report_path}")
