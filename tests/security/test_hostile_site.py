@@ -217,7 +217,8 @@ def test_bad_evaluation_metrics_are_dropped(change: dict, reason: str) -> None:
     sites = SiteRegistry()
     sites.query(grid, phase="finetune", kind="train", min_sites=3, timeout_s=5, config=CFG.encode())
     report = PhaseStrategy(CFG, sites).evaluate(grid, GLOBAL, CFG, timeout=5)
-    assert [(r.site, r.check) for r in report.rejected] == [("site2", "contract")] and reason in report.rejected[0].reason
+    assert [(r.site, r.check) for r in report.rejected] == [("site2", "contract")]
+    assert reason in report.rejected[0].reason
     assert report.aggregated["num_examples"] == 24 and report.aggregated["balanced_accuracy"] == 1.0
 
 
@@ -253,3 +254,7 @@ def test_a_run_with_one_site_sending_garbage_every_round_finishes(sites: list[Pa
     assert sum(1 for e in events if e["event"] == "update-rejected" and e["site"] == "site1") == 5
     run = load_run(tmp_path / "run")
     assert sum(1 for r in run.rounds for p in r.problems if p.startswith("rejected site1 (contract)")) == 4
+    from server.report import render_report
+
+    page = render_report(tmp_path / "run", reconstructions=False).read_text(encoding="utf-8")
+    assert "rejected site1 (contract): train reply:" in page
