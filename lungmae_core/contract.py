@@ -31,7 +31,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lungmae_core.errors import LungMAEError
+from lungmae_core.contract_fields import (
+    CONTRACT_VERSION, MAX_EXAMPLES, ContractError, check_version, exact_keys, get_field, read_bool, read_choice,
+    read_counts, read_float, read_int, show,
+)
 
 __all__ = [
     "CONTRACT_VERSION", "ContractError",
@@ -41,8 +44,6 @@ __all__ = [
     "RoundConfig", "QueryReply", "TrainReply", "EvalReply", "RoundRecord", "check_class_names",
 ]
 
-#: Bumped on every incompatible change of a message; both sides refuse any other version.
-CONTRACT_VERSION = 2
 _CONFIG_VERSION = "contract-version"
 _REPLY_VERSION = "contract_version"
 
@@ -58,107 +59,11 @@ TRAIN_METRICS_REQUESTS: tuple[str, ...] = ("if-allowed", "required")
 #: Fixed bins over [0, 1] of the per-class score histograms an evaluation reply carries (pooled ROC AUC).
 HIST_BINS = 100
 MAX_CLASSES = 64
-#: Hard upper bound of any count on the wire; the server further bounds it by the site's declared count.
-MAX_EXAMPLES = 10_000_000
 _MAX_ROUND = 1_000_000
 _MAX_MODEL_JSON = 16_384
 _MAX_FLOAT = 1e12
 DEFAULT_CLASSES: tuple[str, ...] = ("normal", "ggo", "fibrosis", "emphysema")
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,47}$")
-
-
-class ContractError(LungMAEError, ValueError):
-    """A message breaks the contract. ``field`` names the offending key ('' for the message as a whole)."""
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-# ----------------------------------------------------------------------------------------- field readers
-def _get(m: Mapping[str, Any], key: str, what: str) -> Any:
-    if key not in m:
-        raise ContractError(f"{what}: missing {key!r}", key)
-    return m[key]
-
-
-def _int(m: Mapping[str, Any], key: str, what: str, lo: int, hi: int) -> int:
-    v = _get(m, key, what)
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and math.isfinite(v) and v == int(v):
-            v = int(v)
-        else:
-            raise ContractError(f"{what}: {key!r} must be an integer; got {type(v).__name__} {_show(v)}", key)
-    if not lo <= v <= hi:
-        raise ContractError(f"{what}: {key!r} must be in [{lo}, {hi}]; got {v}", key)
-    return int(v)
-
-
-def _float(m: Mapping[str, Any], key: str, what: str, lo: float, hi: float, *, open_lo: bool = False) -> float:
-    v = _get(m, key, what)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ContractError(f"{what}: {key!r} must be a number; got {type(v).__name__} {_show(v)}", key)
-    v = float(v)
-    if not math.isfinite(v):
-        raise ContractError(f"{what}: {key!r} must be finite; got {v}", key)
-    if v < lo or v > hi or (open_lo and v <= lo):
-        raise ContractError(f"{what}: {key!r} must be in {'(' if open_lo else '['}{lo:g}, {hi:g}]; got {v:g}", key)
-    return v
-
-
-def _bool(m: Mapping[str, Any], key: str, what: str) -> bool:
-    v = _get(m, key, what)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and not isinstance(v, bool) and v in (0, 1):
-        return bool(v)
-    raise ContractError(f"{what}: {key!r} must be a bool (or 0/1); got {_show(v)}", key)
-
-
-def _choice(m: Mapping[str, Any], key: str, what: str, choices: Sequence[str]) -> str:
-    v = _get(m, key, what)
-    if not isinstance(v, str) or v not in choices:
-        raise ContractError(f"{what}: {key!r} must be one of {', '.join(choices)}; got {_show(v)}", key)
-    return v
-
-
-def _int_list(m: Mapping[str, Any], key: str, what: str, lengths: Sequence[int]) -> tuple[int, ...]:
-    v = _get(m, key, what)
-    if not isinstance(v, (list, tuple)):
-        raise ContractError(f"{what}: {key!r} must be a list of integers; got {type(v).__name__}", key)
-    if len(v) not in lengths:
-        raise ContractError(f"{what}: {key!r} has {len(v)} entries; expected {' or '.join(map(str, lengths))}", key)
-    out = []
-    for x in v:
-        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_EXAMPLES:
-            raise ContractError(f"{what}: {key!r} must hold integers in [0, {MAX_EXAMPLES}]; got {_show(x)}", key)
-        out.append(int(x))
-    return tuple(out)
-
-
-def _show(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _exact_keys(m: Mapping[str, Any], expected: Sequence[str], what: str) -> None:
-    if not isinstance(m, Mapping):
-        raise ContractError(f"{what}: expected a mapping; got {type(m).__name__}")
-    unexpected = sorted(set(m) - set(expected))
-    if unexpected:
-        raise ContractError(f"{what}: unexpected keys {unexpected[:5]}", unexpected[0])
-    missing = [k for k in expected if k not in m]
-    if missing:
-        raise ContractError(f"{what}: missing keys {missing[:5]}", missing[0])
-
-
-def _version(m: Mapping[str, Any], key: str, what: str) -> None:
-    if not isinstance(m, Mapping):
-        raise ContractError(f"{what}: expected a mapping; got {type(m).__name__}")
-    v = m.get(key)
-    if v != CONTRACT_VERSION or isinstance(v, bool):
-        raise ContractError(f"{what}: contract version {_show(v)} but this side speaks version {CONTRACT_VERSION}; "
-                            "coordinator and sites must run the same LungMAE-FL contract", key)
 
 
 def check_class_names(names: Sequence[str], what: str = "class list") -> tuple[str, ...]:
@@ -174,7 +79,7 @@ def check_class_names(names: Sequence[str], what: str = "class list") -> tuple[s
         raise ContractError(f"{what} must have 2..{MAX_CLASSES} names; got {len(names)}", "class-names")
     for n in names:
         if not isinstance(n, str) or not _CLASS_NAME.match(n):
-            raise ContractError(f"{what}: {_show(n)} is not a class name (1-48 letters, digits, '_.+-')",
+            raise ContractError(f"{what}: {show(n)} is not a class name (1-48 letters, digits, '_.+-')",
                                 "class-names")
     if len(set(names)) != len(names):
         raise ContractError(f"{what} must hold distinct names; got {list(names)}", "class-names")
@@ -247,9 +152,9 @@ class RoundConfig:
             ContractError: a wrong contract version, a missing/unexpected key, a bad type or bound.
         """
         w = "round config"
-        _version(m, _CONFIG_VERSION, w)
-        _exact_keys(m, cls.KEYS, w)
-        raw = _get(m, "model-config", w)
+        check_version(m, _CONFIG_VERSION, w)
+        exact_keys(m, cls.KEYS, w)
+        raw = get_field(m, "model-config", w)
         if not isinstance(raw, str) or len(raw) > _MAX_MODEL_JSON:
             raise ContractError(f"{w}: 'model-config' must be a JSON text of at most {_MAX_MODEL_JSON} characters",
                                 "model-config")
@@ -259,25 +164,25 @@ class RoundConfig:
             raise ContractError(f"{w}: 'model-config' is not valid JSON", "model-config") from None
         if not isinstance(model_cfg, dict):
             raise ContractError(f"{w}: 'model-config' must be a JSON object", "model-config")
-        name = _get(m, "model-name", w)
+        name = get_field(m, "model-name", w)
         if not isinstance(name, str) or not 1 <= len(name) <= 64:
-            raise ContractError(f"{w}: 'model-name' must be a name of 1-64 characters; got {_show(name)}", "model-name")
+            raise ContractError(f"{w}: 'model-name' must be a name of 1-64 characters; got {show(name)}", "model-name")
         try:
-            classes = check_class_names(_get(m, "class-names", w), f"{w}: 'class-names'")
+            classes = check_class_names(get_field(m, "class-names", w), f"{w}: 'class-names'")
         except ContractError as exc:
             raise ContractError(str(exc), "class-names") from None
-        phase_rounds = _int(m, "phase-rounds", w, 0, _MAX_ROUND)
+        phase_rounds = read_int(m, "phase-rounds", w, 0, _MAX_ROUND)
         return cls.__new__(cls)._init(
-            phase=_choice(m, "phase", w, EVAL_STAGES), server_round=_int(m, "server-round", w, 0, _MAX_ROUND),
+            phase=read_choice(m, "phase", w, EVAL_STAGES), server_round=read_int(m, "server-round", w, 0, _MAX_ROUND),
             model_name=name, model_config=model_cfg, class_names=classes,
-            pooling=_choice(m, "pooling", w, POOLINGS), finetune_mode=_choice(m, "finetune-mode", w, FINETUNE_MODES),
-            lr=_float(m, "lr", w, 0.0, 1.0, open_lo=True), local_epochs=_int(m, "local-epochs", w, 1, 10_000),
-            batch_size=_int(m, "batch-size", w, 0, 65_536), phase_round=_int(m, "phase-round", w, 0, phase_rounds),
-            phase_rounds=phase_rounds, proximal_mu=_float(m, "proximal-mu", w, 0.0, 1e4),
-            compression=_choice(m, "compression", w, COMPRESSIONS), seed=_int(m, "seed", w, 0, 2**31 - 1),
-            require_dp=_bool(m, "require-dp", w),
-            max_epsilon_per_round=_float(m, "max-epsilon-per-round", w, 0.0, 1e6),
-            split=_choice(m, "split", w, SPLITS), train_metrics=_choice(m, "train-metrics", w, TRAIN_METRICS_REQUESTS))
+            pooling=read_choice(m, "pooling", w, POOLINGS), finetune_mode=read_choice(m, "finetune-mode", w, FINETUNE_MODES),
+            lr=read_float(m, "lr", w, 0.0, 1.0, open_lo=True), local_epochs=read_int(m, "local-epochs", w, 1, 10_000),
+            batch_size=read_int(m, "batch-size", w, 0, 65_536), phase_round=read_int(m, "phase-round", w, 0, phase_rounds),
+            phase_rounds=phase_rounds, proximal_mu=read_float(m, "proximal-mu", w, 0.0, 1e4),
+            compression=read_choice(m, "compression", w, COMPRESSIONS), seed=read_int(m, "seed", w, 0, 2**31 - 1),
+            require_dp=read_bool(m, "require-dp", w),
+            max_epsilon_per_round=read_float(m, "max-epsilon-per-round", w, 0.0, 1e6),
+            split=read_choice(m, "split", w, SPLITS), train_metrics=read_choice(m, "train-metrics", w, TRAIN_METRICS_REQUESTS))
 
     def _init(self, **values: Any) -> RoundConfig:
         for k, v in values.items():  # frozen: set fields without re-running __post_init__'s round trip
@@ -303,9 +208,9 @@ def _decode_optional(m: Mapping[str, Any], names: Sequence[str], what: str,
                      bounds: Mapping[str, tuple[float, float]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for n in names:
-        defined = _bool(m, f"{n}_defined", what)
+        defined = read_bool(m, f"{n}_defined", what)
         lo, hi = bounds.get(n, (0.0, _MAX_FLOAT))
-        value = _float(m, n, what, lo, hi)
+        value = read_float(m, n, what, lo, hi)
         out[n] = value if defined else None
     return out
 
@@ -344,16 +249,16 @@ class QueryReply:
     @classmethod
     def decode(cls, m: Mapping[str, Any]) -> QueryReply:
         w = "query reply"
-        _version(m, _REPLY_VERSION, w)
-        _exact_keys(m, cls.KEYS, w)
-        c = {k: _int(m, k, w, 0, MAX_EXAMPLES) for k in cls.KEYS[1:6]}
+        check_version(m, _REPLY_VERSION, w)
+        exact_keys(m, cls.KEYS, w)
+        c = {k: read_int(m, k, w, 0, MAX_EXAMPLES) for k in cls.KEYS[1:6]}
         if c["num_examples"] != c["num_unlabelled"] + c["num_labelled_train"]:
             raise ContractError(f"{w}: 'num_examples' {c['num_examples']} is not num_unlabelled + num_labelled_train",
                                 "num_examples")
         return cls(num_unlabelled=c["num_unlabelled"], num_labelled_train=c["num_labelled_train"],
                    num_labelled_val=c["num_labelled_val"], num_labelled_test=c["num_labelled_test"],
-                   dp_enabled=_bool(m, "dp_enabled", w), epsilon=_float(m, "epsilon", w, 0.0, 1e6),
-                   epsilon_budget=_float(m, "epsilon_budget", w, 0.0, 1e6), has_gpu=_bool(m, "has_gpu", w))
+                   dp_enabled=read_bool(m, "dp_enabled", w), epsilon=read_float(m, "epsilon", w, 0.0, 1e6),
+                   epsilon_budget=read_float(m, "epsilon_budget", w, 0.0, 1e6), has_gpu=read_bool(m, "has_gpu", w))
 
 
 _TRAIN_OPTIONAL = ("loss", "loss_lung", "loss_non_lung", "accuracy")
@@ -392,14 +297,14 @@ class TrainReply:
     @classmethod
     def decode(cls, m: Mapping[str, Any]) -> TrainReply:
         w = "train reply"
-        _version(m, _REPLY_VERSION, w)
-        _exact_keys(m, cls.KEYS, w)
+        check_version(m, _REPLY_VERSION, w)
+        exact_keys(m, cls.KEYS, w)
         opt = _decode_optional(m, _TRAIN_OPTIONAL, w, {"accuracy": _FRACTION, "loss": (0.0, 1e6),
                                                          "loss_lung": (0.0, 1e6), "loss_non_lung": (0.0, 1e6)})
-        return cls(server_round=_int(m, "server_round", w, 0, _MAX_ROUND),
-                   num_examples=_int(m, "num_examples", w, 1, MAX_EXAMPLES),
-                   epsilon=_float(m, "epsilon", w, 0.0, 1e6), train_seconds=_float(m, "train_seconds", w, 0.0, 1e7),
-                   update_bytes=_int(m, "update_bytes", w, 0, 2**62), **opt)
+        return cls(server_round=read_int(m, "server_round", w, 0, _MAX_ROUND),
+                   num_examples=read_int(m, "num_examples", w, 1, MAX_EXAMPLES),
+                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6), train_seconds=read_float(m, "train_seconds", w, 0.0, 1e7),
+                   update_bytes=read_int(m, "update_bytes", w, 0, 2**62), **opt)
 
 
 _EVAL_OPTIONAL = ("loss", "accuracy", "balanced_accuracy", "weighted_f1", "roc_auc", "l1_masked", "l1_masked_lung",
@@ -457,22 +362,22 @@ class EvalReply:
         """Raises ContractError; the confusion matrix must be ``num_classes`` squared non-negative integers
         summing to ``num_examples``, the histogram 2 x num_classes x HIST_BINS counts of num_examples each."""
         w = "evaluate reply"
-        _version(m, _REPLY_VERSION, w)
-        _exact_keys(m, cls.KEYS, w)
-        n = _int(m, "num_examples", w, 1, MAX_EXAMPLES)
+        check_version(m, _REPLY_VERSION, w)
+        exact_keys(m, cls.KEYS, w)
+        n = read_int(m, "num_examples", w, 1, MAX_EXAMPLES)
         k = num_classes
-        cm = _int_list(m, "confusion_matrix", w, (0, k * k))
+        cm = read_counts(m, "confusion_matrix", w, (0, k * k))
         if cm and sum(cm) != n:
             raise ContractError(f"{w}: 'confusion_matrix' sums to {sum(cm)}, not num_examples {n}", "confusion_matrix")
-        hist = _int_list(m, "score_histogram", w, (0, 2 * k * HIST_BINS))
+        hist = read_counts(m, "score_histogram", w, (0, 2 * k * HIST_BINS))
         for c in range(k if hist else 0):
             block = hist[2 * c * HIST_BINS:2 * (c + 1) * HIST_BINS]
             if sum(block) != n:
                 raise ContractError(f"{w}: 'score_histogram' of class {c} counts {sum(block)} scans, not {n}",
                                     "score_histogram")
-        return cls(server_round=_int(m, "server_round", w, 0, _MAX_ROUND), num_examples=n,
-                   epsilon=_float(m, "epsilon", w, 0.0, 1e6), classes_present=_int(m, "classes_present", w, 0, k),
-                   suppressed=_bool(m, "suppressed", w), confusion_matrix=cm, score_histogram=hist,
+        return cls(server_round=read_int(m, "server_round", w, 0, _MAX_ROUND), num_examples=n,
+                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6), classes_present=read_int(m, "classes_present", w, 0, k),
+                   suppressed=read_bool(m, "suppressed", w), confusion_matrix=cm, score_histogram=hist,
                    **_decode_optional(m, _EVAL_OPTIONAL, w, _EVAL_BOUNDS))
 
 
@@ -484,7 +389,7 @@ def _metric_map(v: Any, what: str) -> dict[str, Any]:
         ok = x is None or isinstance(x, (bool, str)) or (isinstance(x, (int, float)) and math.isfinite(float(x)))
         if not ok and not isinstance(x, (list, Mapping)):
             raise ContractError(f"{what}: metric {key!r} must be a finite number, null, a list or a mapping; "
-                                f"got {_show(x)}", what)
+                                f"got {show(x)}", what)
     return dict(v)
 
 
@@ -515,12 +420,12 @@ class RoundRecord:
     def decode(cls, m: Mapping[str, Any]) -> RoundRecord:
         """Raises ContractError naming the field (a hand-edited or foreign ``metrics.jsonl`` line)."""
         w = "round record"
-        _version(m, _REPLY_VERSION, w)
+        check_version(m, _REPLY_VERSION, w)
         fields = [f.name for f in dataclasses.fields(cls)]
-        _exact_keys(m, ("contract_version", *fields), w)
+        exact_keys(m, ("contract_version", *fields), w)
         parts: dict[str, Any] = {}
         for part in ("train", "evaluate"):
-            block = _get(m, part, w)
+            block = get_field(m, part, w)
             if not isinstance(block, Mapping) or set(block) != {"aggregated", "sites"}:
                 raise ContractError(f"{w}: {part!r} must hold 'aggregated' and 'sites'", part)
             sites = block["sites"]
@@ -529,19 +434,19 @@ class RoundRecord:
             parts[part] = {"aggregated": _metric_map(block["aggregated"], f"{part}.aggregated"),
                            "sites": {str(s): _metric_map(v, f"{part}.sites.{s}") for s, v in sites.items()}}
         for key in ("participation", "bytes"):
-            if not isinstance(_get(m, key, w), Mapping):
+            if not isinstance(get_field(m, key, w), Mapping):
                 raise ContractError(f"{w}: {key!r} must be a mapping", key)
         for key in ("failures", "rejected_updates"):
-            v = _get(m, key, w)
+            v = get_field(m, key, w)
             if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
                 raise ContractError(f"{w}: {key!r} must be a list of mappings", key)
-        note = _get(m, "note", w)
+        note = get_field(m, "note", w)
         if not isinstance(note, str):
             raise ContractError(f"{w}: 'note' must be text", "note")
-        return cls(round=_int(m, "round", w, 0, _MAX_ROUND), phase=_choice(m, "phase", w, PHASES),
-                   phase_round=_int(m, "phase_round", w, 0, _MAX_ROUND),
-                   phase_rounds=_int(m, "phase_rounds", w, 0, _MAX_ROUND), step=_int(m, "step", w, 0, _MAX_ROUND),
+        return cls(round=read_int(m, "round", w, 0, _MAX_ROUND), phase=read_choice(m, "phase", w, PHASES),
+                   phase_round=read_int(m, "phase_round", w, 0, _MAX_ROUND),
+                   phase_rounds=read_int(m, "phase_rounds", w, 0, _MAX_ROUND), step=read_int(m, "step", w, 0, _MAX_ROUND),
                    train=parts["train"], evaluate=parts["evaluate"], participation=dict(m["participation"]),
                    failures=[dict(x) for x in m["failures"]], rejected_updates=[dict(x) for x in m["rejected_updates"]],
-                   bytes=dict(m["bytes"]), skipped=_bool(m, "skipped", w), note=note,
-                   duration_s=_float(m, "duration_s", w, 0.0, 1e9))
+                   bytes=dict(m["bytes"]), skipped=read_bool(m, "skipped", w), note=note,
+                   duration_s=read_float(m, "duration_s", w, 0.0, 1e9))
