@@ -174,10 +174,12 @@ def _device(site: Any) -> Any:
 
 def _request(msg: Message, kind: str, site: Any, context: Context) -> RoundConfig:
     """Decode the request and check it against the site's policy (counting it); raises before any work."""
+    if "config" not in msg.content.config_records:
+        raise ContractError("the message has no ConfigRecord 'config'", "config")
     cfg = RoundConfig.decode(dict(msg.content["config"]))
     if tuple(cfg.class_names) != tuple(site.data.classes):
-        log.warning("site %s refuses the %s request: the federation's classes %s differ from data: classes %s",
-                    site.site.name, kind, list(cfg.class_names), list(site.data.classes))
+        log.warning("site %s refuses the %s request (data.classes): the federation's classes %s differ from this "
+                    "site's %s", site.site.name, kind, list(cfg.class_names), list(site.data.classes))
         raise PolicyRefusal("data.classes", f"the federation's classes ({', '.join(cfg.class_names)}) are not this "
                                             f"site's ({', '.join(site.data.classes)}); its labels mean other classes")
     if kind == QUERY:

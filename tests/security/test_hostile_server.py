@@ -72,6 +72,8 @@ def _refusal(reply: Message, key: str) -> str:
      "image size 1024 exceeds 256"),
     ("train", {"local_epochs": 500}, None, "policy.max-local-epochs", "500 local epochs exceed 20"),
     ("train", {"batch_size": 4096}, None, "policy.max-batch-size", "batch size 4096 exceeds 64"),
+    ("train", {"class_names": ("uip", "nsip")}, None, "data.classes",
+     "the federation's classes (uip, nsip) are not this site's (normal, ggo, fibrosis, emphysema)"),
 ])
 def test_requests_outside_the_policy_are_refused_before_any_work(sites: list[Path], caplog, kind: str,
                                                                  fields: dict, config: dict | None, key: str,
@@ -148,6 +150,13 @@ def test_small_splits_get_no_per_class_counts(sites: list[Path]) -> None:
 def test_a_request_that_breaks_the_contract_is_refused(sites: list[Path], change: dict, field: str) -> None:
     reply = make_client_app(sites)(_message("train", "pretrain", config=change), _ctx())
     assert reply.has_error() and reply.error.code == CONTRACT_ERROR_CODE and field in reply.error.reason
+
+
+def test_a_message_without_config_is_a_contract_error(sites: list[Path]) -> None:
+    msg = _message("evaluate")
+    del msg.content["config"]
+    reply = make_client_app(sites)(msg, _ctx())
+    assert reply.error.code == CONTRACT_ERROR_CODE and "no ConfigRecord 'config'" in reply.error.reason
 
 
 def test_the_honest_run_finishes_while_the_sites_refuse_validation_evaluations(sites: list[Path],
