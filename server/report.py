@@ -479,8 +479,8 @@ def _participation_section(run: RunRecord) -> str:
                      left_cols=(len(keys) + 2,))
             + '<p class="note">sampled: sites asked to train; replied: sites whose update was accepted and '
               "aggregated; failed: no reply in time or an error reply (training or evaluation); rejected: the "
-              "reply failed the server's checks (replay, size, contract, declared count, privacy, names, shapes, "
-              "dtypes, finite values, norm bound) and was not aggregated.</p>")
+              "reply failed the server's checks (replay, identity, size, contract, declared count, privacy, names, "
+              "shapes, dtypes, finite values, norm bound) and was not aggregated.</p>")
     return _section("participation", "Participation per round", body)
 
 

@@ -5,6 +5,7 @@ and serves its training rounds and evaluations. Every reply is hostile until val
 (:meth:`PhaseStrategy._collect`), in this order, each failure dropping *that reply only* with its check:
 
 ``replay``     the reply answers a message of this exchange, once, and echoes its round;
+``identity``   it comes from the node the message went to;
 ``size``       its payload is within the byte bound (measured before anything is decoded);
 ``contract``   it decodes into a ``TrainReply``/``EvalReply`` (keys, types, finite, in range, shapes);
 ``count``      ``num_examples`` is no larger than the count the site declared in its query;
@@ -168,6 +169,11 @@ class PhaseStrategy:
                 continue
             answered.add(node)
             site = self.sites.name(node)
+            # the SuperLink's own error replies (a node that stopped) come from node 1: only replies are checked
+            if not reply.has_error() and reply.metadata.src_node_id != node:
+                report.drop(site, "identity", f"the reply to {site} comes from node {reply.metadata.src_node_id}",
+                            kind, cfg.phase)
+                continue
             try:
                 item = self._check(node, site, reply, report, kind, cfg, layout, bound)
             except Exception as exc:  # noqa: BLE001  (no reply may raise out of the round)

@@ -26,10 +26,10 @@ from lungmae_core.wire import WireFormatError, unpack_state, update_norm
 
 __all__ = ["CHECKS", "UpdateRejected", "Rejection", "validate_update"]
 
-# Checks in the order they run (server.strategy runs the first five on the reply, these the last five on
+# Checks in the order they run (server.strategy runs the first six on the reply, these the last five on
 # the update); each rejection names one of them.
-CHECKS: tuple[str, ...] = ("replay", "size", "contract", "count", "privacy", "names", "shapes", "dtypes", "finite",
-                           "norm")
+CHECKS: tuple[str, ...] = ("replay", "identity", "size", "contract", "count", "privacy", "names", "shapes", "dtypes",
+                           "finite", "norm")
 
 
 class UpdateRejected(LungMAEError):

@@ -171,6 +171,22 @@ def test_a_reply_to_another_message_and_a_duplicate_reply_are_dropped() -> None:
     assert np.allclose(new["w"].numpy(), HONEST_STEP)
 
 
+def test_a_reply_from_another_node_is_an_identity_drop() -> None:
+    class Impersonating(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if messages and messages[0].metadata.message_type == "train":
+                replies[0].metadata.__dict__["_src_node_id"] = 102  # node 102 answers in node 101's name
+            return replies
+
+    grid = Impersonating(_app(), [{"partition-id": i} for i in range(2)])
+    sites = SiteRegistry()
+    sites.query(grid, phase="finetune", kind="train", min_sites=2, timeout_s=5, config=CFG.encode())
+    new, report = PhaseStrategy(CFG, sites, max_norm=100.0).train_round(grid, GLOBAL, CFG, timeout=5)
+    assert [(r.site, r.check) for r in report.rejected] == [("site0", "identity")]
+    assert list(report.sites) == ["site1"] and np.allclose(new["w"].numpy(), HONEST_STEP)
+
+
 def test_epsilon_zero_under_require_dp_is_a_privacy_drop(monkeypatch) -> None:
     """The sites say they run DP but report epsilon 0 after training: all dropped, the model is kept."""
     monkeypatch.setitem(DP, "enabled", True)
