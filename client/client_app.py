@@ -1,16 +1,20 @@
 """The site's Flower ClientApp: answer the server's query, train and evaluate on the local prepared cache.
 
-One ClientApp serves every phase; the message config says which (``lungmae_core.schema``). A handler loads
-the site config (``node_config["site-config"]`` in deployment, ``site_configs[partition-id]`` in
-simulation), builds the phase's model from the message's model config, loads the global weights, runs
-``lungmae_core.train`` on the site's cache and replies with the packed *update* (local - global, only the
-trainable part under linear probing) plus aggregate metrics. Nothing else leaves the site: errors are
-reduced to a fixed sentence naming the site and the kind of problem; details (paths) stay in the site log.
+One ClientApp serves every phase; the message config says which. A handler loads the site config
+(``node_config["site-config"]`` in deployment, ``site_configs[partition-id]`` in simulation), decodes the
+request (``lungmae_core.contract.RoundConfig``: version, keys and bounds) and checks it against the site's
+``policy`` (``client.policy``) *before any work*. Only then does it build the phase's model, load the global
+weights, run ``lungmae_core.train`` on the site's cache and reply with the packed *update* (local - global,
+only the trainable part under linear probing) plus the contract's aggregate metrics
+(``TrainReply``/``EvalReply``). Under DP no training loss or accuracy is released; per-class counts
+(confusion matrix, score histograms) only for splits of at least ``policy.min-count`` scans.
+
+Nothing else leaves the site: a refusal names the rule it applies; other errors are reduced to a fixed
+sentence naming the site and the kind of problem; details (paths) stay in the site log.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,11 +31,18 @@ from lungmae_core.errors import (
 )
 from client.privacy_gate import PrivacyRequirementNotMet, refusal_reason
 from lungmae_core.privacy import PRIVACY_REFUSAL_CODE
-from lungmae_core.schema import (
-    EVALUATE, FINAL, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, build_metrics, config_value,
+from lungmae_core.contract import (
+    EVALUATE, PRETRAIN, QUERY, TRAIN, ContractError, EvalReply, QueryReply, RoundConfig, TrainReply,
 )
+from client.policy import POLICY_REFUSAL_CODE, PolicyRefusal, Usage, check_request
 
-__all__ = ["make_client_app", "app", "SiteUnavailable"]
+__all__ = ["make_client_app", "app", "SiteUnavailable", "CONTRACT_ERROR_CODE", "SITE_RECORD", "SITE_NAME_KEY"]
+
+#: Flower error code of a request that breaks the contract (wrong version, missing key, value out of bounds).
+CONTRACT_ERROR_CODE = 4002
+#: The ConfigRecord of a query reply with the name the site gives itself: display only, never its identity
+#: (the server names a site from its authenticated node).
+SITE_RECORD, SITE_NAME_KEY = "site", "site-name"
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +90,13 @@ def _load_site(context: Context, site_configs: Sequence[Path] | None) -> Any:
     return load_site_config(_site_config_path(context, site_configs))
 
 
-def _seed(config: Any, site_name: str) -> int:
+def _seed(cfg: RoundConfig, site_name: str) -> int:
     """Generator seed from (run seed, server round, site): any round can be replayed."""
-    key = f"{config_value(config, 'seed', int, 0)}:{config.get('server-round', 0)}:{site_name}"
+    key = f"{cfg.seed}:{cfg.server_round}:{site_name}"
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
-def _datasets(site: Any, size: int, split: str, labelled: bool) -> Any:
+def _datasets(site: Any, cfg: RoundConfig, size: int, split: str, labelled: bool) -> Any:
     from lungmae_core.data import CachedVolumes
 
     from client.site_config import require_model_window
@@ -93,7 +104,8 @@ def _datasets(site: Any, size: int, split: str, labelled: bool) -> Any:
     require_model_window(site)
     if site.data.cache is None:
         raise CacheError("site.yaml has no data.cache directory")
-    return CachedVolumes(site.data.cache, size=size, splits=(split,), labelled_only=labelled)
+    return CachedVolumes(site.data.cache, size=size, splits=(split,), labelled_only=labelled,
+                         class_names=cfg.class_names)
 
 
 def _counts(site: Any) -> dict[str, int]:
@@ -120,17 +132,17 @@ def _privacy_gate(site: Any) -> Any:
     return PrivacyGate.for_site_config(site)
 
 
-def _build_model(config: Any) -> tuple[Any, Any]:
+def _build_model(cfg: RoundConfig) -> tuple[Any, Any]:
     import torch  # noqa: F401  (deferred: ClientApp processes import this module first)
 
     from lungmae_core.config import ModelConfig, from_mapping
     from lungmae_core.heads import ILDClassifier
     from lungmae_core.model import MAE3D
 
-    mcfg = from_mapping(ModelConfig, json.loads(config_value(config, "model-config", str)), source="model-config")
-    if config_value(config, "phase", str) == PRETRAIN:
+    mcfg = from_mapping(ModelConfig, cfg.model_config, source="model-config")
+    if cfg.phase == PRETRAIN:
         return MAE3D(mcfg), mcfg
-    return ILDClassifier(mcfg, config_value(config, "num-classes", int)), mcfg
+    return ILDClassifier(mcfg, cfg.num_classes, cfg.pooling), mcfg
 
 
 def _load_global(model: Any, msg: Message) -> dict[str, Any]:
@@ -141,12 +153,12 @@ def _load_global(model: Any, msg: Message) -> dict[str, Any]:
     return received
 
 
-def _lr_segment(config: Any) -> Any:
+def _lr_segment(cfg: RoundConfig) -> Any:
     """This round's segment of one warmup + cosine curve over the whole phase (None: one curve per round)."""
     from lungmae_core.train import WarmupCosine
 
-    r, n = config.get("phase-round"), config.get("phase-rounds")
-    if not isinstance(r, int) or not isinstance(n, int) or not 1 <= r <= n:
+    r, n = cfg.phase_round, cfg.phase_rounds
+    if not 1 <= r <= n:
         return None
     return WarmupCosine(0.1, (r - 1) / n, r / n)
 
@@ -155,6 +167,25 @@ def _device(site: Any) -> Any:
     from lungmae_core.train import resolve_device
 
     return resolve_device(site.training.device)
+
+
+def _request(msg: Message, kind: str, site: Any, context: Context) -> RoundConfig:
+    """Decode the request and check it against the site's policy (counting it); raises before any work."""
+    if "config" not in msg.content.config_records:
+        raise ContractError("the message has no ConfigRecord 'config'", "config")
+    cfg = RoundConfig.decode(dict(msg.content["config"]))
+    if tuple(cfg.class_names) != tuple(site.data.classes):
+        log.warning("site %s refuses the %s request (data.classes): the federation's classes %s differ from this "
+                    "site's %s", site.site.name, kind, list(cfg.class_names), list(site.data.classes))
+        raise PolicyRefusal("data.classes", f"the federation's classes ({', '.join(cfg.class_names)}) are not this "
+                                            f"site's ({', '.join(site.data.classes)}); its labels mean other classes")
+    if kind == QUERY:
+        return cfg
+    usage = Usage.load(context.state)
+    check_request(site.policy, kind, cfg, dp_enabled=bool(site.privacy.enabled), usage=usage,
+                  site_name=site.site.name)
+    usage.save(context.state)
+    return cfg
 
 
 def _reply(msg: Message, metrics: dict[str, Any], packed: dict[str, Any] | None = None) -> Message:
@@ -185,110 +216,117 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
             try:
                 site = _load_site(context, site_configs)
                 site_name = site.site.name
-                return handler(msg, site)
+                return handler(msg, site, _request(msg, kind, site, context))
+            except PolicyRefusal as exc:  # logged by client.policy; nothing was done
+                return Message(Error(code=POLICY_REFUSAL_CODE, reason=f"{exc} (site {site_name!r})"), reply_to=msg)
+            except ContractError as exc:
+                log.warning("site %s refuses the %s message: it breaks the contract: %s", site_name, kind, exc)
+                return Message(Error(code=CONTRACT_ERROR_CODE, reason=f"contract error: {exc} (site {site_name!r})"),
+                               reply_to=msg)
             except (PrivacyBudgetExceeded, PrivacyRequirementNotMet) as exc:
                 log.warning("site %s refuses the %s message: %s", site_name, kind, exc)
                 return Message(Error(code=PRIVACY_REFUSAL_CODE, reason=f"{refusal_reason(exc)} (site {site_name!r})"),
                                reply_to=msg)
             except Exception as exc:
                 log.exception("site %s could not serve the %s message", site_name, kind)
-                raise SiteUnavailable(f"site {site_name!r} cannot serve {kind} "
-                                      f"{msg.content['config'].get('phase', '')}: {_public_reason(exc)}") from None
+                phase = msg.content["config"].get("phase", "") if "config" in msg.content.config_records else ""
+                raise SiteUnavailable(f"site {site_name!r} cannot serve {kind} {phase}: "
+                                      f"{_public_reason(exc)}") from None
         return run
 
-    def query(msg: Message, site: Any) -> Message:
+    def query(msg: Message, site: Any, cfg: RoundConfig) -> Message:
         import torch
 
         counts = _counts(site)
-        metrics = build_metrics(QUERY, "", {
-            "num-examples": counts["num-unlabelled"] + counts["num-labelled-train"], **counts,
-            "dp-enabled": int(site.privacy.enabled), "epsilon": _privacy_gate(site).epsilon_spent(),
-            "epsilon-budget": float(site.privacy.epsilon if site.privacy.enabled else 0.0),
-            "has-gpu": int(torch.cuda.is_available() and site.training.device != "cpu")})
-        reply = _reply(msg, metrics)
-        reply.content[SITE_RECORD] = ConfigRecord({SITE_NAME_KEY: site.site.name})
-        return reply
+        reply = QueryReply(
+            num_unlabelled=counts["num-unlabelled"], num_labelled_train=counts["num-labelled-train"],
+            num_labelled_val=counts["num-labelled-val"], num_labelled_test=counts["num-labelled-test"],
+            dp_enabled=bool(site.privacy.enabled), epsilon=_privacy_gate(site).epsilon_spent(),
+            epsilon_budget=float(site.privacy.epsilon if site.privacy.enabled else 0.0),
+            has_gpu=bool(torch.cuda.is_available() and site.training.device != "cpu"))
+        out = _reply(msg, reply.encode())
+        out.content[SITE_RECORD] = ConfigRecord({SITE_NAME_KEY: site.site.name})
+        return out
 
-    def train(msg: Message, site: Any) -> Message:
+    def train(msg: Message, site: Any, cfg: RoundConfig) -> Message:
         from lungmae_core.config import TrainConfig
         from lungmae_core.train import class_weights_from_labels, train_classifier, train_mae
         from lungmae_core.wire import pack_state, packed_nbytes, state_delta
 
         from client.privacy_gate import PrivacyRequirement
-        from client.proximal import ProximalHook
 
         config = msg.content["config"]
-        phase = config_value(config, "phase", str)
-        model, mcfg = _build_model(config)
+        phase = cfg.phase
+        model, mcfg = _build_model(cfg)
         received = _load_global(model, msg)
-        asked = config_value(config, "local-epochs", int)
-        epochs = min(asked, site.training.max_local_epochs)
-        if epochs < asked:
+        epochs = min(cfg.local_epochs, site.training.max_local_epochs)
+        if epochs < cfg.local_epochs:
             log.warning("site '%s': the server asked for %d local epochs; training %d (site.yaml training: "
-                        "max-local-epochs)", site.site.name, asked, epochs)
-        overrides = dict(lr=config_value(config, "lr", float), epochs=epochs, batch_size=site.training.batch_size,
+                        "max-local-epochs)", site.site.name, cfg.local_epochs, epochs)
+        overrides = dict(lr=cfg.lr, epochs=epochs, batch_size=cfg.batch_size or site.training.batch_size,
                          num_workers=site.training.num_workers)
-        mu = config_value(config, "proximal-mu", float, 0.0)
-        seed, device, t0 = _seed(config, site.site.name), _device(site), time.perf_counter()
-        schedule = _lr_segment(config)
+        seed, device, t0 = _seed(cfg, site.site.name), _device(site), time.perf_counter()
+        schedule = _lr_segment(cfg)
         if phase == PRETRAIN:
-            data = _datasets(site, mcfg.img_size, "train", labelled=False)
+            data = _datasets(site, cfg, mcfg.img_size, "train", labelled=False)
             tcfg = TrainConfig.pretrain_defaults(**overrides)
         else:
-            mode = config_value(config, "finetune-mode", str, "full")
-            data = _datasets(site, mcfg.img_size, "train", labelled=True)
-            weights = class_weights_from_labels(data.labels, config_value(config, "num-classes", int))
-            tcfg = TrainConfig.finetune_defaults(**overrides, finetune_mode=mode)
+            data = _datasets(site, cfg, mcfg.img_size, "train", labelled=True)
+            weights = class_weights_from_labels(data.labels, cfg.num_classes)
+            tcfg = TrainConfig.finetune_defaults(**overrides, finetune_mode=cfg.finetune_mode)
         # DP-SGD: the round's full cost is in the ledger before the first step and its real steps after the
         # last, so both are on disk before any weight leaves (a refusal raises here and becomes the reply).
         gate = _privacy_gate(site)
-        with gate.round(phase=phase, server_round=int(config.get("server-round", 0)), dataset=data,
+        with gate.round(phase=phase, server_round=cfg.server_round, dataset=data,
                         batch_size=tcfg.batch_size, epochs=tcfg.epochs, max_steps=tcfg.max_steps,
                         requirement=PrivacyRequirement.from_config(config), run=str(msg.metadata.run_id)) as privacy:
-            hook = ProximalHook(mu, inner=privacy) if mu > 0 else privacy
             if phase == PRETRAIN:
-                out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=hook, lr_schedule=schedule)
-                values = {"train-loss": out["loss"], "train-loss-lung": out["loss_lung"],
-                          "train-loss-non-lung": out["loss_non_lung"]}
+                out = train_mae(model, data, tcfg, device=device, seed=seed, privacy=privacy, lr_schedule=schedule,
+                                proximal_mu=cfg.proximal_mu)
+                values = {"loss": out["loss"], "loss_lung": out["loss_lung"], "loss_non_lung": out["loss_non_lung"]}
             else:
                 out = train_classifier(model, data, tcfg, class_weights=weights, device=device, seed=seed,
-                                       privacy=hook, lr_schedule=schedule)
-                values = {"train-loss": out["loss"], "train-accuracy": out["accuracy"]}
+                                       privacy=privacy, lr_schedule=schedule, proximal_mu=cfg.proximal_mu)
+                values = {"loss": out["loss"], "accuracy": out["accuracy"]}
+        if site.privacy.enabled:  # unnoised figures of the training scans: not accounted, so not released
+            values = {}
         trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         names = [n for n, p in model.named_parameters() if p.requires_grad] \
-            if phase != PRETRAIN and config.get("finetune-mode") == "linear-probe" else list(trained)
-        packed = pack_state(state_delta({k: trained[k] for k in names}, received),
-                            config_value(config, "compression", str, "fp16"))
-        metrics = build_metrics(TRAIN, phase, {"num-examples": int(out["num_examples"]), **values,
-                                               "epsilon": gate.epsilon_spent(),
-                                               "train-seconds": time.perf_counter() - t0,
-                                               "update-bytes": packed_nbytes(packed)})
-        return _reply(msg, metrics, packed)
+            if phase != PRETRAIN and cfg.finetune_mode == "linear-probe" else list(trained)
+        packed = pack_state(state_delta({k: trained[k] for k in names}, received), cfg.compression)
+        reply = TrainReply(server_round=cfg.server_round, num_examples=int(out["num_examples"]),
+                           epsilon=gate.epsilon_spent(), train_seconds=time.perf_counter() - t0,
+                           update_bytes=packed_nbytes(packed), **values)
+        return _reply(msg, reply.encode(), packed)
 
-    def evaluate(msg: Message, site: Any) -> Message:
+    def evaluate(msg: Message, site: Any, cfg: RoundConfig) -> Message:
         from lungmae_core.train import evaluate_classifier, evaluate_mae
 
-        config = msg.content["config"]
-        phase = config_value(config, "phase", str)
-        split = config_value(config, "split", str, "test" if phase == FINAL else "val")
-        model, mcfg = _build_model(config)
+        model, mcfg = _build_model(cfg)
         _load_global(model, msg)
         device, batch = _device(site), site.training.batch_size
-        data = _datasets(site, mcfg.img_size, split, labelled=True)
-        if phase == PRETRAIN:
-            out = evaluate_mae(model, data, device=device, seed=_seed(config, site.site.name), batch_size=batch)
-            values = {k.replace("_", "-"): out[k] for k in ("l1_masked", "l1_masked_lung", "baseline_l1_masked",
-                                                            "baseline_l1_masked_lung")}
-        else:
-            num_classes = config_value(config, "num-classes", int)
-            out = evaluate_classifier(model, data, num_classes=num_classes, device=device, batch_size=batch)
-            values = {"loss": out["loss"], "accuracy": out["accuracy"], "balanced-accuracy": out["balanced_accuracy"],
-                      "weighted-f1": out["weighted_f1"], "roc-auc": out["roc_auc"],
-                      "roc-auc-valid": int(out.get("roc_auc_classes", 1) > 0),
-                      "confusion-matrix": out["confusion_matrix"]}
-        metrics = build_metrics(EVALUATE, phase, {"num-examples": int(out["num_examples"]), **values,
-                                                  "epsilon": _privacy_gate(site).epsilon_spent()})
-        return _reply(msg, metrics)
+        data = _datasets(site, cfg, mcfg.img_size, cfg.split, labelled=True)
+        epsilon = _privacy_gate(site).epsilon_spent()
+        if cfg.phase == PRETRAIN:
+            out = evaluate_mae(model, data, device=device, seed=_seed(cfg, site.site.name), batch_size=batch)
+            reply = EvalReply(server_round=cfg.server_round, num_examples=int(out["num_examples"]), epsilon=epsilon,
+                              **{k: out[k] for k in ("l1_masked", "l1_masked_lung", "baseline_l1_masked",
+                                                     "baseline_l1_masked_lung")})
+            return _reply(msg, reply.encode())
+        out = evaluate_classifier(model, data, num_classes=cfg.num_classes, device=device, batch_size=batch)
+        n = int(out["num_examples"])
+        suppressed = n < site.policy.min_count
+        if suppressed:
+            log.info("site %s: %d %s scans < policy.min-count %d: no confusion matrix or score histogram sent",
+                     site.site.name, n, cfg.split, site.policy.min_count)
+        reply = EvalReply(
+            server_round=cfg.server_round, num_examples=n, epsilon=epsilon, classes_present=out["classes_present"],
+            suppressed=suppressed,
+            confusion_matrix=() if suppressed else tuple(v for row in out["confusion_matrix"] for v in row),
+            score_histogram=() if suppressed else tuple(out["score_histogram"]),
+            loss=out["loss"], accuracy=out["accuracy"], balanced_accuracy=out["balanced_accuracy"],
+            weighted_f1=out["weighted_f1"], roc_auc=out["roc_auc"])
+        return _reply(msg, reply.encode())
 
     client_app.query()(guarded(QUERY, query))
     client_app.train()(guarded(TRAIN, train))

@@ -15,7 +15,9 @@ Id columns (first found wins): ``patient_id`` (matches (0010,0020) Patient ID), 
 ((0020,000D) Study Instance UID), ``accession_number`` ((0008,0050) Accession Number); aliases such as
 ``PatientID``, ``patient``, ``StudyInstanceUID`` and ``accession`` are accepted. Class column: ``label``,
 ``class`` or ``diagnosis``. Ids may also be the site's pseudonyms (``pat-...``, ``stu-...``). Class names are
-matched case-insensitively against the federation's classes.
+matched case-insensitively against the federation's class list (``site.yaml`` ``data: classes``); every
+label outside it is named with its count (:meth:`LabelTable.unknown_labels`), so a site whose registry
+uses other names finds out at ``site prepare``, not after a federation that trained on one class.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class LabelTable:
     labels: dict[str, str]
     lines: dict[str, int]
     issues: list[LabelIssue]
+    unknown: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def lookup(self, *keys: str) -> str | None:
         """The class of the first of ``keys`` (raw id or pseudonym) that has a label, else None."""
@@ -107,6 +110,10 @@ class LabelTable:
                                       "rejected (see manifest.csv)"))
         self.issues.extend(new)
         return new
+
+    def unknown_labels(self) -> dict[str, int]:
+        """Every label outside the federation's classes, as written in the CSV, with its number of rows."""
+        return dict(sorted(self.unknown.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def counts(self) -> dict[str, int]:
         """Number of issues per kind (all kinds present, zeros included): safe to share."""
@@ -176,6 +183,7 @@ def read_labels(path: str | os.PathLike[str], class_names: Sequence[str]) -> Lab
     first_line: dict[str, int] = {}
     conflicts: set[str] = set()
     issues: list[LabelIssue] = []
+    unknown: dict[str, int] = {}
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -186,6 +194,7 @@ def read_labels(path: str | os.PathLike[str], class_names: Sequence[str]) -> Lab
             continue
         cls = allowed_classes.get(given.lower())
         if cls is None:
+            unknown[given] = unknown.get(given, 0) + 1
             issues.append(LabelIssue(number, "unknown-class",
                                      f"line {number}: class {given!r} is not one of {', '.join(class_names)}; "
                                      "row ignored"))
@@ -207,4 +216,5 @@ def read_labels(path: str | os.PathLike[str], class_names: Sequence[str]) -> Lab
         first_line[key] = number
     for key in conflicts:
         del labels[key]
-    return LabelTable(source=str(path), id_kind=id_kind, labels=labels, lines=first_line, issues=issues)
+    return LabelTable(source=str(path), id_kind=id_kind, labels=labels, lines=first_line, issues=issues,
+                      unknown=unknown)

@@ -94,12 +94,20 @@ class PrepareReport:
     labelled: int
     seconds: float
     removed: int = 0
+    unlabelled: int = 0
+    unknown_labels: dict[str, int] = dataclasses.field(default_factory=dict)
+    classes: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A short human-readable summary: counts, then each rejection reason with its count."""
         lines = [f"Prepared {self.n_rows} series/files in {self.seconds:.1f} s: {self.accepted} accepted "
                  f"({self.processed} preprocessed, {self.reused} reused from the cache), {self.rejected} rejected; "
-                 f"{self.labelled} accepted series labelled."]
+                 f"{self.labelled} accepted series labelled, {self.unlabelled} unlabelled."]
+        if self.unknown_labels:
+            rows = sum(self.unknown_labels.values())
+            named = ", ".join(f"{name!r} x{n}" for name, n in self.unknown_labels.items())
+            lines.append(f"Labels outside the federation's classes ({', '.join(self.classes)}): {rows} row(s) left "
+                         f"unlabelled: {named}. Fix labels.csv or the class list (data: classes).")
         if self.rejections:
             lines.append("Rejected:")
             for code, count in sorted(self.rejections.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -429,16 +437,16 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         labels: overrides ``data.labels`` (a labels CSV).
         workers: overrides ``data.workers`` (processes preprocessing in parallel).
         progress: show tqdm progress bars.
-        class_names: allowed label classes; defaults to :data:`lungmae_core.data.CLASS_NAMES`.
+        class_names: the federation's class list; defaults to ``data.classes`` of the site config.
 
     Returns:
         A :class:`PrepareReport`; the manifest, label issues and data card are written in the cache.
 
     Raises:
         SiteConfigError: no input or cache folder given, the input folder missing, an invalid labels CSV
-            or site secret.
+            or site secret; with ``data.strict-labels``, any label outside the class list (each one named).
     """
-    from lungmae_core.data import CLASS_NAMES, assign_splits
+    from lungmae_core.data import assign_splits
 
     start = time.perf_counter()
     data = cfg.data
@@ -459,8 +467,12 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
     remove_stale_temp_files(cache_path)
     secret_file = data.secret_file or cache_path / "site-secret.key"
     pseudo = Pseudonymizer(load_or_create_secret(secret_file, legacy=cache_path / "site-secret.key"))
-    classes = tuple(class_names or CLASS_NAMES)
+    classes = tuple(class_names or data.classes)
     table = read_labels(labels_path, classes) if labels_path is not None else None
+    if table is not None and table.unknown and data.strict_labels:
+        named = ", ".join(f"{name!r} ({n} rows)" for name, n in table.unknown_labels().items())
+        raise SiteConfigError(f"Unable to prepare as {labels_path} uses labels outside the federation's classes "
+                              f"({', '.join(classes)}): {named}; fix the CSV or data: classes in {cfg.source}")
     rules = data.series_rules()
 
     entries = _index(input_path, pseudo, rules, progress, n_workers)
@@ -555,6 +567,8 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         processed=sum(1 for e in entries if e.accepted and not e.reused),
         rejections=dict(Counter(e.code for e in rejected)), examples=examples, notes=tuple(notes),
         label_issues=label_issues, labelled=sum(1 for r in rows if r.accepted and r.label),
-        seconds=time.perf_counter() - start, removed=removed)
+        seconds=time.perf_counter() - start, removed=removed,
+        unlabelled=sum(1 for r in rows if r.accepted and not r.label),
+        unknown_labels=table.unknown_labels() if table is not None else {}, classes=classes)
     logger.info("Prepared site %s: %d accepted, %d rejected", cfg.site.name, report.accepted, report.rejected)
     return report

@@ -4,13 +4,15 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
 
     site:        name, seed, state-dir
     data:        input, labels, cache, workers, min-slices, spacing-tolerance, irregular-spacing,
-                 max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file
+                 max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file, classes, strict-labels
     preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
                  grad-sample-mode, pretrain-max-grad-norm, finetune-trainable
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
     trust:       trusted-keys, fab-sha256, client-certificate, client-key, audit-log
+    policy:      allowed-models, max-parameters, max-image-size, max-batch-size, max-local-epochs,
+                 max-rounds-per-run, evaluation-splits, min-count, max-evaluations-per-run
 
 The site's state that must outlive the cache (the privacy ledger and its journal, the pseudonym key) lives in
 ``site: state-dir``, by default a ``state`` folder beside site.yaml, never inside ``data: cache``: deleting or
@@ -38,6 +40,7 @@ import yaml
 
 from lungmae_core.atomic import atomic_write_text
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
+from lungmae_core.contract import DEFAULT_CLASSES, ContractError, check_class_names
 from lungmae_core.dicom import SeriesRules
 from lungmae_core.errors import SiteConfigError
 from lungmae_core.preprocess import PreprocessConfig
@@ -49,6 +52,7 @@ __all__ = [
     "TrainingSection",
     "PrivacySection",
     "ConnectionSection",
+    "PolicySection",
     "SiteConfig",
     "load_site_config",
     "site_config_from_mapping",
@@ -99,6 +103,11 @@ class DataSection:
         axial-tolerance-deg: largest tilt of the slice normal from the head-foot axis. Defaults to 5.
         tilt-tolerance-mm: largest sideways drift of slice positions (gantry tilt). Defaults to 1.
         secret-file: HMAC key for pseudonyms; defaults to ``<state-dir>/site-secret.key``.
+        classes: the federation's class list (names, in label order) that the labels CSV must use. Defaults to
+            the built-in ``normal, ggo, fibrosis, emphysema``; a consortium with its own classes (UIP, NSIP, ...)
+            gives every site the same list as in its ``federation.yaml``.
+        strict-labels: refuse to prepare when the labels CSV names a class outside ``classes`` (default: those
+            rows stay unlabelled and ``site prepare`` lists every unknown label with its count).
     """
 
     input: Path | None = None
@@ -112,8 +121,14 @@ class DataSection:
     axial_tolerance_deg: float = 5.0
     tilt_tolerance_mm: float = 1.0
     secret_file: Path | None = None
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    strict_labels: bool = False
 
     def __post_init__(self) -> None:
+        try:
+            check_class_names(self.classes, "'classes'")
+        except ContractError as exc:
+            raise SiteConfigError(str(exc)) from None
         _check(1 <= self.workers <= 256, f"'workers' must be in [1, 256]; got {self.workers}")
         _check(self.min_slices >= 2, f"'min-slices' must be at least 2; got {self.min_slices}")
         _check(0.0 < self.spacing_tolerance < 1.0,
@@ -199,6 +214,54 @@ class ConnectionSection:
                f"'metrics-port' must be in [1, 65535] or null; got {self.metrics_port}")
 
 
+def _builtin_models() -> tuple[str, ...]:
+    from lungmae_core.config import MODEL_CONFIGS
+
+    return tuple(MODEL_CONFIGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySection:
+    """``policy``: what this site agrees to do, whatever the coordinator asks (checked before any work).
+
+    The coordinator's round config is a request; a request outside this policy is refused with a reply
+    that names the key, and a line in the site's log. Defaults are safe for a hospital that reads nothing.
+
+    Args:
+        allowed_models: model config names the site builds. Defaults to the built-in configs.
+        max_parameters: largest model (parameters of the MAE or classifier) the site builds. Defaults to 3e8.
+        max_image_size: largest cube side (voxels) the site feeds a model. Defaults to 256.
+        max_batch_size: largest batch the coordinator may ask for. Defaults to 64.
+        max_local_epochs: most local epochs per round the coordinator may ask for (more is refused;
+            ``training.max-local-epochs`` silently trims what is allowed). Defaults to 20.
+        max_rounds_per_run: most training rounds the site serves in one run. Defaults to 200.
+        evaluation_splits: splits the coordinator may ask to evaluate. Defaults to ``val`` and ``test``
+            (``train`` only if the site opts in: evaluating on training scans is a membership oracle).
+        min_count: a split with fewer scans gets no confusion matrix or score histogram (pooled
+            figures only). Defaults to 10.
+        max_evaluations_per_run: most evaluation requests the site serves in one run. Defaults to 100.
+    """
+
+    allowed_models: tuple[str, ...] = dataclasses.field(default_factory=_builtin_models)
+    max_parameters: int = 300_000_000
+    max_image_size: int = 256
+    max_batch_size: int = 64
+    max_local_epochs: int = 20
+    max_rounds_per_run: int = 200
+    evaluation_splits: tuple[str, ...] = ("val", "test")
+    min_count: int = 10
+    max_evaluations_per_run: int = 100
+
+    def __post_init__(self) -> None:
+        _check(len(self.allowed_models) >= 1, "'allowed-models' must name at least one model config")
+        for key in ("max_parameters", "max_image_size", "max_batch_size", "max_local_epochs", "max_rounds_per_run",
+                    "max_evaluations_per_run"):
+            _check(getattr(self, key) >= 1, f"'{key.replace('_', '-')}' must be at least 1; got {getattr(self, key)}")
+        _check(self.min_count >= 1, f"'min-count' must be at least 1; got {self.min_count}")
+        bad = [s for s in self.evaluation_splits if s not in ("train", "val", "test")]
+        _check(not bad, f"'evaluation-splits' must be among train, val, test; got {list(self.evaluation_splits)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrustSection:
     """``trust``: which app bundles this site runs, the site's TLS client certificate, and its own audit log.
@@ -238,6 +301,7 @@ class SiteConfig:
     privacy: PrivacySection = dataclasses.field(default_factory=PrivacySection)
     connection: ConnectionSection = dataclasses.field(default_factory=ConnectionSection)
     trust: TrustSection = dataclasses.field(default_factory=TrustSection)
+    policy: PolicySection = dataclasses.field(default_factory=PolicySection)
     source: str = dataclasses.field(default="site.yaml", compare=False)
 
     def with_data(self, **changes: Any) -> SiteConfig:
@@ -273,6 +337,7 @@ _SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "connection": ConnectionSection,
     "trust": TrustSection,
+    "policy": PolicySection,
 }
 _PATH_KEYS = {"site": ("state_dir",), "data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
               "connection": ("root_certificates", "auth_key"),

@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("site", "prepare"), "lungmae_cli.site_prepare", "Index, check and preprocess a site's DICOM/NIfTI into its cache."),
     (("site", "preflight"), "lungmae_cli.site_preflight", "Check that a site is ready to join the federation."),
     (("site", "ledger"), "lungmae_cli.site_ledger", "Show the site's privacy ledger, or reset it with a reason."),
+    (("site", "policy"), "lungmae_cli.site_policy", "Print the policy this site enforces on every coordinator request."),
     (("site", "start"), "lungmae_cli.site_start", "Start this site's Flower SuperNode (long-running)."),
     (("server", "start"), "lungmae_cli.server_start", "Start the coordinator's Flower SuperLink (long-running)."),
     (("server", "run"), "lungmae_cli.server_run", "Submit (or resume) the federation to the running SuperLink."),

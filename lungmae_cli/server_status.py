@@ -112,7 +112,7 @@ def _print_text(s: dict[str, Any]) -> None:
                  "not asked (--offline)" if "superlink_reachable" not in s else "unknown (SuperLink unreachable)")
         print(f"run            {s['flwr_run']['run_id']}: {state}")
     ckpt = s.get("checkpoint")
-    print(f"checkpoint     " + (f"phase {ckpt.get('phase')} round {ckpt.get('server_round')} (step "
+    print("checkpoint     " + (f"phase {ckpt.get('phase')} round {ckpt.get('server_round')} (step "
                                 f"{ckpt.get('step_index')}) at {ckpt.get('saved_at')}" if ckpt else "none yet"))
     last = s.get("last_round")
     if last:

@@ -132,11 +132,12 @@ def _step_line(step: Any, total_steps: int, record: dict[str, Any]) -> str:
         return f"{head}  final evaluation at every site"
     train, ev = record["train"]["aggregated"], record["evaluate"]["aggregated"]
     part = record["participation"]
-    text = f"{head}  {step.name:<14} loss {train.get('train-loss', float('nan')):.4f}"
-    if "accuracy" in ev:
+    loss = train.get("loss")  # None: withheld by the sites (DP) or no valid update
+    text = f"{head}  {step.name:<14} loss " + (f"{loss:.4f}" if loss is not None else "n/a")
+    if ev.get("accuracy") is not None:
         text += f"  val acc {ev['accuracy']:.3f}"
-    elif "l1-masked" in ev:
-        text += f"  val L1 {ev['l1-masked']:.4f} (baseline {ev['baseline-l1-masked']:.4f})"
+    elif ev.get("l1_masked") is not None and ev.get("baseline_l1_masked") is not None:
+        text += f"  val L1 {ev['l1_masked']:.4f} (baseline {ev['baseline_l1_masked']:.4f})"
     text += (f"  sites {len(part['replied'])}/{len(part['sampled'])}"
              f"  {record['bytes']['up'] / 1e6:.1f} MB up  {record['duration_s']:.1f} s")
     if record["skipped"]:
@@ -239,12 +240,15 @@ def run(args: argparse.Namespace) -> int:
     pooled = (summary.get("final") or {}).get("pooled") or {}
     print(f"done in {time.perf_counter() - t0:.0f} s (data {t_data:.0f} s); status {summary.get('status')}")
     if pooled:
-        # None: undefined (the test scans hold one class); 0.000 would read as a model that is always wrong
-        auc = "n/a" if pooled.get("roc_auc") is None else f"{pooled['roc_auc']:.3f}"
+        def fmt(key: str) -> str:  # None: undefined (a class missing from the test scans), never 0 or 1
+            value = pooled.get(key)
+            return "undefined" if value is None else f"{value:.3f}"
+
         print(f"final global classifier, pooled over {int(pooled.get('num_examples', 0))} test scans: "
-              f"accuracy {pooled['accuracy']:.3f}, balanced accuracy {pooled['balanced_accuracy']:.3f}, "
-              f"weighted F1 {pooled['weighted_f1']:.3f}, ROC AUC {auc} "
-              f"(chance: {1 / len(cfg.classes):.2f})")
+              f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, "
+              f"weighted F1 {fmt('weighted_f1')}, ROC AUC {fmt('roc_auc')} "
+              f"(chance: {1 / len(cfg.classes):.2f}; {int(pooled.get('classes_present', 0))} of "
+              f"{len(cfg.classes)} classes in the test scans)")
     print(f"metrics: {metrics_path}")
     if report_path is not None:
         print(f"report:  {report_path}")

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="cache folder to write (data.cache)")
     parser.add_argument("--labels", type=Path, default=None, help="labels CSV: patient_id,label (data.labels)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (data.workers, default 2)")
+    parser.add_argument("--classes", default=None,
+                        help="the federation's class list, comma-separated, in label order (data.classes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
 
 
@@ -28,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from client.site_config import SiteConfig, load_site_config
 
     cfg = load_site_config(args.config) if args.config is not None else SiteConfig(source="command line")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    if classes is not None:
+        cfg = cfg.with_data(classes=tuple(classes))  # validated like site.yaml's data: classes
     report = prepare_site(cfg, input_dir=args.input, cache_dir=args.cache, labels=args.labels,
                           workers=args.workers, progress=not args.no_progress)
     print(report.summary())

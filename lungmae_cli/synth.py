@@ -53,7 +53,7 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
     import dataclasses
     from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
-    from client.site_config import DataSection, SiteConfig, SiteSection, write_site_config
+    from client.site_config import DataSection, PolicySection, SiteConfig, SiteSection, write_site_config
     from lungmae_core.config import check
     from lungmae_core.preprocess import PreprocessConfig
     from lungmae_core.synth_dicom import write_site
@@ -71,7 +71,10 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
                          data=DataSection(input=result.dicom_dir.resolve(), labels=result.labels_csv.resolve(),
                                           cache=(root / "cache").resolve(), workers=workers,
                                           min_slices=min(32, shape[0] if shape else 32)),
-                         preprocess=dataclasses.replace(PreprocessConfig(), size=preprocess_size))
+                         preprocess=dataclasses.replace(PreprocessConfig(), size=preprocess_size),
+                         # synthetic phantoms protect no patient: send per-class counts even for tiny splits, so
+                         # the simulation's pooled metrics are exact (a hospital keeps the default of 10)
+                         policy=PolicySection(min_count=1))
         return write_site_config(cfg, root / "site.yaml")
 
     if workers == 1:

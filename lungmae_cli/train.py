@@ -65,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     print(f"model {cfg.name}, {'pretrained' if metrics['pretrained'] else 'from scratch'}, "
           f"{metrics['data']['test']} test scans, epoch {metrics['best_epoch']} selected on val", file=out)
-    print(f"test  accuracy {final['accuracy']:.3f}  balanced accuracy {final['balanced_accuracy']:.3f}  "
-          f"weighted F1 {final['weighted_f1']:.3f}  ROC AUC {final['roc_auc']:.3f}", file=out)
+
+    def fmt(key: str) -> str:  # None: undefined (a class missing from the test split), never 0 or 1
+        return "undefined" if final.get(key) is None else f"{final[key]:.3f}"
+
+    print(f"test  accuracy {fmt('accuracy')}  balanced accuracy {fmt('balanced_accuracy')}  "
+          f"weighted F1 {fmt('weighted_f1')}  ROC AUC {fmt('roc_auc')}", file=out)
     if recon is not None:
         print(f"reconstruction (test, masked lung L1)  MAE {recon['l1_masked_lung']:.4f}  "
               f"mean-anatomy baseline {recon['baseline_l1_masked_lung']:.4f}"

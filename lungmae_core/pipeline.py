@@ -49,6 +49,16 @@ PHANTOM_SOURCE_VERSION = 1
 _SELECTION_KEYS = ("balanced_accuracy", "accuracy")
 
 
+def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Classification metrics without the score histogram (a federation's pooling input, not a result)."""
+    return {k: v for k, v in metrics.items() if k != "score_histogram"}
+
+
+def _fmt(value: float | None) -> str:
+    """A metric for the log; None is undefined (a class missing from the split), never 0 or 1."""
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: built-in phantoms (cached in the workdir) or a prepared site cache
 # ---------------------------------------------------------------------------------------------------------
@@ -338,23 +348,26 @@ def run_centralized(
                                  device=dev, seed=seed * 1000 + epoch, progress=progress,
                                  lr_schedule=WarmupCosine(fine_cfg.warmup_frac, epoch / fine_cfg.epochs,
                                                           (epoch + 1) / fine_cfg.epochs))
-        val = evaluate_classifier(clf, parts["val"], num_classes=num_classes, device=dev,
-                                  batch_size=fine_cfg.batch_size)
+        val = _scores(evaluate_classifier(clf, parts["val"], num_classes=num_classes, device=dev,
+                                          batch_size=fine_cfg.batch_size))
         epoch_log(phase="finetune", epoch=epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()})
-        logger.info("finetune epoch %d/%d: loss %.4f, val balanced accuracy %.3f, val loss %.4f", epoch + 1,
-                    fine_cfg.epochs, stats["loss"], val["balanced_accuracy"], val["loss"])
-        score = tuple(val[k] for k in _SELECTION_KEYS) + (-val["loss"],)
+        logger.info("finetune epoch %d/%d: loss %.4f, val balanced accuracy %s, val loss %.4f", epoch + 1,
+                    fine_cfg.epochs, stats["loss"], _fmt(val["balanced_accuracy"]), val["loss"])
+        # an undefined score (a class missing from val) ranks below any defined one
+        score = tuple(-1.0 if val[k] is None else val[k] for k in _SELECTION_KEYS) + (-val["loss"],)
         if best is None or score > best[0]:
             best = (score, epoch + 1, val, copy.deepcopy(clf.state_dict()))
     assert best is not None
     clf.load_state_dict(best[3])
     save_checkpoint(workdir / "checkpoints" / "classifier.pt", clf, cfg, kind="classifier", num_classes=num_classes,
                     pooling=fine_cfg.pooling, epoch=best[1], pretrained=pretrain)
-    test = evaluate_classifier(clf, parts["test"], num_classes=num_classes, device=dev, batch_size=fine_cfg.batch_size)
+    test = _scores(evaluate_classifier(clf, parts["test"], num_classes=num_classes, device=dev,
+                                       batch_size=fine_cfg.batch_size))
     metrics.update(pretrained=pretrain, best_epoch=best[1], val=best[2], final=test,
                    seconds=time.perf_counter() - start)
     _write_json(workdir / "metrics.json", metrics)
-    logger.info("test (epoch %d selected on val): accuracy %.3f, balanced accuracy %.3f, weighted F1 %.3f, "
-                "ROC AUC %.3f; %.0f s in all", best[1], test["accuracy"], test["balanced_accuracy"],
-                test["weighted_f1"], test["roc_auc"], metrics["seconds"])
+    logger.info("test (epoch %d selected on val): accuracy %s, balanced accuracy %s, weighted F1 %s, "
+                "ROC AUC %s; %.0f s in all", best[1], *(_fmt(test[k]) for k in ("accuracy", "balanced_accuracy",
+                                                                             "weighted_f1", "roc_auc")),
+                metrics["seconds"])
     return metrics

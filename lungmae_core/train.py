@@ -216,7 +216,8 @@ class _Loop:
     """Optimizer, loader, schedule, AMP and DP for one phase; yields batches and performs the steps."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, device: torch.device, seed: int,
-                 privacy: PrivacyHook | None, lr_schedule: LRSchedule | None, progress: bool, desc: str) -> None:
+                 privacy: PrivacyHook | None, lr_schedule: LRSchedule | None, progress: bool, desc: str,
+                 proximal_mu: float = 0.0) -> None:
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DatasetError(f"Unable to {desc} as the dataset is empty")
         self.cfg, self.device, self.privacy = cfg, device, privacy
@@ -228,6 +229,8 @@ class _Loop:
                                       fused=device.type in ("cpu", "cuda"))
         if privacy is not None:
             model, optimizer, loader = privacy.make_private(model, optimizer, loader)
+        if proximal_mu != 0:
+            _add_proximal_term(model, optimizer, proximal_mu)
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.steps_per_epoch = max(len(loader), 1)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
@@ -293,6 +296,30 @@ class _Loop:
         return time.perf_counter() - self.start
 
 
+def _add_proximal_term(model: nn.Module, optimizer: torch.optim.Optimizer, mu: float) -> None:
+    """FedProx (Li et al., 2020): add ``mu * (w - w_start)`` to every trainable gradient right before each step.
+
+    The gradient of ``mu/2 * ||w - w_global||^2`` does not depend on the data, so it is added after any
+    clipping and DP noise (post-processing: no privacy cost). Opacus' ``DPOptimizer`` sets ``p.grad``
+    (clipped + noised) and then calls its wrapped optimizer's ``step``: that inner step is the one patched.
+    """
+    if not math.isfinite(mu) or mu < 0:
+        raise ConfigError(f"proximal_mu must be a finite number >= 0; got {mu}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+    target = getattr(optimizer, "original_optimizer", optimizer)
+    original_step = target.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            for p, p0 in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=mu)
+        return original_step(*args, **kwargs)
+
+    target.step = step  # type: ignore[method-assign]
+
+
 def _as_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
@@ -317,6 +344,7 @@ def train_mae(
     privacy: PrivacyHook | None = None,
     lr_schedule: LRSchedule | None = None,
     progress: bool = False,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float | int]:
     """Pretrain an :class:`~lungmae_core.model.MAE3D` with the lung-weighted L1 loss for one phase.
 
@@ -335,6 +363,8 @@ def train_mae(
             :class:`WarmupCosine` segment of the federation's global curve. ``None``: warmup + cosine over
             this call.
         progress: show a tqdm bar.
+        proximal_mu: FedProx proximal weight; the starting weights are the anchor (0: plain training, bit for
+            bit). Independent of ``privacy``.
 
     Returns:
         ``MAE_TRAIN_KEYS``: mean ``loss``, ``loss_lung``, ``loss_non_lung`` over the steps (weighted by
@@ -348,7 +378,7 @@ def train_mae(
     mcfg: ModelConfig = _core(model).cfg
     model.to(device).train()
     loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="pretrain")
+                 progress=progress, desc="pretrain", proximal_mu=proximal_mu)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     mask_gen = torch.Generator().manual_seed(seed + 2)
     loss_fn = lung_weighted_l1_per_sample if privacy is not None else lung_weighted_l1
@@ -485,6 +515,7 @@ def train_classifier(
     privacy: PrivacyHook | None = None,
     lr_schedule: LRSchedule | None = None,
     progress: bool = False,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float | int]:
     """Fine-tune an :class:`~lungmae_core.heads.ILDClassifier` (full or linear probe) for one phase.
 
@@ -497,7 +528,7 @@ def train_classifier(
         model: the classifier, trained in place. dataset: labelled items (``label`` >= 0).
         cfg: hyperparameters (``TrainConfig.finetune_defaults()``).
         class_weights: (K,) float or ``None`` for unweighted cross-entropy.
-        device, seed, privacy, lr_schedule, progress: as in :func:`train_mae`.
+        device, seed, privacy, lr_schedule, progress, proximal_mu: as in :func:`train_mae`.
 
     Returns:
         ``CLASSIFIER_TRAIN_KEYS``: mean ``loss``, running training ``accuracy``, ``num_examples``,
@@ -516,7 +547,7 @@ def train_classifier(
     model.to(device).train()
     weights = None if class_weights is None else class_weights.to(device=device, dtype=torch.float32)
     loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="finetune")
+                 progress=progress, desc="finetune", proximal_mu=proximal_mu)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 3)
     loss_sum, correct, seen = 0.0, 0, 0

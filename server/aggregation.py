@@ -2,7 +2,8 @@
 
 Works on updates (local - global), tensor by tensor, so memory stays at (number of sites) x (largest
 tensor). The robust options ignore example counts on purpose: a site cannot buy influence by claiming
-more examples.
+more examples. The weighted mean takes its weights through :func:`capped_shares`, so no site's share
+exceeds ``max-site-share`` whatever count it reports.
 
 Examples:
     >>> import torch
@@ -18,9 +19,46 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["METHODS", "aggregate_updates"]
+__all__ = ["METHODS", "aggregate_updates", "capped_shares"]
 
 METHODS: tuple[str, ...] = ("fedavg", "fedprox", "trimmed-mean", "median")
+
+
+def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
+    """Normalised weights with no share above ``cap`` (the excess goes to the others, in proportion).
+
+    With ``n`` sites the cap cannot be below ``1 / n``: then every site gets ``1 / n``.
+
+    Raises:
+        ValueError: no weights, a negative or non-finite weight, or a cap outside (0, 1].
+
+    Examples:
+        >>> [round(s, 3) for s in capped_shares([1e15, 5, 5], 0.5)]
+        [0.5, 0.25, 0.25]
+    """
+    if not weights:
+        raise ValueError("Unable to share weights as there are none")
+    if not 0 < cap <= 1:
+        raise ValueError(f"max-site-share must be in (0, 1]; got {cap}")
+    w = [float(x) for x in weights]
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise ValueError("weights must be finite and >= 0")
+    n = len(w)
+    if cap * n <= 1 or sum(w) <= 0:
+        return [1.0 / n] * n
+    fixed = [False] * n
+    shares = [x / sum(w) for x in w]
+    while True:
+        over = [i for i in range(n) if not fixed[i] and shares[i] > cap * (1 + 1e-12)]
+        if not over:
+            return shares
+        for i in over:
+            fixed[i] = True
+        free = 1.0 - cap * sum(fixed)
+        rest = sum(w[i] for i in range(n) if not fixed[i])
+        n_rest = n - sum(fixed)
+        for i in range(n):
+            shares[i] = cap if fixed[i] else (free * w[i] / rest if rest > 0 else free / n_rest)
 
 
 def _robust(stacked: torch.Tensor, method: str, trim: float) -> torch.Tensor:

@@ -21,11 +21,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
+from lungmae_core.contract import DEFAULT_CLASSES, POOLINGS, ContractError, check_class_names
 from lungmae_core.errors import FederationConfigError
 from lungmae_core.wire import COMPRESSIONS
 
@@ -47,7 +49,7 @@ __all__ = [
     "federation_to_mapping",
 ]
 
-DEFAULT_CLASSES: tuple[str, ...] = ("normal", "ggo", "fibrosis", "emphysema")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "trimmed-mean", "median")
 _E = FederationConfigError
 
@@ -59,13 +61,17 @@ class ModelSection:
     Args:
         name: a name in ``lungmae_core.config.MODEL_CONFIGS`` or a path to a model YAML. Defaults to "tiny".
         overrides: ``ModelConfig`` fields to change, e.g. ``{img-size: 32}``.
+        pooling: how the classifier pools the encoder's tokens: ``lung`` (lung-weighted mean, default),
+            ``mean`` or ``cls``; carried to the sites in every round config.
     """
 
     name: str = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)
+    pooling: Literal["lung", "mean", "cls"] = "lung"
 
     def __post_init__(self) -> None:
         check(bool(self.name), "model name must not be empty (e.g. tiny, paper-p16)", _E)
+        check(self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}", _E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +145,20 @@ class UpdateChecksConfig:
 
     Args:
         max_norm: largest allowed global L2 norm of an update (local - global weights). Defaults to 1e3.
+        max_site_share: largest share of the example weights one site can get in a weighted mean, whatever
+            count it reports. Defaults to 0.5 (with n sites it is at least 1 / n).
+        max_reply_bytes: replies larger than this are refused before decoding; 0 (default): twice the fp32
+            size of the part of the model sites send back, plus 1 MiB.
     """
 
     max_norm: float = 1e3
+    max_site_share: float = 0.5
+    max_reply_bytes: int = 0
 
     def __post_init__(self) -> None:
         check(self.max_norm > 0, f"max-norm must be > 0; got {self.max_norm}", _E)
+        check(0 < self.max_site_share <= 1, f"max-site-share must be in (0, 1]; got {self.max_site_share}", _E)
+        check(self.max_reply_bytes >= 0, f"max-reply-bytes must be >= 0; got {self.max_reply_bytes}", _E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +210,11 @@ class FederationConfig:
 
     Args:
         model: model name and overrides.
-        classes: ILD class names, in label order (labels index this tuple).
+        classes: ILD class names, in label order (labels index this tuple); sent to the sites with every
+            request, checked against each site's labels by ``lungmae site prepare --classes``.
+        sites: authenticated node id -> site name (the ids ``flwr supernode register`` printed for the sites'
+            public keys). With entries, a site is named by its node only and unlisted nodes take no part;
+            empty (simulation), sites are shown under the names they claim, flagged unverified.
         phases: pretrain / finetune settings.
         strategy: aggregation strategy.
         round_timeout_s: how long a round waits for replies (seconds); late replies are dropped.
@@ -211,6 +229,7 @@ class FederationConfig:
 
     model: ModelSection = ModelSection()
     classes: tuple[str, ...] = DEFAULT_CLASSES
+    sites: dict = dataclasses.field(default_factory=dict)
     phases: PhasesSection = PhasesSection()
     strategy: StrategyConfig = StrategyConfig()
     round_timeout_s: float = 600.0
@@ -223,8 +242,16 @@ class FederationConfig:
     server: ServerSection = ServerSection()
 
     def __post_init__(self) -> None:
-        check(len(self.classes) >= 2, f"classes must list at least 2 names; got {list(self.classes)}", _E)
-        check(len(set(self.classes)) == len(self.classes), f"classes must be distinct; got {list(self.classes)}", _E)
+        try:
+            check_class_names(self.classes, "classes")
+        except ContractError as exc:
+            raise _E(str(exc)) from None
+        for node, name in self.sites.items():
+            check(isinstance(node, int) or (isinstance(node, str) and node.isdigit()),
+                  f"sites: keys must be node ids (integers); got {node!r}", _E)
+            check(isinstance(name, str) and bool(_SITE_NAME.match(name)),
+                  f"sites: {node}: a site name is 1-64 letters, digits, '_', '.' or '-'; got {name!r}", _E)
+        check(len(set(self.sites.values())) == len(self.sites), "sites: two nodes have the same site name", _E)
         check(self.round_timeout_s > 0, f"round-timeout-s must be > 0; got {self.round_timeout_s}", _E)
         check(self.compression in COMPRESSIONS, f"compression must be one of {COMPRESSIONS}", _E)
         check(not self.privacy.central_dp or self.strategy.name in ("fedavg", "fedprox"),
@@ -234,6 +261,11 @@ class FederationConfig:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def site_names(self) -> dict[int, str]:
+        """``sites`` with integer node ids."""
+        return {int(k): str(v) for k, v in self.sites.items()}
 
 
 def federation_from_mapping(mapping: Mapping[str, Any] | None, source: str = "federation config",
@@ -300,7 +332,7 @@ def federation_to_mapping(cfg: FederationConfig) -> dict[str, Any]:
 
 
 # Keys that change where/how the run is hosted but not what it computes: not part of the hash.
-_HOSTING_KEYS = ("run-dir", "resume", "server", "round-timeout-s")
+_HOSTING_KEYS = ("run-dir", "resume", "server", "round-timeout-s", "sites")
 
 
 def config_hash(cfg: FederationConfig) -> str:

@@ -257,7 +257,7 @@ def _sites_table(run: RunRecord) -> str:
 
 
 def _loss_key(rounds: Sequence[RoundRecord], phase: str) -> str | None:
-    for key in ("train_loss", "loss"):
+    for key in ("loss",):
         if any(key in m for r in rounds if r.phase == phase for m in [r.train_aggregated, *r.train_sites.values()]):
             return key
     return None
@@ -382,8 +382,11 @@ def _reconstruction_section(recon: Reconstruction | None, reason: str, quality: 
 
 
 def _metric_cell(result: SiteResult, key: str) -> str:
-    if key == "roc_auc" and result.metrics.get("roc_auc_valid") == 0.0:
-        return '<span title="undefined: this split has a single class">n/a</span>'
+    if result.metrics.get(key) is None:  # undefined (null in metrics.json): never shown as 0 or 1
+        present = result.metrics.get("classes_present")
+        why = (f"undefined: only {int(present)} classes are in this split" if present is not None
+               else "undefined or not released")
+        return f'<span title="{_e(why)}">n/a</span>'
     return _fmt(result.metrics.get(key))
 
 
@@ -467,8 +470,8 @@ def _participation_section(run: RunRecord) -> str:
                      left_cols=(len(keys) + 2,))
             + '<p class="note">sampled: sites asked to train; replied: sites whose update was accepted and '
               "aggregated; failed: no reply in time or an error reply (training or evaluation); rejected: the "
-              "reply failed the server's checks (schema, privacy, names, shapes, dtypes, finite values, norm "
-              "bound) and was not aggregated.</p>")
+              "reply failed the server's checks (replay, identity, size, contract, declared count, privacy, names, "
+              "shapes, dtypes, finite values, norm bound) and was not aggregated.</p>")
     return _section("participation", "Participation per round", body)
 
 

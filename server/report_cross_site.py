@@ -100,6 +100,6 @@ def global_per_site_table(summary: Mapping[str, Any], per_site: Mapping[str, Map
     return ("<h3>global model per site (cross_site entry)</h3>"
             '<p class="note">The final global classifier scored on each site\'s test split, as the server recorded '
             "it under final.cross_site; this is not a cross-site matrix of local models.</p>"
-            f'<table id="cross-site-table"><thead><tr><th class="name">site</th>'
+            '<table id="cross-site-table"><thead><tr><th class="name">site</th>'
             + "".join(f"<th>{_e(_LABELS.get(k, k))}</th>" for k in keys)
             + f"</tr></thead><tbody>{rows}</tbody></table>")

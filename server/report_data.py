@@ -7,8 +7,11 @@ empty, and the page leaves a section out (with a sentence saying why) instead of
 run directory must have, or files that are corrupt beyond a cut-off last line, raise
 :class:`RunDirectoryError`, naming the file, the line and what was expected.
 
-Key spellings are normalised (``num-examples``, ``num_examples`` and ``numExamples`` are one key) so the
-reader follows the writer in ``server/server_app.py`` rather than the other way round.
+One vocabulary: each ``metrics.jsonl`` line is decoded by the contract's
+:class:`lungmae_core.contract.RoundRecord` (snake_case keys, the same as on the wire and in
+``metrics.json``); a line of another contract version is a :class:`RunDirectoryError` naming it. An
+undefined metric (``null``: a class missing from a split, training metrics withheld under DP) is left out
+of the numbers, so the page shows it as n/a, never as 0 or 1.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lungmae_core.contract import ContractError
+from lungmae_core.contract import RoundRecord as WireRoundRecord
 from lungmae_core.errors import LungMAEError
 
 __all__ = [
@@ -51,22 +56,13 @@ class RunDirectoryError(LungMAEError, ValueError):
 
 
 def norm_key(key: object) -> str:
-    """``"num-examples"``, ``"num_examples"``, ``"numExamples"`` -> ``"num_examples"``."""
+    """A word-split form of a key for matching words in it: ``"rootCertificates"`` -> ``"root_certificates"``.
+
+    Used by the page to recognise path-like configuration keys; metric keys need no normalising (one
+    snake_case vocabulary).
+    """
     text = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", str(key))
     return text.replace("-", "_").replace(" ", "_").lower()
-
-
-def _normed(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    return {norm_key(k): v for k, v in mapping.items()}
-
-
-def _pick(mapping: Mapping[str, Any], *names: str, default: Any = None) -> Any:
-    """The value of the first of ``names`` present in ``mapping`` (keys compared after :func:`norm_key`)."""
-    normed = _normed(mapping)
-    for name in names:
-        if name in normed:
-            return normed[name]
-    return default
 
 
 def _number(value: Any) -> float | None:
@@ -100,7 +96,7 @@ def _scalars(mapping: Any) -> dict[str, float]:
     for key, value in mapping.items():
         number = _number(value)
         if number is not None:
-            out[norm_key(key)] = number
+            out[str(key)] = number
     return out
 
 
@@ -212,69 +208,35 @@ def _read_json(path: Path, *, required: bool) -> Any:
         raise RunDirectoryError(f"Unable to read {path} as {exc.strerror or exc}") from exc
 
 
-def _site_block(block: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """``{"aggregated": {...}, "sites": {name: {...}}}`` (or a flat metrics dict) -> (aggregated, per site)."""
-    if not isinstance(block, Mapping):
-        return {}, {}
-    sites_raw = _pick(block, "sites", "per_site", "clients", "replies", default={})
-    sites: dict[str, dict[str, float]] = {}
-    if isinstance(sites_raw, Mapping):
-        sites = {str(name): _scalars(m) for name, m in sites_raw.items()}
-    elif isinstance(sites_raw, list):  # [{"site": "a", "loss": ...}, ...]
-        for item in sites_raw:
-            if isinstance(item, Mapping):
-                name = _pick(item, "site", "site_name", "name", "node")
-                if name is not None:
-                    sites[str(name)] = _scalars(item)
-    agg = _pick(block, "aggregated", "aggregate", "metrics", "global")
-    aggregated = _scalars(agg) if isinstance(agg, Mapping) else _scalars(block)
-    return aggregated, sites
+def _site_block(block: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``{"aggregated": {...}, "sites": {name: {...}}}`` -> (aggregated, per site), numbers only."""
+    return _scalars(block["aggregated"]), {str(name): _scalars(m) for name, m in block["sites"].items()}
 
 
-def _problems(items: Any, what: str) -> tuple[str, ...]:
+def _problems(items: list[Mapping[str, Any]], what: str) -> tuple[str, ...]:
     """``[{"site", "check"?, "reason"}, ...]`` -> ``("rejected site0 (finite): non-finite values ...", ...)``."""
-    if not isinstance(items, list):
-        return ()
     out = []
     for item in items:
-        if not isinstance(item, Mapping):
-            continue
-        site, check, reason = (_pick(item, k, default="") for k in ("site", "check", "reason"))
+        site, check, reason = (item.get(k, "") for k in ("site", "check", "reason"))
         out.append(f"{what} {site}" + (f" ({check})" if check else "") + (f": {reason}" if reason else ""))
     return tuple(out)
 
 
 def _round_from_line(obj: Any, where: str) -> RoundRecord:
-    if not isinstance(obj, Mapping):
-        raise RunDirectoryError(f"{where} must be a JSON object (one round); got {type(obj).__name__}")
-    server_round = _pick(obj, "server_round", "round")
-    if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise RunDirectoryError(f"{where} has no integer 'round' (or 'server_round'); got {server_round!r}")
-    phase = _pick(obj, "phase", default="")
-    if not isinstance(phase, str) or not phase:
-        raise RunDirectoryError(f"{where} has no 'phase' string (pretrain, finetune, ...); got {phase!r}")
-    train_agg, train_sites = _site_block(_pick(obj, "train", "fit", default={}))
-    eval_agg, eval_sites = _site_block(_pick(obj, "evaluate", "eval", "evaluation", default={}))
-    part_raw = _pick(obj, "participation", default=obj)
-    part_raw = part_raw if isinstance(part_raw, Mapping) else {}
-    participation = {k: _count(_pick(part_raw, k, f"sites_{k}", f"num_{k}")) for k in PARTICIPATION_KEYS}
-    bytes_raw = _pick(obj, "bytes", "wire", "communication")
-    if isinstance(bytes_raw, Mapping):
-        up = _number(_pick(bytes_raw, "up", "bytes_up", "received", "uplink"))
-        down = _number(_pick(bytes_raw, "down", "bytes_down", "sent", "downlink"))
-    else:
-        up = _number(_pick(obj, "bytes_up", "up_bytes", "bytes_received"))
-        down = _number(_pick(obj, "bytes_down", "down_bytes", "bytes_sent"))
-    skipped = bool(_pick(obj, "skipped", default=False))
-    note = _pick(obj, "note", "reason", default="")
-    problems = _problems(_pick(obj, "rejected_updates", default=[]), "rejected") + \
-        _problems(_pick(obj, "failures", default=[]), "failed")
+    try:
+        rec = WireRoundRecord.decode(obj)
+    except ContractError as exc:
+        raise RunDirectoryError(f"{where} is not a round record of this version: {exc}") from None
+    train_agg, train_sites = _site_block(rec.train)
+    eval_agg, eval_sites = _site_block(rec.evaluate)
+    participation = {k: _count(rec.participation.get(k)) for k in PARTICIPATION_KEYS}
     return RoundRecord(
-        server_round=server_round, phase=phase,
+        server_round=rec.round, phase=rec.phase,
         train_aggregated=train_agg, train_sites=train_sites,
         evaluate_aggregated=eval_agg, evaluate_sites=eval_sites,
-        participation=participation, bytes_up=up, bytes_down=down,
-        skipped=skipped, note=note if isinstance(note, str) else "", problems=problems,
+        participation=participation, bytes_up=_number(rec.bytes.get("up")), bytes_down=_number(rec.bytes.get("down")),
+        skipped=rec.skipped, note=rec.note,
+        problems=_problems(rec.rejected_updates, "rejected") + _problems(rec.failures, "failed"),
     )
 
 
@@ -305,11 +267,11 @@ def _read_rounds(path: Path, warnings: list[str]) -> tuple[RoundRecord, ...]:
 def _site_result(obj: Any) -> SiteResult | None:
     if not isinstance(obj, Mapping):
         return None
-    return SiteResult(metrics=_scalars(obj), confusion_matrix=confusion_matrix(_pick(obj, "confusion_matrix")))
+    return SiteResult(metrics=_scalars(obj), confusion_matrix=confusion_matrix(obj.get("confusion_matrix")))
 
 
 def confusion_matrix(value: Any) -> list[list[float]] | None:
-    """A square matrix from nested rows or from the flat row-major list a reply carries (schema.py).
+    """A square matrix from nested rows or from a flat row-major list (the wire's form).
 
     Returns ``None`` for anything else (absent, not square, not numbers), so the page leaves it out.
     """
@@ -330,30 +292,28 @@ def confusion_matrix(value: Any) -> list[list[float]] | None:
 
 
 def _final_results(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> FinalResults | None:
-    final = _pick(summary, "final")
+    final = summary.get("final")
     if not isinstance(final, Mapping):
         return None
-    sites_raw = _pick(final, "sites", "per_site", default={})
+    sites_raw = final.get("sites", {})
     sites: dict[str, SiteResult] = {}
     if isinstance(sites_raw, Mapping):
         for name, obj in sites_raw.items():
             result = _site_result(obj)
             if result is not None:
                 sites[str(name)] = result
-    pooled = _site_result(_pick(final, "pooled", "global", "overall"))
+    pooled = _site_result(final.get("pooled"))
     if pooled is not None and not pooled.metrics and pooled.confusion_matrix is None:
         pooled = None  # the server writes {} when no site evaluated
-    names = _pick(final, "class_names", "classes") or _pick(summary, "class_names", "classes") \
-        or _pick(run_config, "class_names", "classes")
+    names = final.get("class_names") or summary.get("class_names") or run_config.get("class_names")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         names = []
-    mae_raw = _pick(final, "mae", "pretrain", "reconstruction") or _pick(summary, "mae")
-    mae = {k: v for k, v in _scalars(mae_raw).items() if k in MAE_METRICS or k == "num_examples"}
-    cross_raw = _pick(final, "cross_site", "cross", default={})
+    mae = {k: v for k, v in _scalars(final.get("mae")).items() if k in MAE_METRICS or k == "num_examples"}
+    cross_raw = final.get("cross_site", {})
     cross: dict[str, dict[str, float]] = {}
     if isinstance(cross_raw, Mapping):
         cross = {str(k): _scalars(v) for k, v in cross_raw.items() if isinstance(v, Mapping)}
-    note = _pick(final, "note", default="")
+    note = final.get("note", "")
     return FinalResults(sites=sites, pooled=pooled, class_names=tuple(names), mae=mae, cross_site=cross,
                         note=note if isinstance(note, str) else "")
 
@@ -400,8 +360,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
     ckpt_dir = run_dir / "checkpoints"
     checkpoints = tuple(sorted(p for p in ckpt_dir.iterdir() if p.is_file() and not p.name.startswith("."))) \
         if ckpt_dir.is_dir() else ()
-    sites_raw = _pick(summary, "sites", default={})
-    site_info = {str(name): _normed(v) for name, v in sites_raw.items() if isinstance(v, Mapping)} \
+    sites_raw = summary.get("sites", {})
+    site_info = {str(name): dict(v) for name, v in sites_raw.items() if isinstance(v, Mapping)} \
         if isinstance(sites_raw, Mapping) else {}
     return RunRecord(
         run_config=dict(run_config), state=dict(state) if isinstance(state, Mapping) else {},

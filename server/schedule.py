@@ -19,7 +19,7 @@ import dataclasses
 from typing import Literal
 
 from lungmae_core.errors import LungMAEError
-from lungmae_core.schema import FINETUNE, PRETRAIN
+from lungmae_core.contract import FINETUNE, PRETRAIN
 
 from server.federation_config import PhasesSection
 

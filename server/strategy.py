@@ -1,14 +1,20 @@
-"""The federation's strategy: phase-aware site sampling, validated updates, robust aggregation.
+"""One exchange with the sites: configure, send, collect, validate each reply on its own, aggregate.
 
-Sites differ: some hold only unlabelled scans (they can pretrain, not fine-tune), some have no test split.
-Before each phase the server *queries* every connected site for counts (no data, no identifiers), and a
-round samples only the sites that can serve it, so a phase never waits for a site that cannot take part.
+:class:`PhaseStrategy` is built once per phase with that phase's :class:`~lungmae_core.contract.RoundConfig`
+and serves its training rounds and evaluations. Every reply is hostile until validated
+(:meth:`PhaseStrategy._collect`), in this order, each failure dropping *that reply only* with its check:
 
-:class:`PhaseStrategy` is a Flower ``FedAvg`` whose ``configure_*`` add the phase, lr, local epochs,
-FedProx ``mu`` and compression to each message and send the global model fp16-packed, and whose
-``aggregate_*`` decode each site's *update* (local - global), validate it (``server.update_checks``),
-combine the valid ones (``server.aggregation``) and keep a :class:`RoundReport` of who took part, who
-failed or was rejected (site name and check only) and how many bytes crossed the wire.
+``replay``     the reply answers a message of this exchange, once, and echoes its round;
+``identity``   it comes from the node the message went to;
+``size``       its payload is within the byte bound (measured before anything is decoded);
+``contract``   it decodes into a ``TrainReply``/``EvalReply`` (keys, types, finite, in range, shapes);
+``count``      ``num_examples`` is no larger than the count the site declared in its query;
+``privacy``    its epsilon is consistent with ``federation.yaml`` privacy (``require-dp``, per-round limit);
+``names`` ... ``norm``  the update matches the global model and its bounds (``server.update_checks``).
+
+Nothing a reply contains can raise out of the round: an unexpected error while checking is a drop too.
+A site's aggregation weight (its example count) is capped at ``max-site-share`` of the total
+(``server.aggregation.capped_shares``). Site names come from the registry (the authenticated node).
 """
 
 from __future__ import annotations
@@ -22,40 +28,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from lungmae_core.errors import LungMAEError
-from lungmae_core.privacy import (
-    MAX_EPSILON_PER_ROUND_KEY, REQUIRE_DP_KEY, central_dp_epsilon, central_dp_mean, is_privacy_refusal,
-    secure_generator,
+from lungmae_core.contract import (
+    EVALUATE, PRETRAIN, TRAIN, ContractError, EvalReply, RoundConfig, TrainReply,
 )
-from lungmae_core.schema import (
-    EVALUATE, FINAL, FINETUNE, PRETRAIN, QUERY, SITE_NAME_KEY, SITE_RECORD, TRAIN, SchemaError,
-    check_metrics,
-)
+from lungmae_core.metrics import auc_from_histograms, pooled_from_confusion
+from lungmae_core.privacy import central_dp_epsilon, central_dp_mean, is_privacy_refusal, secure_generator
 from lungmae_core.wire import apply_delta, pack_state, packed_layout
 
-from server.aggregation import aggregate_updates
+from server.aggregation import aggregate_updates, capped_shares
+from server.sites import SiteRegistry
 from server.update_checks import Rejection, UpdateRejected, validate_update
 
-__all__ = [
-    "InsufficientSitesError",
-    "SiteInfo",
-    "RoundReport",
-    "PhaseStrategy",
-    "query_sites",
-    "arrays_to_state",
-    "state_to_arrays",
-    "pooled_from_confusion",
-]
+__all__ = ["RoundReport", "PhaseStrategy", "arrays_to_state", "state_to_arrays", "reply_bytes", "pool_evaluations"]
 
 log = logging.getLogger(__name__)
 
-
-class InsufficientSitesError(LungMAEError):
-    """Fewer sites than the phase's ``min-sites`` can serve it, after waiting ``round-timeout-s``."""
+_EVAL_REPLY_BYTES = 1 << 20
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -74,37 +65,14 @@ def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayReco
     return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
 
 
-@dataclasses.dataclass
-class SiteInfo:
-    """What a site said about itself in the query round (counts and settings only)."""
-
-    node_id: int
-    name: str
-    num_unlabelled: int = 0
-    num_labelled_train: int = 0
-    num_labelled_val: int = 0
-    num_labelled_test: int = 0
-    dp_enabled: bool = False
-    epsilon_budget: float = 0.0
-    has_gpu: bool = False
-    error: str = ""
-    epsilon: float = 0.0  # the site's total epsilon, as last reported
-    privacy_refused: str = ""  # why the site refused to train (budget, requirement): no more train rounds
-
-    def can_serve(self, phase: str, kind: str) -> bool:
-        """Whether the site has the scans a (phase, kind) message needs."""
-        if self.error:
-            return False
-        if kind == TRAIN:
-            if phase == PRETRAIN:
-                return self.num_unlabelled + self.num_labelled_train > 0
-            return self.num_labelled_train > 0
-        if phase == FINAL:
-            return self.num_labelled_test > 0
-        return self.num_labelled_val > 0
-
-    def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "node_id"}
+def reply_bytes(reply: Message) -> int:
+    """Payload bytes of a reply (arrays, metrics, configs), counted from the records' sizes, before decoding."""
+    if not reply.has_content():
+        return 0
+    c = reply.content
+    return (sum(r.count_bytes() for r in c.array_records.values())
+            + sum(r.count_bytes() for r in c.metric_records.values())
+            + sum(r.count_bytes() for r in c.config_records.values()))
 
 
 @dataclasses.dataclass
@@ -124,402 +92,290 @@ class RoundReport:
     note: str = ""
     duration_s: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["rejected"] = [dataclasses.asdict(r) for r in self.rejected]
-        return out
+    def drop(self, site: str, check: str, reason: str, kind: str, phase: str) -> None:
+        self.rejected.append(Rejection(site=site, check=check, reason=reason[:300]))
+        log.warning("%s %s: reply from %s dropped by the %s check: %s", kind, phase, site, check, reason[:300])
 
 
-def _metrics_dict(record: MetricRecord) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+def _weighted(sites: Sequence[tuple[float, Mapping[str, Any]]], key: str) -> float | None:
+    """Example-weighted mean of ``key`` over the sites where it is defined (None where none is)."""
+    pairs = [(w, float(m[key])) for w, m in sites if m.get(key) is not None]
+    total = sum(w for w, _ in pairs)
+    return sum(w * v for w, v in pairs) / total if total > 0 else None
 
 
-def _weighted_mean(sites: Mapping[str, Mapping[str, Any]], skip: Sequence[str] = ()) -> dict[str, Any]:
-    """Example-weighted mean of every scalar key; ``num-examples`` summed; lists left out."""
-    total = sum(float(m["num-examples"]) for m in sites.values())
-    out: dict[str, Any] = {"num-examples": int(total)}
-    if not sites:
-        return out
-    for key, value in next(iter(sites.values())).items():
-        if key == "num-examples" or key in skip or isinstance(value, list):
-            continue
-        if total > 0:
-            out[key] = sum(float(m[key]) * float(m["num-examples"]) for m in sites.values()) / total
-        else:
-            out[key] = sum(float(m[key]) for m in sites.values()) / len(sites)
-    return out
-
-
-def pooled_from_confusion(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy and weighted F1 of a (C, C) confusion matrix (rows: truth).
-
-    Pooling the sites' confusion matrices gives exactly the metrics of all test scans together without any
-    per-scan value leaving a site. Classes without support are left out of the balanced accuracy.
-    """
-    cm = np.asarray(cm, dtype=np.float64)
-    total = cm.sum()
-    if total <= 0:
-        return {"accuracy": 0.0, "balanced_accuracy": 0.0, "weighted_f1": 0.0}
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    tp = np.diag(cm)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {
-        "accuracy": float(tp.sum() / total),
-        "balanced_accuracy": float(recall[support > 0].mean()),
-        "weighted_f1": float((f1 * support).sum() / support.sum()),
-    }
-
-
-def _parse_site(reply: Message, node_id: int) -> SiteInfo:
-    content = reply.content
-    metrics = _metrics_dict(content["metrics"]) if "metrics" in content.metric_records else {}
-    check_metrics(QUERY, "", metrics)
-    name = f"node-{node_id}"
-    if SITE_RECORD in content.config_records:
-        raw = content.config_records[SITE_RECORD].get(SITE_NAME_KEY, name)
-        name = str(raw)[:64] if raw else name
-    return SiteInfo(
-        node_id=node_id, name=name,
-        num_unlabelled=int(metrics["num-unlabelled"]), num_labelled_train=int(metrics["num-labelled-train"]),
-        num_labelled_val=int(metrics["num-labelled-val"]), num_labelled_test=int(metrics["num-labelled-test"]),
-        dp_enabled=bool(metrics["dp-enabled"]), epsilon_budget=float(metrics["epsilon-budget"]),
-        has_gpu=bool(metrics["has-gpu"]))
-
-
-def query_sites(
-    grid: Grid,
-    known: dict[int, SiteInfo],
-    *,
-    phase: str,
-    kind: str,
-    min_sites: int,
-    timeout_s: float,
-    config: Mapping[str, Any] | None = None,
-    poll_s: float = 1.0,
-) -> dict[int, SiteInfo]:
-    """Ask every connected site not yet in ``known`` what it can serve; wait for ``min_sites`` able ones.
+class PhaseStrategy:
+    """Sampling, sending, validating and aggregating for one phase.
 
     Args:
-        grid: the Flower grid.
-        known: node id -> site info from earlier queries; updated in place and returned.
-        phase, kind: what the coming rounds need (e.g. ``finetune``/``train``).
-        min_sites: how many sites able to serve (phase, kind) to wait for.
-        timeout_s: give up after this long.
-        config: extra message config sent with the query (the phase, the model config).
-
-    Raises:
-        InsufficientSitesError: naming how many of how many connected sites can serve the phase.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        new = [n for n in grid.get_node_ids() if n not in known]
-        if new:
-            record = ConfigRecord({"phase": phase, **(config or {})})
-            messages = [Message(RecordDict({"config": record}), dst_node_id=n, message_type=QUERY) for n in new]
-            replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
-            by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-            answered = set()
-            for reply in replies:
-                node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                answered.add(node)
-                if reply.has_error():
-                    known[node] = SiteInfo(node_id=node, name=f"node-{node}", error=reply.error.reason[:300])
-                    log.warning("site query: node %s answered with an error: %s", node, known[node].error)
-                    continue
-                try:
-                    info = _parse_site(reply, node)
-                except (SchemaError, KeyError, TypeError, ValueError) as exc:
-                    known[node] = SiteInfo(node_id=node, name=f"node-{node}", error=f"bad query reply: {exc}")
-                    log.warning("site query: node %s sent a bad reply: %s", node, exc)
-                    continue
-                if any(s.name == info.name for s in known.values()):
-                    info.name = f"{info.name}#{node}"
-                known[node] = info
-                log.info("site %s: %d unlabelled, %d/%d/%d labelled train/val/test, dp %s", info.name,
-                         info.num_unlabelled, info.num_labelled_train, info.num_labelled_val,
-                         info.num_labelled_test, "on" if info.dp_enabled else "off")
-        able = [s for s in known.values() if s.can_serve(phase, kind)]
-        if len(able) >= min_sites:
-            return known
-        if time.monotonic() >= deadline:
-            connected = len(list(grid.get_node_ids()))
-            raise InsufficientSitesError(
-                f"Unable to run {phase} ({kind}) as only {len(able)} of {connected} connected sites can serve it "
-                f"and min-sites is {min_sites}; sites without the needed scans: "
-                f"{sorted(s.name for s in known.values() if not s.can_serve(phase, kind))}")
-        time.sleep(poll_s)
-
-
-class PhaseStrategy(FedAvg):
-    """FedAvg for one phase, with phase-aware sampling, update validation and robust aggregation.
-
-    Args:
-        phase: ``pretrain`` or ``finetune``.
-        sites: node id -> :class:`SiteInfo` from :func:`query_sites` (read at each round).
-        fraction: fraction of the able sites sampled per train round.
-        min_sites: fewest valid updates to aggregate; fewer skips the round (the model is kept).
-        method: ``fedavg``, ``fedprox``, ``trimmed-mean`` or ``median``.
-        trim: trimmed-mean cut per end.
-        mu: FedProx proximal weight sent to sites (0 for the others).
-        compression: how sites encode their update: ``fp32``, ``fp16`` or ``int8``.
+        round_config: the phase's request (rounds change only ``server_round`` and the lr segment).
+        sites: the site registry.
+        fraction, min_sites: sample ``max(fraction * able, min_sites)`` able sites; fewer valid updates
+            than ``min_sites`` keep the global model.
+        method, trim: aggregation (``server.aggregation``).
         max_norm: bound on an update's L2 norm.
-        seed: run seed; site sampling of round r uses ``Random(seed * 100003 + r)``.
-        upload_names: names of the entries sites send back (the trainable part); None: all.
-        static_config: values added to every message config (model config, classes, mode, seed).
-        max_epsilon_per_round: kept for the record; the sites enforce it on their planned round epsilon.
-        require_dp: sample only sites that train with DP.
-        central_dp: ``None``, or ``(noise_multiplier, clip, delta)``: aggregate as an equal-weight mean of
-            updates clipped to ``clip`` plus Gaussian noise (``lungmae_core.privacy.central_dp_mean``).
+        max_site_share: cap of one site's share of the example weights.
+        max_reply_bytes: byte bound of a train reply (0: twice the fp32 size of the sent part + 1 MiB).
+        upload_names: entries sites send back (None: all).
+        max_epsilon_per_round, require_dp: ``federation.yaml`` privacy requirements.
+        central_dp: (noise multiplier, clip, delta) for server-side DP, or None.
+        seed: run seed (site sampling).
     """
 
-    def __init__(self, *, phase: str, sites: Mapping[int, SiteInfo], fraction: float = 1.0, min_sites: int = 1,
-                 method: str = "fedavg", trim: float = 0.2, mu: float = 0.0, compression: str = "fp16",
-                 max_norm: float = 1e3, seed: int = 0, upload_names: Sequence[str] | None = None,
-                 static_config: Mapping[str, Any] | None = None, max_epsilon_per_round: float = 0.0,
-                 require_dp: bool = False, central_dp: tuple[float, float, float] | None = None) -> None:
-        super().__init__(fraction_train=fraction, fraction_evaluate=1.0, min_train_nodes=min_sites,
-                         min_evaluate_nodes=1, min_available_nodes=min_sites)
-        self.phase = phase
+    def __init__(self, round_config: RoundConfig, sites: SiteRegistry, *, fraction: float = 1.0, min_sites: int = 1,
+                 method: str = "fedavg", trim: float = 0.2, max_norm: float = 1e3, max_site_share: float = 0.5,
+                 max_reply_bytes: int = 0, upload_names: Sequence[str] | None = None,
+                 max_epsilon_per_round: float = 0.0, require_dp: bool = False,
+                 central_dp: tuple[float, float, float] | None = None, seed: int = 0) -> None:
+        self.round_config = round_config
+        self.phase = round_config.phase
         self.sites = sites
-        self.min_sites = min_sites
-        self.method = method
-        self.trim = trim
-        self.mu = mu if method == "fedprox" else 0.0
-        self.compression = compression
-        self.max_norm = max_norm
-        self.seed = seed
+        self.fraction, self.min_sites = fraction, min_sites
+        self.method, self.trim, self.max_norm = method, trim, max_norm
+        self.max_site_share = max_site_share
+        self.max_reply_bytes = max_reply_bytes
         self.upload_names = list(upload_names) if upload_names is not None else None
-        self.static_config = dict(static_config or {})
-        self.max_epsilon_per_round = max_epsilon_per_round
-        self.require_dp = require_dp
+        self.max_epsilon_per_round, self.require_dp = max_epsilon_per_round, require_dp
         self.central_dp = central_dp
-        self.last_train: RoundReport | None = None
-        self.last_evaluate: RoundReport | None = None
-        self._global: dict[str, torch.Tensor] = {}
-        self._sent: dict[str, int] = {}
-        self._messages: list[Message] = []
-        self._t0 = 0.0
+        self.seed = seed
 
-    # ------------------------------------------------------------------ sampling
-    def able_nodes(self, grid: Grid, phase: str, kind: str) -> list[int]:
-        """Connected nodes whose site can serve (phase, kind) (and trains with DP if required)."""
-        connected = set(grid.get_node_ids())
-        able = []
-        for node in sorted(connected):
-            info = self.sites.get(node)
-            if info is None or not info.can_serve(phase, kind):
-                continue
-            if kind == TRAIN and info.privacy_refused:
-                continue
-            if self.require_dp and kind == TRAIN and not info.dp_enabled:
-                if not info.privacy_refused:
-                    info.privacy_refused = "federation requires DP and the site has privacy.enabled false"
-                    log.warning("site %s excluded from training: %s", info.name, info.privacy_refused)
-                continue
-            able.append(node)
-        return able
-
-    def _name(self, node: int) -> str:
-        info = self.sites.get(node)
-        return info.name if info is not None else f"node-{node}"
-
-    def _messages_for(self, nodes: Sequence[int], arrays: ArrayRecord, config: ConfigRecord, kind: str,
-                      report: RoundReport) -> list[Message]:
-        self._global = {k: torch.from_numpy(np.array(v.numpy(), dtype=np.float32)) if
-                        np.issubdtype(v.numpy().dtype, np.floating) else torch.from_numpy(v.numpy().copy())
-                        for k, v in arrays.items()}
-        down = state_to_arrays(pack_state(self._global, "fp32" if self.compression == "fp32" else "fp16"))
-        record = RecordDict({"arrays": down, "config": config})
-        messages = [Message(content=record, dst_node_id=n, message_type=kind) for n in nodes]
-        report.sampled = [self._name(n) for n in nodes]
+    # ---------------------------------------------------------------------------------------- send
+    def _send(self, grid: Grid, nodes: Sequence[int], weights: Mapping[str, torch.Tensor], cfg: RoundConfig,
+              kind: str, report: RoundReport, timeout: float) -> tuple[list[Message], list[Message]]:
+        down = state_to_arrays(pack_state(weights, "fp32" if cfg.compression == "fp32" else "fp16"))
+        content = RecordDict({"arrays": down, "config": ConfigRecord(cfg.encode())})
+        messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+        report.sampled = [self.sites.name(n) for n in nodes]
         report.bytes_down = down.count_bytes() * len(nodes)
-        self._messages = messages
-        self._t0 = time.perf_counter()
-        return messages
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        return messages, replies
 
-    def _config(self, config: ConfigRecord, server_round: int, phase: str) -> ConfigRecord:
-        values = dict(self.static_config)
-        values.update(dict(config))
-        values.update({"phase": phase, "server-round": server_round, "compression": self.compression,
-                       "proximal-mu": float(self.mu), REQUIRE_DP_KEY: bool(self.require_dp),
-                       MAX_EPSILON_PER_ROUND_KEY: float(self.max_epsilon_per_round)})
-        return ConfigRecord(values)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Sample ``max(fraction * able, min-sites)`` able sites and send them the global model."""
-        report = RoundReport(kind=TRAIN)
-        self.last_train = report
-        able = self.able_nodes(grid, self.phase, TRAIN)
-        if len(able) < self.min_sites:
-            report.skipped = True
-            report.note = f"only {len(able)} sites can train {self.phase}; min-sites is {self.min_sites}"
-            log.warning("round %d skipped: %s", server_round, report.note)
-            return []
-        n = min(len(able), max(int(len(able) * self.fraction_train), self.min_sites))
-        nodes = sorted(random.Random(self.seed * 100003 + server_round).sample(able, n))
-        log.info("round %d (%s): sampled %s", server_round, self.phase, [self._name(x) for x in nodes])
-        return self._messages_for(nodes, arrays, self._config(config, server_round, self.phase), TRAIN, report)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        """Send the global model to every site with an evaluation split for the config's phase."""
-        phase = str(config.get("phase", self.phase))
-        report = RoundReport(kind=EVALUATE)
-        self.last_evaluate = report
-        nodes = self.able_nodes(grid, phase, EVALUATE)
-        if not nodes:
-            report.skipped = True
-            report.note = f"no site has scans to evaluate {phase}"
-            return []
-        cfg = self._config(config, server_round, phase)
-        cfg["split"] = "test" if phase == FINAL else "val"
-        return self._messages_for(nodes, arrays, cfg, EVALUATE, report)
-
-    # --------------------------------------------------------------- aggregation
-    def _split(self, replies: Iterable[Message], report: RoundReport, kind: str,
-               phase: str) -> list[tuple[str, Message, dict[str, Any]]]:
-        """Separate failed replies and replies that break the schema from usable ones."""
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
-        usable = []
-        replies = list(replies)
+    # ------------------------------------------------------------------------------------ validate
+    def _collect(self, messages: Sequence[Message], replies: Iterable[Message], report: RoundReport, kind: str,
+                 cfg: RoundConfig, layout: Mapping[str, Any] | None) -> list[tuple[int, str, Any, Any]]:
+        """Validate each reply on its own; returns (node, site, decoded reply, decoded update) of the good ones."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered: set[int] = set()
+        good = []
+        bound = self.max_reply_bytes if kind == TRAIN else _EVAL_REPLY_BYTES
+        if kind == TRAIN and bound <= 0 and layout is not None:
+            bound = 2 * sum(int(np.prod(shape)) * 4 for shape, _ in layout.values()) + (1 << 20)
         for reply in replies:
-            node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            site = self._name(node)
-            report.bytes_up += sum(r.count_bytes() for r in reply.content.array_records.values()) \
-                if reply.has_content() else 0
-            if reply.has_error():
-                reason = (reply.error.reason or "no reason given").strip().splitlines()
-                report.failed.append({"site": site, "reason": (reason[-1] if reason else "")[:300]})
-                info = self.sites.get(node)
-                if kind == TRAIN and info is not None and is_privacy_refusal(reply.error.reason):
-                    info.privacy_refused = report.failed[-1]["reason"]
-                    log.warning("%s %s: site %s refused for privacy and is excluded from further training "
-                                "rounds: %s", kind, phase, site, info.privacy_refused)
-                    continue
-                log.warning("%s %s: site %s failed: %s", kind, phase, site, report.failed[-1]["reason"])
+            node = sent.get(reply.metadata.reply_to_message_id)
+            if node is None or node in answered:
+                site = self.sites.name(reply.metadata.src_node_id)
+                report.drop(site, "replay", "the reply answers no message of this exchange, or answers one twice",
+                            kind, cfg.phase)
                 continue
-            content = reply.content
+            answered.add(node)
+            site = self.sites.name(node)
+            # the SuperLink's own error replies (a node that stopped) come from node 1: only replies are checked
+            if not reply.has_error() and reply.metadata.src_node_id != node:
+                report.drop(site, "identity", f"the reply to {site} comes from node {reply.metadata.src_node_id}",
+                            kind, cfg.phase)
+                continue
             try:
-                if list(content.metric_records) != ["metrics"]:
-                    raise SchemaError(f"expected one MetricRecord 'metrics', got {list(content.metric_records)}")
-                metrics = _metrics_dict(content["metrics"])
-                check_metrics(kind, phase, metrics)
-                if kind == TRAIN and list(content.array_records) != ["arrays"]:
-                    raise SchemaError(f"expected one ArrayRecord 'arrays', got {list(content.array_records)}")
-            except SchemaError as exc:
-                report.rejected.append(Rejection(site=site, check="reply", reason=str(exc)[:300]))
-                log.warning("%s %s: update from %s rejected by the reply check: %s", kind, phase, site, exc)
+                item = self._check(node, site, reply, report, kind, cfg, layout, bound)
+            except Exception as exc:  # noqa: BLE001  (no reply may raise out of the round)
+                report.drop(site, "contract", f"unexpected {type(exc).__name__} while checking the reply", kind,
+                            cfg.phase)
                 continue
-            if kind == TRAIN and not self._privacy_ok(node, site, metrics, report):
-                continue
-            usable.append((site, reply, metrics))
-        answered = {by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
-        for node in [m.metadata.dst_node_id for m in self._messages if m.metadata.dst_node_id not in answered]:
-            report.failed.append({"site": self._name(node), "reason": "no reply within round-timeout-s"})
-            log.warning("%s %s: site %s did not reply in time", kind, phase, self._name(node))
-        report.replied = [s for s, _, _ in usable]
-        return usable
+            if item is not None:
+                good.append(item)
+        for node in [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]:
+            report.failed.append({"site": self.sites.name(node), "reason": "no reply within round-timeout-s"})
+            log.warning("%s %s: site %s did not reply in time", kind, cfg.phase, self.sites.name(node))
+        return good
 
-    def _privacy_ok(self, node: int, site: str, metrics: Mapping[str, Any], report: RoundReport) -> bool:
-        """Check a train reply's ``epsilon`` (the site's running total) against ``federation.yaml`` privacy.
-
-        The site enforces ``max-epsilon-per-round`` on the round's own epsilon before training; a composed total
-        grows by at most that much, so a larger jump means the site broke the rule. Under ``require-dp`` a
-        site that still reports 0 after training did not train with DP.
-        """
+    def _check(self, node: int, site: str, reply: Message, report: RoundReport, kind: str, cfg: RoundConfig,
+               layout: Mapping[str, Any] | None, bound: int) -> tuple[int, str, Any, Any] | None:
+        if reply.has_error():
+            reason = (reply.error.reason or "no reason given").strip().splitlines()
+            report.failed.append({"site": site, "reason": (reason[-1] if reason else "")[:300]})
+            info = self.sites.get(node)
+            if kind == TRAIN and info is not None and is_privacy_refusal(reply.error.reason):
+                info.privacy_refused = report.failed[-1]["reason"]
+                log.warning("train %s: site %s refused for privacy and is excluded from further training rounds: %s",
+                            cfg.phase, site, info.privacy_refused)
+            else:
+                log.warning("%s %s: site %s failed: %s", kind, cfg.phase, site, report.failed[-1]["reason"])
+            return None
+        size = reply_bytes(reply)
+        report.bytes_up += size
+        if size > bound:
+            report.drop(site, "size", f"reply of {size} bytes exceeds the bound of {bound} bytes", kind, cfg.phase)
+            return None
+        content = reply.content
+        expected_arrays = ["arrays"] if kind == TRAIN else []
+        if list(content.metric_records) != ["metrics"] or list(content.array_records) != expected_arrays:
+            report.drop(site, "contract", f"expected MetricRecord 'metrics' and ArrayRecords {expected_arrays}; got "
+                        f"{list(content.metric_records)[:3]} and {list(content.array_records)[:3]}", kind, cfg.phase)
+            return None
+        try:
+            raw = dict(content["metrics"])
+            decoded = TrainReply.decode(raw) if kind == TRAIN else EvalReply.decode(raw, num_classes=cfg.num_classes)
+        except ContractError as exc:
+            report.drop(site, "contract", str(exc), kind, cfg.phase)
+            return None
+        if decoded.server_round != cfg.server_round:
+            report.drop(site, "replay", f"the reply is for round {decoded.server_round}, not {cfg.server_round}",
+                        kind, cfg.phase)
+            return None
         info = self.sites.get(node)
-        total = float(metrics["epsilon"])
-        grew = total - (info.epsilon if info is not None else 0.0)
+        declared = info.declared(cfg.phase, kind, cfg.split) if info is not None else 0
+        if decoded.num_examples > declared:
+            report.drop(site, "count", f"num_examples {decoded.num_examples} exceeds the {declared} scans the site "
+                        "declared", kind, cfg.phase)
+            return None
+        if kind != TRAIN:
+            return node, site, decoded, None
+        if not self._privacy_ok(info, site, decoded, report):
+            return None
+        try:
+            delta = validate_update(site, arrays_to_state(content["arrays"]), layout or {}, self.max_norm)
+        except UpdateRejected as exc:
+            report.rejected.append(Rejection.from_error(exc))
+            log.warning("train %s round %d: %s", cfg.phase, cfg.server_round, exc)
+            return None
+        return node, site, decoded, delta
+
+    def _privacy_ok(self, info: Any, site: str, reply: TrainReply, report: RoundReport) -> bool:
+        """A train reply's ``epsilon`` (finite and >= 0 by the contract) against ``federation.yaml`` privacy.
+
+        The site enforces ``max-epsilon-per-round`` before training; its running total grows by at most that
+        much, so a larger jump means the site broke the rule. Under ``require-dp`` a total of 0 after training
+        means the site did not train with DP.
+        """
+        before = info.epsilon if info is not None else 0.0
+        grew = reply.epsilon - before
         reason = ""
         if self.max_epsilon_per_round > 0 and grew > self.max_epsilon_per_round * (1 + 1e-6):
             reason = (f"epsilon grew by {grew:.3g} this round, over max-epsilon-per-round "
                       f"{self.max_epsilon_per_round:.3g}")
-        elif self.require_dp and total <= 0.0:
+        elif self.require_dp and not reply.epsilon > 0.0:
             reason = "federation requires DP and the site reports epsilon 0 after training"
+        elif self.require_dp and reply.epsilon < before:
+            reason = f"epsilon went down from {before:.3g} to {reply.epsilon:.3g}"
         if reason:
-            report.rejected.append(Rejection(site=site, check="privacy", reason=reason))
-            log.warning("train %s: update from %s rejected by the privacy check: %s", self.phase, site, reason)
+            report.drop(site, "privacy", reason, TRAIN, self.phase)
             return False
         if info is not None:
-            info.epsilon = max(info.epsilon, total)
+            info.epsilon = max(info.epsilon, reply.epsilon)
         return True
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each update, aggregate the valid ones; None (round skipped) if too few remain."""
-        report = self.last_train or RoundReport(kind=TRAIN)
-        usable = self._split(replies, report, TRAIN, self.phase)
-        names = self.upload_names if self.upload_names is not None else list(self._global)
-        layout = packed_layout({k: self._global[k] for k in names}, self.compression)
-        updates, weights = [], []
-        for site, reply, metrics in usable:
-            try:
-                delta = validate_update(site, arrays_to_state(reply.content["arrays"]), layout, self.max_norm)
-            except UpdateRejected as exc:
-                report.rejected.append(Rejection.from_error(exc))
-                log.warning("round %d: %s", server_round, exc)
-                continue
-            updates.append(delta)
-            weights.append(float(metrics["num-examples"]))
-            report.sites[site] = metrics
-        report.replied = list(report.sites)
-        report.duration_s = time.perf_counter() - self._t0
-        if len(updates) < self.min_sites:
+    # -------------------------------------------------------------------------------------- train
+    def train_round(self, grid: Grid, weights: dict[str, torch.Tensor], cfg: RoundConfig,
+                    timeout: float) -> tuple[dict[str, torch.Tensor] | None, RoundReport]:
+        """Sample, send, validate and aggregate one round; ``(None, report)`` when the round is skipped."""
+        report = RoundReport(kind=TRAIN)
+        t0 = time.perf_counter()
+        able = self.sites.able(grid, self.phase, TRAIN, require_dp=self.require_dp)
+        if len(able) < self.min_sites:
             report.skipped = True
-            report.note = report.note or (f"{len(updates)} valid updates, fewer than min-sites {self.min_sites}; "
+            report.note = f"only {len(able)} sites can train {self.phase}; min-sites is {self.min_sites}"
+            log.warning("round %d skipped: %s", cfg.server_round, report.note)
+            return None, report
+        n = min(len(able), max(int(len(able) * self.fraction), self.min_sites))
+        nodes = sorted(random.Random(self.seed * 100003 + cfg.server_round).sample(able, n))
+        log.info("round %d (%s): sampled %s", cfg.server_round, self.phase, [self.sites.name(x) for x in nodes])
+        glob = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in weights.items()}
+        names = self.upload_names if self.upload_names is not None else list(glob)
+        layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
+        messages, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
+        good = self._collect(messages, replies, report, TRAIN, cfg, layout)
+        for _, site, decoded, _ in good:
+            report.sites[site] = decoded.metrics()
+        report.replied = list(report.sites)
+        report.duration_s = time.perf_counter() - t0
+        if len(good) < self.min_sites:
+            report.skipped = True
+            report.note = report.note or (f"{len(good)} valid updates, fewer than min-sites {self.min_sites}; "
                                           "the global model is kept")
-            log.warning("round %d: %s", server_round, report.note)
-            return None, None
+            log.warning("round %d: %s", cfg.server_round, report.note)
+            return None, report
+        updates = [delta for *_, delta in good]
+        shares = capped_shares([float(d.num_examples) for _, _, d, _ in good], self.max_site_share)
         if self.central_dp is not None:
-            sigma, clip, delta = self.central_dp
+            sigma, clip, delta_dp = self.central_dp
             agg, norms = central_dp_mean(updates, clip=clip, noise_multiplier=sigma,
                                          generator=secure_generator())
-            clipped = sum(1 for n in norms if n > clip)
+            clipped = sum(1 for x in norms if x > clip)
         else:
-            agg = aggregate_updates(updates, weights, self.method, self.trim)
-        new_state = apply_delta(self._global, agg)
-        report.aggregated = _weighted_mean(report.sites, skip=("update-bytes",))
+            agg = aggregate_updates(updates, shares, self.method, self.trim)
+        new_state = apply_delta(glob, agg)
+        metrics = [(float(d.num_examples), report.sites[s]) for _, s, d, _ in good]
+        report.aggregated = {"num_examples": int(sum(w for w, _ in metrics)),
+                             "epsilon": max(float(m["epsilon"]) for _, m in metrics),
+                             "max_site_share": float(max(shares)),
+                             **{k: _weighted(metrics, k) for k in ("loss", "loss_lung", "loss_non_lung", "accuracy",
+                                                                   "train_seconds")
+                                if any(m.get(k) is not None for _, m in metrics)}}
         if self.central_dp is not None:
             # server_round counts every round of the schedule so far: an upper bound on the noised releases
-            report.aggregated["central-epsilon"] = central_dp_epsilon(sigma, server_round, delta)
-            report.aggregated["central-clipped"] = clipped
-            log.info("round %d: central DP, %d of %d updates clipped to %.3g, noise %.3g; central epsilon %.3f "
-                     "(delta %.2g)", server_round, clipped, len(updates), clip, sigma * clip / len(updates),
-                     report.aggregated["central-epsilon"], delta)
-        log.info("round %d (%s): aggregated %d updates (%s), %d rejected, %d failed; %.1f kB down, %.1f kB up",
-                 server_round, self.phase, len(updates), self.method, len(report.rejected), len(report.failed),
-                 report.bytes_down / 1e3, report.bytes_up / 1e3)
-        return state_to_arrays(new_state), MetricRecord({k: v for k, v in report.aggregated.items()})
+            report.aggregated["central_epsilon"] = central_dp_epsilon(sigma, cfg.server_round, delta_dp)
+            report.aggregated["central_clipped"] = clipped
+        log.info("round %d (%s): aggregated %d updates (%s, largest share %.2f), %d dropped, %d failed; "
+                 "%.1f kB down, %.1f kB up", cfg.server_round, self.phase, len(updates), self.method, max(shares),
+                 len(report.rejected), len(report.failed), report.bytes_down / 1e3, report.bytes_up / 1e3)
+        return new_state, report
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted means; for classifiers also summed confusion matrix and pooled metrics."""
-        report = self.last_evaluate or RoundReport(kind=EVALUATE)
-        phase = self._messages[0].content["config"]["phase"] if self._messages else self.phase
-        usable = self._split(replies, report, EVALUATE, str(phase))
-        report.duration_s = time.perf_counter() - self._t0
-        for site, _, metrics in usable:
-            report.sites[site] = metrics
-        if not report.sites:
+    # ----------------------------------------------------------------------------------- evaluate
+    def evaluate(self, grid: Grid, weights: dict[str, torch.Tensor], cfg: RoundConfig, timeout: float) -> RoundReport:
+        """Send the model to every site with the split; pooled metrics of the valid replies."""
+        report = RoundReport(kind=EVALUATE)
+        t0 = time.perf_counter()
+        nodes = self.sites.able(grid, cfg.phase, EVALUATE, require_dp=False)
+        if not nodes:
             report.skipped = True
-            report.note = report.note or "no evaluation replies"
-            return None
-        agg = _weighted_mean(report.sites, skip=("roc-auc", "roc-auc-valid"))
-        first = next(iter(report.sites.values()))
-        if "confusion-matrix" in first:
-            cm = np.sum([np.asarray(m["confusion-matrix"], dtype=np.int64) for m in report.sites.values()], axis=0)
-            side = int(round(len(cm) ** 0.5))
-            agg["confusion-matrix"] = [int(v) for v in cm]
-            pooled = pooled_from_confusion(cm.reshape(side, side))
-            agg.update({k.replace("_", "-"): v for k, v in pooled.items()})
-            valid = {s: m for s, m in report.sites.items() if m.get("roc-auc-valid", 0)}
-            n = sum(float(m["num-examples"]) for m in valid.values())
-            agg["roc-auc"] = sum(float(m["roc-auc"]) * float(m["num-examples"]) for m in valid.values()) / n \
-                if n > 0 else 0.0
-            agg["roc-auc-valid"] = int(n > 0)
-        report.aggregated = agg
-        return MetricRecord({k: v for k, v in agg.items()})
+            report.note = f"no site has scans to evaluate {cfg.phase}"
+            return report
+        messages, replies = self._send(grid, nodes, weights, cfg, EVALUATE, report, timeout)
+        good = self._collect(messages, replies, report, EVALUATE, cfg, None)
+        report.duration_s = time.perf_counter() - t0
+        if not good:
+            report.skipped = True
+            report.note = report.note or "no valid evaluation replies"
+            return report
+        decoded: list[EvalReply] = [d for _, _, d, _ in good]
+        for _, site, d, _ in good:
+            report.sites[site] = d.metrics()
+            if d.confusion_matrix:
+                report.sites[site]["confusion_matrix"] = _square(d.confusion_matrix, cfg.num_classes)
+        report.aggregated = pool_evaluations(decoded, cfg.num_classes, cfg.phase)
+        return report
+
+
+def _square(flat: Sequence[int], k: int) -> list[list[int]]:
+    return [list(flat[i * k:(i + 1) * k]) for i in range(k)]
+
+
+def pool_evaluations(replies: Sequence[EvalReply], num_classes: int, phase: str) -> dict[str, Any]:
+    """Pooled figures of several sites' evaluations, without any per-scan value.
+
+    ``loss``, ``accuracy`` and the MAE errors: example-weighted means over the sites where defined (exact
+    pooled values). ``balanced_accuracy``, ``weighted_f1``, ``classes_present``: from the summed confusion
+    matrices of the sites that sent one (``pooled_num_examples`` scans). ``roc_auc``: one-vs-rest macro AUC of
+    the summed score histograms (None unless every class is present).
+    """
+    metrics = [(float(r.num_examples), r.metrics()) for r in replies]
+    out: dict[str, Any] = {"num_examples": int(sum(w for w, _ in metrics))}
+    keys = ("loss", "l1_masked", "l1_masked_lung", "baseline_l1_masked", "baseline_l1_masked_lung") \
+        if phase == PRETRAIN else ("loss", "accuracy")
+    out.update({k: _weighted(metrics, k) for k in keys})
+    if phase == PRETRAIN:
+        return out
+    with_cm = [r for r in replies if r.confusion_matrix]
+    out["suppressed_sites"] = sum(1 for r in replies if r.suppressed)
+    out["pooled_num_examples"] = sum(r.num_examples for r in with_cm)
+    if with_cm:
+        cm = np.sum([np.asarray(r.confusion_matrix, dtype=np.int64) for r in with_cm], axis=0)
+        pooled = pooled_from_confusion(cm.reshape(num_classes, num_classes))
+        out.update({k: pooled[k] for k in ("balanced_accuracy", "weighted_f1", "classes_present")})
+        out["confusion_matrix"] = _square([int(v) for v in cm], num_classes)
+    else:
+        out.update({"balanced_accuracy": None, "weighted_f1": None, "classes_present": 0})
+    with_hist = [r for r in replies if r.score_histogram]
+    out["roc_auc"] = auc_from_histograms(np.sum([np.asarray(r.score_histogram) for r in with_hist], axis=0),
+                                         num_classes)[0] if with_hist else None
+    return out
+

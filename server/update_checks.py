@@ -26,8 +26,10 @@ from lungmae_core.wire import WireFormatError, unpack_state, update_norm
 
 __all__ = ["CHECKS", "UpdateRejected", "Rejection", "validate_update"]
 
-# Checks in the order they run; each rejection names one of them.
-CHECKS: tuple[str, ...] = ("reply", "names", "shapes", "dtypes", "finite", "norm")
+# Checks in the order they run (server.strategy runs the first six on the reply, these the last five on
+# the update); each rejection names one of them.
+CHECKS: tuple[str, ...] = ("replay", "identity", "size", "contract", "count", "privacy", "names", "shapes", "dtypes",
+                           "finite", "norm")
 
 
 class UpdateRejected(LungMAEError):

@@ -89,18 +89,26 @@ class InProcessGrid(Grid):
         return replies
 
 
-def prepared_sites(root: Path, *, sites: int = 2, scans: int = 5, size: int = 32, seed: int = 0) -> list[Path]:
-    """Write and prepare small synthetic hospitals once per test session; return their site.yaml paths."""
-    key = (sites, scans, size, seed)
+def prepared_sites(root: Path, *, sites: int = 2, scans: int = 5, size: int = 32, seed: int = 0,
+                   min_count: int = 1) -> list[Path]:
+    """Write and prepare small synthetic hospitals once per test session; return their site.yaml paths.
+
+    Their ``policy.min-count`` is ``min_count`` (1 by default, so their tiny splits still send confusion
+    matrices; the policy tests use the shipped default of 10).
+    """
+    key = (sites, scans, size, seed, min_count)
     if key not in _SITES_CACHE:
         from client.prepare import prepare_site
-        from client.site_config import load_site_config
+        from client.site_config import load_site_config, write_site_config
         from lungmae_cli.synth import write_synthetic_sites
 
         paths = write_synthetic_sites(root, sites=sites, scans_per_site=scans, seed=seed, shape=(40, 64, 64),
                                       preprocess_size=size, workers=1)
         for path in paths:
-            prepare_site(load_site_config(path), workers=1, progress=False)
+            cfg = load_site_config(path)
+            cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, min_count=min_count))
+            write_site_config(cfg, path)
+            prepare_site(cfg, workers=1, progress=False)
         _SITES_CACHE[key] = [Path(p) for p in paths]
     return _SITES_CACHE[key]
 

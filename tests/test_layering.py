@@ -1,4 +1,6 @@
-"""The layering rule of DESIGN.md: ``lungmae_core`` is framework-free and never imports Flower."""
+"""The layering rules: ``lungmae_core`` is framework-free and never imports Flower; ``client/`` and ``server/``
+never import each other (the site's code and the coordinator's code meet only in ``lungmae_core``'s contract
+and in ``lungmae_cli``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[1] / "lungmae_core"
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "lungmae_core"
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -31,3 +34,15 @@ def test_scanner_sees_imports_inside_functions(tmp_path: Path) -> None:
 def test_core_never_imports_flower_client_or_server(path: Path) -> None:
     forbidden = _imported_roots(path) & {"flwr", "client", "server", "lungmae_cli", "ray"}
     assert not forbidden, f"{path.relative_to(CORE.parent)} imports {sorted(forbidden)}; lungmae_core must stay framework-free"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "client").rglob("*.py")), ids=lambda p: p.name)
+def test_client_never_imports_server(path: Path) -> None:
+    forbidden = _imported_roots(path) & {"server", "lungmae_cli"}
+    assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; a site runs without the server code"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "server").rglob("*.py")), ids=lambda p: p.name)
+def test_server_never_imports_client(path: Path) -> None:
+    forbidden = _imported_roots(path) & {"client", "lungmae_cli"}
+    assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; the coordinator runs without site code"

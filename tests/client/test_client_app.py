@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import make_client_app
 from lungmae_core.config import model_config, to_mapping
+from lungmae_core.contract import EvalReply, QueryReply, RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
-from lungmae_core.schema import reply_keys
 from lungmae_core.wire import pack_state, unpack_state
 
 MCFG = model_config("tiny", img_size=32, depth=2, decoder_depth=1)
@@ -24,9 +23,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _message(kind: str, phase: str, state: dict[str, torch.Tensor] | None, **extra: object) -> Message:
-    config = {"phase": phase, "server-round": 1, "lr": 1e-3, "local-epochs": 1, "compression": "fp16",
-              "model-config": json.dumps(to_mapping(MCFG)), "num-classes": 4, "finetune-mode": "full", "seed": 0,
-              "proximal-mu": 0.0}
+    config = RoundConfig(phase=phase, server_round=1, model_name="tiny", model_config=to_mapping(MCFG)).encode()
     config.update(extra)
     content = RecordDict({"config": ConfigRecord(config)})
     if state is not None:
@@ -41,10 +38,9 @@ def _ctx(index: int) -> Context:
 
 def test_query_reports_counts_only(sites: list[Path]) -> None:
     reply = make_client_app(sites)(_message("query", "pretrain", None), _ctx(0))
-    metrics = dict(reply.content["metrics"])
-    assert list(metrics) == list(reply_keys("query"))
-    total = metrics["num-labelled-train"] + metrics["num-labelled-val"] + metrics["num-labelled-test"]
-    assert total == 5 and metrics["epsilon"] == 0.0 and metrics["dp-enabled"] == 0
+    q = QueryReply.decode(dict(reply.content["metrics"]))
+    assert q.num_labelled_train + q.num_labelled_val + q.num_labelled_test == 5
+    assert q.epsilon == 0.0 and not q.dp_enabled
     assert reply.content["site"]["site-name"] == "site0"
     assert not reply.content.array_records
 
@@ -55,11 +51,12 @@ def test_train_replies_update_and_schema_metrics(sites: list[Path], phase: str, 
     state = model.state_dict()
     reply = make_client_app(sites)(_message("train", phase, state, compression=compression, **{"proximal-mu": 0.1}),
                                    _ctx(1))
-    metrics = dict(reply.content["metrics"])
-    assert list(metrics) == list(reply_keys("train", phase)) and metrics["num-examples"] >= 1
+    metrics = TrainReply.decode(dict(reply.content["metrics"]))
+    assert metrics.num_examples >= 1 and metrics.server_round == 1 and metrics.loss is not None
+    assert (metrics.accuracy is not None) == (phase == "finetune")
     packed = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     delta = unpack_state(packed)
-    assert set(delta) == set(state) and metrics["update-bytes"] == sum(a.nbytes for a in packed.values())
+    assert set(delta) == set(state) and metrics.update_bytes == sum(a.nbytes for a in packed.values())
     moved = sum(float(d.abs().sum()) for d in delta.values())
     assert moved > 0 and all(torch.isfinite(d).all() for d in delta.values())
 
@@ -74,10 +71,13 @@ def test_linear_probe_sends_trainable_part_only(sites: list[Path]) -> None:
 def test_evaluate(sites: list[Path], phase: str, split: str) -> None:
     state = (build_mae(MCFG, seed=0) if phase == "pretrain" else ILDClassifier(MCFG, 4)).state_dict()
     reply = make_client_app(sites)(_message("evaluate", phase, state, split=split), _ctx(0))
-    metrics = dict(reply.content["metrics"])
-    assert list(metrics) == list(reply_keys("evaluate", phase)) and metrics["num-examples"] >= 1
-    if phase != "pretrain":
-        assert sum(metrics["confusion-matrix"]) == metrics["num-examples"]
+    metrics = EvalReply.decode(dict(reply.content["metrics"]), num_classes=4)
+    assert metrics.num_examples >= 1
+    if phase != "pretrain":  # the test sites' policy min-count is 1: the per-class figures are sent
+        assert sum(metrics.confusion_matrix) == metrics.num_examples and not metrics.suppressed
+        assert len(metrics.score_histogram) == 2 * 4 * 100
+    else:
+        assert metrics.l1_masked is not None and metrics.accuracy is None
 
 
 def test_missing_cache_is_a_clear_error_without_paths(sites: list[Path]) -> None:
@@ -94,8 +94,8 @@ def test_bad_weights_and_config_are_refused(sites: list[Path]) -> None:
         make_client_app(sites)(_message("train", "pretrain", wrong), _ctx(0))
     msg = _message("train", "pretrain", build_mae(MCFG, seed=0).state_dict())
     del msg.content["config"]["model-config"]
-    with pytest.raises(Exception, match="SchemaError"):
-        make_client_app(sites)(msg, _ctx(0))
+    reply = make_client_app(sites)(msg, _ctx(0))
+    assert reply.has_error() and "contract error" in reply.error.reason and "'model-config'" in reply.error.reason
     with pytest.raises(Exception, match="cannot serve query pretrain: its site.yaml is invalid"):
         make_client_app(sites)(_message("query", "pretrain", None), _ctx(5))
 

@@ -63,3 +63,45 @@ def test_unusable_files(tmp_path: Path, text, message) -> None:
         _read(tmp_path, text)
     with pytest.raises(SiteConfigError, match=r"labels CSV .*missing.csv as it does not exist; fix data.labels"):
         read_labels(tmp_path / "missing.csv", CLASSES)
+
+
+def test_every_label_outside_the_federation_classes_is_named_with_its_count(tmp_path: Path) -> None:
+    """A registry that says UIP/NSIP where the federation says fibrosis: the site finds out at prepare."""
+    table = _read(tmp_path, "patient_id,label\nA,UIP\nB,normal\nC,NSIP\nD,UIP\nE,uip\n")
+    assert table.labels == {"B": "normal"}
+    assert table.unknown_labels() == {"UIP": 2, "NSIP": 1, "uip": 1}
+
+
+def test_prepare_summary_names_unknown_labels_and_counts_unlabelled(tmp_path: Path) -> None:
+    from client.prepare import PrepareReport
+
+    report = PrepareReport(
+        cache_dir=tmp_path, manifest_path=tmp_path / "m.csv", datacard_path=tmp_path / "d.json", n_rows=5,
+        accepted=5, rejected=0, reused=0, processed=5, rejections={}, examples={}, notes=(), label_issues=(),
+        labelled=1, seconds=1.0, unlabelled=4, unknown_labels={"UIP": 2, "NSIP": 1}, classes=CLASSES)
+    text = report.summary()
+    assert "1 accepted series labelled, 4 unlabelled." in text
+    assert ("Labels outside the federation's classes (normal, ggo, fibrosis, emphysema): 3 row(s) left unlabelled: "
+            "'UIP' x2, 'NSIP' x1.") in text
+
+
+def test_strict_labels_refuse_to_prepare_naming_each_unknown_label(tmp_path: Path) -> None:
+    from client.prepare import prepare_site
+    from client.site_config import site_config_from_mapping
+
+    (tmp_path / "input").mkdir()
+    (tmp_path / "labels.csv").write_text("patient_id,label\nA,UIP\nB,hp\nC,UIP\n")
+    cfg = site_config_from_mapping({"data": {"input": "input", "cache": "cache", "labels": "labels.csv",
+                                             "classes": ["normal", "fibrosis"], "strict-labels": True}},
+                                   base_dir=tmp_path)
+    with pytest.raises(SiteConfigError) as info:
+        prepare_site(cfg, progress=False)
+    assert "labels outside the federation's classes (normal, fibrosis): 'UIP' (2 rows), 'hp' (1 rows)" in str(info.value)
+
+
+def test_class_list_in_site_yaml_is_validated() -> None:
+    from client.site_config import site_config_from_mapping
+
+    with pytest.raises(SiteConfigError, match="'classes' must hold distinct names"):
+        site_config_from_mapping({"data": {"classes": ["uip", "uip"]}})
+    assert site_config_from_mapping({"data": {"classes": ["uip", "nsip", "hp"]}}).data.classes == ("uip", "nsip", "hp")

@@ -86,7 +86,7 @@ def test_state_dir_is_configurable_and_never_inside_the_cache(tmp_path: Path) ->
     ({"dat": {}}, "s.yaml: 'dat' is not a known section; allowed sections: site, data, preprocess, training, "
                   "privacy, connection"),
     ({"data": {"workerz": 2}}, "s.yaml: 'data': 'workerz' is not a known key; allowed keys: axial-tolerance-deg, "
-                               "cache, input, irregular-spacing, labels"),
+                               "cache, classes, input, irregular-spacing, labels"),
     ({"data": {"irregular-spacing": "fix"}}, "s.yaml: 'data': 'irregular-spacing' must be one of 'resample', "
                                              "'reject'; got 'fix'"),
     ({"data": {"workers": 0}}, "s.yaml: 'data': 'workers' must be in [1, 256]; got 0"),

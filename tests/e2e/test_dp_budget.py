@@ -22,6 +22,7 @@ from client.ledger import RESET_COMMAND, PrivacyLedger
 from client.privacy_gate import training_patients
 from client.site_config import load_site_config, write_site_config
 from lungmae_core.config import to_mapping
+from lungmae_core.contract import RoundConfig
 from lungmae_core.model import build_mae
 from lungmae_core.privacy import PRIVACY_REFUSAL_CODE, DPConfig, default_delta, epsilon_for, sample_rate_for, steps_for
 from lungmae_core.wire import pack_state
@@ -122,9 +123,8 @@ def _tiny():
 
 
 def _train_message(state: dict[str, torch.Tensor], server_round: int) -> Message:
-    config = {"phase": "pretrain", "server-round": server_round, "lr": 1e-3, "local-epochs": 1,
-              "compression": "fp16", "model-config": json.dumps(to_mapping(_tiny())), "num-classes": 4,
-              "finetune-mode": "full", "seed": 0, "proximal-mu": 0.0}
+    config = RoundConfig(phase="pretrain", server_round=server_round, model_name="tiny",
+                         model_config=to_mapping(_tiny())).encode()
     arrays = ArrayRecord(array_dict={k: Array(v) for k, v in pack_state(state, "fp16").items()})
     return Message(RecordDict({"config": ConfigRecord(config), "arrays": arrays}), dst_node_id=7,
                    message_type="train")
@@ -148,7 +148,7 @@ def test_central_dp_reports_its_epsilon_per_round(tmp_path: Path) -> None:
         "run-dir": str(run_dir), "round-timeout-s": 5, "update-checks": {"max-norm": 1e3}}, source="test")
     FederationRunner(cfg, InProcessGrid(make_client_app(sites), [{"partition-id": 0}, {"partition-id": 1}])).run()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["train"]["aggregated"]["central-epsilon"] for x in lines] == pytest.approx(
+    assert [x["train"]["aggregated"]["central_epsilon"] for x in lines] == pytest.approx(
         [central_dp_epsilon(2.0, r, 1e-3) for r in (1, 2)])
     with pytest.raises(Exception, match="privacy central-dp needs strategy fedavg or fedprox"):
         federation_from_mapping({"privacy": {"central-dp": True}, "strategy": {"name": "median"}}, source="test")

@@ -31,3 +31,19 @@ def test_trim_zero_is_plain_mean_and_errors() -> None:
         aggregate_updates(UPDATES[:1], [0], "fedavg")
     with pytest.raises(ValueError, match="must be one of fedavg, fedprox, trimmed-mean, median; got 'krum'"):
         aggregate_updates(UPDATES[:1], [1], "krum")
+
+
+def test_capped_shares_give_no_site_more_than_the_cap() -> None:
+    from server.aggregation import capped_shares
+
+    shares = capped_shares([1e15, 5, 5], 0.5)
+    assert shares == pytest.approx([0.5, 0.25, 0.25]) and sum(shares) == pytest.approx(1.0)
+    shares = capped_shares([1, 1, 1, 97], 0.3)
+    assert max(shares) == pytest.approx(0.3) and sum(shares) == pytest.approx(1.0)
+    assert capped_shares([3, 1], 0.5) == pytest.approx([0.5, 0.5])
+    assert capped_shares([7], 0.5) == [1.0]  # one site: the cap cannot apply
+    assert capped_shares([1, 2, 3], 1.0) == pytest.approx([1 / 6, 2 / 6, 3 / 6])  # no cap: example weights
+    with pytest.raises(ValueError, match="max-site-share must be in"):
+        capped_shares([1, 2], 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        capped_shares([1, float("nan")], 0.5)

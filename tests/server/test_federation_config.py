@@ -33,8 +33,13 @@ def test_model_shorthand_and_partial_phase() -> None:
     ({"compression": "bf16"}, "'compression' must be one of 'fp32', 'fp16', 'int8'"),
     ({"phases": {"finetune": {"fraction": 1.5}}}, "fraction must be in (0, 1]; got 1.5"),
     ({"phases": {"pretrain": {"rounds": 0}, "finetune": {"rounds": 0}}}, "at least one round"),
-    ({"classes": ["a"]}, "classes must list at least 2 names"),
+    ({"classes": ["a"]}, "classes must have 2..64 names; got 1"),
     ({"update-checks": {"max-norm": 0}}, "max-norm must be > 0; got 0.0"),
+    ({"update-checks": {"max-site-share": 0}}, "max-site-share must be in (0, 1]; got 0.0"),
+    ({"sites": {"hospital": "a"}}, "sites: keys must be node ids (integers); got 'hospital'"),
+    ({"sites": {1: "a", 2: "a"}}, "sites: two nodes have the same site name"),
+    ({"sites": {1: "a b"}}, "sites: 1: a site name is 1-64 letters"),
+    ({"model": {"name": "tiny", "pooling": "max"}}, "'pooling' must be one of 'lung', 'mean', 'cls'"),
     ({"round-timeout-s": "soon"}, "'round-timeout-s' must be a number; got 'soon'"),
 ])
 def test_errors_name_file_and_key(mapping: dict, message: str) -> None:
@@ -66,3 +71,15 @@ def test_hash_ignores_hosting_but_not_science(tmp_path: Path) -> None:
     a = FederationConfig()
     assert config_hash(a) == config_hash(federation_from_mapping({"run-dir": str(tmp_path), "round-timeout-s": 5}))
     assert config_hash(a) != config_hash(federation_from_mapping({"seed": 1}))
+
+
+def test_class_list_site_names_and_share_cap() -> None:
+    cfg = federation_from_mapping({"classes": ["uip", "nsip", "hp", "sarcoidosis", "other"],
+                                   "sites": {"1744": "hospital-a", 9: "hospital-b"}, "model": {"pooling": "cls"}})
+    assert cfg.num_classes == 5 and cfg.site_names == {1744: "hospital-a", 9: "hospital-b"}
+    assert cfg.update_checks.max_site_share == 0.5 and cfg.update_checks.max_reply_bytes == 0
+    assert cfg.model.pooling == "cls"
+    assert federation_from_mapping({}).classes == ("normal", "ggo", "fibrosis", "emphysema")
+    # the node -> name mapping is hosting, not science: it does not change the config hash
+    assert config_hash(cfg) == config_hash(federation_from_mapping({
+        "classes": ["uip", "nsip", "hp", "sarcoidosis", "other"], "model": {"pooling": "cls"}}))

@@ -15,6 +15,7 @@ import torch
 
 from lungmae_cli.main import main as lungmae_main
 from lungmae_core.config import model_config, to_mapping
+from lungmae_core.contract import CONTRACT_VERSION
 from lungmae_core.model import build_mae
 from server.checkpoints import Checkpoint, CheckpointStore, atomic_write_json
 from server.federation_config import config_hash, federation_from_mapping, federation_to_mapping
@@ -35,12 +36,12 @@ def _line(r: int, phase: str, phase_round: int, phase_rounds: int, train: dict[s
           *, failed: tuple[str, ...] = (), rejected: tuple[str, ...] = (), down: int, up: int) -> dict[str, Any]:
     """One ``metrics.jsonl`` record exactly as ``server/runner.py`` (``_record``) writes it."""
     def mean(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        n = sum(m["num-examples"] for m in sites.values())
-        keys = [k for k in next(iter(sites.values())) if k != "num-examples" and not isinstance(
+        n = sum(m["num_examples"] for m in sites.values())
+        keys = [k for k in next(iter(sites.values())) if k != "num_examples" and not isinstance(
             next(iter(sites.values()))[k], list)]
-        return {"num-examples": n, **{k: sum(m[k] * m["num-examples"] for m in sites.values()) / n for k in keys}}
+        return {"num_examples": n, **{k: sum(m[k] * m["num_examples"] for m in sites.values()) / n for k in keys}}
 
-    return {"round": r, "phase": phase, "phase_round": phase_round, "phase_rounds": phase_rounds, "step": r,
+    return {"contract_version": CONTRACT_VERSION, "round": r, "phase": phase, "phase_round": phase_round, "phase_rounds": phase_rounds, "step": r,
             "train": {"aggregated": mean(train), "sites": train},
             "evaluate": {"aggregated": mean(evaluate), "sites": evaluate},
             "participation": {"sampled": sorted({*train, *failed, *rejected}), "replied": sorted(train),
@@ -57,12 +58,12 @@ def _eps(site_index: int, server_round: int, dp: bool) -> float:
 
 def _pretrain_line(r: int, rounds: int, *, dp: bool, mae_wins: bool) -> dict[str, Any]:
     failed = ("hospital-c",) if r == 2 else ()
-    train = {s: {"num-examples": 10, "train-loss": 0.3 / r + 0.01 * i, "train-loss-lung": 0.3 / r,
-                 "train-loss-non-lung": 0.1, "epsilon": _eps(i, r, dp), "train-seconds": 3.0,
-                 "update-bytes": 1000} for i, s in enumerate(SITES) if s not in failed}
+    train = {s: {"num_examples": 10, "loss": 0.3 / r + 0.01 * i, "loss_lung": 0.3 / r,
+                 "loss_non_lung": 0.1, "epsilon": _eps(i, r, dp), "train_seconds": 3.0,
+                 "update_bytes": 1000} for i, s in enumerate(SITES) if s not in failed}
     l1 = 0.10 if mae_wins else 0.30
-    evaluate = {s: {"num-examples": 4, "l1-masked": l1, "l1-masked-lung": l1 + 0.02, "baseline-l1-masked": 0.2,
-                    "baseline-l1-masked-lung": 0.25, "epsilon": _eps(i, r, dp)} for i, s in enumerate(SITES)}
+    evaluate = {s: {"num_examples": 4, "l1_masked": l1, "l1_masked_lung": l1 + 0.02, "baseline_l1_masked": 0.2,
+                    "baseline_l1_masked_lung": 0.25, "epsilon": _eps(i, r, dp)} for i, s in enumerate(SITES)}
     return _line(r, "pretrain", r, rounds, train, evaluate, failed=failed,
                  down=3_000_000, up=1_000_000 * len(train))
 
@@ -70,11 +71,10 @@ def _pretrain_line(r: int, rounds: int, *, dp: bool, mae_wins: bool) -> dict[str
 def _finetune_line(r: int, phase_round: int, rounds: int, *, dp: bool) -> dict[str, Any]:
     labelled = SITES[:2]
     rejected = ("hospital-b",) if phase_round == 2 else ()
-    train = {s: {"num-examples": 8, "train-loss": 1.2 / r, "train-accuracy": 0.2 * r, "epsilon": _eps(i, r, dp),
-                 "train-seconds": 2.0, "update-bytes": 500} for i, s in enumerate(labelled) if s not in rejected}
-    evaluate = {s: {"num-examples": 4, "loss": 1.0 / r, "accuracy": 0.1 * r, "balanced-accuracy": 0.09 * r,
-                    "weighted-f1": 0.1 * r, "roc-auc": 0.7, "roc-auc-valid": 1,
-                    "confusion-matrix": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1], "epsilon": _eps(i, r, dp)}
+    train = {s: {"num_examples": 8, "loss": 1.2 / r, "accuracy": 0.2 * r, "epsilon": _eps(i, r, dp),
+                 "train_seconds": 2.0, "update_bytes": 500} for i, s in enumerate(labelled) if s not in rejected}
+    evaluate = {s: {"num_examples": 4, "loss": 1.0 / r, "accuracy": 0.1 * r, "balanced_accuracy": 0.09 * r,
+                    "weighted_f1": 0.1 * r, "roc_auc": 0.7, "classes_present": 4, "epsilon": _eps(i, r, dp)}
                 for i, s in enumerate(labelled)}
     return _line(r, "finetune", phase_round, rounds, train, evaluate, rejected=rejected, down=1_000_000, up=500_000)
 
@@ -111,15 +111,15 @@ def write_run(run_dir: Path, *, pretrain: int = 2, finetune: int = 2, dp: bool =
                                        "has_gpu": False, "error": ""} for i, s in enumerate(SITES)}}
     if final and finetune:
         sites = {"hospital-a": {"num_examples": 8, "loss": 0.9, "accuracy": 0.75, "balanced_accuracy": 0.7,
-                                "weighted_f1": 0.72, "roc_auc": 0.88, "roc_auc_valid": 1, "epsilon": 0.0,
+                                "weighted_f1": 0.72, "roc_auc": 0.88, "classes_present": 4, "epsilon": 0.0,
                                 "confusion_matrix": [[2, 0, 0, 0], [0, 1, 1, 0], [0, 0, 2, 0], [1, 0, 0, 1]]},
                  "hospital-b": {"num_examples": 6, "loss": 1.1, "accuracy": 0.5, "balanced_accuracy": 0.5,
-                                "weighted_f1": 0.45, "roc_auc": None, "roc_auc_valid": 0, "epsilon": 0.0,
+                                "weighted_f1": 0.45, "roc_auc": None, "classes_present": 3, "epsilon": 0.0,
                                 "confusion_matrix": [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]]}}
         summary["final"] = {
             "class_names": CLASSES, "sites": sites,
             "pooled": {"num_examples": 14, "accuracy": 0.64, "balanced_accuracy": 0.61, "weighted_f1": 0.6,
-                       "roc_auc": 0.8, "roc_auc_valid": 1,
+                       "roc_auc": 0.8, "classes_present": 4,
                        "confusion_matrix": [[3, 1, 0, 0], [0, 2, 1, 0], [0, 0, 3, 1], [1, 0, 1, 1]]},
             "cross_site": cross_site if cross_site is not None else {
                 s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "weighted_f1", "roc_auc", "num_examples")}
@@ -233,7 +233,7 @@ def test_full_report_has_every_section_table_and_image(full_report: tuple[Path, 
     final = page.tables["final-table"]
     assert final[0] == ["site", "accuracy", "balanced accuracy", "weighted F1", "ROC AUC", "test scans"]
     assert final[1] == ["hospital-a", "0.7500", "0.7000", "0.7200", "0.8800", "8"]
-    assert final[2][0] == "hospital-b" and final[2][4] == "n/a"  # roc-auc-valid 0: undefined, not 0.0
+    assert final[2][0] == "hospital-b" and final[2][4] == "n/a"  # roc_auc null: undefined, not 0.0
     assert final[3][0].startswith("pooled") and final[3][1:] == ["0.6400", "0.6100", "0.6000", "0.8000", "14"]
     participation = page.tables["participation-table"]
     assert participation[0][:6] == ["round", "phase", "sampled", "replied", "failed", "rejected"]
@@ -307,7 +307,7 @@ def test_single_scan_baseline_gives_no_verdict(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for line in lines:  # what a site with one validation scan reports: the average patch is that scan
         for m in [line["evaluate"]["aggregated"], *line["evaluate"]["sites"].values()]:
-            m.update({"num-examples": 1, "baseline-l1-masked": 0.0, "baseline-l1-masked-lung": 0.0})
+            m.update({"num_examples": 1, "baseline_l1_masked": 0.0, "baseline_l1_masked_lung": 0.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     page, text = parse(render_report(run_dir, reconstructions=False))
     assert 'class="warn" id="mae-flag"' in text
@@ -372,7 +372,7 @@ def test_central_dp_epsilon_of_the_server_is_shown(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finetune=0)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for k, line in enumerate(lines, start=1):  # what server/strategy.py adds to the train aggregate
-        line["train"]["aggregated"].update({"central-epsilon": 1.5 * k, "central-clipped": k - 1})
+        line["train"]["aggregated"].update({"central_epsilon": 1.5 * k, "central_clipped": k - 1})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     page, _ = parse(render_report(run_dir, reconstructions=False))
     assert page.tables["central-dp-table"] == [["round", "central epsilon (total)", "updates clipped"],
@@ -415,12 +415,12 @@ def test_cut_off_last_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
 def test_resumed_round_logged_twice_keeps_the_later_line(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", finetune=0)
     line = _pretrain_line(2, 2, dp=False, mae_wins=True)
-    line["train"]["aggregated"]["train-loss"] = 0.01
+    line["train"]["aggregated"]["loss"] = 0.01
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(line) + "\n")
     run = load_run(run_dir)
     assert [r.server_round for r in run.rounds] == [1, 2]
-    assert run.rounds[1].train_aggregated["train_loss"] == 0.01
+    assert run.rounds[1].train_aggregated["loss"] == 0.01
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -430,8 +430,9 @@ def test_resumed_round_logged_twice_keeps_the_later_line(tmp_path: Path) -> None
     ("missing", "Unable to read run directory {d} as it does not exist or is not a directory"),
     ("empty", "Unable to read run directory {d} as it has neither run_config.json nor metrics.jsonl"),
     ("bad-json-line", "Unable to parse {d}/metrics.jsonl line 1 as it is not valid JSON"),
-    ("no-round", "{d}/metrics.jsonl line 2 has no integer 'round' (or 'server_round'); got None"),
-    ("no-phase", "{d}/metrics.jsonl line 1 has no 'phase' string (pretrain, finetune, ...); got ''"),
+    ("no-round", "{d}/metrics.jsonl line 2 is not a round record of this version: round record: missing"),
+    ("old-version", "{d}/metrics.jsonl line 1 is not a round record of this version: round record: contract "
+                    "version None but this side speaks version"),
     ("bad-summary", "Unable to parse {d}/metrics.json as it is not valid JSON"),
     ("config-list", "{d}/run_config.json must hold a JSON object; got list"),
     ("workdir", "as it has neither run_config.json nor metrics.jsonl; pass the directory the server wrote "
@@ -444,9 +445,11 @@ def test_bad_run_directory_errors_name_file_and_line(tmp_path: Path, setup: str,
     if setup == "bad-json-line":
         (d / "metrics.jsonl").write_text('{"round": 1,, }\n{"round": 2, "phase": "pretrain"}\n')
     elif setup == "no-round":
-        (d / "metrics.jsonl").write_text('{"round": 1, "phase": "pretrain"}\n{"phase": "pretrain"}\n')
-    elif setup == "no-phase":
-        (d / "metrics.jsonl").write_text('{"round": 1}\n')
+        good = _pretrain_line(1, 1, dp=False, mae_wins=True)
+        bad = {k: v for k, v in good.items() if k != "round"}
+        (d / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    elif setup == "old-version":  # a run written before the typed contract (kebab-case metric keys)
+        (d / "metrics.jsonl").write_text('{"round": 1, "phase": "pretrain"}\n')
     elif setup == "bad-summary":
         (d / "run_config.json").write_text("{}")
         (d / "metrics.json").write_text('{"final": ')
@@ -526,8 +529,7 @@ def test_config_values_that_are_paths_are_recognised(key: str, value: str, expec
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("num-examples", "num_examples"), ("num_examples", "num_examples"), ("numExamples", "num_examples"),
-    ("baseline-l1-masked-lung", "baseline_l1_masked_lung"), ("roc-auc", "roc_auc"),
+    ("root-certificates", "root_certificates"), ("num_examples", "num_examples"), ("numExamples", "num_examples"),
 ])
 def test_norm_key(key: str, expected: str) -> None:
     assert norm_key(key) == expected
