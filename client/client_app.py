@@ -34,6 +34,7 @@ from lungmae_core.privacy import PRIVACY_REFUSAL_CODE
 from lungmae_core.contract import (
     EVALUATE, PRETRAIN, QUERY, TRAIN, ContractError, EvalReply, QueryReply, RoundConfig, TrainReply,
 )
+from client.site_audit import record_exchange, record_site_event
 from client.policy import POLICY_REFUSAL_CODE, PolicyRefusal, Usage, check_request
 
 __all__ = ["make_client_app", "app", "SiteUnavailable", "CONTRACT_ERROR_CODE", "SITE_RECORD", "SITE_NAME_KEY"]
@@ -212,26 +213,31 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
             import torch
 
             torch.set_num_threads(max(1, int(os.environ.get("LUNGMAE_CLIENT_THREADS", "1"))))
-            site_name = "site"
+            site_name, site = "site", None
             try:
                 site = _load_site(context, site_configs)
                 site_name = site.site.name
-                return handler(msg, site, _request(msg, kind, site, context))
+                reply = handler(msg, site, _request(msg, kind, site, context))
             except PolicyRefusal as exc:  # logged by client.policy; nothing was done
-                return Message(Error(code=POLICY_REFUSAL_CODE, reason=f"{exc} (site {site_name!r})"), reply_to=msg)
+                reply = Message(Error(code=POLICY_REFUSAL_CODE, reason=f"{exc} (site {site_name!r})"), reply_to=msg)
             except ContractError as exc:
                 log.warning("site %s refuses the %s message: it breaks the contract: %s", site_name, kind, exc)
-                return Message(Error(code=CONTRACT_ERROR_CODE, reason=f"contract error: {exc} (site {site_name!r})"),
-                               reply_to=msg)
+                reply = Message(Error(code=CONTRACT_ERROR_CODE, reason=f"contract error: {exc} (site {site_name!r})"),
+                                reply_to=msg)
             except (PrivacyBudgetExceeded, PrivacyRequirementNotMet) as exc:
                 log.warning("site %s refuses the %s message: %s", site_name, kind, exc)
-                return Message(Error(code=PRIVACY_REFUSAL_CODE, reason=f"{refusal_reason(exc)} (site {site_name!r})"),
-                               reply_to=msg)
+                reply = Message(Error(code=PRIVACY_REFUSAL_CODE, reason=f"{refusal_reason(exc)} (site {site_name!r})"),
+                                reply_to=msg)
             except Exception as exc:
                 log.exception("site %s could not serve the %s message", site_name, kind)
                 phase = msg.content["config"].get("phase", "") if "config" in msg.content.config_records else ""
-                raise SiteUnavailable(f"site {site_name!r} cannot serve {kind} {phase}: "
-                                      f"{_public_reason(exc)}") from None
+                failure = SiteUnavailable(f"site {site_name!r} cannot serve {kind} {phase}: {_public_reason(exc)}")
+                if site is not None:  # the site's own chained log keeps what it was asked and why it failed
+                    record_site_event(site, "failed", message_type=msg.metadata.message_type, phase=phase,
+                                      reason=str(failure))
+                raise failure from None
+            # what the coordinator asked and what left (or why not), in the site's own hash-chained log
+            return reply if site is None else record_exchange(site, msg, reply)
         return run
 
     def query(msg: Message, site: Any, cfg: RoundConfig) -> Message:

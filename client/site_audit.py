@@ -95,7 +95,7 @@ def record_site_event(cfg_or_path: Any, event: str, /, **fields: Any) -> dict[st
 def record_exchange(cfg: Any, msg: Any, reply: Any) -> Any:
     """Record what the coordinator asked (``msg``) and what this site answers (``reply``); returns ``reply``.
 
-    ``released`` lists only what leaves: metric names, ``num-examples``, the number of arrays and their bytes;
+    ``released`` lists only what leaves: metric names, ``num_examples``, the number of arrays and their bytes;
     an error reply is recorded as ``refused`` with its reason (already written to be sent).
     """
     try:
@@ -108,7 +108,7 @@ def record_exchange(cfg: Any, msg: Any, reply: Any) -> Any:
         metrics = {k: v for record in reply.content.metric_records.values() for k, v in record.items()}
         arrays = [a for record in reply.content.array_records.values() for a in record.values()]
         record_site_event(cfg, "released", **asked, metrics=sorted(metrics),
-                          num_examples=metrics.get("num-examples"), arrays=len(arrays),
+                          num_examples=metrics.get("num_examples"), arrays=len(arrays),
                           array_bytes=sum(len(a.data) for a in arrays))
     except Exception as exc:  # the log must never break a round
         logger.error("Unable to record the exchange in the site audit log: %s", exc)

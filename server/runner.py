@@ -209,6 +209,7 @@ class FederationRunner:
         self._ensure_sites(step.phase, TRAIN, pcfg.min_sites)
         strategy = self.strategy(step.phase)
         cfg = strategy.round_config.with_round(step.server_round, phase_round=step.phase_round)
+        self.telemetry.event("round-started", phase=step.phase, server_round=step.server_round)
         new, train = strategy.train_round(self.grid, weights, cfg, self.cfg.round_timeout_s)
         if new is not None:
             weights = new

@@ -112,3 +112,24 @@ def test_a_cache_windowed_otherwise_is_refused_without_paths(sites: list[Path]) 
     finally:
         other.unlink()
     assert str(sites[0].parent) not in str(info.value)
+
+
+def test_the_site_log_chains_what_was_asked_and_released(sites: list[Path]) -> None:
+    """Every exchange lands in the site's own hash-chained log: released (names and sizes only) or refused."""
+    from client.site_audit import site_audit_path, verify_site_audit
+    from client.site_config import load_site_config
+    import json
+
+    cfg = load_site_config(sites[0])
+    app = make_client_app(sites)
+    app(_message("query", "pretrain", None), _ctx(0))
+    msg = _message("train", "pretrain", build_mae(MCFG, seed=0).state_dict())
+    del msg.content["config"]["model-config"]
+    app(msg, _ctx(0))
+    log_path = site_audit_path(cfg)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    events = [r for r in records if r["event"] in ("released", "refused")][-2:]
+    assert [e["event"] for e in events] == ["released", "refused"]
+    assert events[0]["message_type"] == "query" and events[0]["arrays"] == 0 and events[0]["num_examples"] >= 1 and "num_examples" in events[0]["metrics"]
+    assert "contract error" in events[1]["reason"]
+    assert verify_site_audit(log_path).ok
