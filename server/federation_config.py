@@ -202,7 +202,8 @@ class FederationConfig:
         round_timeout_s: how long a round waits for replies (seconds); late replies are dropped.
         run_dir: where state, checkpoints, metrics and the exported model go.
         resume: continue from ``run_dir/state.json`` when it exists (same config hash required).
-        compression: encoding of the updates sites send: ``fp16`` (default), ``fp32``, ``int8`` (per-block scales) or ``topk`` (10% sparse; see docs/performance.md).
+        compression: encoding of the updates sites send: ``fp16`` (default), ``fp32``, ``int8`` (per-block
+            scales) or ``topk`` (10% sparse; see docs/performance.md).
         update_checks: bounds on updates.
         seed: run seed (site sampling, model init, site generators).
         privacy: requirements on the sites' DP settings.
