@@ -9,10 +9,10 @@
   accumulator (plus the update being added, which the caller drops after :meth:`add`).
 * ``trimmed-mean`` / ``median``: an exact coordinate-wise statistic needs every site's value of every
   coordinate, so the updates are kept, but on disk: each update is appended flat (float32) to its own file
-  in a private spool directory, and :meth:`result` reads all sites' values of a slice of
-  :data:`CHUNK_VALUES` coordinates at a time (``np.fromfile`` with an offset, not a memory map, so the
-  pages do not count as the process's memory), sorts them and reduces. Memory: the result, plus (number of
-  sites) x (one chunk). Disk: (number of sites) x (model) float32, deleted by :meth:`close`. The result is
+  in a private spool directory, and :meth:`result` reads all sites' values of a slice of coordinates at a
+  time (``np.fromfile`` with an offset, not a memory map, so the pages do not count as the process's
+  memory), sorts them in place and reduces. Memory: the result, plus :data:`CHUNK_BYTES` for the slice
+  of all sites together. Disk: (number of sites) x (model) float32, deleted by :meth:`close`. The result is
   identical to the in-memory ``aggregate_updates`` (same sort, same reduction).
 
 The robust statistics ignore weights on purpose (a site cannot buy influence by claiming more examples), as
@@ -53,12 +53,13 @@ import torch
 
 from server.aggregation import METHODS
 
-__all__ = ["StreamingAggregator", "CHUNK_VALUES"]
+__all__ = ["StreamingAggregator", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
-#: Coordinates per slice when reducing spooled updates: 2**20 float32 = 4 MiB per site.
-CHUNK_VALUES = 1 << 20
+#: Bytes of all sites' values of one slice of coordinates when reducing spooled updates (the slice shrinks
+#: as sites are added, so the robust methods' working memory does not grow with the consortium).
+CHUNK_BYTES = 32 << 20
 
 
 class StreamingAggregator:
@@ -170,16 +171,19 @@ class StreamingAggregator:
         cut = int(math.floor(self.trim * k))
         if k - 2 * cut < 1:
             cut = (k - 1) // 2
-        for start in range(0, total, CHUNK_VALUES):
-            n = min(CHUNK_VALUES, total - start)
-            rows = np.stack([np.fromfile(f, np.float32, count=n, offset=4 * start) for f in files])
-            stacked = torch.from_numpy(rows)
-            ordered, _ = torch.sort(stacked, dim=0)
+        chunk = max(1, CHUNK_BYTES // (4 * k))
+        rows = np.empty((k, min(chunk, total)), np.float32)
+        for start in range(0, total, chunk):
+            n = min(chunk, total - start)
+            for i, f in enumerate(files):
+                rows[i, :n] = np.fromfile(f, np.float32, count=n, offset=4 * start)
+            ordered = rows[:, :n]
+            ordered.sort(axis=0)  # in place: no index tensor, no copy
             if self.method == "median":
                 value = (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
             else:
-                value = ordered[cut:k - cut].mean(dim=0)
-            out[start:start + n] = value.numpy()
+                value = ordered[cut:k - cut].mean(axis=0, dtype=np.float32)
+            out[start:start + n] = value
         return out
 
     # -- cleanup ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def _updates(k: int) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("k", [1, 2, 5, 6])
 def test_matches_hold_everything(method: str, k: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "CHUNK_VALUES", 8)  # several chunks, one crossing tensor boundaries
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 4 * 8 * k)  # several chunks, one crossing tensor boundaries
     ups, weights = _updates(k)
     expected = aggregate_updates(ups, weights, method, trim=0.2)
     with StreamingAggregator(method, trim=0.2, spool_dir=tmp_path) as agg:
