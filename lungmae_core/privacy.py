@@ -67,7 +67,8 @@ logger = logging.getLogger(__name__)
 #: Per-sample gradient modes of Opacus that ``OpacusPrivacy`` supports through the ``PrivacyHook`` protocol.
 #: ("ghost" clipping is measured in ``benchmarks/dp_step.py`` but needs a per-sample loss and two backward
 #: passes inside the training loop, which the hook protocol does not give it.)
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
+# [perf] "bookkeeping": lungmae_core.dp_clipping (clipped sum in one backward pass, no per-sample gradients).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "bookkeeping")
 
 #: Flower error code of a train reply in which the site refuses a round to protect its privacy budget
 #: (or because it cannot meet the federation's privacy requirement). Codes below 100 are Flower's own.
@@ -116,8 +117,8 @@ class DPConfig:
         target_epsilon_per_round: derive ``sigma`` so that one round alone costs at most this epsilon
             (at ``delta``); rounds compose to less than the sum of their epsilons.
         ledger: the ledger file. ``None``: ``<cache>/privacy-ledger.json`` (set by the site config).
-        grad_sample_mode: Opacus per-sample gradient mode, ``"hooks"`` (default, fastest here) or
-            ``"functorch"``.
+        grad_sample_mode: per-sample gradient mode, ``"hooks"`` (default), ``"functorch"`` or
+            ``"bookkeeping"`` (``lungmae_core.dp_clipping``: no per-sample gradients; see docs/performance.md).
 
     Raises:
         ConfigError: naming the key and the value, e.g. "give either noise-multiplier or
@@ -136,7 +137,7 @@ class DPConfig:
     noise_multiplier: float | None = None
     target_epsilon_per_round: float | None = None
     ledger: Path | None = None
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "bookkeeping"] = "hooks"  # [perf] bookkeeping
 
     def __post_init__(self) -> None:
         for key in ("max_grad_norm", "pretrain_max_grad_norm"):
@@ -524,10 +525,17 @@ class OpacusPrivacy:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
             self.engine = PrivacyEngine(accountant=ACCOUNTANT)
-        module, dp_optimizer, dp_loader = self.engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=noise_gen)
+        if self.grad_sample_mode == "bookkeeping":  # [perf] begin
+            from lungmae_core.dp_clipping import make_private_bookkeeping
+
+            module, dp_optimizer, dp_loader = make_private_bookkeeping(
+                self.engine, model, optimizer, loader, noise_multiplier=self.plan.noise_multiplier,
+                max_grad_norm=self.plan.max_grad_norm, noise_generator=noise_gen)
+        else:  # [perf] end
+            module, dp_optimizer, dp_loader = self.engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=noise_gen)
         assert dp_loader.sample_rate == self.plan.sample_rate, (dp_loader.sample_rate, self.plan.sample_rate)
         dp_loader.collate_fn = _EmptySafeCollate(loader.collate_fn, loader.dataset[0])
         self._guard_steps(dp_optimizer)
@@ -563,6 +571,8 @@ class OpacusPrivacy:
     def _fill_missing_grad_samples(self, optimizer: Any) -> None:
         """Zero per-sample gradients for parameters the backward pass did not reach (or for an empty batch)."""
         params = optimizer.params
+        if hasattr(optimizer, "clipper"):  # [perf] book-keeping: no per-sample gradients to fill
+            return
         have = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
         if len(have) == len(params):
             return

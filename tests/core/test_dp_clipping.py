@@ -102,3 +102,43 @@ def test_empty_step_gives_zero_grads_and_unsupported_layers_are_named() -> None:
     assert unsupported_parameters(net) == ["1.weight (Conv1d)", "1.bias (Conv1d)"]
     with pytest.raises(ValueError, match="unsupported layers: 1.weight"):
         BookkeepingClipper(net, 1.0)
+
+
+def test_opacus_privacy_bookkeeping_mode_matches_hooks_mode() -> None:
+    """Through OpacusPrivacy: same clipped sum as Opacus' hooks on the same batch, then noise, steps, the guard."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from lungmae_core.errors import PrivacyBudgetExceeded
+    from tests.core.test_privacy import Phantoms
+    from lungmae_core.privacy import DPConfig, OpacusPrivacy, is_empty_batch, plan_round
+
+    ds = Phantoms(6, seed=2)
+    torch.manual_seed(0)
+    clf = ILDClassifier(model_config("tiny", img_size=32), num_classes=2)
+    plan = plan_round(DPConfig(enabled=True, epsilon=50.0, noise_multiplier=0.8, max_grad_norm=1e-2),
+                      num_samples=6, batch_size=3, epochs=1, delta=1e-3)
+    sums = {}
+    for mode in ("hooks", "bookkeeping"):
+        model0 = copy.deepcopy(clf)
+        privacy = OpacusPrivacy(plan, seed=0, grad_sample_mode=mode)
+        model, optimizer, loader = privacy.make_private(
+            model0, torch.optim.SGD(model0.parameters(), lr=0.0), DataLoader(ds, batch_size=3))
+        batch = next(b for b in loader if not is_empty_batch(b))
+        nn.functional.cross_entropy(model(batch["image"], batch["lung_mask"]), batch["label"]).backward()
+        optimizer.step()
+        sums[mode] = [p.summed_grad.clone() for p in model0.parameters() if p.requires_grad]
+        assert privacy.steps_taken == 1
+        if mode == "bookkeeping":
+            params = [p for p in model0.parameters() if p.requires_grad]
+            noise = torch.cat([(p.grad * optimizer.expected_batch_size - p.summed_grad).flatten() for p in params])
+            assert noise.std().item() == pytest.approx(0.8 * 1e-2, rel=0.02)
+            for _ in range(plan.steps - 1):
+                optimizer.zero_grad()
+                optimizer.step()  # noise-only steps
+            optimizer.zero_grad()
+            with pytest.raises(PrivacyBudgetExceeded):
+                optimizer.step()
+    for a, b in zip(sums["hooks"], sums["bookkeeping"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
