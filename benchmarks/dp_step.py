@@ -15,7 +15,10 @@ One process, one config at a time. For each mode a fresh copy of the same seeded
   their own, ``lungmae_core.privacy.register_grad_samplers``), then clip + noise;
 * ``functorch``: the same, with every layer's per-sample gradient from ``torch.func`` (vmap of grad);
 * ``ghost``: Opacus ghost clipping: per-sample gradient *norms* only, then a second backward pass of the
-  clipped loss (needs the per-sample loss vector, which our training loop keeps under DP).
+  clipped loss (needs the per-sample loss vector, which our training loop keeps under DP);
+* ``bookkeeping``: ``lungmae_core.dp_clipping`` (the site's ``grad-sample-mode: bookkeeping``): one
+  ordinary backward pass, per-layer ghost norm or per-sample gradient by cost, the clipped sum as one matmul
+  per layer, then Opacus' noise.
 
 Peak memory: on GPU the CUDA allocator's peak during the step; on CPU the peak resident set during the step
 above the resident set before it (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Prints one line
@@ -47,7 +50,7 @@ from lungmae_core.privacy import register_grad_samplers  # noqa: E402
 
 # -- config block ---------------------------------------------------------------------------------------------
 CONFIGS = {"tiny": 2, "paper-p16": 2}  # config -> batch size
-DP_MODES = ("hooks", "functorch", "ghost")
+DP_MODES = ("hooks", "functorch", "ghost", "bookkeeping")
 BURN_IN = 1
 TIMED = 2
 SEED = 0
@@ -106,7 +109,16 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     mask_gen = torch.Generator(device=images.device)
     forward_model: torch.nn.Module = model
     ghost = mode == "ghost"
-    if mode != "plain":
+    clipper = None
+    if mode == "bookkeeping":
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        from lungmae_core.dp_clipping import BookkeepingClipper
+
+        clipper = BookkeepingClipper(model, MAX_GRAD_NORM)
+        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=NOISE_MULTIPLIER,
+                                                    max_grad_norm=MAX_GRAD_NORM, expected_batch_size=images.shape[0])
+    elif mode != "plain":
         from opacus import GradSampleModule
         from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
             GradSampleModuleFastGradientClipping,
@@ -135,6 +147,8 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
             DPTensorFastGradientClipping(forward_model, optimizer, per_sample, "mean").backward()
         else:
             per_sample.mean().backward()
+        if clipper is not None:
+            clipper.clip_and_sum()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(per_sample.detach().mean())
@@ -158,7 +172,8 @@ def _measure(step: Any, device: torch.device, burn_in: int, timed: int) -> tuple
     return 1e3 * statistics.median(times), max(peaks), loss, [1e3 * t for t in times]
 
 
-def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int) -> list[dict]:
+def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int,
+                 dp_modes: tuple[str, ...] = DP_MODES) -> list[dict]:
     """Each DP mode between two measurements of the plain step (same process, same batch, same masks).
 
     A busy machine drifts; the ratio of a mode is to the mean of the plain steps measured just before and
@@ -172,7 +187,7 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
     plain_step = make_step("plain", copy.deepcopy(base), batch, SEED)
     plain = [_measure(plain_step, device, burn_in, timed)]
     records = []
-    for mode in DP_MODES:
+    for mode in dp_modes:
         model = copy.deepcopy(base)
         ms, peak, loss, ms_all = _measure(make_step(mode, model, batch, SEED), device, burn_in, timed)
         del model
@@ -186,7 +201,7 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
 
 
 def bench_config_interleaved(name: str, batch_size: int, device: torch.device, burn_in: int,
-                             timed: int) -> list[dict]:
+                             timed: int, dp_modes: tuple[str, ...] = DP_MODES) -> list[dict]:
     """All modes alive at once, one step of each in turn (plain, hooks, functorch, ghost, plain, ...).
 
     On a machine shared with other work, load changes within seconds; round-robin steps see the same load,
@@ -197,7 +212,7 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
     g = torch.Generator().manual_seed(SEED)
     images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
     batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
-    modes = ("plain",) + DP_MODES
+    modes = ("plain",) + tuple(dp_modes)
     steps = {mode: make_step(mode, copy.deepcopy(base), batch, SEED) for mode in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, list[float]] = {m: [] for m in modes}
@@ -213,7 +228,7 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
     return [{"config": name, "batch": batch_size, "mode": mode, "ms_per_step": statistics.median(times[mode]),
              "ms_all": times[mode], "plain_ms_per_step": plain,
              "ratio_to_plain": statistics.median(times[mode]) / plain, "peak_mib": max(peaks[mode]) / 2 ** 20,
-             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True} for mode in DP_MODES]
+             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True} for mode in dp_modes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="write all records here")
+    parser.add_argument("--modes", nargs="+", default=list(DP_MODES), choices=DP_MODES, help="DP modes to time")
     parser.add_argument("--interleave", action="store_true",
                         help="keep every mode's model alive and alternate their steps (steadier on a busy machine)")
     args = parser.parse_args(argv)
@@ -234,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"DP-SGD step vs plain step on {where}; sigma {NOISE_MULTIPLIER}, C {MAX_GRAD_NORM}, "
-          f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median)")
+          f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median); loadavg "
+          f"{Path('/proc/loadavg').read_text().split()[:3]}")
     records = []
     for name in args.configs:
         bench = bench_config_interleaved if args.interleave else bench_config
-        recs = bench(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed)
+        recs = bench(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed, tuple(args.modes))
         records += recs
         for r in recs:
             print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<9} {r['ms_per_step']:10.1f} ms/step vs plain "
