@@ -20,6 +20,9 @@ One process, one config at a time. For each mode a fresh copy of the same seeded
   ordinary backward pass, per-layer ghost norm or per-sample gradient by cost, the clipped sum as one matmul
   per layer, then Opacus' noise.
 
+With ``--interleave`` each mode's CPU time per step (``time.process_time``) is printed too: on a machine
+shared with other work the wall-time ratio is mostly the others' load, the CPU-time ratio is this step's.
+
 Peak memory: on GPU the CUDA allocator's peak during the step; on CPU the peak resident set during the step
 above the resident set before it (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Prints one line
 per config and mode (ms/step, ratio to plain, peak MiB) and writes a JSON record with ``--json``.
@@ -156,18 +159,25 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return step
 
 
+#: CPU seconds of the last _measure call's steps (process time: on a machine shared with other work it
+#: counts this process's own work, where wall time counts everyone's).
+LAST_CPU_S: list[float] = []
+
+
 def _measure(step: Any, device: torch.device, burn_in: int, timed: int) -> tuple[float, float, float, list[float]]:
     """(median ms, peak bytes, last loss, all ms) of ``timed`` steps after ``burn_in`` untimed ones."""
     for _ in range(burn_in):
         step()
     times, peaks, loss = [], [], float("nan")
+    LAST_CPU_S.clear()
     for _ in range(timed):
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            LAST_CPU_S.append(time.process_time() - c0)
         peaks.append(mem.peak)
     return 1e3 * statistics.median(times), max(peaks), loss, [1e3 * t for t in times]
 
@@ -215,6 +225,7 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
     modes = ("plain",) + tuple(dp_modes)
     steps = {mode: make_step(mode, copy.deepcopy(base), batch, SEED) for mode in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(burn_in):
         for mode in modes:
@@ -223,12 +234,16 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
         for mode in modes:
             ms, peak, _, _ = _measure(steps[mode], device, 0, 1)
             times[mode].append(ms)
+            cpu[mode].append(LAST_CPU_S[0])
             peaks[mode].append(peak)
     plain = statistics.median(times["plain"])
+    plain_cpu = statistics.median(cpu["plain"])
     return [{"config": name, "batch": batch_size, "mode": mode, "ms_per_step": statistics.median(times[mode]),
              "ms_all": times[mode], "plain_ms_per_step": plain,
              "ratio_to_plain": statistics.median(times[mode]) / plain, "peak_mib": max(peaks[mode]) / 2 ** 20,
-             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True} for mode in dp_modes]
+             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True,
+             "cpu_s_per_step": statistics.median(cpu[mode]), "plain_cpu_s_per_step": plain_cpu,
+             "cpu_ratio_to_plain": statistics.median(cpu[mode]) / plain_cpu} for mode in dp_modes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in recs:
             print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<9} {r['ms_per_step']:10.1f} ms/step vs plain "
                   f"{r['plain_ms_per_step']:10.1f} ms/step  x{r['ratio_to_plain']:.2f}   peak {r['peak_mib']:8.1f} "
-                  f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB", flush=True)
+                  f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB"
+                  + (f"   CPU time x{r['cpu_ratio_to_plain']:.2f}" if "cpu_ratio_to_plain" in r else ""), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "records": records},
                                         indent=1))
