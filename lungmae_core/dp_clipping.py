@@ -329,6 +329,15 @@ def make_private_bookkeeping(engine: Any, model: nn.Module, optimizer: torch.opt
             clipper.clip_and_sum()
             return super().pre_step(closure)
 
+        def accumulate(self) -> None:
+            # The clipper writes a fresh p.grad every step, so the clipped sum can be kept without Opacus'
+            # deep copy (add_noise then replaces p.grad by a new tensor).
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.data)
+                else:
+                    p.summed_grad = p.grad.data
+
     dp_optimizer = _BookkeepingOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                          expected_batch_size=expected_batch_size, loss_reduction="mean",
                                          generator=noise_generator, secure_mode=engine.secure_mode)
