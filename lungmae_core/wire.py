@@ -206,16 +206,24 @@ def pack_state(
     return packed
 
 
-def unpack_state(packed: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def unpack_state(packed: Mapping[str, np.ndarray],
+                 shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """Decode :func:`pack_state` output back to tensors; floating values come back as float32.
 
     The encoding is read from the arrays themselves (int8 arrays with a scale entry are dequantised, top-k
     values with their positions are scattered into zeros), so the receiver need not trust a separately sent
     compression name.
 
+    Args:
+        packed: what :func:`pack_state` produced (as received).
+        shapes: the expected shape per name (the receiver's model). A top-k entry carries its own shape,
+            which the receiver must not trust: without ``shapes`` a sender could declare a smaller tensor
+            that broadcasts in a sum. Give it whenever ``topk`` may arrive.
+
     Raises:
         WireFormatError: an int8 array without its scale (or the reverse), a scale count that fits no
-            encoding, top-k values without positions or shape, or positions outside the tensor.
+            encoding, top-k values without positions or shape, positions outside the tensor, or a decoded
+            shape that differs from ``shapes``.
     """
     out: dict[str, torch.Tensor] = {}
     for name, arr in packed.items():
@@ -242,6 +250,9 @@ def unpack_state(packed: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
             out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
             out[name] = torch.from_numpy(np.array(arr))
+        if shapes is not None and name in shapes and tuple(out[name].shape) != tuple(shapes[name]):
+            raise WireFormatError(f"Unable to unpack {name!r} as it decodes to shape {tuple(out[name].shape)}, "
+                                  f"not {tuple(shapes[name])}")
     return out
 
 

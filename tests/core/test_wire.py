@@ -64,6 +64,8 @@ def test_delta_apply_norm() -> None:
     (lambda: unpack_state({"w": np.ones(2, np.float16), "w" + INDEX_SUFFIX: np.array([0, 1], np.int32)}),
      "it needs both"),
     (lambda: unpack_state({"w" + INDEX_SUFFIX: np.array([0], np.int32)}), "its top-k array is missing"),
+    (lambda: unpack_state(pack_state({"b": torch.ones(1)}, "topk"), shapes={"b": (768,)}),
+     "it decodes to shape (1,), not (768,)"),  # a declared smaller tensor would broadcast in a sum
     (lambda: pack_state({"w" + SCALE_SUFFIX: torch.ones(1)}, "fp16"), "are reserved"),
     (lambda: unpack_state({"w": np.ones(2, np.float32), "w" + SCALE_SUFFIX: np.ones(1, np.float32)}),
      "has a scale but dtype float32, not int8"),
