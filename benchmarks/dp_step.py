@@ -112,15 +112,11 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     mask_gen = torch.Generator(device=images.device)
     forward_model: torch.nn.Module = model
     ghost = mode == "ghost"
-    clipper = None
-    if mode == "bookkeeping":
-        from opacus.optimizers import DPOptimizerFastGradientClipping
+    if mode == "bookkeeping":  # what OpacusPrivacy(grad_sample_mode="bookkeeping") builds
+        from lungmae_core.dp_clipping import BookkeepingClipper, bookkeeping_optimizer
 
-        from lungmae_core.dp_clipping import BookkeepingClipper
-
-        clipper = BookkeepingClipper(model, MAX_GRAD_NORM)
-        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=NOISE_MULTIPLIER,
-                                                    max_grad_norm=MAX_GRAD_NORM, expected_batch_size=images.shape[0])
+        optimizer = bookkeeping_optimizer(optimizer, BookkeepingClipper(model, MAX_GRAD_NORM),
+                                          noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=images.shape[0])
     elif mode != "plain":
         from opacus import GradSampleModule
         from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
@@ -150,8 +146,6 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
             DPTensorFastGradientClipping(forward_model, optimizer, per_sample, "mean").backward()
         else:
             per_sample.mean().backward()
-        if clipper is not None:
-            clipper.clip_and_sum()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(per_sample.detach().mean())

@@ -52,7 +52,8 @@ from torch import nn
 
 from lungmae_core.model import LearnedPositionEmbedding, LearnedToken
 
-__all__ = ["BookkeepingClipper", "unsupported_parameters", "make_private_bookkeeping", "CLIP_EPS"]
+__all__ = ["BookkeepingClipper", "unsupported_parameters", "bookkeeping_optimizer", "make_private_bookkeeping",
+           "CLIP_EPS"]
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,50 @@ class BookkeepingClipper:
         return norms
 
 
+def bookkeeping_optimizer(optimizer: torch.optim.Optimizer, clipper: BookkeepingClipper, *,
+                          noise_multiplier: float, expected_batch_size: int,
+                          generator: torch.Generator | None = None, secure_mode: bool = False) -> Any:
+    """Opacus' ``DPOptimizerFastGradientClipping`` fed by ``clipper``: ``step()`` clips, noises, scales, steps.
+
+    Two copies Opacus makes are skipped because the clipper writes a fresh ``p.grad`` every step: the deep
+    copy of ``p.grad`` into ``summed_grad``, and (outside Opacus' secure mode) the separate noise tensor,
+    which is drawn straight into the clipped sum (same distribution: ``N(0, (sigma C)^2)`` per coordinate).
+    The optimizer has a ``clipper`` attribute.
+    """
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
+        def pre_step(self, closure: Any = None) -> Any:
+            clipper.clip_and_sum()
+            return super().pre_step(closure)
+
+        def accumulate(self) -> None:
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.data)
+                else:
+                    p.summed_grad = p.grad.data
+
+        def add_noise(self) -> None:
+            if self.secure_mode:
+                super().add_noise()
+                return
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)  # Opacus' guard: zero_grad() between steps
+                noise = torch.empty_like(p.summed_grad).normal_(0.0, std, generator=self.generator)
+                p.grad = noise.add_(p.summed_grad).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    dp_optimizer = BookkeepingDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                                          max_grad_norm=clipper.max_grad_norm,
+                                          expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                          generator=generator, secure_mode=secure_mode)
+    dp_optimizer.clipper = clipper
+    return dp_optimizer
+
+
 def make_private_bookkeeping(engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                              loader: torch.utils.data.DataLoader, *, noise_multiplier: float,
                              max_grad_norm: float, noise_generator: torch.Generator | None = None,
@@ -317,30 +362,14 @@ def make_private_bookkeeping(engine: Any, model: nn.Module, optimizer: torch.opt
         ``(model, dp_optimizer, dp_loader)`` as ``engine.make_private`` returns them.
     """
     from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizerFastGradientClipping
 
     clipper = BookkeepingClipper(model, max_grad_norm, mode=mode)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=loader.generator)
     sample_rate = 1 / len(dp_loader)
     expected_batch_size = int(len(dp_loader.dataset) * sample_rate)
 
-    class _BookkeepingOptimizer(DPOptimizerFastGradientClipping):
-        def pre_step(self, closure: Any = None) -> Any:
-            clipper.clip_and_sum()
-            return super().pre_step(closure)
-
-        def accumulate(self) -> None:
-            # The clipper writes a fresh p.grad every step, so the clipped sum can be kept without Opacus'
-            # deep copy (add_noise then replaces p.grad by a new tensor).
-            for p in self.params:
-                if p.summed_grad is not None:
-                    p.summed_grad.add_(p.grad.data)
-                else:
-                    p.summed_grad = p.grad.data
-
-    dp_optimizer = _BookkeepingOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                         expected_batch_size=expected_batch_size, loss_reduction="mean",
-                                         generator=noise_generator, secure_mode=engine.secure_mode)
-    dp_optimizer.clipper = clipper
+    dp_optimizer = bookkeeping_optimizer(optimizer, clipper, noise_multiplier=noise_multiplier,
+                                         expected_batch_size=expected_batch_size, generator=noise_generator,
+                                         secure_mode=engine.secure_mode)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return model, dp_optimizer, dp_loader
