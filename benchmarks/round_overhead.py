@@ -53,7 +53,8 @@ def flower_poll_intervals() -> dict[str, float]:
     import flwr.supercore.superexec.run_superexec as superexec
     import flwr.supernode.start_client_internal as supernode
 
-    sleeps = [float(x) for x in re.findall(r"time\.sleep\(([0-9.]+)\)", inspect.getsource(supernode.start_client_internal))]
+    source = inspect.getsource(supernode.start_client_internal)
+    sleeps = [float(x) for x in re.findall(r"time\.sleep\(([0-9.]+)\)", source)]
     return {"supernode idle poll (s)": max(sleeps) if sleeps else float("nan"),
             "superexec task poll (s)": float(superexec._DEFAULT_TASK_POLL_INTERVAL_SECONDS)}
 

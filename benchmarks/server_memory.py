@@ -18,7 +18,8 @@ site adds no model-sized temporary), and aggregates:
 Printed per config, method, mode and number of sites: the peak RSS above the RSS right after ``import
 torch`` (so it counts the global model, the replies, the decoded updates and the accumulators) as a
 multiple of the model's fp32 size. The target is "<= 2x model + one update" and flat in the number of
-sites: global (1x) + accumulator (1x) + one update as received (fp16, 0.5x) and decoded (1x) = 3.5x. ``hold`` runs that would need more than
+sites: global (1x) + accumulator (1x) + one update as received (fp16, 0.5x) and decoded (1x) = 3.5x.
+``hold`` runs that would need more than
 ``--max-hold-gib`` are skipped (they grow by 1.5 model sizes per site: 20 paper-size sites are ~14 GiB).
 """
 
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     records = []
     print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}; peak RSS above 'import torch', "
-          f"as a multiple of the fp32 model (target <= 3.5x = global + accumulator + one fp16 reply + its decoded update, flat in sites)")
+          f"as a multiple of the fp32 model (target <= 3.5x = global + accumulator + one fp16 reply + its "
+          f"decoded update, flat in sites)")
     for config in args.configs:
         model_bytes = 4 * sum(p.numel() for p in build_mae(config).state_dict().values())
         for method in args.methods:

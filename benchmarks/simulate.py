@@ -9,9 +9,9 @@ Runs the real command in a subprocess (a fresh Ray each time), timestamps every 
 the wall time into: data (synthetic DICOM + site prepare, up to "[3/3]"), start (imports, Ray and the
 apps, from "[3/3]" to the end of the first round minus that round's own seconds), rounds (the sum of the
 per-round seconds the progress lines report), and the rest (hand-off, final evaluation, report, Ray
-shutdown). Then it prints one line: total wall seconds beside the 300 s reference, the data part (synthetic DICOM + site prepare), the
-final pooled accuracy / balanced accuracy / ROC AUC beside chance (1 / number of classes; 0.5 for the
-AUC), and the machine's load
+shutdown). Then it prints one line: total wall seconds beside the 300 s reference, the data part
+(synthetic DICOM + site prepare), the final pooled accuracy / balanced accuracy / ROC AUC beside chance
+(1 / number of classes; 0.5 for the AUC), and the machine's load
 average at the start (a busy machine inflates the time; rerun when idle for a figure to quote).
 """
 
@@ -76,7 +76,8 @@ def main() -> int:
               "accuracy": float(pooled.group(1)) if pooled else None,
               "balanced_accuracy": float(pooled.group(2)) if pooled else None, "chance": CHANCE,
               "roc_auc": float(auc.group(1)) if auc else None,
-              "phases_s": phases, "returncode": proc.returncode, "load_avg_1m_at_start": round(load, 2), "cores": args.cores or "all",
+              "phases_s": phases,
+              "returncode": proc.returncode, "load_avg_1m_at_start": round(load, 2), "cores": args.cores or "all",
               "cpu_count": os.cpu_count(), "args": args.extra}
     print(f"lungmae simulate: {wall:.0f} s (reference {REFERENCE_S:.0f} s), data {record['data_s']} s, "
           f"pooled accuracy {record['accuracy']} / balanced {record['balanced_accuracy']} (chance {CHANCE}), "

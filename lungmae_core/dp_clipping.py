@@ -196,7 +196,7 @@ class BookkeepingClipper:
         a, g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (B, T, d), (B, T, p)
         t, d, p = a.shape[1], a.shape[2], g.shape[2]
         ghost = self.mode == "ghost" or (self.mode == "mixed" and t * (d + p) < d * p)
-        self.choices[type(module).__name__ + f"{tuple(module.weight.shape)} T={t}"] = "ghost" if ghost else "instantiate"
+        self.choices[f"Linear{tuple(module.weight.shape)} T={t}"] = "ghost" if ghost else "instantiate"
         if ghost:
             aa = torch.bmm(a, a.transpose(1, 2))
             gg = torch.bmm(g, g.transpose(1, 2))

@@ -230,8 +230,8 @@ def unpack_state(packed: Mapping[str, np.ndarray],
         if name.endswith(_RESERVED):
             base = name[: -len(next(s for s in _RESERVED if name.endswith(s)))]
             if base not in packed:
-                raise WireFormatError(f"Unable to unpack {name!r} as its {'int8' if name.endswith(SCALE_SUFFIX) else 'top-k'}"
-                                      f" array is missing")
+                kind = "int8" if name.endswith(SCALE_SUFFIX) else "top-k"
+                raise WireFormatError(f"Unable to unpack {name!r} as its {kind} array is missing")
             continue
         arr = np.asarray(arr)
         scale_name = name + SCALE_SUFFIX

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lungmae_core.wire import (
-    INDEX_SUFFIX, INT8_BLOCK, SCALE_SUFFIX, SHAPE_SUFFIX, TOPK_FRACTION, WireFormatError, apply_delta, pack_state, packed_layout, packed_nbytes, select, state_delta,
+    INDEX_SUFFIX, INT8_BLOCK, SCALE_SUFFIX, SHAPE_SUFFIX, TOPK_FRACTION, WireFormatError,
+    apply_delta, pack_state, packed_layout, packed_nbytes, select, state_delta,
     state_nbytes, unpack_state, update_norm,
 )
 
@@ -116,7 +117,8 @@ def test_topk_keeps_the_largest_values_exactly_where_they_were() -> None:
     assert torch.allclose(back[kept], x[kept], rtol=1e-3)
     layout = packed_layout({"w": x, "n": torch.tensor(7)}, "topk")
     assert layout == {k_: (tuple(v.shape), str(v.dtype)) for k_, v in packed.items()}
-    assert packed_nbytes(pack_state({"w": torch.randn(1000, 100)}, "topk")) / (1000 * 100 * 4) == pytest.approx(0.15, abs=1e-3)  # + shape
+    share = packed_nbytes(pack_state({"w": torch.randn(1000, 100)}, "topk")) / (1000 * 100 * 4)
+    assert share == pytest.approx(0.15, abs=1e-3)  # + the shape entry
 
 
 def test_topk_keeps_non_finite_visible() -> None:
