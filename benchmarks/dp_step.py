@@ -15,7 +15,13 @@ One process, one config at a time. For each mode a fresh copy of the same seeded
   their own, ``lungmae_core.privacy.register_grad_samplers``), then clip + noise;
 * ``functorch``: the same, with every layer's per-sample gradient from ``torch.func`` (vmap of grad);
 * ``ghost``: Opacus ghost clipping: per-sample gradient *norms* only, then a second backward pass of the
-  clipped loss (needs the per-sample loss vector, which our training loop keeps under DP).
+  clipped loss (needs the per-sample loss vector, which our training loop keeps under DP);
+* ``bookkeeping``: ``lungmae_core.dp_clipping`` (the site's ``grad-sample-mode: bookkeeping``): one
+  ordinary backward pass, per-layer ghost norm or per-sample gradient by cost, the clipped sum as one matmul
+  per layer, then Opacus' noise.
+
+With ``--interleave`` each mode's CPU time per step (``time.process_time``) is printed too: on a machine
+shared with other work the wall-time ratio is mostly the others' load, the CPU-time ratio is this step's.
 
 Peak memory: on GPU the CUDA allocator's peak during the step; on CPU the peak resident set during the step
 above the resident set before it (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Prints one line
@@ -47,7 +53,7 @@ from lungmae_core.privacy import register_grad_samplers  # noqa: E402
 
 # -- config block ---------------------------------------------------------------------------------------------
 CONFIGS = {"tiny": 2, "paper-p16": 2}  # config -> batch size
-DP_MODES = ("hooks", "functorch", "ghost")
+DP_MODES = ("hooks", "functorch", "ghost", "bookkeeping")
 BURN_IN = 1
 TIMED = 2
 SEED = 0
@@ -106,7 +112,12 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     mask_gen = torch.Generator(device=images.device)
     forward_model: torch.nn.Module = model
     ghost = mode == "ghost"
-    if mode != "plain":
+    if mode == "bookkeeping":  # what OpacusPrivacy(grad_sample_mode="bookkeeping") builds
+        from lungmae_core.dp_clipping import BookkeepingClipper, bookkeeping_optimizer
+
+        optimizer = bookkeeping_optimizer(optimizer, BookkeepingClipper(model, MAX_GRAD_NORM),
+                                          noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=images.shape[0])
+    elif mode != "plain":
         from opacus import GradSampleModule
         from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
             GradSampleModuleFastGradientClipping,
@@ -142,23 +153,31 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return step
 
 
+#: CPU seconds of the last _measure call's steps (process time: on a machine shared with other work it
+#: counts this process's own work, where wall time counts everyone's).
+LAST_CPU_S: list[float] = []
+
+
 def _measure(step: Any, device: torch.device, burn_in: int, timed: int) -> tuple[float, float, float, list[float]]:
     """(median ms, peak bytes, last loss, all ms) of ``timed`` steps after ``burn_in`` untimed ones."""
     for _ in range(burn_in):
         step()
     times, peaks, loss = [], [], float("nan")
+    LAST_CPU_S.clear()
     for _ in range(timed):
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            LAST_CPU_S.append(time.process_time() - c0)
         peaks.append(mem.peak)
     return 1e3 * statistics.median(times), max(peaks), loss, [1e3 * t for t in times]
 
 
-def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int) -> list[dict]:
+def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int,
+                 dp_modes: tuple[str, ...] = DP_MODES) -> list[dict]:
     """Each DP mode between two measurements of the plain step (same process, same batch, same masks).
 
     A busy machine drifts; the ratio of a mode is to the mean of the plain steps measured just before and
@@ -172,7 +191,7 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
     plain_step = make_step("plain", copy.deepcopy(base), batch, SEED)
     plain = [_measure(plain_step, device, burn_in, timed)]
     records = []
-    for mode in DP_MODES:
+    for mode in dp_modes:
         model = copy.deepcopy(base)
         ms, peak, loss, ms_all = _measure(make_step(mode, model, batch, SEED), device, burn_in, timed)
         del model
@@ -186,7 +205,7 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
 
 
 def bench_config_interleaved(name: str, batch_size: int, device: torch.device, burn_in: int,
-                             timed: int) -> list[dict]:
+                             timed: int, dp_modes: tuple[str, ...] = DP_MODES) -> list[dict]:
     """All modes alive at once, one step of each in turn (plain, hooks, functorch, ghost, plain, ...).
 
     On a machine shared with other work, load changes within seconds; round-robin steps see the same load,
@@ -197,9 +216,10 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
     g = torch.Generator().manual_seed(SEED)
     images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
     batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
-    modes = ("plain",) + DP_MODES
+    modes = ("plain",) + tuple(dp_modes)
     steps = {mode: make_step(mode, copy.deepcopy(base), batch, SEED) for mode in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(burn_in):
         for mode in modes:
@@ -208,12 +228,16 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
         for mode in modes:
             ms, peak, _, _ = _measure(steps[mode], device, 0, 1)
             times[mode].append(ms)
+            cpu[mode].append(LAST_CPU_S[0])
             peaks[mode].append(peak)
     plain = statistics.median(times["plain"])
+    plain_cpu = statistics.median(cpu["plain"])
     return [{"config": name, "batch": batch_size, "mode": mode, "ms_per_step": statistics.median(times[mode]),
              "ms_all": times[mode], "plain_ms_per_step": plain,
              "ratio_to_plain": statistics.median(times[mode]) / plain, "peak_mib": max(peaks[mode]) / 2 ** 20,
-             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True} for mode in DP_MODES]
+             "plain_peak_mib": max(peaks["plain"]) / 2 ** 20, "interleaved": True,
+             "cpu_s_per_step": statistics.median(cpu[mode]), "plain_cpu_s_per_step": plain_cpu,
+             "cpu_ratio_to_plain": statistics.median(cpu[mode]) / plain_cpu} for mode in dp_modes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="write all records here")
+    parser.add_argument("--modes", nargs="+", default=list(DP_MODES), choices=DP_MODES, help="DP modes to time")
     parser.add_argument("--interleave", action="store_true",
                         help="keep every mode's model alive and alternate their steps (steadier on a busy machine)")
     args = parser.parse_args(argv)
@@ -234,16 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"DP-SGD step vs plain step on {where}; sigma {NOISE_MULTIPLIER}, C {MAX_GRAD_NORM}, "
-          f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median)")
+          f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median); loadavg "
+          f"{Path('/proc/loadavg').read_text().split()[:3]}")
     records = []
     for name in args.configs:
         bench = bench_config_interleaved if args.interleave else bench_config
-        recs = bench(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed)
+        recs = bench(name, args.batch or CONFIGS.get(name, 2), device, args.burn_in, args.timed, tuple(args.modes))
         records += recs
         for r in recs:
             print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<9} {r['ms_per_step']:10.1f} ms/step vs plain "
                   f"{r['plain_ms_per_step']:10.1f} ms/step  x{r['ratio_to_plain']:.2f}   peak {r['peak_mib']:8.1f} "
-                  f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB", flush=True)
+                  f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB"
+                  + (f"   CPU time x{r['cpu_ratio_to_plain']:.2f}" if "cpu_ratio_to_plain" in r else ""), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "records": records},
                                         indent=1))

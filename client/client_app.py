@@ -299,7 +299,14 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         names = [n for n, p in model.named_parameters() if p.requires_grad] \
             if phase != PRETRAIN and cfg.finetune_mode == "linear-probe" else list(trained)
-        packed = pack_state(state_delta({k: trained[k] for k in names}, received), cfg.compression)
+        update = state_delta({k: trained[k] for k in names}, received)
+        if cfg.compression in ("int8", "topk"):  # lossy: what was dropped is added back next round (error feedback)
+            from lungmae_core.error_feedback import ErrorFeedback
+
+            packed = ErrorFeedback(site.site.state_dir, tag=f"{msg.metadata.run_id}/{phase}").pack(update,
+                                                                                                 cfg.compression)
+        else:
+            packed = pack_state(update, cfg.compression)
         reply = TrainReply(server_round=cfg.server_round, num_examples=int(out["num_examples"]),
                            epsilon=gate.epsilon_spent(), train_seconds=time.perf_counter() - t0,
                            update_bytes=packed_nbytes(packed), **values)

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedprox", "trimmed-mean", "median"),
                         help="aggregation (fedavg); fedprox uses --mu")
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight (0.01)")
-    parser.add_argument("--compression", default="fp16", choices=("fp16", "fp32", "int8"),
+    parser.add_argument("--compression", default="fp16", choices=("fp16", "fp32", "int8", "topk"),
                         help="encoding of site updates (fp16)")
     parser.add_argument("--finetune-mode", default="full", choices=("full", "linear-probe"), help="(full)")
     parser.add_argument("--federation-config", type=Path, default=None,

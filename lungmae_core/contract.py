@@ -53,7 +53,7 @@ EVAL_STAGES: tuple[str, ...] = (PRETRAIN, FINETUNE, FINAL)
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 POOLINGS: tuple[str, ...] = ("lung", "mean", "cls")  # lungmae_core.heads.POOLINGS (a test keeps them equal)
-COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")  # lungmae_core.wire.COMPRESSIONS
+COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "topk")  # lungmae_core.wire.COMPRESSIONS
 FINETUNE_MODES: tuple[str, ...] = ("full", "linear-probe")
 TRAIN_METRICS_REQUESTS: tuple[str, ...] = ("if-allowed", "required")
 #: Fixed bins over [0, 1] of the per-class score histograms an evaluation reply carries (pooled ROC AUC).

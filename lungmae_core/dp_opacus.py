@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 #: Per-sample gradient modes of Opacus that ``OpacusPrivacy`` supports through the ``PrivacyHook`` protocol.
 #: ("ghost" clipping is measured in ``benchmarks/dp_step.py`` but needs a per-sample loss and two backward
 #: passes inside the training loop, which the hook protocol does not give it.)
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
+# "bookkeeping": lungmae_core.dp_clipping (clipped sum in one backward pass, no per-sample gradients).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "bookkeeping")
 
 ACCOUNTANT = "rdp"
 
@@ -168,7 +169,8 @@ class OpacusPrivacy:
     Args:
         plan: the round's noise, sample rate, step cap and clipping bound; ``plan.num_samples`` counts
             patients (the unit of accounting, :class:`PatientSampled`).
-        grad_sample_mode: ``"hooks"`` (default) or ``"functorch"``.
+        grad_sample_mode: ``"hooks"`` (default), ``"functorch"`` or ``"bookkeeping"``
+            (``lungmae_core.dp_clipping``: no per-sample gradients; see docs/performance.md).
         trainable: for a classifier, what may train (``"linear-probe"``, ``"last-K"``, ``"full"``); it narrows
             what the training loop unfroze (:func:`lungmae_core.heads.narrow_trainable`). ``None``: leave it.
 
@@ -255,10 +257,17 @@ class OpacusPrivacy:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
             self.engine = PrivacyEngine(accountant=ACCOUNTANT)
-        module, dp_optimizer, dp_loader = self.engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=self.noise_generator)
+        if self.grad_sample_mode == "bookkeeping":
+            from lungmae_core.dp_clipping import make_private_bookkeeping
+
+            module, dp_optimizer, dp_loader = make_private_bookkeeping(
+                self.engine, model, optimizer, loader, noise_multiplier=self.plan.noise_multiplier,
+                max_grad_norm=self.plan.max_grad_norm, noise_generator=self.noise_generator)
+        else:
+            module, dp_optimizer, dp_loader = self.engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=self.grad_sample_mode, noise_generator=self.noise_generator)
         assert dp_loader.sample_rate == self.plan.sample_rate, (dp_loader.sample_rate, self.plan.sample_rate)
         if dp_loader.batch_sampler.generator is not self.sample_generator or \
                 dp_optimizer.generator is not self.noise_generator:
@@ -298,6 +307,8 @@ class OpacusPrivacy:
     def _fill_missing_grad_samples(self, optimizer: Any) -> None:
         """Zero per-sample gradients for parameters the backward pass did not reach (or for an empty batch)."""
         params = optimizer.params
+        if hasattr(optimizer, "clipper"):  # book-keeping clipping: no per-sample gradients to fill
+            return
         have = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
         if len(have) == len(params):
             return

@@ -104,10 +104,10 @@ def random_masking(
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
-    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, e))  # (B, L_keep, E)
-    mask = torch.ones(b, n, device=x.device, dtype=torch.float32)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)  # (B, L), back in token order
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, e))  # (B, L_keep, E): the one copy
+    # Token t is kept iff its place in the shuffled order is among the first len_keep: the mask follows from
+    # ids_restore without building a shuffled mask and gathering it back (same values, one gather fewer).
+    mask = (ids_restore >= len_keep).to(torch.float32)  # (B, L), token order
     return x_kept, mask, ids_restore
 
 

@@ -156,8 +156,8 @@ class DPConfig:
             (at ``delta``); rounds compose to less than the sum of their epsilons.
         ledger: the ledger file. ``None``: ``<state-dir>/privacy-ledger.json`` (``site.yaml`` ``site:
             state-dir``, which defaults to a ``state`` folder beside site.yaml, never inside the cache).
-        grad_sample_mode: Opacus per-sample gradient mode, ``"hooks"`` (default, fastest here) or
-            ``"functorch"``.
+        grad_sample_mode: per-sample gradient mode, ``"hooks"`` (default), ``"functorch"`` or
+            ``"bookkeeping"`` (``lungmae_core.dp_clipping``: no per-sample gradients; see docs/performance.md).
 
     Raises:
         ConfigError: naming the key and the value, e.g. "give either noise-multiplier or
@@ -176,7 +176,7 @@ class DPConfig:
     noise_multiplier: float | None = None
     target_epsilon_per_round: float | None = None
     ledger: Path | None = None
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "bookkeeping"] = "hooks"
     finetune_trainable: str = DEFAULT_DP_FINETUNE
 
     def __post_init__(self) -> None:

@@ -1,17 +1,24 @@
-"""Packing model state dicts for the wire: fp32, fp16 (default) or 8-bit, with exact byte counts.
+"""Packing model state dicts for the wire: fp32, fp16 (default), 8-bit or top-k sparse, with exact byte counts.
 
 Model weights are the only thing that leaves a site, and on a hospital uplink they are the bulk of the
 traffic (the paper's MAE is ~465 MB in fp32). This module turns a state dict into a flat mapping of NumPy
 arrays in one of three encodings and back, framework-free so that both the ClientApp and the ServerApp
 (and a notebook) can use it; the Flower side only wraps the result in an ``ArrayRecord``.
 
-Encodings (``compression``):
+Encodings (``compression``) and their payload as a share of fp32:
     * ``fp32``: floating tensors as float32; exact.
     * ``fp16``: floating tensors as float16; half the bytes, relative error ~5e-4. Values beyond
       +/-65504 become inf, which the server's update checks then reject as non-finite.
-    * ``int8``: symmetric per-tensor quantisation; each floating tensor ``name`` becomes an int8 array
-      ``name`` plus a float32 scale ``name#int8-scale`` of shape (1,); about a quarter of the fp32 bytes.
-      Meant for *updates* (local - global), whose per-tensor range is small; do not use it for weights.
+    * ``int8``: symmetric per-block quantisation; each floating tensor ``name`` becomes an int8 array
+      ``name`` plus float32 scales ``name#int8-scale``, one per block of :data:`INT8_BLOCK` consecutive
+      values of the flattened tensor (shape ``(ceil(numel / INT8_BLOCK),)``); 25.1% of the fp32 bytes.
+      Per block rather than per tensor because one outlier (a position embedding row, a LayerNorm gain)
+      would otherwise flatten every other value of its tensor to zero. Meant for *updates* (local - global).
+    * ``topk``: the :data:`TOPK_FRACTION` largest-magnitude values of each floating tensor as float16
+      (``name``, shape ``(k,)``), their flat positions ``name#topk-index`` (int32, ``(k,)``) and the
+      tensor's shape ``name#topk-shape`` (int64, ``(ndim,)``); 15% of the fp32 bytes. Only sensible with
+      error feedback at the site (:mod:`lungmae_core.error_feedback`), which carries what was dropped into
+      the next round.
 
 Non-floating tensors (integer buffers) travel unchanged in every encoding.
 
@@ -27,6 +34,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -39,6 +47,10 @@ __all__ = [
     "COMPRESSIONS",
     "Compression",
     "SCALE_SUFFIX",
+    "INDEX_SUFFIX",
+    "SHAPE_SUFFIX",
+    "INT8_BLOCK",
+    "TOPK_FRACTION",
     "WireFormatError",
     "pack_state",
     "unpack_state",
@@ -51,9 +63,16 @@ __all__ = [
     "update_norm",
 ]
 
-Compression = Literal["fp32", "fp16", "int8"]
-COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+Compression = Literal["fp32", "fp16", "int8", "topk"]
+COMPRESSIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "topk")
 SCALE_SUFFIX = "#int8-scale"
+INDEX_SUFFIX = "#topk-index"
+SHAPE_SUFFIX = "#topk-shape"
+_RESERVED = (SCALE_SUFFIX, INDEX_SUFFIX, SHAPE_SUFFIX)
+#: Values per int8 scale: 4 bytes of scale per 1024 bytes of values (0.4% overhead).
+INT8_BLOCK = 1024
+#: Share of each floating tensor's values that ``topk`` sends (at least one value per tensor).
+TOPK_FRACTION = 0.1
 _INT8_MAX = 127.0
 
 
@@ -76,16 +95,78 @@ def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(value)
 
 
+def _num_blocks(numel: int) -> int:
+    return max(1, math.ceil(numel / INT8_BLOCK))
+
+
 def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-tensor quantisation: ``x ~ q * scale`` with ``q`` in [-127, 127]."""
-    x32 = x.astype(np.float32, copy=False)
-    peak = float(np.max(np.abs(x32))) if x32.size else 0.0
-    if not np.isfinite(peak):
-        # Keep the non-finite value visible to the receiver's checks instead of hiding it in a clip.
-        return np.zeros(x32.shape, np.int8), np.array([np.inf], np.float32)
-    scale = peak / _INT8_MAX if peak > 0 else 1.0
-    q = np.clip(np.rint(x32 / scale), -_INT8_MAX, _INT8_MAX).astype(np.int8)
-    return q, np.array([scale], np.float32)
+    """Symmetric per-block quantisation: ``x ~ q * scale[block]`` with ``q`` in [-127, 127].
+
+    A block holding a non-finite value gets an infinite scale (and zeros), so the receiver's finiteness
+    check sees it instead of a silently clipped value.
+    """
+    x32 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    n, blocks = x32.size, _num_blocks(x32.size)
+    padded = np.zeros(blocks * INT8_BLOCK, np.float32)
+    padded[:n] = x32
+    padded = padded.reshape(blocks, INT8_BLOCK)
+    with np.errstate(invalid="ignore"):
+        peak = np.max(np.abs(padded), axis=1)
+    finite = np.isfinite(peak)
+    scale = np.where(finite & (peak > 0), peak / _INT8_MAX, 1.0).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.rint(padded / scale[:, None]), -_INT8_MAX, _INT8_MAX)
+    q[~finite] = 0
+    scale[~finite] = np.inf
+    return q.astype(np.int8).reshape(-1)[:n].reshape(x.shape), scale
+
+
+def _dequantize_int8(name: str, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    n = q.size
+    if scale.size == 1:  # per-tensor scale (the encoding before per-block scales)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return q.astype(np.float32) * scale[0]
+    if scale.size != _num_blocks(n):
+        raise WireFormatError(f"Unable to unpack {name!r} as its scale has {scale.size} values, not 1 or "
+                              f"{_num_blocks(n)} (one per {INT8_BLOCK} values)")
+    per_value = np.repeat(scale, INT8_BLOCK)[:n]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (q.reshape(-1).astype(np.float32) * per_value).reshape(q.shape)
+
+
+def _topk_count(numel: int) -> int:
+    return min(numel, max(1, math.ceil(TOPK_FRACTION * numel))) if numel else 0
+
+
+def _sparsify_topk(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The largest-magnitude values (float16) of ``x``, their flat positions (int32) and ``x``'s shape."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if flat.size >= 2 ** 31:
+        raise WireFormatError(f"Unable to sparsify a tensor of {flat.size} values with int32 positions")
+    k = _topk_count(flat.size)
+    mag = np.abs(flat)
+    mag[np.isnan(mag)] = np.inf  # a NaN must travel, so that the receiver rejects the update
+    index = np.argpartition(mag, flat.size - k)[flat.size - k:] if k < flat.size else np.arange(flat.size)
+    index = np.sort(index).astype(np.int32)
+    with np.errstate(over="ignore"):
+        values = flat[index].astype(np.float16)
+    return values, index, np.array(x.shape, dtype=np.int64)
+
+
+def _densify_topk(name: str, values: np.ndarray, index: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    shape_t = tuple(int(s) for s in np.asarray(shape).reshape(-1))
+    if any(s < 0 for s in shape_t):
+        raise WireFormatError(f"Unable to unpack {name!r} as its top-k shape {shape_t} is negative")
+    numel = math.prod(shape_t)
+    values, index = np.asarray(values).reshape(-1), np.asarray(index).reshape(-1)
+    if values.size != index.size or not np.issubdtype(index.dtype, np.integer):
+        raise WireFormatError(f"Unable to unpack {name!r} as it has {values.size} top-k values but "
+                              f"{index.size} positions of dtype {index.dtype}")
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise WireFormatError(f"Unable to unpack {name!r} as a top-k position lies outside its {numel} values")
+    dense = np.zeros(numel, np.float32)
+    dense[index.astype(np.int64)] = values.astype(np.float32)
+    return dense.reshape(shape_t)
 
 
 def pack_state(
@@ -95,20 +176,21 @@ def pack_state(
 
     Args:
         state: tensor or array per parameter name, any shapes (e.g. ``encoder.pos_embed.pos``: (1, 512, 768)).
-        compression: ``"fp32"``, ``"fp16"`` or ``"int8"``. Defaults to ``"fp16"``.
+        compression: ``"fp32"``, ``"fp16"``, ``"int8"`` or ``"topk"``. Defaults to ``"fp16"``.
 
     Returns:
         name -> array in insertion order; with ``int8`` each floating ``name`` is followed by
-        ``name + SCALE_SUFFIX`` (float32, shape (1,)).
+        ``name + SCALE_SUFFIX`` (float32, one per block); with ``topk`` by ``name + INDEX_SUFFIX`` and
+        ``name + SHAPE_SUFFIX``.
 
     Raises:
-        WireFormatError: unknown ``compression`` or a name that already ends in the scale suffix.
+        WireFormatError: unknown ``compression`` or a name that already ends in a reserved suffix.
     """
     _check_compression(compression)
     packed: dict[str, np.ndarray] = {}
     for name, value in state.items():
-        if name.endswith(SCALE_SUFFIX):
-            raise WireFormatError(f"Unable to pack {name!r} as names ending in {SCALE_SUFFIX!r} are reserved")
+        if name.endswith(_RESERVED):
+            raise WireFormatError(f"Unable to pack {name!r} as names ending in {', '.join(_RESERVED)} are reserved")
         arr = _to_numpy(value)
         if not np.issubdtype(arr.dtype, np.floating):
             packed[name] = np.array(arr, order="C")
@@ -117,25 +199,39 @@ def pack_state(
         elif compression == "fp16":
             with np.errstate(over="ignore"):
                 packed[name] = np.array(arr, dtype=np.float16, order="C")
-        else:
+        elif compression == "int8":
             packed[name], packed[name + SCALE_SUFFIX] = _quantize_int8(arr)
+        else:
+            packed[name], packed[name + INDEX_SUFFIX], packed[name + SHAPE_SUFFIX] = _sparsify_topk(arr)
     return packed
 
 
-def unpack_state(packed: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def unpack_state(packed: Mapping[str, np.ndarray],
+                 shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """Decode :func:`pack_state` output back to tensors; floating values come back as float32.
 
-    The encoding is read from the arrays themselves (int8 arrays with a scale entry are dequantised), so
-    the receiver need not trust a separately sent compression name.
+    The encoding is read from the arrays themselves (int8 arrays with a scale entry are dequantised, top-k
+    values with their positions are scattered into zeros), so the receiver need not trust a separately sent
+    compression name.
+
+    Args:
+        packed: what :func:`pack_state` produced (as received).
+        shapes: the expected shape per name (the receiver's model). A top-k entry carries its own shape,
+            which the receiver must not trust: without ``shapes`` a sender could declare a smaller tensor
+            that broadcasts in a sum. Give it whenever ``topk`` may arrive.
 
     Raises:
-        WireFormatError: an int8 array without its scale, or a scale without its array.
+        WireFormatError: an int8 array without its scale (or the reverse), a scale count that fits no
+            encoding, top-k values without positions or shape, positions outside the tensor, or a decoded
+            shape that differs from ``shapes``.
     """
     out: dict[str, torch.Tensor] = {}
     for name, arr in packed.items():
-        if name.endswith(SCALE_SUFFIX):
-            if name[: -len(SCALE_SUFFIX)] not in packed:
-                raise WireFormatError(f"Unable to unpack {name!r} as its int8 array is missing")
+        if name.endswith(_RESERVED):
+            base = name[: -len(next(s for s in _RESERVED if name.endswith(s)))]
+            if base not in packed:
+                kind = "int8" if name.endswith(SCALE_SUFFIX) else "top-k"
+                raise WireFormatError(f"Unable to unpack {name!r} as its {kind} array is missing")
             continue
         arr = np.asarray(arr)
         scale_name = name + SCALE_SUFFIX
@@ -143,14 +239,20 @@ def unpack_state(packed: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
             if arr.dtype != np.int8:
                 raise WireFormatError(f"Unable to unpack {name!r} as it has a scale but dtype {arr.dtype}, not int8")
             scale = np.asarray(packed[scale_name], dtype=np.float32).reshape(-1)
-            if scale.size != 1:
-                raise WireFormatError(f"Unable to unpack {name!r} as its scale has {scale.size} values, not 1")
-            with np.errstate(invalid="ignore", over="ignore"):
-                out[name] = torch.from_numpy(arr.astype(np.float32) * scale[0])
+            out[name] = torch.from_numpy(_dequantize_int8(name, arr, scale))
+        elif name + INDEX_SUFFIX in packed or name + SHAPE_SUFFIX in packed:
+            if name + INDEX_SUFFIX not in packed or name + SHAPE_SUFFIX not in packed:
+                raise WireFormatError(f"Unable to unpack {name!r} as it needs both {INDEX_SUFFIX!r} and "
+                                      f"{SHAPE_SUFFIX!r} entries")
+            out[name] = torch.from_numpy(_densify_topk(name, arr, packed[name + INDEX_SUFFIX],
+                                                       packed[name + SHAPE_SUFFIX]))
         elif np.issubdtype(arr.dtype, np.floating):
             out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         else:
             out[name] = torch.from_numpy(np.array(arr))
+        if shapes is not None and name in shapes and tuple(out[name].shape) != tuple(shapes[name]):
+            raise WireFormatError(f"Unable to unpack {name!r} as it decodes to shape {tuple(out[name].shape)}, "
+                                  f"not {tuple(shapes[name])}")
     return out
 
 
@@ -172,7 +274,12 @@ def packed_layout(
             layout[name] = (shape, str(_to_numpy(value).dtype))
         elif compression == "int8":
             layout[name] = (shape, "int8")
-            layout[name + SCALE_SUFFIX] = ((1,), "float32")
+            layout[name + SCALE_SUFFIX] = ((_num_blocks(math.prod(shape)),), "float32")
+        elif compression == "topk":
+            k = _topk_count(math.prod(shape))
+            layout[name] = ((k,), "float16")
+            layout[name + INDEX_SUFFIX] = ((k,), "int32")
+            layout[name + SHAPE_SUFFIX] = ((len(shape),), "int64")
         else:
             layout[name] = (shape, "float16" if compression == "fp16" else "float32")
     return layout

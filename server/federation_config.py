@@ -220,7 +220,8 @@ class FederationConfig:
         round_timeout_s: how long a round waits for replies (seconds); late replies are dropped.
         run_dir: where state, checkpoints, metrics and the exported model go.
         resume: continue from ``run_dir/state.json`` when it exists (same config hash required).
-        compression: encoding of the updates sites send: ``fp16`` (default), ``fp32`` or ``int8``.
+        compression: encoding of the updates sites send: ``fp16`` (default), ``fp32``, ``int8`` (per-block
+            scales) or ``topk`` (10% sparse; see docs/performance.md).
         update_checks: bounds on updates.
         seed: run seed (site sampling, model init, site generators).
         privacy: requirements on the sites' DP settings.
@@ -235,7 +236,7 @@ class FederationConfig:
     round_timeout_s: float = 600.0
     run_dir: Path = Path("runs/federation")
     resume: bool = True
-    compression: Literal["fp32", "fp16", "int8"] = "fp16"
+    compression: Literal["fp32", "fp16", "int8", "topk"] = "fp16"
     update_checks: UpdateChecksConfig = UpdateChecksConfig()
     seed: int = 0
     privacy: PrivacyRequirements = PrivacyRequirements()

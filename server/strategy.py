@@ -135,6 +135,7 @@ class PhaseStrategy:
         self.max_site_share = max_site_share
         self.max_reply_bytes = max_reply_bytes
         self.upload_names = list(upload_names) if upload_names is not None else None
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # the global shapes of the round being collected
         self.max_epsilon_per_round, self.require_dp = max_epsilon_per_round, require_dp
         self.central_dp = central_dp
         self.seed = seed
@@ -232,7 +233,8 @@ class PhaseStrategy:
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            delta = validate_update(site, arrays_to_state(content["arrays"]), layout or {}, self.max_norm)
+            delta = validate_update(site, arrays_to_state(content["arrays"]), layout or {}, self.max_norm,
+                                    shapes=self._shapes)
         except UpdateRejected as exc:
             report.rejected.append(Rejection.from_error(exc))
             log.warning("train %s round %d: %s", cfg.phase, cfg.server_round, exc)
@@ -281,6 +283,8 @@ class PhaseStrategy:
         glob = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in weights.items()}
         names = self.upload_names if self.upload_names is not None else list(glob)
         layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
+        # a topk update declares its tensors' shapes itself: only the global shapes stop a broadcast
+        self._shapes = {k: tuple(glob[k].shape) for k in names}
         messages, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
         good = self._collect(messages, replies, report, TRAIN, cfg, layout)
         for _, site, decoded, _ in good:

@@ -66,6 +66,7 @@ def validate_update(
     packed: Mapping[str, np.ndarray],
     layout: Mapping[str, tuple[tuple[int, ...], str]],
     max_norm: float,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,  # [perf] needed for topk updates
 ) -> dict[str, torch.Tensor]:
     """Check a packed update against the expected layout and bounds; return it decoded.
 
@@ -75,6 +76,8 @@ def validate_update(
         layout: expected ``name -> (shape, dtype)`` (``lungmae_core.wire.packed_layout`` of the global
             model's sent part under the configured compression).
         max_norm: upper bound on the update's global L2 norm.
+        shapes: the global model's shape per name; a ``topk`` update declares its tensors' shapes itself,
+            and only this check stops a smaller declared shape from broadcasting in the aggregate.
 
     Returns:
         name -> float32 tensor (integer buffers keep their dtype), ready to aggregate.
@@ -100,7 +103,7 @@ def validate_update(
     if bad_dtype:
         raise UpdateRejected(site, "dtypes", "; ".join(bad_dtype[:3]))
     try:
-        delta = unpack_state(packed)
+        delta = unpack_state(packed, shapes)  # [perf] shapes
     except WireFormatError as exc:
         raise UpdateRejected(site, "dtypes", str(exc)) from None
     non_finite = [n for n, t in delta.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

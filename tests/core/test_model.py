@@ -149,3 +149,16 @@ def test_input_windows_built_in_code_are_checked_too() -> None:
     with pytest.raises(ConfigError, match=r"input_windows must be a list of \[low, high\] HU pairs; got \[-500.0\]"):
         ModelConfig(input_windows=[-500.0])  # type: ignore[list-item]
     assert ModelConfig(input_windows=[[-1000, -900]]).input_windows == ((-1000.0, -900.0),)
+
+
+def test_mask_from_ids_restore_equals_the_gathered_mask() -> None:
+    """The mask computed from ids_restore is MAE's shuffled-ones-then-gather mask, value for value."""
+    from lungmae_core.model import random_masking
+
+    x = torch.randn(3, 50, 4)
+    for ratio in (0.0, 0.5, 0.75, 0.98):
+        _, mask, ids_restore = random_masking(x, ratio, torch.Generator().manual_seed(7))
+        keep = int(50 * (1 - ratio))
+        reference = torch.ones(3, 50)
+        reference[:, :keep] = 0
+        assert torch.equal(mask, torch.gather(reference, 1, ids_restore))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lungmae_core.wire import (
-    SCALE_SUFFIX, WireFormatError, apply_delta, pack_state, packed_layout, packed_nbytes, select, state_delta,
+    INDEX_SUFFIX, INT8_BLOCK, SCALE_SUFFIX, SHAPE_SUFFIX, TOPK_FRACTION, WireFormatError,
+    apply_delta, pack_state, packed_layout, packed_nbytes, select, state_delta,
     state_nbytes, unpack_state, update_norm,
 )
 
@@ -22,7 +23,7 @@ def _state() -> dict[str, torch.Tensor]:
 def test_round_trip_and_bytes(compression: str, float_bytes: int, tol: float) -> None:
     state = _state()
     packed = pack_state(state, compression)
-    scales = 2 * 4 if compression == "int8" else 0  # one float32 scale per floating tensor
+    scales = 2 * 4 if compression == "int8" else 0  # one float32 scale per block; each tensor is one block
     assert packed_nbytes(packed) == (16 * 8 + 8) * float_bytes + 8 + scales
     back = unpack_state(packed)
     assert back["steps"].dtype == torch.int64 and int(back["steps"]) == 3
@@ -55,7 +56,17 @@ def test_delta_apply_norm() -> None:
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: pack_state({"w": torch.ones(1)}, "bf16"), "compression must be one of fp32, fp16, int8; got 'bf16'"),
+    (lambda: pack_state({"w": torch.ones(1)}, "bf16"), "compression must be one of fp32, fp16, int8, topk; got 'bf16'"),
+    (lambda: pack_state({"w" + INDEX_SUFFIX: torch.ones(1)}, "topk"), "are reserved"),
+    (lambda: unpack_state({"w": np.ones(2, np.int8), "w" + SCALE_SUFFIX: np.ones(3, np.float32)}),
+     "its scale has 3 values, not 1 or 1"),
+    (lambda: unpack_state({"w": np.ones(2, np.float16), "w" + INDEX_SUFFIX: np.array([0, 9], np.int32),
+                           "w" + SHAPE_SUFFIX: np.array([4], np.int64)}), "a top-k position lies outside its 4"),
+    (lambda: unpack_state({"w": np.ones(2, np.float16), "w" + INDEX_SUFFIX: np.array([0, 1], np.int32)}),
+     "it needs both"),
+    (lambda: unpack_state({"w" + INDEX_SUFFIX: np.array([0], np.int32)}), "its top-k array is missing"),
+    (lambda: unpack_state(pack_state({"b": torch.ones(1)}, "topk"), shapes={"b": (768,)}),
+     "it decodes to shape (1,), not (768,)"),  # a declared smaller tensor would broadcast in a sum
     (lambda: pack_state({"w" + SCALE_SUFFIX: torch.ones(1)}, "fp16"), "are reserved"),
     (lambda: unpack_state({"w": np.ones(2, np.float32), "w" + SCALE_SUFFIX: np.ones(1, np.float32)}),
      "has a scale but dtype float32, not int8"),
@@ -67,3 +78,50 @@ def test_bad_input(call, message: str) -> None:
     with pytest.raises(WireFormatError, match=None) as info:
         call()
     assert message in str(info.value)
+
+
+def test_int8_blocks_keep_small_values_beside_an_outlier() -> None:
+    """Per-block scales: an outlier in one block does not zero the small values of the other blocks."""
+    x = torch.full((3 * INT8_BLOCK,), 1e-3)
+    x[0] = 100.0
+    packed = pack_state({"w": x}, "int8")
+    assert packed["w" + SCALE_SUFFIX].shape == (3,)
+    back = unpack_state(packed)["w"]
+    assert float(back[0]) == pytest.approx(100.0)
+    assert torch.allclose(back[INT8_BLOCK:], x[INT8_BLOCK:], rtol=1e-2)  # per tensor they would be 0
+    assert float(back[1]) == 0.0  # same block as the outlier: below its step
+
+
+def test_int8_is_a_quarter_of_fp32_plus_scales() -> None:
+    state = {"w": torch.randn(768, 768) * 1e-3}
+    assert packed_nbytes(pack_state(state, "int8")) == 768 * 768 + 4 * (768 * 768 // INT8_BLOCK)
+    assert packed_nbytes(pack_state(state, "int8")) / state_nbytes(state) < 0.2511
+
+
+def test_int8_legacy_per_tensor_scale_still_decodes() -> None:
+    back = unpack_state({"w": np.array([1, -2], np.int8), "w" + SCALE_SUFFIX: np.array([0.5], np.float32)})
+    assert back["w"].tolist() == [0.5, -1.0]
+
+
+def test_topk_keeps_the_largest_values_exactly_where_they_were() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 50, generator=g)
+    packed = pack_state({"w": x, "n": torch.tensor(7)}, "topk")
+    k = int(np.ceil(TOPK_FRACTION * x.numel()))
+    assert packed["w"].shape == (k,) and packed["w"].dtype == np.float16
+    assert packed["w" + INDEX_SUFFIX].dtype == np.int32 and packed["w" + SHAPE_SUFFIX].tolist() == [20, 50]
+    back = unpack_state(packed)["w"]
+    assert back.shape == x.shape and int((back != 0).sum()) == k
+    kept = back != 0
+    assert float(x[~kept].abs().max()) <= float(x[kept].abs().min())  # the k largest magnitudes
+    assert torch.allclose(back[kept], x[kept], rtol=1e-3)
+    layout = packed_layout({"w": x, "n": torch.tensor(7)}, "topk")
+    assert layout == {k_: (tuple(v.shape), str(v.dtype)) for k_, v in packed.items()}
+    share = packed_nbytes(pack_state({"w": torch.randn(1000, 100)}, "topk")) / (1000 * 100 * 4)
+    assert share == pytest.approx(0.15, abs=1e-3)  # + the shape entry
+
+
+def test_topk_keeps_non_finite_visible() -> None:
+    x = torch.zeros(100)
+    x[37] = float("nan")
+    assert torch.isnan(unpack_state(pack_state({"w": x}, "topk"))["w"][37])

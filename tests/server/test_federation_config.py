@@ -30,7 +30,7 @@ def test_model_shorthand_and_partial_phase() -> None:
     ({"phases": {"pretrain": {"round": 2}}}, "fed.yaml: 'phases': 'pretrain': 'round' is not a known key; allowed keys:"),
     ({"strategy": {"name": "krum"}}, "'name' must be one of 'fedavg', 'fedprox', 'trimmed-mean', 'median'; got 'krum'"),
     ({"strategy": {"name": "fedprox"}}, "mu must be > 0 when the strategy is fedprox"),
-    ({"compression": "bf16"}, "'compression' must be one of 'fp32', 'fp16', 'int8'"),
+    ({"compression": "bf16"}, "'compression' must be one of 'fp32', 'fp16', 'int8', 'topk'"),
     ({"phases": {"finetune": {"fraction": 1.5}}}, "fraction must be in (0, 1]; got 1.5"),
     ({"phases": {"pretrain": {"rounds": 0}, "finetune": {"rounds": 0}}}, "at least one round"),
     ({"classes": ["a"]}, "classes must have 2..64 names; got 1"),

@@ -44,3 +44,13 @@ def test_int8_with_infinite_scale_is_not_finite() -> None:
     packed = pack_state({"enc.w": torch.full((4, 3), float("inf")), "head.b": torch.zeros(2)}, "int8")
     with pytest.raises(UpdateRejected, match="finite check"):
         validate_update("a", packed, packed_layout(GLOBAL, "int8"), 10.0)
+
+
+def test_topk_update_declaring_a_smaller_shape_is_rejected() -> None:
+    """A top-k update carries its own shape; with the global shapes given, a lie is caught before aggregation."""
+    state = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    packed = pack_state({"w": torch.full((4, 3), 1e-3), "b": torch.full((1,), 1e-3)}, "topk")
+    layout = packed_layout(state, "topk")
+    packed["b"], packed["b#topk-index"] = packed["b"].repeat(1), packed["b#topk-index"].repeat(1)
+    with pytest.raises(UpdateRejected, match="decodes to shape"):
+        validate_update("a", packed, layout, 10.0, shapes={k: tuple(v.shape) for k, v in state.items()})
