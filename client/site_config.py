@@ -10,6 +10,8 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
                  grad-sample-mode, pretrain-max-grad-norm
     connection:  superlink, root-certificates, auth-key, node-port, metrics-port
+    pacs:        url, since, folder, timeout-s, retries, username, password-file, ca-certificates
+                 (client.pacs_config; read by `lungmae site pull`)
 
 Relative paths are relative to the folder of the YAML file, so a site folder can be moved as a whole.
 None of these values ever leaves the site: the federation only sees weights and aggregate metrics.
@@ -31,6 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
+from client.pacs_config import PacsSection
 from lungmae_core.atomic import atomic_write_text
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
 from lungmae_core.dicom import SeriesRules
@@ -197,6 +200,7 @@ class SiteConfig:
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     privacy: PrivacySection = dataclasses.field(default_factory=PrivacySection)
     connection: ConnectionSection = dataclasses.field(default_factory=ConnectionSection)
+    pacs: PacsSection = dataclasses.field(default_factory=PacsSection)
     source: str = dataclasses.field(default="site.yaml", compare=False)
 
     def with_data(self, **changes: Any) -> SiteConfig:
@@ -231,9 +235,11 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "privacy": PrivacySection,
     "connection": ConnectionSection,
+    "pacs": PacsSection,
 }
 _PATH_KEYS = {"data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
-              "connection": ("root_certificates", "auth_key")}
+              "connection": ("root_certificates", "auth_key"),
+              "pacs": ("password_file", "ca_certificates")}
 
 
 def _resolve(section: Any, name: str, base_dir: Path) -> Any:

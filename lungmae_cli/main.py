@@ -21,6 +21,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("simulate",), "lungmae_cli.simulate", "Federated simulation on synthetic hospitals (the main job)."),
     (("synth",), "lungmae_cli.synth", "Write synthetic hospitals: DICOM trees of CT phantoms plus labels."),
     (("site", "prepare"), "lungmae_cli.site_prepare", "Index, check and preprocess a site's DICOM/NIfTI into its cache."),
+    (("site", "pull"), "lungmae_cli.site_pull", "Fetch new CT studies from the hospital PACS (DICOMweb) into the import folder."),
     (("site", "preflight"), "lungmae_cli.site_preflight", "Check that a site is ready to join the federation."),
     (("site", "start"), "lungmae_cli.site_start", "Start this site's Flower SuperNode (long-running)."),
     (("server", "start"), "lungmae_cli.server_start", "Start the coordinator's Flower SuperLink (long-running)."),
