@@ -45,6 +45,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 _STUDY_DATE, _MODALITIES, _MODALITY = "00080020", "00080061", "00080060"
 _N_INSTANCES, _SERIES_NUMBER = "00201209", "00200011"
+_PAGE = 500  # QIDO-RS results per request
 _CT_IMAGE_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
 
@@ -168,7 +169,9 @@ class PacsPuller:
             if not self.pacs.ca_certificates.is_file():
                 raise PacsError(f"{source}: pacs.ca-certificates {self.pacs.ca_certificates} is not a file")
             session.verify = str(self.pacs.ca_certificates)
-        client = DICOMwebClient(self.url, session=session, timeout=self.pacs.timeout_s)
+        # 64 KiB reads (the library's default is 1 MB): instances are written as soon as they arrive, so a
+        # transfer that stalls has staged all it fully received.
+        client = DICOMwebClient(self.url, session=session, timeout=self.pacs.timeout_s, chunk_size=1 << 16)
         client.set_http_retry_params(retry=True, max_attempts=self.pacs.retries, wait_exponential_multiplier=500)
         return client
 
@@ -207,6 +210,25 @@ class PacsPuller:
 
     # -- query ----------------------------------------------------------------------------------------------
 
+    def _search(self, doing: str, fn, uid_tag: str, **kwargs) -> list[dict[str, Any]]:
+        """All results of a QIDO-RS search, paged with limit/offset.
+
+        dicomweb-client's own ``get_remaining`` loops for ever on servers that ignore ``offset`` without a
+        ``limit`` (Orthanc does); here every page has a limit, and a page that brings no new UID ends the
+        paging, whatever the server does with ``offset``.
+        """
+        results: list[dict[str, Any]] = []
+        seen: set[Any] = set()
+        offset = 0
+        while True:
+            page = self._call(doing, fn, limit=_PAGE, offset=offset, **kwargs)
+            fresh = [item for item in page if _value(item, uid_tag) not in seen]
+            seen.update(_value(item, uid_tag) for item in fresh)
+            results += fresh
+            if len(page) < _PAGE or not fresh:
+                return results
+            offset += len(page)
+
     def plan(self, since: dt.date | None, until: dt.date | None = None) -> PullPlan:
         """QIDO-RS: the CT studies with StudyDate in [since, until], their series, and what to fetch.
 
@@ -214,9 +236,9 @@ class PacsPuller:
             PacsError: when the server cannot be reached, refuses us, is too slow or answers garbage.
         """
         plan = PullPlan(date_range=_date_range(since, until))
-        studies = self._call("searching for CT studies", self._client.search_for_studies,
-                             search_filters={"StudyDate": plan.date_range, "ModalitiesInStudy": "CT"},
-                             fields=["StudyInstanceUID", "StudyDate", "ModalitiesInStudy"], get_remaining=True)
+        studies = self._search("searching for CT studies", self._client.search_for_studies, _STUDY_UID,
+                               search_filters={"StudyDate": plan.date_range, "ModalitiesInStudy": "CT"},
+                               fields=["StudyInstanceUID", "StudyDate", "ModalitiesInStudy"])
         for study in studies:
             study_uid = _uid(_value(study, _STUDY_UID), "Study Instance UID")
             modalities = [str(m) for m in _values(study, _MODALITIES)]
@@ -224,10 +246,9 @@ class PacsPuller:
                 plan.skipped[f"study without CT (modalities {'/'.join(sorted(modalities))})"] += 1
                 continue
             plan.studies += 1
-            series_list = self._call("listing the series of a study", self._client.search_for_series,
-                                     study_instance_uid=study_uid,
-                                     fields=["Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances"],
-                                     get_remaining=True)
+            series_list = self._search("listing the series of a study", self._client.search_for_series,
+                                       _SERIES_UID, study_instance_uid=study_uid,
+                                       fields=["Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances"])
             for item in series_list:
                 series_uid = _uid(_value(item, _SERIES_UID), "Series Instance UID")
                 modality = str(_value(item, _MODALITY) or "?")
@@ -276,19 +297,16 @@ class PacsPuller:
         return report
 
     def _instances(self, ref: SeriesRef) -> list[str]:
-        import requests
-
         try:
-            items = self._client.search_for_instances(study_instance_uid=ref.study_uid,
-                                                      series_instance_uid=ref.series_uid,
-                                                      fields=["SOPInstanceUID"], get_remaining=True)
-        except requests.exceptions.HTTPError as exc:
-            if exc.response is not None and exc.response.status_code == 404:
+            items = self._search("listing the instances of a series", self._client.search_for_instances, _SOP_UID,
+                                 study_instance_uid=ref.study_uid, series_instance_uid=ref.series_uid,
+                                 fields=["SOPInstanceUID"])
+        except PacsError as exc:
+            cause = exc.__cause__
+            if getattr(getattr(cause, "response", None), "status_code", None) == 404:
                 raise _SeriesFailed("the PACS no longer has this series (HTTP 404); it was deleted or moved since "
                                     "the query") from exc
-            raise self._fatal(exc, "listing the instances of a series") from exc
-        except (requests.exceptions.RequestException, ValueError) as exc:
-            raise self._fatal(exc, "listing the instances of a series") from exc
+            raise
         return [_uid(_value(item, _SOP_UID), "SOP Instance UID") for item in items]
 
     def _fetch_series(self, ref: SeriesRef, bar) -> tuple[int, int]:
