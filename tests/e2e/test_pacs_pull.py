@@ -53,6 +53,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Orthanc gets SIGTERM if pytest dies without its teardown (a hard timeout): no server is left behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _http(method: str, url: str, data: bytes | None = None) -> dict | list:
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/dicom"} if data else {})
@@ -74,7 +81,7 @@ class Orthanc:
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = open(root / "orthanc.log", "w")
         self.proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         self.rest = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.rest}/dicom-web"
         deadline = time.monotonic() + 30
