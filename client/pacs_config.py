@@ -29,9 +29,13 @@ __all__ = ["PacsSection", "parse_study_date"]
 def parse_study_date(value: str, where: str) -> dt.date:
     """A date written ``YYYY-MM-DD`` or ``YYYYMMDD`` (DICOM's DA), as the command line and site.yaml take it.
 
+    Anything else (a number, a list) is reported as not a date as well.
+
     Raises:
         SiteConfigError: naming ``where`` and the two accepted forms.
     """
+    if isinstance(value, dt.date):
+        return value
     text = str(value).strip()
     for fmt in ("%Y-%m-%d", "%Y%m%d"):
         try:
@@ -57,7 +61,7 @@ class PacsSection:
     """
 
     url: str | None = None
-    since: str | None = None
+    since: str | dt.date | None = None  # YAML reads an unquoted 2024-01-01 as a date
     folder: str = "pacs"
     timeout_s: float = 60.0
     retries: int = 3
@@ -70,7 +74,8 @@ class PacsSection:
         check(self.url is None or bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url)),
               f"'url' must be the DICOMweb root, e.g. 'https://pacs.example.org/dicom-web'; got {self.url!r}", err)
         if self.since is not None:
-            parse_study_date(self.since, "'since'")
+            since = self.since if isinstance(self.since, dt.date) else parse_study_date(self.since, "'since'")
+            object.__setattr__(self, "since", since.isoformat())  # one form, whichever way it was written
         check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.folder)) and self.folder not in (".", ".."),
               f"'folder' must be one folder name (letters, digits, '_', '.', '-'); got {self.folder!r}", err)
         check(0 < self.timeout_s <= 3600, f"'timeout-s' must be in (0, 3600]; got {self.timeout_s}", err)
