@@ -2,8 +2,8 @@
 
 Random flip of each spatial axis (p = 0.1 each) and one random 90-degree rotation (p = 0.1) in a random
 plane, as the paper describes ("Unmasking Interstitial Lung Diseases: Leveraging Masked Autoencoders for
-Diagnosis", arXiv 2508.04429). Built from MONAI's dictionary transforms (``RandFlipd``, ``RandRotate90d``,
-``OneOf``), which apply one random draw to every key of a sample, so image and mask cannot drift apart.
+Diagnosis", arXiv 2508.04429). Built from MONAI's dictionary transforms (``OneOf`` choices of ``Flipd`` and
+``Rotate90d``), which apply one random draw to every key of a sample, so image and mask cannot drift apart.
 Randomness comes from the caller's ``torch.Generator``: one seed is drawn from it per call and handed to
 MONAI's random state, so any step can be replayed. benchmarks/transforms.py times this against the
 plain-torch version it replaced.
@@ -26,8 +26,12 @@ _PLANES = ((0, 1), (0, 2), (1, 2))
 def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1, rot90_p: float = 0.1):
     """The MONAI transform: flip each axis with ``flip_p``, then, with ``rot90_p``, turn in one random plane.
 
-    A rotation plane whose two sides differ in length cannot take a quarter turn without changing the shape;
-    such a plane gets a half turn instead (a flip of both its axes), so every output has the input's shape.
+    Written as two ``OneOf`` choices of deterministic MONAI transforms, weighted to give exactly that
+    distribution: one of the 8 flip combinations (axes flipped independently, so a set S of axes has weight
+    ``flip_p^|S| (1 - flip_p)^(3 - |S|)``), then no turn (``1 - rot90_p``) or one of 3 planes x 3 quarter-turn
+    counts (``rot90_p / 9`` each). Chained ``RandFlipd`` per axis would copy the volume once per flipped axis;
+    this copies it at most once per step. A plane whose two sides differ in length cannot take a quarter turn
+    without changing the shape; it gets a half turn instead, so every output has the input's shape.
 
     Args:
         spatial_shape: (D, H, W) of the samples it will see.
@@ -37,14 +41,22 @@ def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.
     Returns:
         A ``monai.transforms.Compose`` over the keys ``image`` and ``lung_mask`` (channel-first tensors).
     """
-    from monai.transforms import Compose, OneOf, RandFlipd, RandRotate90d
+    from itertools import combinations
 
-    flips = [RandFlipd(_KEYS, prob=flip_p, spatial_axis=axis) for axis in range(3)]
-    turns = [RandRotate90d(_KEYS, prob=rot90_p, max_k=3, spatial_axes=plane)
-             if spatial_shape[plane[0]] == spatial_shape[plane[1]]
-             else RandFlipd(_KEYS, prob=rot90_p, spatial_axis=plane)
-             for plane in _PLANES]
-    return Compose([*flips, OneOf(turns)])
+    from monai.transforms import Compose, Flipd, Identityd, OneOf, Rotate90d
+
+    flips, flip_weights = [], []
+    for n_axes in range(4):
+        for axes in combinations(range(3), n_axes):
+            flips.append(Flipd(_KEYS, spatial_axis=list(axes)) if axes else Identityd(_KEYS))
+            flip_weights.append(flip_p ** n_axes * (1.0 - flip_p) ** (3 - n_axes))
+    turns, turn_weights = [Identityd(_KEYS)], [1.0 - rot90_p]
+    for plane in _PLANES:
+        square = spatial_shape[plane[0]] == spatial_shape[plane[1]]
+        for k in (1, 2, 3):
+            turns.append(Rotate90d(_KEYS, k=k if square else 2, spatial_axes=plane))
+            turn_weights.append(rot90_p / 9.0)
+    return Compose([OneOf(flips, weights=flip_weights), OneOf(turns, weights=turn_weights)])
 
 
 _local = threading.local()  # one cached transform set per thread: set_random_state mutates it
