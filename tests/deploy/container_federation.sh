@@ -1,7 +1,8 @@
 #!/bin/sh
-# Run inside the lungmae image by tests/deploy/test_image.py: two synthetic sites are prepared, site0 passes
-# `lungmae site preflight`, then a SuperLink and two SuperNodes on the container's loopback run one pretrain and
-# one finetune round of the tiny model through `flwr run` of the image's own app (/opt/lungmae).
+# Run inside the lungmae image by tests/deploy/test_image.py: `lungmae certs` makes the PKI, two synthetic sites
+# are prepared, a SuperLink with TLS and node authentication starts on the container's loopback, the sites'
+# keys are registered, site0 passes `lungmae site preflight` against it, then two SuperNodes run one pretrain and
+# one finetune round of the tiny model submitted by `flwr run` of the image's own app (/opt/lungmae).
 set -eu
 W=$(mktemp -d)
 cd "$W"
@@ -9,38 +10,45 @@ export FLWR_HOME="$W/flwr"
 PORT=19092
 lungmae synth --out sites --sites 2 --scans-per-site 3 --slices 40 --matrix 64 --preprocess-size 32 --workers 1 >/dev/null
 for i in 0 1; do lungmae site prepare --config "sites/site$i/site.yaml" --no-progress --workers 1 >/dev/null; done
-flower-superlink --insecure --host 127.0.0.1 --port "$PORT" --disable-runtime-dependency-installation >superlink.log 2>&1 &
+lungmae certs --out pki --server-name localhost --server-ip 127.0.0.1 --site site0 --site site1 >/dev/null
+flower-superlink --ssl-certfile pki/server/server.pem --ssl-keyfile pki/server/server.key \
+  --ssl-ca-certfile pki/ca/ca.crt --enable-supernode-auth --disable-runtime-dependency-installation \
+  --database "$W/superlink.db" --host 127.0.0.1 --port "$PORT" >superlink.log 2>&1 &
 pids=$!
 trap 'kill $pids 2>/dev/null || true' EXIT
 python3 - "$PORT" <<'PY'
 import socket, sys, time
-for _ in range(300):
+for _ in range(600):
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0:
             sys.exit(0)
     time.sleep(0.2)
 sys.exit("the SuperLink did not listen")
 PY
-# the site's connection section points at this SuperLink (insecure loopback: no TLS material inside the test)
+mkdir -p "$FLWR_HOME"
+printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:%s"\nroot-certificates = "%s"\n' \
+  "$PORT" "$W/pki/ca/ca.crt" >"$FLWR_HOME/config.toml"
+# each site: TLS with the consortium CA, its own key (registered at the SuperLink), a local node port
 for i in 0 1; do
-  python3 - "sites/site$i/site.yaml" "$PORT" "$((PORT + 10 + i))" <<'PY'
+  python3 - "sites/site$i/site.yaml" "$PORT" "$((PORT + 10 + i))" "$W" "$i" <<'PY'
 import sys, pathlib, yaml
-path = pathlib.Path(sys.argv[1])
+path, port, node_port, w, i = pathlib.Path(sys.argv[1]), *sys.argv[2:]
 cfg = yaml.safe_load(path.read_text())
-cfg["connection"] = {"superlink": f"127.0.0.1:{sys.argv[2]}", "node-port": int(sys.argv[3])}
+cfg["connection"] = {"superlink": f"127.0.0.1:{port}", "node-port": int(node_port),
+                     "root-certificates": f"{w}/pki/ca/ca.crt", "auth-key": f"{w}/pki/sites/site{i}/site{i}.key"}
+cfg["training"]["max-local-epochs"] = 1
 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 PY
+  flwr supernode register "pki/sites/site$i/site$i.pub" local --name "site$i" >/dev/null
 done
 echo "== preflight"
 lungmae site preflight --config sites/site0/site.yaml --min-free-gb 0.1 || { echo "PREFLIGHT FAILED"; exit 1; }
 for i in 0 1; do
-  flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port "$((PORT + 10 + i))" \
+  flower-supernode --superlink "127.0.0.1:$PORT" --root-certificates "$W/pki/ca/ca.crt" \
+    --auth-supernode-private-key "$W/pki/sites/site$i/site$i.key" --host 127.0.0.1 --port "$((PORT + 10 + i))" \
     --node-config "site-config=\"$W/sites/site$i/site.yaml\"" >"supernode$i.log" 2>&1 &
   pids="$pids $!"
 done
-mkdir -p "$FLWR_HOME"
-printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:%s"\ninsecure = true\n' "$PORT" \
-  >"$FLWR_HOME/config.toml"
 cat >federation.yaml <<YAML
 model: {name: tiny, overrides: {img-size: 32, depth: 2, decoder-depth: 1}}
 phases:
