@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungmae_core.transforms import random_flip_rot90_batch  # noqa: E402
+from lungmae_core.transforms import random_flip_rot90_batch
 
 _PLANES = ((-3, -2), (-3, -1), (-2, -1))
 

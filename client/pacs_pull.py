@@ -36,7 +36,7 @@ from client.pacs_config import PacsSection
 from lungmae_core.atomic import atomic_path
 from lungmae_core.errors import LungMAEError
 
-__all__ = ["PacsError", "SeriesRef", "PullPlan", "PullReport", "PacsPuller", "staging_dir"]
+__all__ = ["PacsError", "PacsPuller", "PullPlan", "PullReport", "SeriesRef", "staging_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +89,10 @@ class PullReport:
     def summary(self) -> str:
         """Human-readable lines: counts, skips with their reasons, and each failed series with why."""
         p = self.plan
-        lines = [f"PACS query (StudyDate {p.date_range}, CT): {p.studies} studies; {p.already_pulled} series already "
-                 f"pulled, {len(p.to_fetch)} to fetch.",
-                 f"Pulled {self.pulled_series} series ({self.files_written} files written, {self.files_resumed} kept "
-                 f"from an interrupted pull) into {self.destination}."]
+        lines = [(f"PACS query (StudyDate {p.date_range}, CT): {p.studies} studies; {p.already_pulled} series already "
+                  f"pulled, {len(p.to_fetch)} to fetch."),
+                 (f"Pulled {self.pulled_series} series ({self.files_written} files written, {self.files_resumed} kept "
+                  f"from an interrupted pull) into {self.destination}.")]
         if p.skipped:
             lines.append("Skipped:")
             lines += [f"  {n:4d}  {reason}" for reason, n in sorted(p.skipped.items(), key=lambda kv: -kv[1])]

@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-__all__ = ["random_flip_rot90", "random_flip_rot90_batch", "flip_rot90_transform"]
+__all__ = ["flip_rot90_transform", "random_flip_rot90", "random_flip_rot90_batch"]
 
 _KEYS = ("image", "lung_mask")
 # Planes of a rotation as pairs of spatial axes (MONAI counts spatial axes after the channel): (D, H), (D, W), (H, W).
@@ -62,7 +62,7 @@ def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.
 _local = threading.local()  # one cached transform set per thread: set_random_state mutates it
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _no_meta():
     """MONAI's switch for MetaTensor tracking: off during our calls (it doubles the cost of a flip)."""
     from monai.data import get_track_meta, set_track_meta
