@@ -2,19 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch (CI pins it; GPU sites may install a newer CUDA build instead).
+# The CPU build of torch (CI pins it; GPU sites may install a newer CUDA build instead). The lock files leave
+# torch out (requirements/torch-constraint.txt says why), so it is installed first.
 TORCH_PIN ?= torch==2.13.0
 # Programs of the venv (flwr, flower-superlink, flower-superexec that Flower starts by name) come first on PATH,
 # as if the venv were activated.
 export PATH := $(abspath $(BIN)):$(PATH)
+PIP_COMPILE = $(BIN)/pip-compile -q --generate-hashes --strip-extras --unsafe-package torch --no-emit-index-url \
+	--no-emit-find-links -c requirements/torch-constraint.txt
 
-.PHONY: install simulate train test test-fast bench clean
+.PHONY: install simulate train test test-fast bench lock image image-offline clean
 
-$(BIN)/lungmae: pyproject.toml
+# Everything from the lock (hashes checked), then the project itself without dependencies.
+$(BIN)/lungmae: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e ".[sim,dev]"
+	$(BIN)/pip check
 	touch $@
 
 install: $(BIN)/lungmae
@@ -46,5 +52,20 @@ bench: install
 	$(BIN)/python benchmarks/prepare.py --json $(BENCH)/prepare.json
 	$(BIN)/python benchmarks/simulate.py --json $(BENCH)/simulate.json
 
+# Re-resolve the lock files after a change of pyproject.toml's dependencies (needs PyPI).
+lock:
+	test -x $(BIN)/pip-compile || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q pip-tools; }
+	$(PIP_COMPILE) --extra site -o requirements/site.txt pyproject.toml
+	$(PIP_COMPILE) --extra site --extra server -o requirements/deploy.txt pyproject.toml
+	$(PIP_COMPILE) --extra sim --extra dev -o requirements/dev.txt pyproject.toml
+
+# The container image (deploy/Dockerfile) with podman, or docker where its daemon runs.
+image:
+	deploy/image/build.sh
+
+# The same from a base image made of Debian's packages (mmdebstrap), for hosts that reach no registry.
+image-offline:
+	BASE_IMAGE=debian-local deploy/image/build.sh
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .whl

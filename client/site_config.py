@@ -13,6 +13,8 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     trust:       trusted-keys, fab-sha256, client-certificate, client-key, audit-log
     policy:      allowed-models, max-parameters, max-image-size, max-batch-size, max-local-epochs,
                  max-rounds-per-run, evaluation-splits, min-count, max-evaluations-per-run
+    pacs:        url, since, folder, timeout-s, retries, username, password-file, ca-certificates
+                 (client.pacs_config; read by `lungmae site pull`)
 
 The site's state that must outlive the cache (the privacy ledger and its journal, the pseudonym key) lives in
 ``site: state-dir``, by default a ``state`` folder beside site.yaml, never inside ``data: cache``: deleting or
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from client.pacs_config import PacsSection
 from lungmae_core.atomic import atomic_write_text
 from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
 from lungmae_core.contract import DEFAULT_CLASSES, ContractError, check_class_names
@@ -302,6 +305,7 @@ class SiteConfig:
     connection: ConnectionSection = dataclasses.field(default_factory=ConnectionSection)
     trust: TrustSection = dataclasses.field(default_factory=TrustSection)
     policy: PolicySection = dataclasses.field(default_factory=PolicySection)
+    pacs: PacsSection = dataclasses.field(default_factory=PacsSection)
     source: str = dataclasses.field(default="site.yaml", compare=False)
 
     def with_data(self, **changes: Any) -> SiteConfig:
@@ -338,10 +342,12 @@ _SECTIONS: dict[str, type] = {
     "connection": ConnectionSection,
     "trust": TrustSection,
     "policy": PolicySection,
+    "pacs": PacsSection,
 }
 _PATH_KEYS = {"site": ("state_dir",), "data": ("input", "labels", "cache", "secret_file"), "privacy": ("ledger",),
               "connection": ("root_certificates", "auth_key"),
-              "trust": ("trusted_keys", "client_certificate", "client_key", "audit_log")}
+              "trust": ("trusted_keys", "client_certificate", "client_key", "audit_log"),
+              "pacs": ("password_file", "ca_certificates")}
 
 
 def _resolve(section: Any, name: str, base_dir: Path) -> Any:

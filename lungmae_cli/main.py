@@ -21,6 +21,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("simulate",), "lungmae_cli.simulate", "Federated simulation on synthetic hospitals (the main job)."),
     (("synth",), "lungmae_cli.synth", "Write synthetic hospitals: DICOM trees of CT phantoms plus labels."),
     (("site", "prepare"), "lungmae_cli.site_prepare", "Index, check and preprocess a site's DICOM/NIfTI into its cache."),
+    (("site", "pull"), "lungmae_cli.site_pull", "Fetch new CT studies from the hospital PACS (DICOMweb) into the import folder."),
     (("site", "preflight"), "lungmae_cli.site_preflight", "Check that a site is ready to join the federation."),
     (("site", "ledger"), "lungmae_cli.site_ledger", "Show the site's privacy ledger, or reset it with a reason."),
     (("site", "policy"), "lungmae_cli.site_policy", "Print the policy this site enforces on every coordinator request."),

@@ -1,54 +1,93 @@
 """Augmentation of the paper, applied to a CT image and its lung mask together so they stay aligned.
 
 Random flip of each spatial axis (p = 0.1 each) and one random 90-degree rotation (p = 0.1) in a random
-plane, as in PAPER.md. Randomness comes from the caller's ``torch.Generator`` so any step can be replayed.
+plane, as the paper describes ("Unmasking Interstitial Lung Diseases: Leveraging Masked Autoencoders for
+Diagnosis", arXiv 2508.04429). Built from MONAI's dictionary transforms (``OneOf`` choices of ``Flipd`` and
+``Rotate90d``), which apply one random draw to every key of a sample, so image and mask cannot drift apart.
+Randomness comes from the caller's ``torch.Generator``: one seed is drawn from it per call and handed to
+MONAI's random state, so any step can be replayed. benchmarks/transforms.py times this against the
+plain-torch version it replaced.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 
-__all__ = ["random_flip_rot90", "random_flip_rot90_batch"]
+__all__ = ["flip_rot90_transform", "random_flip_rot90", "random_flip_rot90_batch"]
 
-# Planes of a rotation, as pairs of spatial axes counted from the end: (D, H), (D, W), (H, W).
-_PLANES = ((-3, -2), (-3, -1), (-2, -1))
+_KEYS = ("image", "lung_mask")
+# Planes of a rotation as pairs of spatial axes (MONAI counts spatial axes after the channel): (D, H), (D, W), (H, W).
+_PLANES = ((0, 1), (0, 2), (1, 2))
 
 
-def random_flip_rot90(
-    image: torch.Tensor,
-    lung_mask: torch.Tensor,
-    generator: torch.Generator,
-    flip_p: float = 0.1,
-    rot90_p: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each spatial axis with probability ``flip_p``, then rotate by k*90 degrees with ``rot90_p``.
+def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1, rot90_p: float = 0.1):
+    """The MONAI transform: flip each axis with ``flip_p``, then, with ``rot90_p``, turn in one random plane.
 
-    Exactly six numbers are drawn from ``generator`` per call whatever happens, so the random stream does
-    not depend on the outcomes. A rotation plane whose two sides differ in length is never chosen for a
-    quarter turn (it would change the shape); such planes get a half turn instead.
+    Written as two ``OneOf`` choices of deterministic MONAI transforms, weighted to give exactly that
+    distribution: one of the 8 flip combinations (axes flipped independently, so a set S of axes has weight
+    ``flip_p^|S| (1 - flip_p)^(3 - |S|)``), then no turn (``1 - rot90_p``) or one of 3 planes x 3 quarter-turn
+    counts (``rot90_p / 9`` each). Chained ``RandFlipd`` per axis would copy the volume once per flipped axis;
+    this copies it at most once per step. A plane whose two sides differ in length cannot take a quarter turn
+    without changing the shape; it gets a half turn instead, so every output has the input's shape.
 
     Args:
-        image: (C, D, H, W) (or any tensor whose last three axes are spatial).
-        lung_mask: same spatial shape as ``image``.
-        generator: CPU ``torch.Generator``.
+        spatial_shape: (D, H, W) of the samples it will see.
         flip_p: probability of flipping each of D, H, W. Defaults to 0.1.
         rot90_p: probability of a rotation. Defaults to 0.1.
 
     Returns:
-        (image, lung_mask) transformed the same way (new tensors when anything was applied).
+        A ``monai.transforms.Compose`` over the keys ``image`` and ``lung_mask`` (channel-first tensors).
     """
-    assert image.shape[-3:] == lung_mask.shape[-3:], (tuple(image.shape), tuple(lung_mask.shape))
-    u = torch.rand(6, generator=generator).tolist()
-    flip_dims = [axis for axis, draw in zip((-3, -2, -1), u[:3]) if draw < flip_p]
-    if flip_dims:
-        image, lung_mask = image.flip(flip_dims), lung_mask.flip(flip_dims)
-    if u[3] < rot90_p:
-        plane = _PLANES[min(int(u[4] * 3), 2)]
-        k = 1 + min(int(u[5] * 3), 2)  # 1, 2 or 3 quarter turns
-        if image.shape[plane[0]] != image.shape[plane[1]] and k != 2:
-            k = 2
-        image, lung_mask = image.rot90(k, plane), lung_mask.rot90(k, plane)
-    return image, lung_mask
+    from itertools import combinations
+
+    from monai.transforms import Compose, Flipd, Identityd, OneOf, Rotate90d
+
+    flips, flip_weights = [], []
+    for n_axes in range(4):
+        for axes in combinations(range(3), n_axes):
+            flips.append(Flipd(_KEYS, spatial_axis=list(axes)) if axes else Identityd(_KEYS))
+            flip_weights.append(flip_p ** n_axes * (1.0 - flip_p) ** (3 - n_axes))
+    turns, turn_weights = [Identityd(_KEYS)], [1.0 - rot90_p]
+    for plane in _PLANES:
+        square = spatial_shape[plane[0]] == spatial_shape[plane[1]]
+        for k in (1, 2, 3):
+            turns.append(Rotate90d(_KEYS, k=k if square else 2, spatial_axes=plane))
+            turn_weights.append(rot90_p / 9.0)
+    return Compose([OneOf(flips, weights=flip_weights), OneOf(turns, weights=turn_weights)])
+
+
+_local = threading.local()  # one cached transform set per thread: set_random_state mutates it
+
+
+@functools.cache
+def _no_meta():
+    """MONAI's switch for MetaTensor tracking: off during our calls (it doubles the cost of a flip)."""
+    from monai.data import get_track_meta, set_track_meta
+
+    return get_track_meta, set_track_meta
+
+
+def _cached_transform(spatial_shape: tuple[int, int, int], flip_p: float, rot90_p: float):
+    """Building the Compose costs about as much as applying it; keep one per shape and probabilities."""
+    cache = getattr(_local, "transforms", None)
+    if cache is None:
+        cache = _local.transforms = {}
+    key = (spatial_shape, flip_p, rot90_p)
+    if key not in cache:
+        cache[key] = flip_rot90_transform(spatial_shape, flip_p, rot90_p)
+    return cache[key]
+
+
+def _seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """MONAI returns MetaTensors; the training loop wants plain tensors (no metadata travels with a batch)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def random_flip_rot90_batch(
@@ -58,15 +97,53 @@ def random_flip_rot90_batch(
     flip_p: float = 0.1,
     rot90_p: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply :func:`random_flip_rot90` to each sample of a batch independently.
+    """Flip and rotate each sample of a batch independently, image and mask alike.
+
+    Exactly one number is drawn from ``generator`` per call (the seed of MONAI's random state), so the
+    stream does not depend on the outcomes or the batch size.
 
     Args:
-        images: (B, C, D, H, W). lung_masks: (B, 1, D, H, W). generator, flip_p, rot90_p: as above.
+        images: (B, C, D, H, W). lung_masks: (B, 1, D, H, W), same spatial shape.
+        generator: CPU ``torch.Generator``.
+        flip_p: probability of flipping each of D, H, W. Defaults to 0.1.
+        rot90_p: probability of a rotation. Defaults to 0.1.
 
     Returns:
         (images, lung_masks) of the same shapes.
     """
+    assert images.shape[-3:] == lung_masks.shape[-3:], (tuple(images.shape), tuple(lung_masks.shape))
+    assert images.ndim == 5 and lung_masks.ndim == 5, (tuple(images.shape), tuple(lung_masks.shape))
     if flip_p == 0 and rot90_p == 0:
         return images, lung_masks
-    pairs = [random_flip_rot90(img, msk, generator, flip_p, rot90_p) for img, msk in zip(images, lung_masks)]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    transform = _cached_transform(tuple(int(n) for n in images.shape[-3:]), float(flip_p), float(rot90_p))
+    transform.set_random_state(seed=_seed(generator))
+    get_track_meta, set_track_meta = _no_meta()
+    tracking = get_track_meta()
+    set_track_meta(False)  # plain tensors in, plain tensors out; no per-sample transform history
+    try:
+        outs = [transform({"image": img, "lung_mask": msk}) for img, msk in zip(images, lung_masks)]
+    finally:
+        set_track_meta(tracking)
+    return (torch.stack([_plain(o["image"]) for o in outs]),
+            torch.stack([_plain(o["lung_mask"]) for o in outs]))
+
+
+def random_flip_rot90(
+    image: torch.Tensor,
+    lung_mask: torch.Tensor,
+    generator: torch.Generator,
+    flip_p: float = 0.1,
+    rot90_p: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`random_flip_rot90_batch` for one sample.
+
+    Args:
+        image: (C, D, H, W). lung_mask: (C', D, H, W) or (D, H, W), same spatial shape.
+        generator, flip_p, rot90_p: as for the batch version.
+
+    Returns:
+        (image, lung_mask) transformed the same way, in their input shapes.
+    """
+    mask = lung_mask if lung_mask.ndim == 4 else lung_mask.unsqueeze(0)
+    out_img, out_mask = random_flip_rot90_batch(image.unsqueeze(0), mask.unsqueeze(0), generator, flip_p, rot90_p)
+    return out_img[0], out_mask[0].reshape(lung_mask.shape)
