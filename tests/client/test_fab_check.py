@@ -143,7 +143,7 @@ def test_record_exchange_logs_what_was_asked_and_released(tmp_path: Path) -> Non
     log = tmp_path / "site-audit.jsonl"
     msg = Message(RecordDict({"config": ConfigRecord({"phase": "pretrain", "server-round": 3})}), dst_node_id=7,
                   message_type="train.pretrain")
-    reply = Message(RecordDict({"metrics": MetricRecord({"train_loss": 0.5, "num-examples": 12}),
+    reply = Message(RecordDict({"metrics": MetricRecord({"train_loss": 0.5, "num_examples": 12}),
                                 "arrays": ArrayRecord(array_dict={"w": Array(np.zeros(4, np.float32))})}),
                     reply_to=msg)
     assert record_exchange(log, msg, reply) is reply
@@ -152,6 +152,6 @@ def test_record_exchange_logs_what_was_asked_and_released(tmp_path: Path) -> Non
     released, refused = [json.loads(line) for line in log.read_text().splitlines()]
     assert released["event"] == "released" and released["message_type"] == "train.pretrain"
     assert (released["server_round"], released["num_examples"], released["arrays"]) == (3, 12, 1)
-    assert released["metrics"] == ["num-examples", "train_loss"] and released["array_bytes"] >= 16
+    assert released["metrics"] == ["num_examples", "train_loss"] and released["array_bytes"] >= 16
     assert refused["event"] == "refused" and refused["reason"] == "privacy refusal: budget spent"
     assert verify_site_audit(log).ok
