@@ -242,6 +242,7 @@ def test_logs_name_problems_by_index_and_pseudonym_only(tmp_path: Path, caplog: 
     del ds.ImagePositionPatient
     ds.save_as(broken[2])
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="client.prepare")  # `lungmae simulate` quiets it in-process
     cfg = site_config_from_mapping({"data": {"input": str(tmp_path / "in"), "cache": str(tmp_path / "c"),
                                              "workers": 1, "min-slices": 4}})
     report = prepare_site(cfg, progress=False)
