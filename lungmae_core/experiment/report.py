@@ -125,7 +125,8 @@ def _plot_accuracy(summary: dict[str, Any], ks: list[int], path: Path) -> None:
     ax.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("labelled scans per class per site (k)")
     ax.set_ylabel("balanced accuracy (test, 95% CI)")
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save(fig, path)
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,12 @@ def _pretrain(p: Profile, cfg: ModelConfig, data: ExperimentData, seed: int, dev
 
 
 def _arms_for_k(p: Profile, cfg: ModelConfig, data: ExperimentData, k: int, seed: int, device: torch.device,
-                maes: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
-    """Test probabilities of every neural arm at ``k`` for one seed."""
+                maes: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(arm, test probabilities)`` of every arm at ``k`` for one seed, the endpoint's two arms first.
+
+    ``maes["central"]`` may be a callable that pretrains the centralized MAE on first use (so an
+    interrupted run has the endpoint before the centralized pretraining).
+    """
     n_cls = len(data.class_names)
     labelled = data.labelled_sites
     subsets = [labelled_subset(s, k, seed, n_cls) for s in labelled]
@@ -148,32 +153,33 @@ def _arms_for_k(p: Profile, cfg: ModelConfig, data: ExperimentData, k: int, seed
     scratch = _ft_cfg(p, "full", p.ft_lr, 1.0, p.ft_local_steps)
     lp = _ft_cfg(p, "linear-probe", p.lp_lr, 1.0, p.ft_local_steps)
     init_seed = seed * 7919 + 1
-    out: dict[str, np.ndarray] = {}
 
-    def fed(name: str, clf: torch.nn.Module, tcfg: TrainConfig, rounds: int) -> None:
+    def fed(name: str, clf: torch.nn.Module, tcfg: TrainConfig, rounds: int) -> tuple[str, np.ndarray]:
         t = time.perf_counter()
         federated_classifier(clf, site_sets, tcfg, rounds=rounds, seed=seed, device=device, num_classes=n_cls)
-        out[name] = predict(clf, data.test_images, data.test_masks, device=device)
         logger.info("seed %d k %d %s: %.0f s", seed, k, name, time.perf_counter() - t)
+        return name, predict(clf, data.test_images, data.test_masks, device=device)
 
-    fed("fed-mae-ft", _new_classifier(cfg, n_cls, init_seed, maes["fed"]), ft, p.ft_rounds)
-    fed("fed-mae-lp", _new_classifier(cfg, n_cls, init_seed, maes["fed"]), lp, p.ft_rounds)
-    fed("fed-scratch", _new_classifier(cfg, n_cls, init_seed, None), scratch, p.ft_rounds)
-    fed("random-init-lp", _new_classifier(cfg, n_cls, init_seed, None), lp, p.ft_rounds)
-    if k in p.compute_matched_ks:
-        pre_steps = p.pre_rounds * p.pre_local_steps * len(data.sites)
-        extra = math.ceil(pre_steps / (len(labelled) * p.ft_local_steps))
-        fed("fed-scratch-compute-matched", _new_classifier(cfg, n_cls, init_seed, None), scratch, p.ft_rounds + extra)
+    yield fed("fed-mae-ft", _new_classifier(cfg, n_cls, init_seed, maes["fed"]), ft, p.ft_rounds)
+    yield fed("fed-scratch", _new_classifier(cfg, n_cls, init_seed, None), scratch, p.ft_rounds)
+    yield from _baselines(data, labelled, subsets, n_cls).items()
+    yield fed("fed-mae-lp", _new_classifier(cfg, n_cls, init_seed, maes["fed"]), lp, p.ft_rounds)
+    yield fed("random-init-lp", _new_classifier(cfg, n_cls, init_seed, None), lp, p.ft_rounds)
     steps = p.ft_rounds * p.ft_local_steps
-    clf = _new_classifier(cfg, n_cls, init_seed, maes["central"])
-    centralized_classifier(clf, pooled, ft, steps=steps * len(labelled), seed=seed, device=device, num_classes=n_cls)
-    out["central-mae-ft"] = predict(clf, data.test_images, data.test_masks, device=device)
     for site, ds in zip(labelled, site_sets):
         clf = _new_classifier(cfg, n_cls, init_seed, None)
         centralized_classifier(clf, ds, scratch, steps=steps, seed=seed, device=device, num_classes=n_cls)
-        out[f"local-{site.name}"] = predict(clf, data.test_images, data.test_masks, device=device)
-    out.update(_baselines(data, labelled, subsets, n_cls))
-    return out
+        yield f"local-{site.name}", predict(clf, data.test_images, data.test_masks, device=device)
+    if not isinstance(maes["central"], torch.nn.Module):  # pretrain it on first use
+        maes["central"] = maes["central"]()
+    clf = _new_classifier(cfg, n_cls, init_seed, maes["central"])
+    centralized_classifier(clf, pooled, ft, steps=steps * len(labelled), seed=seed, device=device, num_classes=n_cls)
+    yield "central-mae-ft", predict(clf, data.test_images, data.test_masks, device=device)
+    if k in p.compute_matched_ks:
+        pre_steps = p.pre_rounds * p.pre_local_steps * len(data.sites)
+        extra = math.ceil(pre_steps / (len(labelled) * p.ft_local_steps))
+        yield fed("fed-scratch-compute-matched", _new_classifier(cfg, n_cls, init_seed, None), scratch,
+                  p.ft_rounds + extra)
 
 
 def _baselines(data: ExperimentData, labelled: list[SiteData], subsets: list[np.ndarray], n_cls: int
@@ -207,16 +213,24 @@ def run_experiment(profile: Profile, data: ExperimentData, outdir: str | Path, *
     results: dict[str, Any] = {"profile": profile, "endpoint": ENDPOINT, "predictions": {}, "reconstruction": [],
                                "seconds": 0.0, "seeds_done": 0, "maes": {}}
     for seed in range(1, n_seeds + 1):
-        maes: dict[str, torch.nn.Module] = {}
+        maes: dict[str, Any] = {}
         maes["fed"], recon_fed = _pretrain(profile, cfg, data, seed, device, federated=True)
-        maes["central"], recon_central = _pretrain(profile, cfg, data, seed, device, federated=False)
-        results["reconstruction"] += [{"seed": seed, "mae": "federated", **recon_fed},
-                                      {"seed": seed, "mae": "centralized", **recon_central}]
+        results["reconstruction"].append({"seed": seed, "mae": "federated", **recon_fed})
+
+        def central(seed: int = seed) -> torch.nn.Module:
+            mae, recon = _pretrain(profile, cfg, data, seed, device, federated=False)
+            results["reconstruction"].append({"seed": seed, "mae": "centralized", **recon})
+            return mae
+
+        maes["central"] = central
         results["maes"] = maes  # the last seed's, for the reconstruction figure
-        # The endpoint's k first, so an interrupted run has it; outputs after every k.
+        # The endpoint's k and arms first, so an interrupted run has them; outputs after them and every k.
         for k in sorted(profile.ks, key=lambda v: (v != ENDPOINT["k"], v)):
-            for arm, probs in _arms_for_k(profile, cfg, data, k, seed, device, maes).items():
+            for arm, probs in _arms_for_k(profile, cfg, data, k, seed, device, maes):
                 results["predictions"].setdefault(arm, {}).setdefault(k, []).append(probs)
+                if arm == ENDPOINT["versus"] and on_seed_done is not None:
+                    results["seconds"] = time.perf_counter() - start
+                    on_seed_done(results)
             results["seconds"] = time.perf_counter() - start
             if on_seed_done is not None:
                 on_seed_done(results)

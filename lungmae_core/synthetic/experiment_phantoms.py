@@ -3,9 +3,10 @@
 The basic phantoms (:mod:`lungmae_core.phantoms`) can be told apart by the global lung-HU histogram alone
 (a 14-bin histogram and logistic regression reach 0.71-0.88 balanced accuracy), so they cannot show what an
 image model adds. Here every scan spends the same "density budget": a fraction ``f_dense`` of its lung voxels
-is raised to a fixed increment over the subject's parenchyma (reticulation, ground glass or cyst walls all
-reach the same HU) and a fraction ``f_low`` falls to cyst-lumen / air-trapping HU. The fractions come from a
-severity drawn the same way for every class, so the classes share one histogram distribution. They differ in:
+is raised by one increment over the subject's parenchyma (reticulation, ground glass or cyst walls all
+reach the same HU, a per-subject increment) and a fraction ``f_low`` falls to cyst-lumen / air-trapping HU.
+Fractions and increment are drawn the same way for every class, so the classes share one histogram
+distribution. They differ in:
 
 ===  ========================  ==============================  ==========================================
 idx  name                      where (zone gradient)           how (texture of the dense / low voxels)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_CLASSES: tuple[str, ...] = ("basal-reticular", "basal-ggo", "apical-cystic", "peripheral-reticular")
 
-#: Every dense voxel sits this far above the subject's parenchyma HU (about -560 HU on average).
+#: Dense voxels sit this far above the subject's parenchyma HU, times a per-subject U(0.75, 1.25).
 DENSE_INCREMENT_HU = 300.0
 #: Cyst lumens and air-trapping lobules.
 LOW_HU = -975.0
@@ -114,8 +115,11 @@ def _add_pattern(index: int, severity: float, hu: np.ndarray, reference: np.ndar
     zone = _zone(_ZONE_OF[index], tz, r)
     patchy = _smooth_noise(rng, grid, 18.0, box)[idx]
     zone = zone * np.clip(0.75 + 0.25 * patchy, 0.0, None)
-    f_dense = 0.08 + 0.10 * severity
-    f_low = 0.025 + 0.025 * severity
+    # Extent follows severity; how dense the abnormal lung is and how much air trapping or cyst lumen a
+    # subject has vary independently, with the same law for every class (the histogram stays uninformative).
+    f_dense = 0.07 + 0.13 * severity
+    f_low = float(rng.uniform(0.015, 0.06))
+    increment = float(rng.uniform(0.75, 1.25)) * DENSE_INCREMENT_HU
     texture = _TEXTURE_OF[index]
     spacing = np.asarray(grid.spacing, np.float64)
     points = np.stack(idx, axis=1).astype(np.float64) * spacing
@@ -138,7 +142,7 @@ def _add_pattern(index: int, severity: float, hu: np.ndarray, reference: np.ndar
     for target, (d_mask, l_mask) in ((hu, (dense, low)), (reference, _shuffled(rng, dense, low))):
         h = target[box]
         values = h[idx]
-        values[d_mask] = parenchyma_hu + DENSE_INCREMENT_HU
+        values[d_mask] = parenchyma_hu + increment
         values[l_mask] = LOW_HU
         h[idx] = values
         target[box] = h
