@@ -28,7 +28,7 @@ import torch
 
 from lungmae_core.config import TINY_INPUT_WINDOWS, ModelConfig, TrainConfig, to_mapping
 from lungmae_core.experiment.data import ExperimentData, PhantomPlan, SiteData, labelled_subset
-from lungmae_core.experiment.federation import (ArrayDataset, centralized_classifier, clone, federated_classifier,
+from lungmae_core.experiment.federation import (ArrayDataset, centralized_classifier, federated_classifier,
                                                 federated_mae, predict)
 from lungmae_core.heads import ILDClassifier, transfer_encoder
 from lungmae_core.model import build_mae
