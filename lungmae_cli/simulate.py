@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d["model"], help=f"model config name or YAML ({d['model']})")
     parser.add_argument("--scans-per-site", type=int, default=d["scans_per_site"],
                         help=f"patients per hospital ({d['scans_per_site']}); split 60/20/20 train/val/test")
+    parser.add_argument("--labelled-fraction", type=_fractions, default=(1.0,), metavar="F[,F...]",
+                        help="fraction of each hospital's patients with a label: one value or one per site (1.0)")
+    parser.add_argument("--unlabelled-sites", type=int, default=0,
+                        help="extra hospitals without any label: they join MAE pretraining only (0)")
     parser.add_argument("--slices", type=int, default=d["slices"],
                         help=f"slices per synthetic series ({d['slices']}; the tiny model sees 64^3 cubes)")
     parser.add_argument("--matrix", type=int, default=d["matrix"], help=f"rows = columns per slice ({d['matrix']})")
@@ -68,6 +72,12 @@ def site_count(args: argparse.Namespace) -> int:
     return len(args.site) if args.site else args.sites
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    from lungmae_cli.synth import parse_fractions
+
+    return parse_fractions(text)
+
+
 def federation_for(args: argparse.Namespace, run_dir: Path) -> Any:
     """The FederationConfig of this simulation (from the options, or the given YAML with our run-dir)."""
     import dataclasses
@@ -77,12 +87,14 @@ def federation_for(args: argparse.Namespace, run_dir: Path) -> Any:
     if args.federation_config is not None:
         cfg = load_federation_config(args.federation_config)
         return dataclasses.replace(cfg, run_dir=run_dir, resume=bool(args.resume))
-    min_sites = max(1, site_count(args) - 1)  # one failing hospital must not stop the federation
+    # One failing hospital must not stop the federation; hospitals without labels pretrain only.
+    min_sites = max(1, site_count(args) - 1)
+    min_pretrain_sites = max(1, site_count(args) + getattr(args, "unlabelled_sites", 0) - 1)
     return federation_from_mapping({
         "model": {"name": args.model},
         "phases": {
             "pretrain": {"rounds": args.pretrain_rounds, "local-epochs": args.pretrain_epochs, "lr": 1e-3,
-                         "min-sites": min_sites, "evaluate-every": max(1, args.pretrain_rounds)},
+                         "min-sites": min_pretrain_sites, "evaluate-every": max(1, args.pretrain_rounds)},
             "finetune": {"rounds": args.finetune_rounds, "local-epochs": args.finetune_epochs, "lr": 1e-3,
                          "min-sites": min_sites, "evaluate-every": 1, "mode": args.finetune_mode}},
         "strategy": {"name": args.strategy, "mu": args.mu if args.strategy == "fedprox" else 0.0},
@@ -100,15 +112,18 @@ def prepare_sites(args: argparse.Namespace, sites_dir: Path, img_size: int) -> l
     from lungmae_core.manifest import read_manifest
 
     shape = (args.slices, args.matrix, args.matrix)
+    fractions = list(getattr(args, "labelled_fraction", (1.0,)))
+    unlabelled = int(getattr(args, "unlabelled_sites", 0))
     stamp = {"sites": args.sites, "scans_per_site": args.scans_per_site, "seed": args.seed, "size": img_size,
-             "shape": list(shape)}
+             "shape": list(shape), "labelled_fraction": fractions, "unlabelled_sites": unlabelled}
     stamp_path = sites_dir / "simulate.json"
-    paths = [sites_dir / f"site{i}" / "site.yaml" for i in range(args.sites)]
+    paths = [sites_dir / f"site{i}" / "site.yaml" for i in range(args.sites + unlabelled)]
     reuse = stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(p.exists() for p in paths)
     if not reuse:
         print(f"[1/3] writing {args.sites} synthetic hospitals x {args.scans_per_site} CT studies to {sites_dir}")
         paths = write_synthetic_sites(sites_dir, sites=args.sites, scans_per_site=args.scans_per_site,
                                       seed=args.seed, shape=shape, preprocess_size=img_size, workers=2,
+                                      labelled_fraction=fractions, unlabelled_sites=unlabelled,
                                       progress=True)
     else:
         print(f"[1/3] reusing the synthetic hospitals in {sites_dir}")

@@ -258,6 +258,11 @@ class ModelConfig:
             Voxelwise, so the MAE's masking hides just as much. Empty (the
             paper's single channel) for the paper configs; ``tiny`` uses four (see docs/model.md for the
             measured effect).
+        stem: how a patch becomes a token. ``"linear"`` (the paper): one linear layer over the patch's voxels
+            (and window ramps). ``"conv"``: a small strided convolutional stem
+            (:class:`lungmae_core.stem.ConvStem3D`) whose kernels never cross a patch boundary, so masking
+            hides exactly as much as with the linear embedding while the token keeps local HU texture
+            (edges, walls, cysts) that a single linear projection of a 16^3 patch averages away.
 
     Raises:
         ConfigError: naming the field and the value, e.g. "img_size 100 must be divisible by patch_size 16 on
@@ -284,6 +289,7 @@ class ModelConfig:
     input_mean: float = 0.55
     input_std: float = 0.35
     input_windows: tuple[tuple[float, float], ...] = ()
+    stem: Literal["linear", "conv"] = "linear"
 
     def __post_init__(self) -> None:
         try:
@@ -314,6 +320,7 @@ class ModelConfig:
               f"input_mean must be a finite number; got {self.input_mean!r}")
         check(isinstance(self.input_std, (int, float)) and math.isfinite(self.input_std) and self.input_std > 0,
               f"input_std must be a positive number; got {self.input_std!r}")
+        check(self.stem in ("linear", "conv"), f"stem must be 'linear' or 'conv'; got {self.stem!r}")
         check(self.num_patches - int(self.num_patches * self.mask_ratio) >= 1,
               f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}")
 
@@ -428,6 +435,10 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing in [0, 1). Defaults to 0.
         mixup_alpha: Beta(alpha, alpha) mixup of volumes and labels; 0 disables it.
         num_workers: DataLoader worker processes. Defaults to 0.
+        layer_decay: layer-wise learning-rate decay for fine-tuning (MAE's recipe, 0.65-0.75): encoder block
+            ``i`` of ``depth`` trains at ``lr * layer_decay ** (depth - i)``, the patch embedding at
+            ``layer_decay ** (depth + 1)``, head and norms at ``lr``; pretrained lower layers move less than
+            the new head. 1.0 (default): one learning rate for all.
 
     Raises:
         ConfigError: naming the field and the value.
@@ -450,6 +461,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     num_workers: int = 0
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.lr > 0, f"lr must be positive; got {self.lr!r}")
@@ -476,6 +488,7 @@ class TrainConfig:
               f"label_smoothing must be in [0, 1); got {self.label_smoothing!r}")
         check(self.mixup_alpha >= 0, f"mixup_alpha must be >= 0; got {self.mixup_alpha!r}")
         check(self.num_workers >= 0, f"num_workers must be >= 0; got {self.num_workers!r}")
+        check(0.0 < self.layer_decay <= 1.0, f"layer_decay must be in (0, 1]; got {self.layer_decay!r}")
 
     @classmethod
     def pretrain_defaults(cls, **overrides: Any) -> TrainConfig:

@@ -240,7 +240,8 @@ class ViTEncoder3D(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_dim: int = 3072, input_mean: float = 0.55,
-                 input_std: float = 0.35, input_windows: Sequence[tuple[float, float]] = ()) -> None:
+                 input_std: float = 0.35, input_windows: Sequence[tuple[float, float]] = (),
+                 stem: str = "linear") -> None:
         super().__init__()
         assert img_size % patch_size == 0, (img_size, patch_size)
         assert input_std > 0, input_std
@@ -255,6 +256,11 @@ class ViTEncoder3D(nn.Module):
         self.window_block = math.gcd(patch_size, WINDOW_BLOCK)
         window_dim = (patch_size // self.window_block) ** 3 * in_chans * len(self.input_windows)
         self.patch_embed = nn.Linear(patch_size ** 3 * in_chans + window_dim, embed_dim)
+        self.stem = stem
+        if stem == "conv":  # ModelConfig.stem: a patch-local convolutional stem (lungmae_core.stem)
+            from lungmae_core.stem import ConvStem3D
+
+            self.patch_embed = ConvStem3D(in_chans * (1 + len(self.input_windows)), patch_size, embed_dim)
         self.pos_embed = LearnedPositionEmbedding(self.num_patches, embed_dim)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
@@ -264,12 +270,17 @@ class ViTEncoder3D(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> ViTEncoder3D:
         """Build the encoder described by ``cfg``."""
         return cls(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                   cfg.mlp_dim, cfg.input_mean, cfg.input_std, cfg.input_windows)
+                   cfg.mlp_dim, cfg.input_mean, cfg.input_std, cfg.input_windows, cfg.stem)
 
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (B, C, S, S, S) -> tokens with positions (B, L, E)."""
         expected = (self.in_chans,) + (self.img_size,) * 3
         assert tuple(imgs.shape[1:]) == expected, f"input {tuple(imgs.shape[1:])} != expected {expected}"
+        if self.stem == "conv":
+            from lungmae_core.stem import stem_inputs
+
+            return self.pos_embed(self.patch_embed(stem_inputs(imgs, self.input_mean, self.input_std,
+                                                               self.input_windows)))
         return self.pos_embed(self.patch_embed(self.patch_inputs(imgs)))
 
     def patch_inputs(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -717,9 +717,19 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
 
 def _acquire(hu: np.ndarray, scanner: ScannerProfile, spacing: np.ndarray, rng: np.random.Generator) -> None:
     """Scanner physics in place: reconstruction blur, slice-thickness blur, correlated noise, HU offset, clip."""
+    _blur(hu, scanner, spacing)
+    _noise_and_calibration(hu, scanner, rng)
+
+
+def _blur(hu: np.ndarray, scanner: ScannerProfile, spacing: np.ndarray) -> None:
+    """Reconstruction kernel (in-plane) and slice-thickness (z) blur, in place."""
     z_sigma = max(scanner.slice_thickness_mm, spacing[0]) / 2.355 / spacing[0]
     xy_sigma = scanner.blur_mm / spacing[1:]
     ndimage.gaussian_filter(hu, sigma=(z_sigma * 0.6, xy_sigma[0], xy_sigma[1]), output=hu, truncate=3.0)
+
+
+def _noise_and_calibration(hu: np.ndarray, scanner: ScannerProfile, rng: np.random.Generator) -> None:
+    """Correlated image noise (dose), HU calibration offset and the 12-bit range clip, in place."""
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), output=noise, truncate=3.0)
     noise *= np.float32(scanner.noise_hu / 0.40)  # a 0.7-voxel Gaussian leaves ~0.40 of unit white-noise std

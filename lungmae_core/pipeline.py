@@ -313,9 +313,10 @@ def run_centralized(
     # -- pretraining: one warmup + cosine curve over all epochs, one epoch per call
     mae = build_mae(cfg, seed=seed) if pretrain else None
     if mae is not None:
+        pre_state: dict[str, Any] = {}  # one AdamW for the whole run, not one per epoch
         for epoch in range(pre_cfg.epochs):
             stats = train_mae(mae, parts["pretrain"], dataclasses.replace(pre_cfg, epochs=1), device=dev,
-                              seed=seed * 1000 + epoch, progress=progress,
+                              seed=seed * 1000 + epoch, progress=progress, optimizer_state=pre_state,
                               lr_schedule=WarmupCosine(pre_cfg.warmup_frac, epoch / pre_cfg.epochs,
                                                        (epoch + 1) / pre_cfg.epochs))
             epoch_log(phase="pretrain", epoch=epoch + 1, **stats)
@@ -343,9 +344,10 @@ def run_centralized(
         transfer_encoder(mae, clf)
     weights = class_weights_from_labels(parts["train"].labels, num_classes)
     best: tuple[tuple[float, ...], int, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    fine_state: dict[str, Any] = {}  # one AdamW for the whole run, not one per epoch
     for epoch in range(fine_cfg.epochs):
         stats = train_classifier(clf, parts["train"], dataclasses.replace(fine_cfg, epochs=1), class_weights=weights,
-                                 device=dev, seed=seed * 1000 + epoch, progress=progress,
+                                 device=dev, seed=seed * 1000 + epoch, progress=progress, optimizer_state=fine_state,
                                  lr_schedule=WarmupCosine(fine_cfg.warmup_frac, epoch / fine_cfg.epochs,
                                                           (epoch + 1) / fine_cfg.epochs))
         val = _scores(evaluate_classifier(clf, parts["val"], num_classes=num_classes, device=dev,

@@ -181,17 +181,35 @@ def class_weights_from_labels(labels: Sequence[int] | np.ndarray, num_classes: i
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as in MAE: no weight decay on biases, norms, tokens and position embeddings."""
-    decay, no_decay = [], []
+def _layer_id(name: str, depth: int) -> int:
+    """Layer index for layer-wise lr decay: 0 for the patch embedding and positions, i + 1 for encoder
+    block i, ``depth + 1`` for everything after the blocks (final norms, head, CLS token, decoder)."""
+    name = name.removeprefix("_module.")  # under Opacus' GradSampleModule
+    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def _param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups as in MAE: no weight decay on biases, norms, tokens and position embeddings.
+
+    With ``layer_decay < 1`` every group also carries ``lr_scale = layer_decay ** (depth + 1 - layer)``
+    (MAE's fine-tuning recipe); :class:`_Loop` multiplies the scheduled lr by it.
+    """
+    depth = len(getattr(_core(model), "encoder").blocks) if hasattr(_core(model), "encoder") else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or "pos_embed" in name or "token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or "pos_embed" in name or "token" in name
+        layer = _layer_id(name, depth) if layer_decay < 1.0 else depth + 1
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
 
 
 def _check_volume_size(images: torch.Tensor, cfg: ModelConfig) -> None:
@@ -217,7 +235,7 @@ class _Loop:
 
     def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, device: torch.device, seed: int,
                  privacy: PrivacyHook | None, lr_schedule: LRSchedule | None, progress: bool, desc: str,
-                 proximal_mu: float = 0.0) -> None:
+                 proximal_mu: float = 0.0, optimizer_state: dict[str, Any] | None = None) -> None:
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DatasetError(f"Unable to {desc} as the dataset is empty")
         self.cfg, self.device, self.privacy = cfg, device, privacy
@@ -225,8 +243,13 @@ class _Loop:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=self.loader_gen,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
         # fused AdamW: one kernel over all parameters (several times faster on CPU than the per-tensor loop)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                                       fused=device.type in ("cpu", "cuda"))
+        # One optimizer per training run: a caller that trains a run in several calls (an epoch each, to
+        # evaluate in between) hands the same dict back and AdamW's moments carry over.
+        self.optimizer_state = optimizer_state
+        if optimizer_state:
+            optimizer.load_state_dict(optimizer_state["state_dict"])
         if privacy is not None:
             model, optimizer, loader = privacy.make_private(model, optimizer, loader)
         if proximal_mu != 0:
@@ -251,7 +274,7 @@ class _Loop:
                     break
                 self.lr = self.cfg.lr * float(self.multiplier(self.step, self.total_steps))
                 for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr
+                    group["lr"] = self.lr * group.get("lr_scale", 1.0)
                 if _batch_len(batch) == 0:
                     self.empty_step()
                     continue
@@ -293,6 +316,8 @@ class _Loop:
 
     def close(self) -> float:
         self.bar.close()
+        if self.optimizer_state is not None:
+            self.optimizer_state["state_dict"] = self.optimizer.state_dict()
         return time.perf_counter() - self.start
 
 
@@ -345,6 +370,7 @@ def train_mae(
     lr_schedule: LRSchedule | None = None,
     progress: bool = False,
     proximal_mu: float = 0.0,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Pretrain an :class:`~lungmae_core.model.MAE3D` with the lung-weighted L1 loss for one phase.
 
@@ -365,6 +391,9 @@ def train_mae(
         progress: show a tqdm bar.
         proximal_mu: FedProx proximal weight; the starting weights are the anchor (0: plain training, bit for
             bit). Independent of ``privacy``.
+        optimizer_state: a dict kept by the caller across calls of one training run: AdamW's state is loaded
+            from it (when it holds one) and saved into it at the end, so a run split into per-epoch calls
+            keeps one optimizer. ``None``: a fresh optimizer (a federated round's local training).
 
     Returns:
         ``MAE_TRAIN_KEYS``: mean ``loss``, ``loss_lung``, ``loss_non_lung`` over the steps (weighted by
@@ -378,7 +407,8 @@ def train_mae(
     mcfg: ModelConfig = _core(model).cfg
     model.to(device).train()
     loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="pretrain", proximal_mu=proximal_mu)
+                 progress=progress, desc="pretrain", proximal_mu=proximal_mu,
+                 optimizer_state=optimizer_state)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     mask_gen = torch.Generator().manual_seed(seed + 2)
     loss_fn = lung_weighted_l1_per_sample if privacy is not None else lung_weighted_l1
@@ -516,6 +546,7 @@ def train_classifier(
     lr_schedule: LRSchedule | None = None,
     progress: bool = False,
     proximal_mu: float = 0.0,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Fine-tune an :class:`~lungmae_core.heads.ILDClassifier` (full or linear probe) for one phase.
 
@@ -528,7 +559,7 @@ def train_classifier(
         model: the classifier, trained in place. dataset: labelled items (``label`` >= 0).
         cfg: hyperparameters (``TrainConfig.finetune_defaults()``).
         class_weights: (K,) float or ``None`` for unweighted cross-entropy.
-        device, seed, privacy, lr_schedule, progress, proximal_mu: as in :func:`train_mae`.
+        device, seed, privacy, lr_schedule, progress, proximal_mu, optimizer_state: as in :func:`train_mae`.
 
     Returns:
         ``CLASSIFIER_TRAIN_KEYS``: mean ``loss``, running training ``accuracy``, ``num_examples``,
@@ -547,7 +578,8 @@ def train_classifier(
     model.to(device).train()
     weights = None if class_weights is None else class_weights.to(device=device, dtype=torch.float32)
     loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="finetune", proximal_mu=proximal_mu)
+                 progress=progress, desc="finetune", proximal_mu=proximal_mu,
+                 optimizer_state=optimizer_state)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 3)
     loss_sum, correct, seen = 0.0, 0, 0

@@ -146,13 +146,11 @@ def phantom_samples(img_size: int, *, seed: int = PHANTOM_SEED) -> list[dict[str
     for i, label in enumerate(labels):
         scanner = scanner_for_site(i)
         # Acquire at about twice the output resolution, not more: same anatomy and field of view, and a
-        # 32^3 model's phantoms take 0.2 s instead of 1.5 s each. The crop margin is given in voxels, so it
-        # is scaled with them to keep the same margin in mm as a site's full-resolution scan gets.
+        # 32^3 model's phantoms take 0.2 s instead of 1.5 s each.
         scale = min(1.0, 2.0 * img_size / max(scanner.shape))
         shape = tuple(max(32, round(n * scale)) for n in scanner.shape)
         phantom = generate_phantom(label, seed=seed + i, scanner=scanner, shape=shape)
-        cfg = PreprocessConfig(size=img_size)
-        cfg = dataclasses.replace(cfg, margin_voxels=round(cfg.margin_voxels * shape[0] / scanner.shape[0]))
+        cfg = PreprocessConfig(size=img_size)  # the crop margin is in mm: the same whatever the grid
         sample = preprocess_volume(phantom.to_volume(), cfg)
         items.append({"image": torch.from_numpy(np.asarray(sample.image, dtype=np.float32)),
                       "lung_mask": torch.from_numpy(np.asarray(sample.lung_mask, dtype=np.float32))})

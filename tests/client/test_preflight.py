@@ -156,7 +156,7 @@ def test_broken_cache_is_reported(prepared_site: Path, tmp_path: Path, pki: Path
     elif problem == "sample":
         next((cache / "samples").glob("*.npz")).unlink()
     else:
-        changes["preprocess"] = {"margin-voxels": 16}
+        changes["preprocess"] = {"margin-mm": 12.0}
     report = run_preflight(_site(prepared_site, tmp_path, pki, tls_server, **changes), min_free_gb=0.01)
     assert _result(report, "cache").ok is False
     assert message in _result(report, "cache").message

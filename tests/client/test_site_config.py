@@ -38,7 +38,7 @@ def test_example_file_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
     assert cfg.data.legacy_secret_path() == Path("/var/cache/lungmae/site-secret.key")
     assert cfg.privacy.ledger == state / "privacy-ledger.json"
     assert cfg.data.series_rules().irregular_spacing == "reject"
-    assert cfg.preprocess.size == 64 and cfg.preprocess.margin_voxels == 32
+    assert cfg.preprocess.size == 64 and cfg.preprocess.margin_mm == 20.0
     assert cfg.training.device == "cpu" and cfg.training.batch_size == 1
     assert cfg.connection.superlink == "fl.example.org:9092" and cfg.connection.metrics_port == 9100
     assert cfg.privacy.enabled is False

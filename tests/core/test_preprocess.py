@@ -76,7 +76,7 @@ def test_orientation_does_not_change_the_sample(phantom):
 
 
 def test_agrees_with_the_authors_order_of_operations(phantom):
-    cfg = PreprocessConfig(size=48, antialias=False)  # the authors interpolated raw voxels
+    cfg = PreprocessConfig(size=48, antialias=False, margin_voxels=32)  # the authors: raw voxels, 32-voxel margin
     ours = preprocess_volume(phantom.to_volume(), cfg)
     ref = reference_preprocess(phantom.to_volume(), cfg)
     assert ref.image.shape == ours.image.shape
@@ -99,8 +99,8 @@ def test_anisotropic_input_is_resampled_in_millimetres():
 def test_antialiasing_averages_noise_instead_of_aliasing_it():
     """Downsampling a noisy 1.4 mm series 3x: the box prefilter lowers the noise, not the mean."""
     p = generate_phantom("normal", seed=6, scanner=scanner_for_site(3), shape=(80, 128, 128))
-    smooth = preprocess_volume(p.to_volume(), PreprocessConfig(size=32))
-    raw = preprocess_volume(p.to_volume(), PreprocessConfig(size=32, antialias=False))
+    smooth = preprocess_volume(p.to_volume(), PreprocessConfig(size=32, margin_voxels=32))
+    raw = preprocess_volume(p.to_volume(), PreprocessConfig(size=32, margin_voxels=32, antialias=False))
     np.testing.assert_array_equal(smooth.lung_mask, raw.lung_mask)
     air_smooth, air_raw = smooth.image[0, :, :2, :], raw.image[0, :, :2, :]  # air in front of the patient
     assert float(air_smooth.mean()) == pytest.approx(float(air_raw.mean()), abs=0.01)
@@ -139,10 +139,26 @@ def test_fingerprint_is_stable_and_tracks_every_parameter():
     seen = {base.fingerprint()}
     for field in dataclasses.fields(PreprocessConfig):
         value = getattr(base, field.name)
+        if value is None:  # margin_voxels: unset by default (the margin is in mm)
+            value = 0
         changed = dataclasses.replace(base, **{field.name: value + 1 if isinstance(value, int) else value + 0.05})
         seen.add(changed.fingerprint())
     assert len(seen) == len(dataclasses.fields(PreprocessConfig)) + 1
     assert from_mapping(PreprocessConfig, {"size": 64}).fingerprint() == PreprocessConfig(size=64).fingerprint()
+
+
+def test_crop_margin_is_in_millimetres_whatever_the_voxel_size():
+    """The same chest at two resolutions gets the same crop in mm; the lungs fill far more of the cube than
+    with the paper's 32-voxel margin."""
+    fine = generate_phantom("normal", seed=5, shape=(100, 160, 160))
+    coarse = generate_phantom("normal", seed=5, shape=(50, 80, 80))
+    a = preprocess_volume(fine.to_volume(), PreprocessConfig(size=32, margin_mm=20.0))
+    b = preprocess_volume(coarse.to_volume(), PreprocessConfig(size=32, margin_mm=20.0))
+    np.testing.assert_allclose(a.qc["crop_mm"], b.qc["crop_mm"], atol=12.0)
+    paper = preprocess_volume(fine.to_volume(), PreprocessConfig(size=32, margin_voxels=32))
+    assert a.lung_mask.mean() > 1.8 * paper.lung_mask.mean()
+    with pytest.raises(ConfigError, match="margin-mm"):
+        PreprocessConfig(margin_mm=-1.0)
 
 
 def test_cube_mask_is_the_resampled_coarse_mask(phantom):
@@ -157,8 +173,8 @@ def test_cube_mask_is_the_resampled_coarse_mask(phantom):
     coords = []
     for k in range(3):
         sp = phantom.spacing_mm[k]
-        lo = max(zs[k][0] * sp - cfg.margin_voxels * iso, 0.0)
-        hi = min(zs[k][-1] * sp + cfg.margin_voxels * iso, (SHAPE[k] - 1) * sp)
+        lo = max(zs[k][0] * sp - cfg.margin_in_mm(iso), 0.0)
+        hi = min(zs[k][-1] * sp + cfg.margin_in_mm(iso), (SHAPE[k] - 1) * sp)
         coords.append((lo + np.arange(40) / 39 * (hi - lo)) / sp)
     expected = sample_linear(full, coords) >= 0.5
     assert dice(s.lung_mask[0], expected) > 0.999

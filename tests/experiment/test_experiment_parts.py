@@ -1,0 +1,84 @@
+"""The experiment's machinery: FedAvg, nested label subsets, bootstrap intervals, the conv stem, layer decay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungmae_core.config import ModelConfig, TrainConfig
+from lungmae_core.errors import ConfigError
+from lungmae_core.experiment.data import SiteData, labelled_subset
+from lungmae_core.experiment.federation import ArrayDataset, fedavg
+from lungmae_core.experiment.stats import balanced_accuracy, paired_difference, summarise
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(5)}
+    out = fedavg([a, b], [1, 3])
+    torch.testing.assert_close(out["w"], torch.tensor([3.0, 5.0]))
+    assert int(out["n"]) == 3  # integer buffers are not averaged
+
+
+def test_labelled_subsets_are_nested_and_balanced():
+    labels = np.repeat(np.arange(4), 10)
+    site = SiteData("s", "scanner", np.zeros((40, 1, 2, 2, 2)), np.zeros((40, 1, 2, 2, 2)), labels, True)
+    small, big = labelled_subset(site, 2, seed=1, num_classes=4), labelled_subset(site, 5, seed=1, num_classes=4)
+    assert set(small) <= set(big)
+    assert np.bincount(labels[big], minlength=4).tolist() == [5, 5, 5, 5]
+    assert set(labelled_subset(site, 5, seed=2, num_classes=4)) != set(big)
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_the_paired_difference_is_signed():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 25)
+    good = np.eye(4)[y] * 0.9 + 0.025
+    noisy = rng.dirichlet(np.ones(4), size=100)
+    s = summarise(y, [good], 4, n_boot=200)
+    assert s["balanced_accuracy"] == 1.0 and s["balanced_accuracy_ci"][0] <= 1.0 <= s["balanced_accuracy_ci"][1] + 1e-9
+    d = paired_difference(y, [good], [noisy], 4, n_boot=300)
+    assert d["difference"] > 0.5 and 0 < d["ci"][0] <= d["difference"] <= d["ci"][1]
+    assert balanced_accuracy(np.array([0, 0, 1]), np.array([0, 1, 1]), 2) == pytest.approx(0.75)
+
+
+def test_conv_stem_is_patch_local():
+    """Changing the voxels of one patch changes that patch's token only: masking hides as much as before."""
+    from lungmae_core.model import ViTEncoder3D
+
+    cfg = ModelConfig(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_dim=32, stem="conv",
+                      input_windows=((-1000.0, -900.0),))
+    enc = ViTEncoder3D.from_config(cfg)
+    x = torch.rand(1, 1, 16, 16, 16)
+    y = x.clone()
+    y[:, :, :8, :8, 8:] = torch.rand(1, 1, 8, 8, 8)  # patch (0, 0, 1) in raster order: token 1
+    tokens_x, tokens_y = enc.embed(x), enc.embed(y)
+    changed = (tokens_x - tokens_y).abs().sum(-1)[0] > 1e-6
+    assert changed.tolist() == [False, True] + [False] * 6
+    with pytest.raises(ConfigError, match="stem"):
+        ModelConfig(stem="resnet")
+
+
+def test_layer_decay_scales_lower_layers_and_the_optimizer_state_carries_over():
+    from lungmae_core.heads import ILDClassifier
+    from lungmae_core.train import _param_groups, train_classifier
+
+    cfg = ModelConfig(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_dim=32,
+                      decoder_embed_dim=16, decoder_num_heads=2, decoder_mlp_dim=32)
+    clf = ILDClassifier(cfg, 4, pooling="mean")
+    groups = _param_groups(clf, 0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(clf.named_parameters())
+    assert scale[id(named["head.weight"])] == 1.0
+    assert scale[id(named["encoder.blocks.1.attn.qkv.weight"])] == 0.5
+    assert scale[id(named["encoder.patch_embed.weight"])] == 0.125
+    with pytest.raises(ConfigError, match="layer_decay"):
+        TrainConfig(layer_decay=0.0)
+    data = ArrayDataset(np.random.default_rng(0).random((8, 1, 16, 16, 16), dtype=np.float32),
+                        np.ones((8, 1, 16, 16, 16), np.uint8), np.arange(8) % 4)
+    state: dict = {}
+    tcfg = TrainConfig(lr=1e-3, max_steps=2, batch_size=4, layer_decay=0.75)
+    train_classifier(clf, data, tcfg, class_weights=None, optimizer_state=state)
+    steps = [float(s["step"]) for s in state["state_dict"]["state"].values()]
+    train_classifier(clf, data, tcfg, class_weights=None, optimizer_state=state)
+    assert [float(s["step"]) for s in state["state_dict"]["state"].values()] == [v + 2 for v in steps]
