@@ -1,7 +1,7 @@
 """Classical lung segmentation from HU: thresholds, connected components, closing and hole filling.
 
 The authors used the ``lungmask`` U-Net, whose weights download at run time; hospitals running offline
-cannot. This recipe (PAPER.md) needs no weights: air inside the body, at most the two largest air
+cannot. This recipe (docs/model.md) needs no weights: air inside the body, at most the two largest air
 components, a ~3 mm closing and per-slice filling of small holes (vessels). It runs on a coarse grid
 (about ``mask_spacing_mm``) because the lung boundary needs only millimetre accuracy while the cost of
 connected components grows with the number of voxels.
