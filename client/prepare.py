@@ -41,8 +41,17 @@ from client.pseudonym import Pseudonymizer, load_or_create_secret
 from client.site_config import SiteConfig
 from lungmae_core.atomic import atomic_write_text
 from lungmae_core.cache import cache_key, read_sample_meta, remove_stale_temp_files, sample_path, write_sample
-from lungmae_core.dicom import (REJECTION_CODES, DicomSeries, SeriesRejected, SeriesRules, SlicePlan,
-                                choose_per_study, index_tree, load_series, plan_series)
+from lungmae_core.dicom import (
+    REJECTION_CODES,
+    DicomSeries,
+    SeriesRejected,
+    SeriesRules,
+    SlicePlan,
+    choose_per_study,
+    index_tree,
+    load_series,
+    plan_series,
+)
 from lungmae_core.errors import InvalidSeriesError, SiteConfigError
 from lungmae_core.manifest import ManifestRow, write_manifest
 from lungmae_core.preprocess import PreprocessConfig
@@ -246,7 +255,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _histogram(values: Sequence[float], edges: Sequence[float]) -> dict[str, int]:
-    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f">={edges[-1]:g}"]
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [f">={edges[-1]:g}"]
     counts = Counter(labels[min(int(np.searchsorted(edges, v, side="right")) - 1, len(labels) - 1)]
                      for v in values if v is not None and v >= edges[0])
     return {label: counts.get(label, 0) for label in labels}

@@ -47,8 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from lungmae_cli._process import flower_env, run_forwarding_signals
     from server.audit import AUDIT_KEY_ENV
     from server.federation_config import load_federation_config
-    from server.superlink import (CONNECTION_NAME, LOOPBACK, SUPERLINK_ADVICE, ServerTLS, ensure_superexec_secret,
-                                  split_address, superexec_command, superlink_command, write_connection)
+    from server.superlink import (
+        CONNECTION_NAME,
+        LOOPBACK,
+        SUPERLINK_ADVICE,
+        ServerTLS,
+        ensure_superexec_secret,
+        split_address,
+        superexec_command,
+        superlink_command,
+        write_connection,
+    )
 
     cfg = load_federation_config(args.config)
     tls = ServerTLS.from_section(cfg.server, base_dir=args.config.resolve().parent)

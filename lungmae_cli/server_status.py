@@ -37,9 +37,9 @@ def _last_jsonl(path: Path) -> dict[str, Any] | None:
 def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     """Everything `server status` shows, as a dict (also used by tests and the runbook's scripts)."""
     from lungmae_cli._process import flower_env
+    from lungmae_core.errors import LungMAEError
     from server.audit import read_audit_log
     from server.federation_config import load_federation_config
-    from lungmae_core.errors import LungMAEError
     from server.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, read_json
 
     cfg = load_federation_config(config)

@@ -251,7 +251,7 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
             label_list = list(labels)  # type: ignore[arg-type]
             if len(label_list) != len(ids):
                 raise ConfigError(f"assign_splits got {len(ids)} patient ids but {len(label_list)} labels")
-            items = zip(ids, label_list)
+            items = zip(ids, label_list, strict=True)
         for pid, lab in items:
             lab = None if lab in (None, -1, "") else lab
             if pid in per_patient and per_patient[pid] != lab:
@@ -280,7 +280,7 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
             totals[donor] -= 1
             totals[k] += 1
     for parts in groups.values():
-        for split, members in zip(SPLITS, parts):
+        for split, members in zip(SPLITS, parts, strict=True):
             for pid in members:
                 result[pid] = split
     return result

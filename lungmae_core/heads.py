@@ -14,7 +14,6 @@ trains only the head, its norm and the CLS token (the public code forgot to unfr
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping
 
 import torch

@@ -116,7 +116,7 @@ def _axis_map(affine: np.ndarray) -> tuple[list[int], list[int]]:
 def orientation_code(affine: np.ndarray) -> str:
     """Letters for the direction each array axis points to, in LPS terms (``"SPL"`` is canonical)."""
     world, signs = _axis_map(np.asarray(affine, dtype=np.float64))
-    return "".join(_AXIS_LETTERS[w][1 if s > 0 else 0] for w, s in zip(world, signs))
+    return "".join(_AXIS_LETTERS[w][1 if s > 0 else 0] for w, s in zip(world, signs, strict=True))
 
 
 def to_canonical(volume: Volume) -> Volume:

@@ -60,7 +60,7 @@ class CertificateError(LungMAEError, ValueError):
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def make_ca(ca_dir: Path, organisation: str = "LungMAE-FL consortium", days: int = 3650) -> tuple[Path, Path]:

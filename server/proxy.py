@@ -63,7 +63,7 @@ server {
     client_body_buffer_size  16m;
     proxy_max_temp_file_size 0;
 
-    location ~ ^/v1/fleet/(activate-node|deactivate-node|send-node-heartbeat|pull-messages|push-messages|get-run|get-fab|push-object|pull-object|confirm-message-received)$ {
+    location ~ ^/v1/fleet/(${fleet_routes})$ {
         limit_except POST { deny all; }
         proxy_pass                    https://127.0.0.1:${upstream_port};
         proxy_http_version            1.1;
@@ -118,7 +118,7 @@ def render_site_block(*, listen: str, upstream_port: int, tls: Any, crl: Path, s
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", server_name):
         raise FederationConfigError(f"server name {server_name!r} is not a host name")
     return string.Template(SITE_BLOCK_TEMPLATE).safe_substitute(  # keeps nginx's $variables
-        listen=listen, server_name=server_name, upstream_port=int(upstream_port),
+        listen=listen, server_name=server_name, upstream_port=int(upstream_port), fleet_routes="|".join(FLEET_ROUTES),
         certificate=_path(tls.certificate, "server certificate"), private_key=_path(tls.private_key, "server key"),
         root_certificates=_path(tls.root_certificates, "CA certificate"), crl=_path(crl, "revocation list"))
 

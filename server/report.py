@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lungmae_core.atomic import atomic_write_text
-
 from server import plots
 from server.report_cross_site import cross_site_section, global_per_site_table
-from server.report_experiment import EXPERIMENT_NAME, experiment_section
 from server.report_data import (
     FINAL_METRICS,
     MAE_METRICS,
@@ -42,6 +40,7 @@ from server.report_data import (
     norm_key,
     series,
 )
+from server.report_experiment import EXPERIMENT_NAME, experiment_section
 
 __all__ = ["render_report", "build_html", "REPORT_NAME"]
 
@@ -163,7 +162,8 @@ def _scrub_paths(text: str) -> str:
 
 # Absolute (/x, ~/x, C:\\x) or explicitly relative (./x, ../x) paths, or a/b/c without spaces with a letter in it
 # ("pretrain 1/2" and "1/2" are not paths).
-_PATH_VALUE_RE = re.compile(r"^(?:~|\.{1,2}[/\\]|/|[A-Za-z]:[/\\])|^(?=[^\s]*[A-Za-z])[\w.\-]+(?:[/\\][\w.\-]+)+[/\\]?$")
+_PATH_VALUE_RE = re.compile(r"^(?:~|\.{1,2}[/\\]|/|[A-Za-z]:[/\\])"
+                            r"|^(?=[^\s]*[A-Za-z])[\w.\-]+(?:[/\\][\w.\-]+)+[/\\]?$")
 
 
 def _looks_like_path(key: str, value: Any) -> bool:
@@ -250,7 +250,8 @@ def _sites_table(run: RunRecord) -> str:
     errors = [str(info.get("error") or "") for _, info in sorted(run.site_info.items())]
     if any(errors):  # a site that could not serve (e.g. no cache) says why; paths are withheld
         header += ("problem",)
-        rows = [(*row, f'<span class="problem">{_e(_scrub_paths(err))}</span>') for row, err in zip(rows, errors)]
+        rows = [(*row, f'<span class="problem">{_e(_scrub_paths(err))}</span>')
+                for row, err in zip(rows, errors, strict=True)]
     return ("<h3>sites</h3>" + _table(header, rows, table_id="sites-table")
             + '<p class="note">Counts each site reported when asked what it can serve; sites without labels take '
               "part in pretraining only.</p>")
@@ -352,7 +353,8 @@ def _mae_quality(run: RunRecord, recon: Reconstruction | None) -> tuple[str, str
     elif overall is None:
         flag = ('<div class="warn" id="mae-flag">No verdict on the MAE against the "average patch" predictor: its '
                 "baseline is missing or 0 (the average patch is the mean over the other evaluated scans, so a "
-                "site that evaluates a single scan has no other and gets a perfect baseline). Give the sites more validation scans."
+                "site that evaluates a single scan has no other and gets a perfect baseline). Give the sites more "
+                "validation scans."
                 "</div>")
     else:
         flag = ('<div class="ok" id="mae-flag">The MAE beat the trivial "average patch" predictor: masked L1 '
@@ -587,7 +589,7 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     if experiment:
         sections.insert(1, experiment)
         nav = nav.replace('<a href="#loss">', '<a href="#experiment">experiment</a> <a href="#loss">', 1)
-    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     config_hash = run.run_config.get("config_hash") or run.summary.get("config_hash")
     subtitle = f"configuration {_e(str(config_hash)[:12])} &middot; " if config_hash else ""
     version = run.run_config.get("code_version")
@@ -633,7 +635,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, reconst
         if not (run_dir / EXPERIMENT_NAME).is_file():
             raise
         # An experiment's output folder without a federation run of its own: the page shows the experiment.
-        when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_path, _page(f'<p class="lead">experiment results &middot; rendered {when}</p>'
                                           + experiment_section(run_dir)))

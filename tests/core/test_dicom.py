@@ -14,8 +14,16 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from lungmae_core.dicom import (REJECTION_CODES, SeriesRejected, SeriesRules, choose_per_study, index_tree,
-                                load_series, plan_series, read_header)
+from lungmae_core.dicom import (
+    REJECTION_CODES,
+    SeriesRejected,
+    SeriesRules,
+    choose_per_study,
+    index_tree,
+    load_series,
+    plan_series,
+    read_header,
+)
 from lungmae_core.errors import InvalidSeriesError
 from tests.dicom_factory import edit, tiny_hu, write_enhanced, write_series
 
@@ -99,7 +107,7 @@ def test_order_comes_from_positions_not_file_names(tmp_path: Path) -> None:
     names = [f"{random.Random(1).random():.6f}" for _ in files]
     shuffled = list(range(len(files)))
     random.Random(3).shuffle(shuffled)
-    for path, k in zip(files, shuffled):
+    for path, k in zip(files, shuffled, strict=True):
         path.rename(path.with_name(f"x{k:03d}{names[0]}"))
     np.testing.assert_array_equal(load_series(_only_series(tmp_path / "s"), RULES).hu, hu)
 

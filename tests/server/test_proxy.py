@@ -75,7 +75,7 @@ def test_superlink_binds_loopback_with_the_superexec_secret(pki: Path, tmp_path:
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 64
     assert ensure_superexec_secret(secret).read_bytes() == secret.read_bytes()
     cmd = superlink_command("fl.example.org:9092", _tls(pki), database=tmp_path / "db", superexec_secret=secret)
-    args = dict(zip(cmd[1::2], cmd[2::2]))
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert args["--host"] == "127.0.0.1" and args["--isolation"] == "process"
     assert args["--superexec-auth-secret-file"] == str(secret)
     exe = superexec_command("fl.example.org:9092", _tls(pki), secret_file=secret, parent_pid=7)

@@ -41,7 +41,8 @@ def _line(r: int, phase: str, phase_round: int, phase_rounds: int, train: dict[s
             next(iter(sites.values()))[k], list)]
         return {"num_examples": n, **{k: sum(m[k] * m["num_examples"] for m in sites.values()) / n for k in keys}}
 
-    return {"contract_version": CONTRACT_VERSION, "round": r, "phase": phase, "phase_round": phase_round, "phase_rounds": phase_rounds, "step": r,
+    return {"contract_version": CONTRACT_VERSION, "round": r, "phase": phase, "phase_round": phase_round,
+            "phase_rounds": phase_rounds, "step": r,
             "train": {"aggregated": mean(train), "sites": train},
             "evaluate": {"aggregated": mean(evaluate), "sites": evaluate},
             "participation": {"sampled": sorted({*train, *failed, *rejected}), "replied": sorted(train),
