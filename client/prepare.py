@@ -65,7 +65,7 @@ DATACARD_NAME = "datacard.json"
 _ROUTINE_REJECTIONS = {"scout", "not-ct", "not-ct-image", "not-an-image", "not-chosen"}
 LABEL_ISSUES_NAME = "label-issues.csv"
 REJECTIONS_DIR = "rejections"
-LOADER_VERSION = 1  # bump when dicom.py/nifti.py change the volumes they build: part of every cache key
+LOADER_VERSION = 1  # bump when lungmae_core/dicom/ or nifti.py change the volumes they build: part of every cache key
 
 # Fixed histogram bins so that data cards of different sites can be compared side by side.
 _BINS: dict[str, tuple[float, ...]] = {

@@ -407,12 +407,12 @@ def test_series_rules_reject_bad_values() -> None:
 
 
 def test_parallel_header_reading_gives_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lungmae_core.dicom as dicom
+    import lungmae_core.dicom.index as dicom_index
 
     write_series(tmp_path / "a", tiny_hu(depth=6))
     write_series(tmp_path / "b", tiny_hu(depth=5), patient="PAT-2")
     (tmp_path / "notes.txt").write_text("x")
-    monkeypatch.setattr(dicom, "_PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(dicom_index, "_PARALLEL_MIN_FILES", 1)
     assert index_tree(tmp_path, workers=2) == index_tree(tmp_path, workers=1)
     assert len(index_tree(tmp_path, workers=2).skipped) == 1
 
