@@ -3,7 +3,7 @@
 The page is what a consortium reads after a run: loss curves per phase and site, MAE reconstructions, the
 final classifier's confusion matrix and metrics per site and pooled, participation and bytes per round,
 privacy spent per site, the configuration, and a red flag when the MAE did not beat the trivial "average
-patch" predictor. It is written from the run directory alone (see :mod:`server.report_data`), so it can be
+patch" predictor. It is written from the run directory alone (see :mod:`server.report.data`), so it can be
 rendered again later with ``lungmae report RUN_DIR``.
 
 Privacy: the page holds only what the server already has: aggregate metrics and counts per site. The
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lungmae_core.atomic import atomic_write_text
-from server import plots
-from server.report_cross_site import cross_site_section, global_per_site_table
-from server.report_data import (
+from server.report import plots
+from server.report.cross_site import cross_site_section, global_per_site_table
+from server.report.data import (
     FINAL_METRICS,
     MAE_METRICS,
     PARTICIPATION_KEYS,
@@ -40,7 +40,7 @@ from server.report_data import (
     norm_key,
     series,
 )
-from server.report_experiment import EXPERIMENT_NAME, experiment_section
+from server.report.experiment import EXPERIMENT_NAME, experiment_section
 
 __all__ = ["render_report", "build_html", "REPORT_NAME"]
 
@@ -558,7 +558,7 @@ def build_html(run: RunRecord, recon: Reconstruction | None, recon_reason: str =
     """The whole page as one string: sections in reading order, every figure inline.
 
     Args:
-        run: the run directory, read by :func:`server.report_data.load_run`.
+        run: the run directory, read by :func:`server.report.data.load_run`.
         recon: the phantom reconstruction, or ``None`` with ``recon_reason`` saying why there is none.
         recon_reason: the sentence shown instead of the reconstruction figure.
         run_dir: where the run lives; an ``experiment.json`` there adds the experiment section.
@@ -644,7 +644,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, reconst
     recon: Reconstruction | None = None
     reason = "Reconstructions were not requested for this rendering."
     if reconstructions:
-        from server.report_recon import phantom_reconstruction  # torch and the model: only when needed
+        from server.report.recon import phantom_reconstruction  # torch and the model: only when needed
 
         recon, reason = phantom_reconstruction(run)
     out_path.parent.mkdir(parents=True, exist_ok=True)
