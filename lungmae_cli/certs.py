@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from client.node_key import make_site_key
     from lungmae_core.atomic import atomic_write_bytes
     from lungmae_core.signing import make_signing_key
-    from server.certs import (
+    from server.ops.certs import (
         CertificateError,
         certificate_summary,
         make_ca,

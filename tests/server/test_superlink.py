@@ -1,4 +1,4 @@
-"""Tests for server/superlink.py: the SuperLink command from federation.yaml and the Flower CLI connection."""
+"""Tests for server/ops/superlink.py: the SuperLink command from federation.yaml and the Flower CLI connection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from lungmae_cli.main import main
 from lungmae_core.errors import FederationConfigError
 from server.federation_config import load_federation_config
-from server.superlink import ServerTLS, split_address, superlink_command, write_connection
+from server.ops.superlink import ServerTLS, split_address, superlink_command, write_connection
 
 
 def _federation(tmp_path: Path, **server: str) -> Path:

@@ -1,7 +1,7 @@
 """The coordinator's reverse proxy: nginx with mutual TLS in front of the SuperLink, forwarding only Fleet.
 
 Flower 1.42's SuperLink serves the Fleet, Control and ServerAppIo APIs on one port, so it binds the loopback
-address (``server/superlink.py``) and nginx (Debian package ``nginx``) is the only thing the sites reach:
+address (``server/ops/superlink.py``) and nginx (Debian package ``nginx``) is the only thing the sites reach:
 
 * TLS with the consortium server certificate, and a client certificate from every caller: one per site,
   issued by the consortium CA (``lungmae certs --site``), checked against the CA's revocation list
@@ -35,6 +35,8 @@ __all__ = ["FLEET_ROUTES", "SITE_BLOCK_TEMPLATE", "render_site_block", "render_s
 FLEET_ROUTES = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
                 "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
 
+# The template is deploy/nginx/lungmae-fleet.conf.template verbatim (a test checks), so nginx's one-line
+# location regex stays one line; tests/server/test_proxy.py checks it lists exactly FLEET_ROUTES.
 SITE_BLOCK_TEMPLATE = """\
 # LungMAE-FL coordinator: the only public endpoint. Rendered by `lungmae server proxy-config`; install as
 # /etc/nginx/conf.d/lungmae-fleet.conf (inside nginx's http block) and `nginx -t && nginx -s reload`.
@@ -63,7 +65,7 @@ server {
     client_body_buffer_size  16m;
     proxy_max_temp_file_size 0;
 
-    location ~ ^/v1/fleet/(${fleet_routes})$ {
+    location ~ ^/v1/fleet/(activate-node|deactivate-node|send-node-heartbeat|pull-messages|push-messages|get-run|get-fab|push-object|pull-object|confirm-message-received)$ {
         limit_except POST { deny all; }
         proxy_pass                    https://127.0.0.1:${upstream_port};
         proxy_http_version            1.1;
@@ -118,7 +120,7 @@ def render_site_block(*, listen: str, upstream_port: int, tls: Any, crl: Path, s
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", server_name):
         raise FederationConfigError(f"server name {server_name!r} is not a host name")
     return string.Template(SITE_BLOCK_TEMPLATE).safe_substitute(  # keeps nginx's $variables
-        listen=listen, server_name=server_name, upstream_port=int(upstream_port), fleet_routes="|".join(FLEET_ROUTES),
+        listen=listen, server_name=server_name, upstream_port=int(upstream_port),
         certificate=_path(tls.certificate, "server certificate"), private_key=_path(tls.private_key, "server key"),
         root_certificates=_path(tls.root_certificates, "CA certificate"), crl=_path(crl, "revocation list"))
 

@@ -8,7 +8,7 @@ installation disabled (the coordinator never downloads packages at run time). `l
 Least exposure. Flower 1.42 serves the Fleet API (sites), the Control API (``flwr run``, node
 registration; no user authentication in the open-source release) and the ServerAppIo/Runtime API (the
 ServerApp's task, every site's update) on ONE port. So the SuperLink binds the loopback address only, and
-the sites reach it through a reverse proxy (``server/proxy.py``: nginx with mutual TLS that forwards only
+the sites reach it through a reverse proxy (``server/ops/proxy.py``: nginx with mutual TLS that forwards only
 the Fleet routes). Control and ServerAppIo stay on the server host.
 
 The SuperExec secret. In its default ``subprocess`` isolation the SuperLink ignores
