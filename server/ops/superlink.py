@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lungmae_core.atomic import atomic_path
 from lungmae_core.errors import FederationConfigError
 
 __all__ = [
@@ -219,13 +219,6 @@ def write_connection(address: str, root_certificates: Path, *, name: str = CONNE
     superlink = data.setdefault("superlink", {})
     superlink.setdefault("default", name)
     superlink[name] = {"address": address, "root-certificates": str(Path(root_certificates).resolve())}
-    home.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", dir=home)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, 0o600) as tmp, open(tmp, "wb") as fh:
+        tomli_w.dump(data, fh)
     return path
