@@ -37,10 +37,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Lint (pyproject.toml [tool.ruff]): pycodestyle, pyflakes, import order, bugbear, pyupgrade; .ci/run runs it
-# before the tests and .pre-commit-config.yaml before each commit. Formatting (`ruff format`) is not enforced yet.
+# Lint: ruff (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, import order, bugbear, pyupgrade) over the tree,
+# then mypy --strict; strict mode covers the modules listed in pyproject.toml [tool.mypy] files so far (the aim
+# is all of lungmae_core/, client/ and server/). .ci/run runs it before the tests, .pre-commit-config.yaml
+# before each commit. Formatting (`ruff format`) is not enforced yet.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Every benchmark (not part of `make test`); figures and the commands behind them: docs/performance.md.
 # Slow (tens of minutes on 2 cores, paper-size models); JSON records go to runs/bench/.
