@@ -19,9 +19,10 @@ from lungmae_core.contract import CONTRACT_VERSION
 from lungmae_core.model import build_mae
 from server.checkpoints import Checkpoint, CheckpointStore, atomic_write_json
 from server.federation_config import config_hash, federation_from_mapping, federation_to_mapping
+from server.report import render_report
 from server.report.data import RunDirectoryError, confusion_matrix, load_run, norm_key
+from server.report.markup import _looks_like_path
 from server.report.recon import find_mae_checkpoint, lung_centre, reconstruct
-from server.report.render import _looks_like_path, render_report
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")  # hospital-c has no labels: pretrain only
 CLASSES = ["normal", "ggo", "fibrosis", "emphysema"]
