@@ -20,7 +20,6 @@ LONG_MODULES: dict[str, str] = {
                                 "on the science branch",
     "lungmae_core/train.py": "split planned (MAE and classifier loops apart from the shared loop); in flight on the "
                              "science branch",
-    "client/prepare.py": "split planned: the worker step (one series -> cached sample) apart from the orchestration",
     "client/ledger.py": "split planned: the ledger file format apart from the reserve/settle protocol; 16 lines over",
 }
 
