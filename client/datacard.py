@@ -26,7 +26,7 @@ _BINS: dict[str, tuple[float, ...]] = {
 }
 
 
-def _histogram(values: Sequence[float], edges: Sequence[float]) -> dict[str, int]:
+def _histogram(values: Sequence[float | None], edges: Sequence[float]) -> dict[str, int]:
     labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [f">={edges[-1]:g}"]
     counts = Counter(labels[min(int(np.searchsorted(edges, v, side="right")) - 1, len(labels) - 1)]
                      for v in values if v is not None and v >= edges[0])

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def _rejection_code(exc: InvalidSeriesError) -> str:
     code = getattr(exc, "code", None)
-    if code:
+    if isinstance(code, str) and code:
         return code
     return "implausible-lungs" if "lung" in str(exc).lower() else "nifti-invalid"
 
@@ -94,7 +94,7 @@ def run_workers(tasks: list[dict[str, Any]], workers: int, progress: bool) -> di
             from concurrent.futures.process import BrokenProcessPool
 
             with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-                futures: dict[Future, str] = {pool.submit(_process, task): task["series_id"] for task in tasks}
+                futures: dict[Future[dict[str, Any]], str] = {pool.submit(_process, task): task["series_id"] for task in tasks}
                 for future in as_completed(futures):
                     try:
                         results[futures[future]] = future.result()

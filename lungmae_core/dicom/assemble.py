@@ -81,7 +81,8 @@ def _resample_slices(stack: np.ndarray, positions: np.ndarray, spacing: float) -
     lower = upper - 1
     weight = ((targets - positions[lower]) / (positions[upper] - positions[lower])).astype(np.float32)
     weight = weight[:, None, None]
-    return (1.0 - weight) * stack[lower] + weight * stack[upper]  # (M, H, W)
+    out: np.ndarray = (1.0 - weight) * stack[lower] + weight * stack[upper]  # (M, H, W)
+    return out
 
 
 def load_series(series: DicomSeries, rules: SeriesRules = SeriesRules(), plan: SlicePlan | None = None) -> Volume:
