@@ -94,7 +94,8 @@ def run_workers(tasks: list[dict[str, Any]], workers: int, progress: bool) -> di
             from concurrent.futures.process import BrokenProcessPool
 
             with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-                futures: dict[Future[dict[str, Any]], str] = {pool.submit(_process, task): task["series_id"] for task in tasks}
+                futures: dict[Future[dict[str, Any]], str] = {pool.submit(_process, task): task["series_id"]
+                                                               for task in tasks}
                 for future in as_completed(futures):
                     try:
                         results[futures[future]] = future.result()

@@ -49,5 +49,6 @@ class SeriesRejected(InvalidSeriesError):
         super().__init__(message)
         self.code = code
 
-    def __reduce__(self) -> tuple[type[SeriesRejected], tuple[str, str]]:  # keep the code across process boundaries (ProcessPoolExecutor pickles errors)
+    def __reduce__(self) -> tuple[type[SeriesRejected], tuple[str, str]]:
+        # keep the code across process boundaries (ProcessPoolExecutor pickles errors)
         return (type(self), (self.code, str(self)))
