@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lungmae_core.cache import read_sample
+from lungmae_core.contract import DEFAULT_CLASSES
 from lungmae_core.errors import CacheError, ConfigError, DatasetError
 from lungmae_core.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from lungmae_core.preprocess import Sample
@@ -29,7 +30,8 @@ __all__ = ["CLASS_NAMES", "CachedVolumes", "InMemoryVolumes", "assign_splits", "
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES: tuple[str, ...] = ("normal", "ggo", "fibrosis", "emphysema")
+#: The default class list, defined once with the wire contract (the federation's class list travels in it).
+CLASS_NAMES: tuple[str, ...] = DEFAULT_CLASSES
 
 
 def resize_cube(image: np.ndarray, lung_mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
