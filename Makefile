@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PIP_COMPILE = $(BIN)/pip-compile -q --generate-hashes --strip-extras --unsafe-package torch --no-emit-index-url \
 	--no-emit-find-links -c requirements/torch-constraint.txt
 
-.PHONY: install simulate train test test-fast bench lock image image-offline clean
+.PHONY: install simulate train test test-fast lint bench lock image image-offline clean
 
 # Everything from the lock (hashes checked), then the project itself without dependencies.
 $(BIN)/lungmae: pyproject.toml requirements/dev.txt
@@ -36,6 +36,14 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Lint: ruff (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, import order, bugbear, pyupgrade) over the tree,
+# then mypy --strict; strict mode covers the modules listed in pyproject.toml [tool.mypy] files so far (the aim
+# is all of lungmae_core/, client/ and server/). .ci/run runs it before the tests, .pre-commit-config.yaml
+# before each commit. Formatting (`ruff format`) is not enforced yet.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Every benchmark (not part of `make test`); figures and the commands behind them: docs/performance.md.
 # Slow (tens of minutes on 2 cores, paper-size models); JSON records go to runs/bench/.

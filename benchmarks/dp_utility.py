@@ -47,10 +47,19 @@ from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_samp
 from lungmae_core.model import build_mae, patchify3d  # noqa: E402
 from lungmae_core.pipeline import _splits, phantom_dataset  # noqa: E402
 from lungmae_core.privacy import (  # noqa: E402
-    DEFAULT_DP_FINETUNE, FINETUNE_CLIP, DPConfig, OpacusPrivacy, default_delta, plan_round,
+    DEFAULT_DP_FINETUNE,
+    FINETUNE_CLIP,
+    DPConfig,
+    OpacusPrivacy,
+    default_delta,
+    plan_round,
 )
 from lungmae_core.train import (  # noqa: E402
-    WarmupCosine, class_weights_from_labels, evaluate_classifier, train_classifier, train_mae,
+    WarmupCosine,
+    class_weights_from_labels,
+    evaluate_classifier,
+    train_classifier,
+    train_mae,
 )
 
 log = logging.getLogger("dp_utility")
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes generating phantoms (1)")
     parser.add_argument("--measure-norms", action="store_true", help="print gradient norm quantiles and stop")
     parser.add_argument("--rows", default="full,subset,dp",
-                        help="which fine-tunings: full (no DP, all weights), subset (no DP, --mode), dp (full,subset,dp)")
+                        help="which fine-tunings: full (no DP, all weights), subset (no DP, --mode), dp "
+                             "(full,subset,dp)")
     parser.add_argument("--out", type=Path, default=None, help="per-run results JSON (<workdir>/dp_utility.json)")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="only print the table of earlier --out files (e.g. one process per seed)")
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(sigma {out['sigma']:.3g}, {out['seconds']:.0f} s)", flush=True)
     n_train = len(_splits(dataset, seeds[0], None)["train"])
     print(f"\n{args.scans} phantoms ({n_train} training patients), tiny model, MAE {args.pretrain_epochs} epochs "
-          f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {args.clip:g}, DP lr {args.dp_lr:g}, delta "
+          f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {args.clip:g}, "
+          f"DP lr {args.dp_lr:g}, delta "
           f"{default_delta(n_train):g}; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all\n")
     print(_table(rows, next(iter(rows))))
     out = args.out or args.workdir / "dp_utility.json"

@@ -186,7 +186,8 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
         median = statistics.median(r.times)
         step_flops = flops.get(r.name, flops[runners[0].name])  # compiled: same math as ours
         record["models"][r.name] = {
-            "median_s": median, "min_s": min(r.times), "times_s": r.times, "params": r.params, "peak_bytes": peaks[r.name],
+            "median_s": median, "min_s": min(r.times), "times_s": r.times, "params": r.params,
+            "peak_bytes": peaks[r.name],
             "flops_per_step": step_flops, "achieved_flops": step_flops / median,
             "fraction_of_matmul_peak": step_flops / median / peak, "speedup_of_ours": median / ours_median,
         }
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["tiny", "paper-p16"], choices=sorted(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=["ours", "monai", "monai-flash"],
                         choices=["ours", "monai", "monai-flash", "ours-compiled"],
-                        help="'ours' first: ratios are against it; ours-compiled is torch.compile(MAE3D) (slow to build)")
+                        help="'ours' first: ratios are against it; ours-compiled is torch.compile(MAE3D) "
+                             "(slow to build)")
     parser.add_argument("--burn-in", type=int, default=BURN_IN,
                         help="untimed steps per model (at least 2: they measure peak memory and FLOPs)")
     parser.add_argument("--timed", type=int, default=TIMED)

@@ -8,8 +8,8 @@ Usage::
 Ours (``lungmae_core.transforms.random_flip_rot90_batch``): MONAI's ``RandFlipd`` per axis and a ``OneOf`` of
 ``RandRotate90d`` per plane, applied to image and lung mask together. Reference: the plain-torch version it
 replaced (``reference_batch`` below, kept verbatim): ``Tensor.flip`` / ``Tensor.rot90`` per sample. Both run
-in this process, interleaved (alternating which goes first), on the same batches and seeds, so a noisy machine slows both alike. Prints one line per
-variant (median and p90 over the runs) and one JSON record.
+in this process, interleaved (alternating which goes first), on the same batches and seeds, so a noisy machine
+slows both alike. Prints one line per variant (median and p90 over the runs) and one JSON record.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _PLANES = ((-3, -2), (-3, -1), (-2, -1))
 def reference_one(image, lung_mask, generator, flip_p, rot90_p):
     """The plain-torch augmentation that lungmae_core.transforms used before MONAI's transforms."""
     u = torch.rand(6, generator=generator).tolist()
-    flip_dims = [axis for axis, draw in zip((-3, -2, -1), u[:3]) if draw < flip_p]
+    flip_dims = [axis for axis, draw in zip((-3, -2, -1), u[:3], strict=True) if draw < flip_p]
     if flip_dims:
         image, lung_mask = image.flip(flip_dims), lung_mask.flip(flip_dims)
     if u[3] < rot90_p:
@@ -47,7 +47,7 @@ def reference_one(image, lung_mask, generator, flip_p, rot90_p):
 
 
 def reference_batch(images, lung_masks, generator, flip_p, rot90_p):
-    pairs = [reference_one(i, m, generator, flip_p, rot90_p) for i, m in zip(images, lung_masks)]
+    pairs = [reference_one(i, m, generator, flip_p, rot90_p) for i, m in zip(images, lung_masks, strict=True)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -64,7 +64,7 @@ def main() -> int:
     masks = (images > 0.5).to(torch.uint8)
     variants = {"monai (ours)": random_flip_rot90_batch, "plain torch (reference)": reference_batch}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, fn in variants.items():  # warm-up: imports, first allocations
+    for fn in variants.values():  # warm-up: imports, first allocations
         fn(images, masks, torch.Generator().manual_seed(0), args.flip_p, args.rot90_p)
     for run in range(args.runs):
         order = list(variants.items())

@@ -139,7 +139,7 @@ def _operator() -> str:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -376,7 +376,7 @@ class PrivacyLedger:
                         entries = len(old["entries"])
                         spent = epsilon_for([(e["noise_multiplier"], e["sample_rate"], e["steps"])
                                              for e in old["entries"]], float(old["delta"]))
-                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+                stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
                 target = self.path.with_name(f"{self.path.name}.reset-{stamp}")
                 os.replace(self.path, target)
                 _fsync_dir(self.path.parent)

@@ -345,8 +345,8 @@ class PacsPuller:
             raise self._fatal(exc, "retrieving a series") from exc
         still_missing = [sop for sop in expected if sop not in have]
         if still_missing:
-            raise _SeriesFailed(f"the PACS listed {len(expected)} instances but sent {len(expected) - len(still_missing)}"
-                                "; the staged ones are kept for the next pull")
+            raise _SeriesFailed(f"the PACS listed {len(expected)} instances but sent "
+                                f"{len(expected) - len(still_missing)}; the staged ones are kept for the next pull")
         final = self.dest / ref.study_uid / ref.series_uid
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage, final)  # the whole series appears at once

@@ -248,7 +248,7 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
     except (ssl.SSLError, ConnectionResetError) as exc:
         return CheckResult(name, False, f"{address} accepted the connection but the TLS handshake failed: {exc}",
                            "the port may not be the SuperLink, or a proxy intercepts TLS; check connection: superlink")
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return CheckResult(name, False, f"no answer from {address} within {timeout_s:g} s",
                            f"a firewall probably blocks outgoing TCP to port {port}; ask IT to allow it")
     except ConnectionRefusedError:
@@ -260,8 +260,8 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
     not_after = cert.get("notAfter")
     days = ""
     if not_after:
-        expires = _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), _dt.timezone.utc)
-        days = f", certificate valid for {(expires - _dt.datetime.now(_dt.timezone.utc)).days} more days"
+        expires = _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), _dt.UTC)
+        days = f", certificate valid for {(expires - _dt.datetime.now(_dt.UTC)).days} more days"
     return CheckResult(name, True, f"{address} reached over {version}, certificate verified with "
                        f"{root_certificates.name}{days}")
 

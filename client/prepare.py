@@ -30,22 +30,28 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from client.datacard import data_card
 from client.labels import LabelIssue, LabelTable, read_labels
+from client.prepare_worker import run_workers
 from client.pseudonym import Pseudonymizer, load_or_create_secret
 from client.site_config import SiteConfig
 from lungmae_core.atomic import atomic_write_text
-from lungmae_core.cache import cache_key, read_sample_meta, remove_stale_temp_files, sample_path, write_sample
-from lungmae_core.dicom import (REJECTION_CODES, DicomSeries, SeriesRejected, SeriesRules, SlicePlan,
-                                choose_per_study, index_tree, load_series, plan_series)
-from lungmae_core.errors import InvalidSeriesError, SiteConfigError
+from lungmae_core.cache import cache_key, read_sample_meta, remove_stale_temp_files, sample_path
+from lungmae_core.dicom import (
+    REJECTION_CODES,
+    DicomSeries,
+    SeriesRejected,
+    SeriesRules,
+    SlicePlan,
+    choose_per_study,
+    index_tree,
+    plan_series,
+)
+from lungmae_core.errors import SiteConfigError
 from lungmae_core.manifest import ManifestRow, write_manifest
-from lungmae_core.preprocess import PreprocessConfig
 
 __all__ = ["PrepareReport", "prepare_site", "DATACARD_NAME", "LABEL_ISSUES_NAME", "LOADER_VERSION"]
 
@@ -56,16 +62,8 @@ DATACARD_NAME = "datacard.json"
 _ROUTINE_REJECTIONS = {"scout", "not-ct", "not-ct-image", "not-an-image", "not-chosen"}
 LABEL_ISSUES_NAME = "label-issues.csv"
 REJECTIONS_DIR = "rejections"
-LOADER_VERSION = 1  # bump when dicom.py/nifti.py change the volumes they build: part of every cache key
+LOADER_VERSION = 1  # bump when lungmae_core/dicom/ or nifti.py change the volumes they build: part of every cache key
 
-# Fixed histogram bins so that data cards of different sites can be compared side by side.
-_BINS: dict[str, tuple[float, ...]] = {
-    "slice_spacing_mm": (0.0, 0.75, 1.25, 2.0, 3.0, 5.0, 10.0),
-    "slice_thickness_mm": (0.0, 0.75, 1.25, 2.0, 3.0, 5.0, 10.0),
-    "pixel_spacing_mm": (0.0, 0.5, 0.7, 0.9, 1.2, 2.0, 3.0),
-    "n_slices": (0, 64, 128, 256, 512, 1024),
-    "lung_volume_ml": (0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,60 +165,6 @@ def _rules_fingerprint(rules: SeriesRules) -> str:
     return json.dumps({"loader": LOADER_VERSION, **dataclasses.asdict(rules)}, sort_keys=True)
 
 
-def _rejection_code(exc: InvalidSeriesError) -> str:
-    code = getattr(exc, "code", None)
-    if code:
-        return code
-    return "implausible-lungs" if "lung" in str(exc).lower() else "nifti-invalid"
-
-
-def _where(exc: BaseException) -> str:
-    """``at module.py:123 in function`` for the innermost frame (code location only: no data, no paths)."""
-    import traceback
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f"at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
-
-
-def _process(task: dict[str, Any]) -> dict[str, Any]:
-    """Worker: load one series, preprocess it, write its sample. Returns a result dict, never raises.
-
-    A top-level function so that ProcessPoolExecutor can pickle it; identifiers only travel inside ``task``.
-    """
-    from lungmae_core.nifti import load_nifti
-    from lungmae_core.preprocess import preprocess_volume
-
-    try:
-        if task["series"] is not None:
-            volume = load_series(task["series"], task["rules"], task["plan"])
-        else:
-            volume = load_nifti(task["nifti_path"])
-        sample = preprocess_volume(volume, task["preprocess"])
-        info = {
-            "n_slices": int(volume.shape[0]),
-            "spacing_mm": [float(s) for s in volume.spacing_mm],
-            "lung_volume_ml": sample.qc.get("lung_volume_ml"),
-            **{k: sample.qc.get(k) for k in ("hu_mean", "hu_std", "hu_p05", "hu_p50", "hu_p95")},
-        }
-        write_sample(task["cache_dir"], task["key"], sample, {"series_id": task["series_id"], "info": info,
-                                                              "notes": list(task["notes"])})
-        return {"ok": True, "info": info}
-    except InvalidSeriesError as exc:
-        return {"ok": False, "code": _rejection_code(exc), "reason": str(exc), "final": True}
-    except OSError as exc:
-        logger.debug("I/O error on %s", task["series_id"], exc_info=True)
-        cause = exc.strerror or "I/O error"
-        return {"ok": False, "code": "unreadable", "reason": f"a file could not be read ({cause})", "final": False}
-    except Exception as exc:  # a bug: keep going with the other series, say what happened and where
-        logger.debug("unexpected error on %s", task["series_id"], exc_info=True)
-        return {"ok": False, "code": "internal-error", "reason": f"{type(exc).__name__} {_where(exc)} while "
-                                                                 "preparing it; run with -vv and report the log",
-                "final": False}
-
-
 def _prune(cache_dir: Path, keep: set[str]) -> int:
     """Delete samples and remembered refusals whose key this run did not produce; returns how many.
 
@@ -243,13 +187,6 @@ def _prune(cache_dir: Path, keep: set[str]) -> int:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Files derived from patient data stay readable by the site's own user only."""
     atomic_write_text(path, text, mode=0o600)
-
-
-def _histogram(values: Sequence[float], edges: Sequence[float]) -> dict[str, int]:
-    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f">={edges[-1]:g}"]
-    counts = Counter(labels[min(int(np.searchsorted(edges, v, side="right")) - 1, len(labels) - 1)]
-                     for v in values if v is not None and v >= edges[0])
-    return {label: counts.get(label, 0) for label in labels}
 
 
 def _nifti_stem(path: str) -> str:
@@ -301,42 +238,6 @@ def _index(input_dir: Path, pseudo: Pseudonymizer, rules: SeriesRules, progress:
     return entries
 
 
-def _run_workers(tasks: list[dict[str, Any]], workers: int, progress: bool) -> dict[str, dict[str, Any]]:
-    """Run :func:`_process` over ``tasks`` (in ``workers`` processes when > 1); results by series id."""
-    results: dict[str, dict[str, Any]] = {}
-    if not tasks:
-        return results
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc="Preprocessing series", unit="series")
-    try:
-        if workers <= 1 or len(tasks) == 1:
-            for task in tasks:
-                results[task["series_id"]] = _process(task)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            from concurrent.futures.process import BrokenProcessPool
-
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-                futures: dict[Future, str] = {pool.submit(_process, task): task["series_id"] for task in tasks}
-                for future in as_completed(futures):
-                    try:
-                        results[futures[future]] = future.result()
-                    except BrokenProcessPool:
-                        results[futures[future]] = {
-                            "ok": False, "code": "internal-error", "final": False,
-                            "reason": "its worker process died (out of memory?); retry with fewer --workers"}
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return results
-
-
 def _apply_labels(entries: list[_Entry], table: LabelTable | None) -> dict[str, str]:
     """Labels by series id for accepted and rejected entries; reports unmatched labelled ids."""
     labels: dict[str, str] = {}
@@ -364,40 +265,6 @@ def _apply_labels(entries: list[_Entry], table: LabelTable | None) -> dict[str, 
             labels[entry.series_id] = label
     table.report_unmatched(matched, accepted)
     return labels
-
-
-def _datacard(site: str, entries: list[_Entry], rows: list[ManifestRow], cfg: PreprocessConfig,
-              label_counts: dict[str, int], n_notes: Counter) -> dict[str, Any]:
-    accepted = [r for r in rows if r.accepted]
-    return {
-        "format": 1,
-        "site": site,
-        "preprocess": {"fingerprint": cfg.fingerprint(), "size": cfg.size},
-        "counts": {
-            "rows": len(rows),
-            "series": sum(1 for r in rows if r.source in ("dicom", "nifti")),
-            "accepted": len(accepted),
-            "rejected": len(rows) - len(accepted),
-            "patients": len({r.patient_id for r in accepted}),
-            "studies": len({r.study_id for r in accepted}),
-            "labelled": sum(1 for r in accepted if r.label),
-            "unlabelled": sum(1 for r in accepted if not r.label),
-        },
-        "sources": dict(Counter(r.source for r in accepted)),
-        "rejections": dict(sorted(Counter(e.code for e in entries if e.code).items())),
-        "repairs": dict(sorted(n_notes.items())),
-        "manufacturers": dict(sorted(Counter(r.manufacturer or "unknown" for r in accepted).items())),
-        "labels": dict(sorted(Counter(r.label for r in accepted if r.label).items())),
-        "splits": dict(sorted(Counter(f"{r.split}" for r in accepted if r.label).items())),
-        "label_issues": label_counts,
-        "histograms": {
-            "slice_spacing_mm": _histogram([r.spacing_d_mm for r in accepted], _BINS["slice_spacing_mm"]),
-            "slice_thickness_mm": _histogram([r.slice_thickness_mm for r in accepted], _BINS["slice_thickness_mm"]),
-            "pixel_spacing_mm": _histogram([r.spacing_h_mm for r in accepted], _BINS["pixel_spacing_mm"]),
-            "n_slices": _histogram([r.n_slices for r in accepted], _BINS["n_slices"]),
-            "lung_volume_ml": _histogram([r.lung_volume_ml for r in accepted], _BINS["lung_volume_ml"]),
-        },
-    }
 
 
 def _row(entry: _Entry, label: str, split: str) -> ManifestRow:
@@ -502,7 +369,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
                       "key": entry.key, "notes": entry.plan.notes if entry.plan else ()})
     logger.info("Indexed %d series/files; %d to preprocess, %d already in the cache", len(entries), len(tasks),
                 sum(e.reused for e in entries))
-    results = _run_workers(tasks, n_workers, progress)
+    results = run_workers(tasks, n_workers, progress)
     by_id = {e.series_id: e for e in entries}
     for series_id, result in results.items():
         entry = by_id[series_id]
@@ -551,7 +418,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
         f"{i.line},{i.kind},\"{i.message.replace(chr(34), chr(39))}\"" for i in sorted(label_issues,
                                                                                        key=lambda i: i.line)]
     _atomic_write_text(cache_path / LABEL_ISSUES_NAME, "\n".join(issue_lines) + "\n")
-    card = _datacard(cfg.site.name, entries, rows, cfg.preprocess,
+    card = data_card(cfg.site.name, rows, Counter(e.code for e in entries if e.code), cfg.preprocess,
                      table.counts() if table is not None else {}, note_counts)
     datacard_path = cache_path / DATACARD_NAME
     _atomic_write_text(datacard_path, json.dumps(card, indent=2, sort_keys=False) + "\n")

@@ -34,9 +34,9 @@ from lungmae_core.atomic import atomic_write_json
 from lungmae_core.errors import ConfigError, LungMAEError
 from lungmae_core.privacy import (
     MAX_EPSILON_PER_ROUND_KEY,
-    REQUIRE_DP_KEY,
     PRIVACY_REFUSAL_PREFIX,
     PRIVACY_UNIT,
+    REQUIRE_DP_KEY,
     DPConfig,
     OpacusPrivacy,
     RoundPlan,

@@ -63,7 +63,7 @@ class Pseudonymizer:
         """
         if kind not in _PREFIXES:
             raise ValueError(f"kind should be one of {', '.join(_PREFIXES)}, got {kind!r}")
-        digest = hmac.new(self._secret, f"{kind}\x00{identifier}".encode("utf-8"), hashlib.sha256).hexdigest()
+        digest = hmac.new(self._secret, f"{kind}\x00{identifier}".encode(), hashlib.sha256).hexdigest()
         return f"{_PREFIXES[kind]}-{digest[:self._length]}"
 
     def patient(self, patient_id: str) -> str:

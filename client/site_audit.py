@@ -78,7 +78,7 @@ def record_site_event(cfg_or_path: Any, event: str, /, **fields: Any) -> dict[st
         The record written, or None if it could not be written (logged as an error).
     """
     path = Path(cfg_or_path) if isinstance(cfg_or_path, str | os.PathLike) else site_audit_path(cfg_or_path)
-    entry: dict[str, Any] = {"ts": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+    entry: dict[str, Any] = {"ts": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
                              "event": str(event)[:64]}
     for key, value in fields.items():
         if any(part in key.lower() for part in _FORBIDDEN) or key in ("ts", "event", "prev"):

@@ -316,7 +316,7 @@ class SiteConfig:
 def require_model_window(cfg: SiteConfig) -> None:
     """Refuse a site whose cubes are windowed otherwise than the federation's models read them.
 
-    The models take HU windowed to [-1000, 200] and scaled to [0, 1] (PAPER.md); the ``tiny`` encoder's
+    The models take HU windowed to [-1000, 200] and scaled to [0, 1] (docs/model.md); the ``tiny`` encoder's
     HU-window ramps turn the cube back into HU with that window. A site whose ``preprocess`` says otherwise
     would train on cubes that mean something else to the model, silently.
 
@@ -329,8 +329,8 @@ def require_model_window(cfg: SiteConfig) -> None:
     if window != (INPUT_HU_MIN, INPUT_HU_MAX):
         raise SiteConfigError(
             f"{cfg.source}: preprocess hu-min/hu-max are {window[0]:g}/{window[1]:g}, but the federation's models "
-            f"read cubes windowed to {INPUT_HU_MIN:g}/{INPUT_HU_MAX:g} HU (PAPER.md); set hu-min: {INPUT_HU_MIN:g} "
-            f"and hu-max: {INPUT_HU_MAX:g}, then run `lungmae site prepare` again")
+            f"read cubes windowed to {INPUT_HU_MIN:g}/{INPUT_HU_MAX:g} HU (docs/model.md); "
+            f"set hu-min: {INPUT_HU_MIN:g} and hu-max: {INPUT_HU_MAX:g}, then run `lungmae site prepare` again")
 
 
 _SECTIONS: dict[str, type] = {

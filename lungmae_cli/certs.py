@@ -44,8 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from client.node_key import make_site_key
     from lungmae_core.atomic import atomic_write_bytes
     from lungmae_core.signing import make_signing_key
-    from server.certs import (CertificateError, certificate_summary, make_ca, make_client_certificate,
-                              make_server_certificate, revoke, write_crl)
+    from server.ops.certs import (
+        CertificateError,
+        certificate_summary,
+        make_ca,
+        make_client_certificate,
+        make_server_certificate,
+        revoke,
+        write_crl,
+    )
 
     out: Path = args.out
     if len(set(args.site)) != len(args.site):

@@ -2,7 +2,7 @@
 
 The printed ``server {}`` block goes to ``/etc/nginx/conf.d/lungmae-fleet.conf`` on the coordinator: mutual
 TLS with the consortium CA and its revocation list, only the Fleet API routes forwarded to the SuperLink's
-loopback port (``server/proxy.py``). ``--standalone DIR`` prints a whole nginx.conf instead, for
+loopback port (``server/ops/proxy.py``). ``--standalone DIR`` prints a whole nginx.conf instead, for
 ``nginx -c FILE -p DIR`` in the foreground (what `lungmae server start --proxy-listen` runs).
 """
 
@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Render and print the proxy configuration."""
     from server.federation_config import load_federation_config
-    from server.proxy import render_site_block, render_standalone
-    from server.superlink import ServerTLS, split_address
+    from server.ops.proxy import render_site_block, render_standalone
+    from server.ops.superlink import ServerTLS, split_address
 
     cfg = load_federation_config(args.config)
     tls = ServerTLS.from_section(cfg.server, base_dir=args.config.resolve().parent)

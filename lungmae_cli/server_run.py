@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     """Submit or follow the federation until it ends."""
     from lungmae_cli._process import flower_env
     from server.federation_config import load_federation_config
-    from server.run_control import FlwrCLI, RunFollower
-    from server.superlink import LOOPBACK, ServerTLS, split_address, write_connection
+    from server.ops.run_control import FlwrCLI, RunFollower
+    from server.ops.superlink import LOOPBACK, ServerTLS, split_address, write_connection
 
     cfg = load_federation_config(args.config)
     tls = ServerTLS.from_section(cfg.server, base_dir=args.config.resolve().parent)

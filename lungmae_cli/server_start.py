@@ -47,8 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from lungmae_cli._process import flower_env, run_forwarding_signals
     from server.audit import AUDIT_KEY_ENV
     from server.federation_config import load_federation_config
-    from server.superlink import (CONNECTION_NAME, LOOPBACK, SUPERLINK_ADVICE, ServerTLS, ensure_superexec_secret,
-                                  split_address, superexec_command, superlink_command, write_connection)
+    from server.ops.superlink import (
+        CONNECTION_NAME,
+        LOOPBACK,
+        SUPERLINK_ADVICE,
+        ServerTLS,
+        ensure_superexec_secret,
+        split_address,
+        superexec_command,
+        superlink_command,
+        write_connection,
+    )
 
     cfg = load_federation_config(args.config)
     tls = ServerTLS.from_section(cfg.server, base_dir=args.config.resolve().parent)
@@ -99,7 +108,7 @@ def _proxy_command(args: argparse.Namespace, tls: object, port: int, workdir: Pa
 
     from lungmae_core.atomic import atomic_write_text
     from lungmae_core.errors import FederationConfigError
-    from server.proxy import render_site_block, render_standalone
+    from server.ops.proxy import render_site_block, render_standalone
 
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:

@@ -37,10 +37,10 @@ def _last_jsonl(path: Path) -> dict[str, Any] | None:
 def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     """Everything `server status` shows, as a dict (also used by tests and the runbook's scripts)."""
     from lungmae_cli._process import flower_env
+    from lungmae_core.errors import LungMAEError
     from server.audit import read_audit_log
     from server.federation_config import load_federation_config
-    from lungmae_core.errors import LungMAEError
-    from server.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, read_json
+    from server.ops.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, read_json
 
     cfg = load_federation_config(config)
     run_dir = cfg.run_dir
@@ -69,7 +69,7 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     record = read_json(run_dir / RUN_RECORD)
     status["flwr_run"] = record
     if not offline:
-        from server.superlink import LOOPBACK, ServerTLS, split_address, write_connection
+        from server.ops.superlink import LOOPBACK, ServerTLS, split_address, write_connection
 
         try:
             tls = ServerTLS.from_section(cfg.server, base_dir=Path(config).resolve().parent)

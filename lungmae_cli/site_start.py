@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     """Build the SuperNode command from site.yaml and run it, forwarding signals."""
     import shlex
 
-    from client.site_config import load_site_config
     from client.fab_check import FabPolicy
+    from client.site_config import load_site_config
     from client.supernode import ACTIVATION_REFUSED, SUPERNODE_ADVICE, launch_command
     from lungmae_cli._process import flower_env, run_forwarding_signals
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+_NOT_BELOW = "  (not below the baseline: little learned beyond the average anatomy)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lungmae train``."""
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if recon is not None:
         print(f"reconstruction (test, masked lung L1)  MAE {recon['l1_masked_lung']:.4f}  "
               f"mean-anatomy baseline {recon['baseline_l1_masked_lung']:.4f}"
-              f"{'' if recon['beats_baseline'] else '  (not below the baseline: little learned beyond the average anatomy)'}",
+              f"{'' if recon['beats_baseline'] else _NOT_BELOW}",
               file=out)
     print(f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}", file=out)
     print(f"written: {Path(args.workdir) / 'metrics.json'}", file=out)

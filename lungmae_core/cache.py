@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lungmae_core.atomic import atomic_path
 from lungmae_core.errors import CacheError
 from lungmae_core.preprocess import PreprocessConfig, Sample
 
@@ -92,20 +92,13 @@ def write_sample(cache_dir: str | os.PathLike[str], key: str, sample: Sample, me
         meta_json = json.dumps({"format": CACHE_FORMAT, "qc": sample.qc, "meta": meta or {}}, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CacheError(f"Unable to write sample {key} as its qc/meta is not JSON-serialisable: {exc}") from exc
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.", suffix=_TMP_SUFFIX)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        # owner-only: derived from patient data; the temporary name ".<key>.npz.*.tmp" is what
+        # remove_stale_temp_files clears after a crash
+        with atomic_path(final, 0o600) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, image=sample.image, lung_mask=sample.lung_mask, meta=np.array(meta_json))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CacheError(f"Unable to write cached sample {final} as {exc.strerror or exc}") from exc
-        raise
+    except OSError as exc:
+        raise CacheError(f"Unable to write cached sample {final} as {exc.strerror or exc}") from exc
     log.debug("wrote cached sample %s", final.name)
     return final
 

@@ -251,7 +251,7 @@ class ModelConfig:
             accuracy 0.29 after 40 epochs) and fits them all with it. Defaults 0.55 and 0.35 (chest cubes).
         input_windows: extra input channels for the encoder, one per HU window ``(lo, hi)``: each voxel's
             ``clamp((HU - lo) / (hi - lo), 0, 1)``, with HU read back from the [0, 1] cube through the
-            preprocessing window ``[INPUT_HU_MIN, INPUT_HU_MAX]`` (PAPER.md: -1000..200). A linear patch
+            preprocessing window ``[INPUT_HU_MIN, INPUT_HU_MAX]`` (docs/model.md: -1000..200). A linear patch
             embedding only sees linear projections of a patch's voxels; these ramps let it measure how much of
             a patch lies in each density range (emphysema below -900 HU, aerated lung, ground glass, soft
             tissue), a soft histogram per patch (read as 2^3-voxel block means: ``model.WINDOW_BLOCK``).
@@ -345,7 +345,7 @@ class ModelConfig:
         return self.patch_size ** 3 * self.in_chans
 
 
-#: HU window of the cubes the encoder reads (PAPER.md step 6: [-1000, 200] scaled to [0, 1]).
+#: HU window of the cubes the encoder reads (docs/model.md, preprocessing step 6: [-1000, 200] -> [0, 1]).
 INPUT_HU_MIN, INPUT_HU_MAX = -1000.0, 200.0
 
 #: The ``tiny`` config's density ranges (HU): emphysema, aerated lung, ground glass, dense lung / soft tissue.
@@ -355,7 +355,7 @@ TINY_INPUT_WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, -900.0), (-900.
 _PAPER = dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, decoder_embed_dim=512, decoder_depth=8,
               decoder_num_heads=8, decoder_mlp_dim=2048, mask_ratio=0.75)
 
-#: Named architectures: ``tiny`` for CPU tests and simulation; the paper's three (see PAPER.md).
+#: Named architectures: ``tiny`` for CPU tests and simulation; the paper's three (docs/model.md).
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny", img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3,
                         mlp_dim=768, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
@@ -424,7 +424,7 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value; ``None``: no clipping (ignored under DP,
             where Opacus clips per sample).
         amp: autocast dtype on CUDA: ``"bf16"``, ``"fp16"`` (with a GradScaler) or ``"none"``. CPU runs fp32.
-        non_lung_weight: ``w`` of the lung-weighted loss (PAPER.md). Defaults to 0.01.
+        non_lung_weight: ``w`` of the lung-weighted loss (docs/model.md). Defaults to 0.01.
         lung_threshold: a masked patch is "lung" when more than this fraction of its voxels is lung.
         flip_p: probability of flipping each spatial axis (image and lung mask together). Defaults to 0.1.
         rot90_p: probability of one random 90-degree rotation. Defaults to 0.1.

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lungmae_core.cache import read_sample
+from lungmae_core.contract import DEFAULT_CLASSES
 from lungmae_core.errors import CacheError, ConfigError, DatasetError
 from lungmae_core.manifest import MANIFEST_NAME, SPLITS, read_manifest
 from lungmae_core.preprocess import Sample
@@ -29,7 +30,8 @@ __all__ = ["CLASS_NAMES", "CachedVolumes", "InMemoryVolumes", "assign_splits", "
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES: tuple[str, ...] = ("normal", "ggo", "fibrosis", "emphysema")
+#: The default class list, defined once with the wire contract (the federation's class list travels in it).
+CLASS_NAMES: tuple[str, ...] = DEFAULT_CLASSES
 
 
 def resize_cube(image: np.ndarray, lung_mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +253,7 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
             label_list = list(labels)  # type: ignore[arg-type]
             if len(label_list) != len(ids):
                 raise ConfigError(f"assign_splits got {len(ids)} patient ids but {len(label_list)} labels")
-            items = zip(ids, label_list)
+            items = zip(ids, label_list, strict=True)
         for pid, lab in items:
             lab = None if lab in (None, -1, "") else lab
             if pid in per_patient and per_patient[pid] != lab:
@@ -280,7 +282,7 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
             totals[donor] -= 1
             totals[k] += 1
     for parts in groups.values():
-        for split, members in zip(SPLITS, parts):
+        for split, members in zip(SPLITS, parts, strict=True):
             for pid in members:
                 result[pid] = split
     return result

@@ -96,7 +96,7 @@ def count_patients(patient_ids: Iterable[str]) -> int:
     return len(set(patient_ids))
 
 
-class PatientSampled(torch.utils.data.Dataset):
+class PatientSampled(torch.utils.data.Dataset[Any]):
     """The patients of a scan dataset: item ``i`` is one scan of patient ``i``, drawn afresh on every access.
 
     DP-SGD's guarantee is about one record; a patient with three studies would otherwise be three records

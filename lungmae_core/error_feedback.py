@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -111,7 +112,7 @@ class ErrorFeedback:
         if not self.path.exists():
             return 0.0
         record = torch.load(io.BytesIO(self.path.read_bytes()), weights_only=True)
-        return float(sum(float(torch.sum(v.double() ** 2)) for v in record["residual"].values())) ** 0.5
+        return math.sqrt(sum(float(torch.sum(v.double() ** 2)) for v in record["residual"].values()))
 
     def clear(self) -> None:
         """Forget the residual (e.g. after the site's update was rejected and the round starts over)."""

@@ -120,9 +120,10 @@ def _count_lines(fd: int) -> int:
 
 def _read_head(log: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(head_path(log).read_text(encoding="utf-8"))
+        head = json.loads(head_path(log).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return head if isinstance(head, dict) else None
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """ILD classifier on the MAE encoder, strict weight transfer from the MAE, and what fine-tuning trains.
 
 The classifier is the pretrained encoder run on all tokens (no masking), pooled, then LayerNorm and
-Linear(E -> classes), as in PAPER.md. Pooling: the paper's mean over tokens or a new CLS token, or (our
+Linear(E -> classes), as in the paper (docs/model.md). Pooling: the paper's mean over tokens or a new CLS token, or (our
 default) the mean weighted by each token's lung fraction, the pooling counterpart of the paper's
 lung-weighted loss: ILD is a lung finding, and a plain mean lets body, heart and air tokens (most of a
 64^3 cube) dominate. Measured on the simulation's phantoms (central, MAE 20 epochs + 30 fine-tuning epochs,
@@ -14,7 +14,6 @@ trains only the head, its norm and the CLS token (the public code forgot to unfr
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping
 
 import torch

@@ -62,7 +62,8 @@ def patch_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).abs().mean(dim=-1)
 
 
-def _selections(mask: torch.Tensor, lung_frac: torch.Tensor, lung_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _selections(mask: torch.Tensor, lung_frac: torch.Tensor,
+                lung_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Float (B, L) selections of masked lung and masked non-lung patches."""
     assert mask.shape == lung_frac.shape, f"mask {tuple(mask.shape)} != lung_frac {tuple(lung_frac.shape)}"
     masked = mask.float()

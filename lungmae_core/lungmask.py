@@ -1,7 +1,7 @@
 """Classical lung segmentation from HU: thresholds, connected components, closing and hole filling.
 
 The authors used the ``lungmask`` U-Net, whose weights download at run time; hospitals running offline
-cannot. This recipe (PAPER.md) needs no weights: air inside the body, at most the two largest air
+cannot. This recipe (docs/model.md) needs no weights: air inside the body, at most the two largest air
 components, a ~3 mm closing and per-slice filling of small holes (vessels). It runs on a coarse grid
 (about ``mask_spacing_mm``) because the lung boundary needs only millimetre accuracy while the cost of
 connected components grows with the number of voxels.
@@ -157,9 +157,9 @@ def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproces
         InvalidSeriesError: no body, no lungs, or a total lung volume outside
             ``[cfg.min_lung_ml, cfg.max_lung_ml]``.
     """
-    factors = tuple(min(f, n) for f, n in zip(_mask_factors(spacing_mm, cfg.mask_spacing_mm), hu.shape))
+    factors = tuple(min(f, n) for f, n in zip(_mask_factors(spacing_mm, cfg.mask_spacing_mm), hu.shape, strict=True))
     small = block_mean(hu, factors)
-    sp = tuple(float(s) * f for s, f in zip(spacing_mm, factors))
+    sp = tuple(float(s) * f for s, f in zip(spacing_mm, factors, strict=True))
     voxel_ml = float(np.prod(sp)) / 1000.0
 
     body = _largest_component(small > cfg.body_threshold_hu)

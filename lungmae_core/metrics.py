@@ -14,6 +14,7 @@ up to pairs whose scores fall in the same bin (counted half; :func:`auc_histogra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def pooled_from_confusion(cm: np.ndarray) -> dict[str, float | int | None]:
 
 def classification_metrics(
     y_true: Sequence[int] | np.ndarray, probs: Sequence[Sequence[float]] | np.ndarray, num_classes: int
-) -> dict[str, float | int | None | list]:
+) -> dict[str, float | int | None | list[Any]]:
     """Accuracy, balanced accuracy, weighted F1, macro one-vs-rest ROC AUC, confusion matrix, score histogram.
 
     Small validation and test splits at one hospital often lack a class. Then ``balanced_accuracy`` and

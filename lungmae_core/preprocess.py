@@ -1,4 +1,4 @@
-"""Preprocessing of one CT volume into a training sample: the PAPER.md recipe in one trilinear pass.
+"""Preprocessing of one CT volume into a training sample: the docs/model.md recipe in one trilinear pass.
 
 canonical orientation -> lung mask -> crop to the lung box with a margin -> cube of ``size``^3 -> HU window
 to [0, 1]. The authors resample the full volume to isotropic voxels (cubic), crop, then resize; isotropic

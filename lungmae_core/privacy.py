@@ -435,7 +435,7 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
     for k in names:
         ref = updates[0][k]
         total = torch.zeros(ref.shape, dtype=torch.float64)
-        for u, norm in zip(updates, norms):
+        for u, norm in zip(updates, norms, strict=True):
             total += u[k].double().cpu() * min(1.0, clip / (norm + 1e-12))
         noise = torch.randn(ref.shape, generator=generator, dtype=torch.float64) * (noise_multiplier * clip)
         out[k] = ((total + noise) / n).to(ref.dtype)

@@ -121,7 +121,7 @@ def random_flip_rot90_batch(
     tracking = get_track_meta()
     set_track_meta(False)  # plain tensors in, plain tensors out; no per-sample transform history
     try:
-        outs = [transform({"image": img, "lung_mask": msk}) for img, msk in zip(images, lung_masks)]
+        outs = [transform({"image": img, "lung_mask": msk}) for img, msk in zip(images, lung_masks, strict=True)]
     finally:
         set_track_meta(tracking)
     return (torch.stack([_plain(o["image"]) for o in outs]),

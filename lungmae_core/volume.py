@@ -116,7 +116,7 @@ def _axis_map(affine: np.ndarray) -> tuple[list[int], list[int]]:
 def orientation_code(affine: np.ndarray) -> str:
     """Letters for the direction each array axis points to, in LPS terms (``"SPL"`` is canonical)."""
     world, signs = _axis_map(np.asarray(affine, dtype=np.float64))
-    return "".join(_AXIS_LETTERS[w][1 if s > 0 else 0] for w, s in zip(world, signs))
+    return "".join(_AXIS_LETTERS[w][1 if s > 0 else 0] for w, s in zip(world, signs, strict=True))
 
 
 def to_canonical(volume: Volume) -> Volume:
@@ -145,7 +145,7 @@ def to_canonical(volume: Volume) -> Volume:
     affine[:3, :3] = volume.affine[:3, order]
     flips = [k for k in range(3) if signs[order[k]] < 0]
     if flips:
-        hu = np.flip(hu, axis=flips)
+        hu = np.flip(hu, axis=tuple(flips))
         for k in flips:
             # new index i' = n - 1 - i  =>  origin moves to the old last voxel, direction negates
             affine[:3, 3] += affine[:3, k] * (hu.shape[k] - 1)
@@ -199,4 +199,5 @@ def _linear_along(a: np.ndarray, c: np.ndarray, axis: int) -> np.ndarray:
     hi -= lo
     hi *= w
     lo += hi
-    return lo
+    out: np.ndarray = lo
+    return out

@@ -109,13 +109,13 @@ def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, blocks = x32.size, _num_blocks(x32.size)
     padded = np.zeros(blocks * INT8_BLOCK, np.float32)
     padded[:n] = x32
-    padded = padded.reshape(blocks, INT8_BLOCK)
+    rows = padded.reshape(blocks, INT8_BLOCK)
     with np.errstate(invalid="ignore"):
-        peak = np.max(np.abs(padded), axis=1)
+        peak = np.max(np.abs(rows), axis=1)
     finite = np.isfinite(peak)
     scale = np.where(finite & (peak > 0), peak / _INT8_MAX, 1.0).astype(np.float32)
     with np.errstate(invalid="ignore"):
-        q = np.clip(np.rint(padded / scale[:, None]), -_INT8_MAX, _INT8_MAX)
+        q = np.clip(np.rint(rows / scale[:, None]), -_INT8_MAX, _INT8_MAX)
     q[~finite] = 0
     scale[~finite] = np.inf
     return q.astype(np.int8).reshape(-1)[:n].reshape(x.shape), scale
@@ -125,13 +125,15 @@ def _dequantize_int8(name: str, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     n = q.size
     if scale.size == 1:  # per-tensor scale (the encoding before per-block scales)
         with np.errstate(invalid="ignore", over="ignore"):
-            return q.astype(np.float32) * scale[0]
+            whole: np.ndarray = q.astype(np.float32) * scale[0]
+        return whole
     if scale.size != _num_blocks(n):
         raise WireFormatError(f"Unable to unpack {name!r} as its scale has {scale.size} values, not 1 or "
                               f"{_num_blocks(n)} (one per {INT8_BLOCK} values)")
     per_value = np.repeat(scale, INT8_BLOCK)[:n]
     with np.errstate(invalid="ignore", over="ignore"):
-        return (q.reshape(-1).astype(np.float32) * per_value).reshape(q.shape)
+        blocked: np.ndarray = (q.reshape(-1).astype(np.float32) * per_value).reshape(q.shape)
+    return blocked
 
 
 def _topk_count(numel: int) -> int:
@@ -349,4 +351,4 @@ def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     for value in delta.values():
         if value.is_floating_point():
             sq += float(torch.sum(value.double() ** 2))
-    return sq ** 0.5
+    return math.sqrt(sq)

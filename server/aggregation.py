@@ -110,7 +110,7 @@ def aggregate_updates(
             continue
         if method in ("fedavg", "fedprox"):
             acc = torch.zeros_like(first, dtype=torch.float32)
-            for update, weight in zip(updates, weights):
+            for update, weight in zip(updates, weights, strict=True):
                 acc += update[name].float() * (float(weight) / total)
             out[name] = acc
         else:

@@ -165,7 +165,7 @@ class AuditLog:
                 f"Unable to record audit event {event!r} as event names must be lower-case words joined by "
                 f"'-', e.g. one of {', '.join(sorted(EVENTS))}")
         entry: dict[str, Any] = {
-            "ts": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
             "event": event,
         }
         for key, value in fields.items():

@@ -146,7 +146,7 @@ class CheckpointStore:
         """Point ``checkpoints/mae-latest.pt`` at the newest pretrain checkpoint (a hard link: no copy).
 
         Pruning keeps only the last two steps, so after the hand-off no step file holds the MAE any more;
-        the report's reconstructions (``server/report_recon.py``) need the final MAE, so it survives here.
+        the report's reconstructions (``server/report/recon.py``) need the final MAE, so it survives here.
         """
         tmp = self.dir / f".{MAE_LATEST}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)

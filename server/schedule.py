@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from lungmae_core.errors import LungMAEError
 from lungmae_core.contract import FINETUNE, PRETRAIN
-
+from lungmae_core.errors import LungMAEError
 from server.federation_config import PhasesSection
 
 __all__ = ["Step", "ScheduleError", "phase_plan", "phase_for_round", "steps_after", "total_rounds"]

@@ -57,7 +57,7 @@ def edit(path: Path, change: Callable[[pydicom.Dataset], None]) -> None:
     ds.save_as(path)
 
 
-def _seq(**values) -> "pydicom.Sequence":
+def _seq(**values) -> pydicom.Sequence:
     """A one-item DICOM sequence holding ``values`` (keyword -> value)."""
     item = pydicom.Dataset()
     for keyword, value in values.items():

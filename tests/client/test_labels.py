@@ -96,7 +96,8 @@ def test_strict_labels_refuse_to_prepare_naming_each_unknown_label(tmp_path: Pat
                                    base_dir=tmp_path)
     with pytest.raises(SiteConfigError) as info:
         prepare_site(cfg, progress=False)
-    assert "labels outside the federation's classes (normal, fibrosis): 'UIP' (2 rows), 'hp' (1 rows)" in str(info.value)
+    assert ("labels outside the federation's classes (normal, fibrosis): 'UIP' (2 rows), 'hp' (1 rows)"
+            in str(info.value))
 
 
 def test_class_list_in_site_yaml_is_validated() -> None:

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from client.ledger import (
-    JOURNAL_NAME, LEDGER_FORMAT, RESET_COMMAND, LedgerError, LedgerMissingError, PrivacyLedger,
+    JOURNAL_NAME,
+    LEDGER_FORMAT,
+    RESET_COMMAND,
+    LedgerError,
+    LedgerMissingError,
+    PrivacyLedger,
 )
 from lungmae_core.errors import PrivacyBudgetExceeded
 from lungmae_core.privacy import DPConfig, RoundPlan, epsilon_for, plan_round

@@ -177,7 +177,7 @@ def test_requested_gpu_missing_or_disk_full(prepared_site: Path, tmp_path: Path,
 
 
 def test_wrong_ca_and_wrong_name_are_told_apart(pki: Path, tls_server: int, tmp_path: Path) -> None:
-    from server.certs import make_ca
+    from server.ops.certs import make_ca
 
     _, other_ca = make_ca(tmp_path / "other")
     wrong_ca = tls_probe(f"127.0.0.1:{tls_server}", other_ca)

@@ -226,7 +226,8 @@ def test_unexpected_error_is_reported_with_its_code_location_and_run_goes_on(tmp
     report = prepare_site(cfg, progress=False)
     assert report.rejections == {"internal-error": 2}
     reason = read_manifest(tmp_path / "c")[0].reason
-    assert reason.startswith("internal-error: TypeError at test_prepare.py:") and " in boom while preparing it" in reason
+    assert reason.startswith("internal-error: TypeError at test_prepare.py:")
+    assert " in boom while preparing it" in reason
     assert "secret" not in reason and "PAT-A" not in reason
     assert not (tmp_path / "c" / "rejections").exists()  # a bug is not remembered: the next run retries
 

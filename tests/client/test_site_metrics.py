@@ -49,7 +49,8 @@ def test_epsilon_from_the_ledger_read_at_scrape_time(tmp_path: Path) -> None:
     metrics = SiteMetrics(cfg)
     assert _values(metrics.render())[("lungmae_site_epsilon_left", ())] == 3.0
     ledger.write_text(json.dumps({"entries": [
-        {"epsilon_total": 1.25, "reserved_at": "2026-01-01T10:00:00+00:00", "settled_at": "2026-01-01T10:00:42+00:00"}]}))
+        {"epsilon_total": 1.25, "reserved_at": "2026-01-01T10:00:00+00:00",
+         "settled_at": "2026-01-01T10:00:42+00:00"}]}))
     v = _values(metrics.render())
     assert v[("lungmae_site_epsilon_spent", ())] == 1.25 and v[("lungmae_site_epsilon_left", ())] == 1.75
     assert v[("lungmae_site_last_round_seconds", ())] == 42 and v[("lungmae_site_dp_rounds", ())] == 1

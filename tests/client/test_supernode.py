@@ -10,8 +10,8 @@ import yaml
 from client.node_key import NodeKeyError, make_site_key
 from client.site_config import load_site_config
 from client.supernode import supernode_command
-from lungmae_core.errors import SiteConfigError
 from lungmae_cli.main import main
+from lungmae_core.errors import SiteConfigError
 
 
 def _site(tmp_path: Path, **connection: object) -> Path:
@@ -28,7 +28,7 @@ def test_command_has_tls_key_node_config_and_local_port(tmp_path: Path) -> None:
     path = _site(tmp_path)
     cmd = supernode_command(path, load_site_config(path).connection)
     assert cmd[0] == "flower-supernode" and "--insecure" not in cmd
-    args = dict(zip(cmd[1::2], cmd[2::2]))
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert args["--superlink"] == "fl.example.org:9091"
     assert args["--root-certificates"] == str((tmp_path / "ca.crt").resolve())
     assert args["--auth-supernode-private-key"] == str((tmp_path / "keys/north.key").resolve())

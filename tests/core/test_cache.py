@@ -12,8 +12,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from lungmae_core.cache import (cache_key, read_sample, read_sample_meta, remove_stale_temp_files, sample_path,
-                                write_sample)
+from lungmae_core.cache import (
+    cache_key,
+    read_sample,
+    read_sample_meta,
+    remove_stale_temp_files,
+    sample_path,
+    write_sample,
+)
 from lungmae_core.errors import CacheError
 from lungmae_core.preprocess import PreprocessConfig, Sample
 

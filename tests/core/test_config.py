@@ -17,7 +17,7 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def test_paper_p16_parameter_counts() -> None:
-    """PAPER.md: ~88.6M encoder + ~28.0M decoder parameters (~116M, ~465 MB in fp32)."""
+    """The paper (docs/model.md): ~88.6M encoder + ~28.0M decoder parameters (~116M, ~465 MB in fp32)."""
     with torch.device("meta"):  # no memory, no init cost
         mae = MAE3D(model_config("paper-p16"))
     assert _count(mae.encoder) / 1e6 == pytest.approx(88.6, rel=0.002)

@@ -29,7 +29,7 @@ def samples():
 def cache(tmp_path, samples):
     rows = []
     splits = ["train", "train", "val", "test"]
-    for i, (sample, label) in enumerate(zip(samples, CLASS_NAMES)):
+    for i, (sample, label) in enumerate(zip(samples, CLASS_NAMES, strict=True)):
         key = cache_key(f"series-{i}", CFG)
         path = write_sample(tmp_path, key, sample, {"label": label})
         rows.append(ManifestRow(series_id=f"s{i}", patient_id=f"p{i}", study_id=f"t{i}", source="phantom",
@@ -46,7 +46,7 @@ def test_cached_volumes_items_labels_and_ids(cache, samples):
     assert len(ds) == 4 and ds.size == 24
     # Samples come in voxel-digest order (see the next test); labels and ids travel with their sample.
     assert sorted(ds.patient_ids) == ["p0", "p1", "p2", "p3"]
-    by_patient = dict(zip(ds.patient_ids, ds.labels.tolist()))
+    by_patient = dict(zip(ds.patient_ids, ds.labels.tolist(), strict=True))
     assert by_patient == {"p0": 0, "p1": -1, "p2": 2, "p3": 3}
     assert ds.series_ids == [f"s{p[1:]}" for p in ds.patient_ids]
     assert ds.labels.dtype == np.int64
@@ -69,7 +69,7 @@ def test_cached_volumes_order_does_not_depend_on_the_pseudonyms(tmp_path, sample
     for run, names in enumerate((["a", "b", "c", "d"], ["z", "y", "x", "w"])):
         folder = tmp_path / f"prep{run}"
         rows = []
-        for i, (sample, name) in enumerate(zip(samples, names)):
+        for i, (sample, name) in enumerate(zip(samples, names, strict=True)):
             key = cache_key(f"series-{i}-{run}", CFG)
             path = write_sample(folder, key, sample, {})
             rows.append(ManifestRow(series_id=f"ser-{name}", patient_id=f"pat-{name}", study_id=f"stu-{name}",

@@ -14,8 +14,16 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from lungmae_core.dicom import (REJECTION_CODES, SeriesRejected, SeriesRules, choose_per_study, index_tree,
-                                load_series, plan_series, read_header)
+from lungmae_core.dicom import (
+    REJECTION_CODES,
+    SeriesRejected,
+    SeriesRules,
+    choose_per_study,
+    index_tree,
+    load_series,
+    plan_series,
+    read_header,
+)
 from lungmae_core.errors import InvalidSeriesError
 from tests.dicom_factory import edit, tiny_hu, write_enhanced, write_series
 
@@ -99,7 +107,7 @@ def test_order_comes_from_positions_not_file_names(tmp_path: Path) -> None:
     names = [f"{random.Random(1).random():.6f}" for _ in files]
     shuffled = list(range(len(files)))
     random.Random(3).shuffle(shuffled)
-    for path, k in zip(files, shuffled):
+    for path, k in zip(files, shuffled, strict=True):
         path.rename(path.with_name(f"x{k:03d}{names[0]}"))
     np.testing.assert_array_equal(load_series(_only_series(tmp_path / "s"), RULES).hu, hu)
 
@@ -399,12 +407,12 @@ def test_series_rules_reject_bad_values() -> None:
 
 
 def test_parallel_header_reading_gives_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lungmae_core.dicom as dicom
+    import lungmae_core.dicom.index as dicom_index
 
     write_series(tmp_path / "a", tiny_hu(depth=6))
     write_series(tmp_path / "b", tiny_hu(depth=5), patient="PAT-2")
     (tmp_path / "notes.txt").write_text("x")
-    monkeypatch.setattr(dicom, "_PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(dicom_index, "_PARALLEL_MIN_FILES", 1)
     assert index_tree(tmp_path, workers=2) == index_tree(tmp_path, workers=1)
     assert len(index_tree(tmp_path, workers=2).skipped) == 1
 

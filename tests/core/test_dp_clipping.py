@@ -34,11 +34,11 @@ def _reference(model: nn.Module, per_sample: torch.Tensor, clip: float) -> tuple
     norms = []
     for i in range(per_sample.shape[0]):
         grads = torch.autograd.grad(per_sample[i], params, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         norms.append(norm)
         factor = min(1.0, clip / (float(norm) + CLIP_EPS))
-        for t, g in zip(total, grads):
+        for t, g in zip(total, grads, strict=True):
             t += factor * g
     return total, torch.stack(norms)
 
@@ -56,7 +56,8 @@ def test_mae_clipped_sum_matches_per_sample_clipping(mode: str, clip: float) -> 
     norms = clipper.clip_and_sum()
     assert torch.allclose(norms, expected_norms, rtol=1e-9)
     params = [p for p in model.parameters() if p.requires_grad]
-    for (name, _), p, e in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], params, expected):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, p, e in zip(names, params, expected, strict=True):
         assert torch.allclose(p.grad, e, atol=1e-12, rtol=1e-9), name
     assert clipper.captures[0].a is None  # reset for the next step
     if mode == "mixed":
@@ -70,7 +71,7 @@ def test_float32_matches_to_1e6() -> None:
     clipper = BookkeepingClipper(model, 1e-3)
     _per_sample_loss(model, images, 3).mean().backward()  # the training loop's mean reduction
     clipper.clip_and_sum()
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         assert float((p.grad - e).abs().max()) <= 1e-6
 
 
@@ -88,7 +89,7 @@ def test_classifier_linear_probe_and_full() -> None:
         nn.functional.cross_entropy(clf(images), labels, reduction="none").mean().backward()
         clipper.clip_and_sum()
         clipper.remove()
-        for p, e in zip([p for p in clf.parameters() if p.requires_grad], expected):
+        for p, e in zip([p for p in clf.parameters() if p.requires_grad], expected, strict=True):
             assert torch.allclose(p.grad, e, atol=1e-12)
         clf.zero_grad(set_to_none=True)
 
@@ -111,8 +112,8 @@ def test_opacus_privacy_bookkeeping_mode_matches_hooks_mode() -> None:
     from torch.utils.data import DataLoader, default_collate
 
     from lungmae_core.errors import PrivacyBudgetExceeded
-    from tests.core.test_privacy import Phantoms
     from lungmae_core.privacy import DPConfig, OpacusPrivacy, plan_round
+    from tests.core.test_privacy import Phantoms
 
     ds = Phantoms(6, seed=2)
     torch.manual_seed(0)
@@ -140,5 +141,5 @@ def test_opacus_privacy_bookkeeping_mode_matches_hooks_mode() -> None:
             optimizer.zero_grad()
             with pytest.raises(PrivacyBudgetExceeded):
                 optimizer.step()
-    for a, b in zip(sums["hooks"], sums["bookkeeping"]):
+    for a, b in zip(sums["hooks"], sums["bookkeeping"], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -8,7 +8,12 @@ import torch
 from lungmae_core.config import model_config
 from lungmae_core.errors import ConfigError, WeightsMismatchError
 from lungmae_core.heads import (
-    ILDClassifier, narrow_trainable, parse_finetune_mode, set_trainable, trainable_state_dict, transfer_encoder,
+    ILDClassifier,
+    narrow_trainable,
+    parse_finetune_mode,
+    set_trainable,
+    trainable_state_dict,
+    transfer_encoder,
 )
 from lungmae_core.model import build_mae
 
@@ -33,7 +38,8 @@ def test_lung_pooling_weights_tokens_by_their_lung_fraction() -> None:
     mask[1, :, 16:, 16:, 16:24] = 1.0
     w0 = torch.tensor([1.0] + [0.0] * 7) + 1e-3     # lung fraction + the non-lung token weight
     w1 = torch.tensor([1.0] + [0.0] * 6 + [0.5]) + 1e-3
-    expected = torch.stack([(tokens[0] * (w0 / w0.sum())[:, None]).sum(0), (tokens[1] * (w1 / w1.sum())[:, None]).sum(0)])
+    expected = torch.stack([(tokens[0] * (w0 / w0.sum())[:, None]).sum(0),
+                            (tokens[1] * (w1 / w1.sum())[:, None]).sum(0)])
     with torch.no_grad():
         torch.testing.assert_close(clf.features(images, mask), clf.norm(expected), rtol=1e-4, atol=1e-5)
         # An empty mask falls back to the plain mean instead of dividing by zero.

@@ -7,8 +7,12 @@ import pytest
 from sklearn import metrics as skm
 
 from lungmae_core.metrics import (
-    CLASSIFICATION_KEYS, auc_from_histograms, auc_histogram_error_bound, classification_metrics,
-    pooled_from_confusion, score_histogram,
+    CLASSIFICATION_KEYS,
+    auc_from_histograms,
+    auc_histogram_error_bound,
+    classification_metrics,
+    pooled_from_confusion,
+    score_histogram,
 )
 
 

@@ -20,12 +20,11 @@ from lungmae_core.model import build_mae
 from lungmae_core.privacy import (
     PRETRAIN_CLIP,
     DPConfig,
+    DPIncompatibleModelError,
+    OpacusPrivacy,
     PatientSampled,
     check_delta,
     default_delta,
-    secure_generator,
-    DPIncompatibleModelError,
-    OpacusPrivacy,
     dp_problems,
     epsilon_for,
     is_empty_batch,
@@ -34,6 +33,7 @@ from lungmae_core.privacy import (
     plan_round,
     register_grad_samplers,
     sample_rate_for,
+    secure_generator,
     steps_for,
 )
 from lungmae_core.train import evaluate_classifier, evaluate_mae, train_classifier, train_mae
@@ -265,7 +265,7 @@ def test_each_sample_is_clipped_to_c_and_noise_has_the_stated_scale():
     assert (clipped_norms <= clip * (1 + 1e-4)).all()  # float32 rounding of clip / raw
     expected_sum = [torch.einsum("i,i...", factor, p.grad_sample) for p in params]
     optimizer.step()
-    for p, expected in zip(params, expected_sum):  # Opacus' clipped sum (before noise) is ours
+    for p, expected in zip(params, expected_sum, strict=True):  # Opacus' clipped sum (before noise) is ours
         assert torch.allclose(p.summed_grad, expected, rtol=1e-4, atol=1e-9)
     noise = torch.cat([(p.grad * optimizer.expected_batch_size - p.summed_grad).flatten() for p in params])
     assert noise.numel() > 100_000

@@ -94,7 +94,7 @@ def test_negative_spacing_is_rejected():
 def test_sample_linear_matches_map_coordinates(out_shape):
     rng = np.random.default_rng(1)
     a = rng.normal(size=(6, 8, 10)).astype(np.float32)
-    coords = [np.sort(rng.uniform(0, n - 1, m)) for n, m in zip(a.shape, out_shape)]
+    coords = [np.sort(rng.uniform(0, n - 1, m)) for n, m in zip(a.shape, out_shape, strict=True)]
     grid = np.meshgrid(*coords, indexing="ij")
     expected = ndimage.map_coordinates(a.astype(np.float64), grid, order=1, mode="nearest")
     np.testing.assert_allclose(sample_linear(a, coords), expected, rtol=1e-5, atol=1e-5)

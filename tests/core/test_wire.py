@@ -7,9 +7,21 @@ import pytest
 import torch
 
 from lungmae_core.wire import (
-    INDEX_SUFFIX, INT8_BLOCK, SCALE_SUFFIX, SHAPE_SUFFIX, TOPK_FRACTION, WireFormatError,
-    apply_delta, pack_state, packed_layout, packed_nbytes, select, state_delta,
-    state_nbytes, unpack_state, update_norm,
+    INDEX_SUFFIX,
+    INT8_BLOCK,
+    SCALE_SUFFIX,
+    SHAPE_SUFFIX,
+    TOPK_FRACTION,
+    WireFormatError,
+    apply_delta,
+    pack_state,
+    packed_layout,
+    packed_nbytes,
+    select,
+    state_delta,
+    state_nbytes,
+    unpack_state,
+    update_norm,
 )
 
 

@@ -240,7 +240,7 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
         dep.start(f"site{i}", [*LUNGMAE, "site", "start", "--config", str(site_yaml[i]), *retry])
 
     from client.preflight import run_preflight, tls_probe
-    from server.certs import make_ca
+    from server.ops.certs import make_ca
 
     report = run_preflight(site_yaml[0], min_free_gb=0.01)
     assert report.ok, report.render()

@@ -244,7 +244,7 @@ def test_a_run_with_one_site_sending_garbage_every_round_finishes(sites: list[Pa
     from client.client_app import make_client_app
     from server.audit import read_audit_log
     from server.federation_config import federation_from_mapping
-    from server.report_data import load_run
+    from server.report.data import load_run
     from server.runner import FederationRunner
 
     def garbage(node: int, reply: Message) -> Message:

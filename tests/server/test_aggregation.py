@@ -8,7 +8,8 @@ import torch
 from server.aggregation import aggregate_updates
 
 UPDATES = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(2)},
-           {"w": torch.tensor([2.0, 3.0]), "n": torch.tensor(3)}, {"w": torch.tensor([1000.0, -1000.0]), "n": torch.tensor(4)}]
+           {"w": torch.tensor([2.0, 3.0]), "n": torch.tensor(3)},
+           {"w": torch.tensor([1000.0, -1000.0]), "n": torch.tensor(4)}]
 
 
 @pytest.mark.parametrize("method, weights, expected", [

@@ -118,11 +118,12 @@ def _verify(*args: str) -> tuple[int, str]:
 
 def test_each_record_carries_the_hash_of_the_previous_line_and_checkpoints_their_sha256(tmp_path: Path) -> None:
     import hashlib
+    import itertools
 
     run = _chained_log(tmp_path)
     lines = (run / "audit.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["prev"] == "0" * 64
-    for before, line in zip(lines, lines[1:]):
+    for before, line in itertools.pairwise(lines):
         assert json.loads(line)["prev"] == hashlib.sha256(before.encode()).hexdigest()
     ckpt = json.loads(lines[2])
     assert ckpt["sha256"] == "sha256:" + hashlib.sha256(b"weights").hexdigest() and "sig" not in ckpt

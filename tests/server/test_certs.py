@@ -1,4 +1,4 @@
-"""Tests for server/certs.py and `lungmae certs`: a CA, a server certificate OpenSSL accepts, site keys."""
+"""Tests for server/ops/certs.py and `lungmae certs`: a CA, a server certificate OpenSSL accepts, site keys."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lungmae_cli.main import main
-from server.certs import CertificateError, certificate_summary, make_ca, make_server_certificate
+from server.ops.certs import CertificateError, certificate_summary, make_ca, make_server_certificate
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,11 @@ import pytest
 
 from lungmae_core.errors import FederationConfigError
 from server.federation_config import (
-    FederationConfig, config_hash, federation_from_mapping, federation_from_run_config, load_federation_config,
+    FederationConfig,
+    config_hash,
+    federation_from_mapping,
+    federation_from_run_config,
+    load_federation_config,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "federation.example.yaml"
@@ -27,7 +31,8 @@ def test_model_shorthand_and_partial_phase() -> None:
 
 
 @pytest.mark.parametrize("mapping, message", [
-    ({"phases": {"pretrain": {"round": 2}}}, "fed.yaml: 'phases': 'pretrain': 'round' is not a known key; allowed keys:"),
+    ({"phases": {"pretrain": {"round": 2}}},
+     "fed.yaml: 'phases': 'pretrain': 'round' is not a known key; allowed keys:"),
     ({"strategy": {"name": "krum"}}, "'name' must be one of 'fedavg', 'fedprox', 'trimmed-mean', 'median'; got 'krum'"),
     ({"strategy": {"name": "fedprox"}}, "mu must be > 0 when the strategy is fedprox"),
     ({"compression": "bf16"}, "'compression' must be one of 'fp32', 'fp16', 'int8', 'topk'"),

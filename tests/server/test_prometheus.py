@@ -85,7 +85,8 @@ def test_port_in_use_gives_a_clear_error() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        with pytest.raises(MetricsServerError, match=rf"127.0.0.1:{port} as the port is in use; set 'server: metrics-port'"):
+        with pytest.raises(MetricsServerError,
+                           match=rf"127.0.0.1:{port} as the port is in use; set 'server: metrics-port'"):
             FederationMetrics(port)
 
 

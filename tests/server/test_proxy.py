@@ -1,4 +1,4 @@
-"""Tests for server/proxy.py: the nginx configuration nginx itself accepts, forwarding only Fleet routes."""
+"""Tests for server/ops/proxy.py: the nginx configuration nginx itself accepts, forwarding only Fleet routes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from lungmae_cli.main import main
 from lungmae_core.errors import FederationConfigError
-from server.proxy import FLEET_ROUTES, SITE_BLOCK_TEMPLATE, render_site_block, render_standalone
-from server.superlink import ServerTLS
+from server.ops.proxy import FLEET_ROUTES, SITE_BLOCK_TEMPLATE, render_site_block, render_standalone
+from server.ops.superlink import ServerTLS
 
 REPO = Path(__file__).resolve().parents[2]
 FLEET_CLIENT_PATHS = {"register-node", "unregister-node", *FLEET_ROUTES}
@@ -69,13 +69,13 @@ def test_bad_input_is_named(pki: Path) -> None:
 def test_superlink_binds_loopback_with_the_superexec_secret(pki: Path, tmp_path: Path) -> None:
     import stat
 
-    from server.superlink import ensure_superexec_secret, superexec_command, superlink_command
+    from server.ops.superlink import ensure_superexec_secret, superexec_command, superlink_command
 
     secret = ensure_superexec_secret(tmp_path / "state" / "superexec.secret")
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 64
     assert ensure_superexec_secret(secret).read_bytes() == secret.read_bytes()
     cmd = superlink_command("fl.example.org:9092", _tls(pki), database=tmp_path / "db", superexec_secret=secret)
-    args = dict(zip(cmd[1::2], cmd[2::2]))
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert args["--host"] == "127.0.0.1" and args["--isolation"] == "process"
     assert args["--superexec-auth-secret-file"] == str(secret)
     exe = superexec_command("fl.example.org:9092", _tls(pki), secret_file=secret, parent_pid=7)

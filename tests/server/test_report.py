@@ -1,4 +1,4 @@
-"""Tests of server/report.py (and report_data, report_recon, plots): the self-contained report.html of a run."""
+"""Tests of server/report/render.py (and report_data, report_recon, plots): the self-contained report.html of a run."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from lungmae_core.contract import CONTRACT_VERSION
 from lungmae_core.model import build_mae
 from server.checkpoints import Checkpoint, CheckpointStore, atomic_write_json
 from server.federation_config import config_hash, federation_from_mapping, federation_to_mapping
-from server.report import _looks_like_path, render_report
-from server.report_data import RunDirectoryError, confusion_matrix, load_run, norm_key
-from server.report_recon import find_mae_checkpoint, lung_centre, reconstruct
+from server.report import render_report
+from server.report.data import RunDirectoryError, confusion_matrix, load_run, norm_key
+from server.report.markup import _looks_like_path
+from server.report.recon import find_mae_checkpoint, lung_centre, reconstruct
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")  # hospital-c has no labels: pretrain only
 CLASSES = ["normal", "ggo", "fibrosis", "emphysema"]
@@ -41,7 +42,8 @@ def _line(r: int, phase: str, phase_round: int, phase_rounds: int, train: dict[s
             next(iter(sites.values()))[k], list)]
         return {"num_examples": n, **{k: sum(m[k] * m["num_examples"] for m in sites.values()) / n for k in keys}}
 
-    return {"contract_version": CONTRACT_VERSION, "round": r, "phase": phase, "phase_round": phase_round, "phase_rounds": phase_rounds, "step": r,
+    return {"contract_version": CONTRACT_VERSION, "round": r, "phase": phase, "phase_round": phase_round,
+            "phase_rounds": phase_rounds, "step": r,
             "train": {"aggregated": mean(train), "sites": train},
             "evaluate": {"aggregated": mean(evaluate), "sites": evaluate},
             "participation": {"sampled": sorted({*train, *failed, *rejected}), "replied": sorted(train),

@@ -1,5 +1,5 @@
-"""The cross-site matrix (server/cross_site.py, server/report_cross_site.py) and the experiment section
-(server/report_experiment.py): structure, suppression, lenient reading, and what the page shows."""
+"""The cross-site matrix (server/cross_site.py, server/report/cross_site.py) and the experiment section
+(server/report/experiment.py): structure, suppression, lenient reading, and what the page shows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from server.cross_site import build_cross_site, read_cross_site
 from server.report import render_report
-from server.report_cross_site import cross_site_section, global_per_site_table
-from server.report_experiment import experiment_section, read_experiment
+from server.report.cross_site import cross_site_section, global_per_site_table
+from server.report.experiment import experiment_section, read_experiment
 from tests.server.test_report import parse, section_text, write_run
 
 SITES = ["a", "b", "c"]

@@ -1,4 +1,4 @@
-"""Tests for server/run_control.py: following a run, resubmitting after SuperLink restarts, giving up."""
+"""Tests for server/ops/run_control.py: following a run, resubmitting after SuperLink restarts, giving up."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lungmae_cli._process import flower_env
-from server.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, RunFollower
+from server.ops.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, RunFollower
 
 
 class ScriptedCLI:

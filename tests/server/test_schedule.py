@@ -24,7 +24,8 @@ def test_plan_order(pre: int, fine: int, names: list[str]) -> None:
 
 
 def test_evaluate_every() -> None:
-    phases = PhasesSection(pretrain=PhaseConfig(rounds=4, evaluate_every=3), finetune=PhaseConfig(rounds=2, evaluate_every=0))
+    phases = PhasesSection(pretrain=PhaseConfig(rounds=4, evaluate_every=3),
+                           finetune=PhaseConfig(rounds=2, evaluate_every=0))
     plan = phase_plan(phases)
     assert [s.evaluate for s in plan if s.kind == "train"] == [False, False, True, True, False, False]
 
@@ -32,7 +33,8 @@ def test_evaluate_every() -> None:
 def test_steps_after_and_errors() -> None:
     phases = PhasesSection(pretrain=PhaseConfig(rounds=1), finetune=PhaseConfig(rounds=1))
     plan = phase_plan(phases)
-    assert steps_after(plan, -1) == plan and [s.name for s in steps_after(plan, 1)] == ["finetune 1/1", "final evaluation"]
+    assert steps_after(plan, -1) == plan
+    assert [s.name for s in steps_after(plan, 1)] == ["finetune 1/1", "final evaluation"]
     assert steps_after(plan, len(plan) - 1) == []
     with pytest.raises(ScheduleError, match="completed step 9 is not in this schedule of 4 steps"):
         steps_after(plan, 9)

@@ -22,7 +22,6 @@ from server.federation_config import federation_from_mapping
 from server.server_app import make_server_app
 from tests.federated_helpers import InProcessGrid, ServerKilled
 
-
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 

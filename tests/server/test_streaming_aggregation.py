@@ -26,7 +26,7 @@ def test_matches_hold_everything(method: str, k: int, tmp_path: Path, monkeypatc
     ups, weights = _updates(k)
     expected = aggregate_updates(ups, weights, method, trim=0.2)
     with StreamingAggregator(method, trim=0.2, spool_dir=tmp_path) as agg:
-        for u, w in zip(ups, weights):
+        for u, w in zip(ups, weights, strict=True):
             agg.add(u, w)
         got = agg.result()
     assert list(got) == list(expected)

@@ -1,4 +1,4 @@
-"""Tests for server/superlink.py: the SuperLink command from federation.yaml and the Flower CLI connection."""
+"""Tests for server/ops/superlink.py: the SuperLink command from federation.yaml and the Flower CLI connection."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import tomli
 import yaml
 
-from lungmae_core.errors import FederationConfigError
 from lungmae_cli.main import main
+from lungmae_core.errors import FederationConfigError
 from server.federation_config import load_federation_config
-from server.superlink import ServerTLS, split_address, superlink_command, write_connection
+from server.ops.superlink import ServerTLS, split_address, superlink_command, write_connection
 
 
 def _federation(tmp_path: Path, **server: str) -> Path:
@@ -29,7 +29,7 @@ def test_command_enables_tls_auth_and_persistent_state(tmp_path: Path) -> None:
     cfg = load_federation_config(path)
     tls = ServerTLS.from_section(cfg.server, base_dir=tmp_path)
     cmd = superlink_command(cfg.server.superlink, tls, database=tmp_path / "state/db.sqlite")
-    args = dict(zip(cmd[1::2], cmd[2::2]))
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
     assert "--disable-runtime-dependency-installation" in cmd
     assert args["--ssl-certfile"] == str((tmp_path / "server.pem").resolve())

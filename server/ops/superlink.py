@@ -8,7 +8,7 @@ installation disabled (the coordinator never downloads packages at run time). `l
 Least exposure. Flower 1.42 serves the Fleet API (sites), the Control API (``flwr run``, node
 registration; no user authentication in the open-source release) and the ServerAppIo/Runtime API (the
 ServerApp's task, every site's update) on ONE port. So the SuperLink binds the loopback address only, and
-the sites reach it through a reverse proxy (``server/proxy.py``: nginx with mutual TLS that forwards only
+the sites reach it through a reverse proxy (``server/ops/proxy.py``: nginx with mutual TLS that forwards only
 the Fleet routes). Control and ServerAppIo stay on the server host.
 
 The SuperExec secret. In its default ``subprocess`` isolation the SuperLink ignores
@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lungmae_core.atomic import atomic_path
 from lungmae_core.errors import FederationConfigError
 
 __all__ = [
@@ -219,13 +219,6 @@ def write_connection(address: str, root_certificates: Path, *, name: str = CONNE
     superlink = data.setdefault("superlink", {})
     superlink.setdefault("default", name)
     superlink[name] = {"address": address, "root-certificates": str(Path(root_certificates).resolve())}
-    home.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", dir=home)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, 0o600) as tmp, open(tmp, "wb") as fh:
+        tomli_w.dump(data, fh)
     return path

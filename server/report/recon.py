@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from lungmae_core.errors import LungMAEError
-from server import plots
-from server.report_data import Reconstruction, RunRecord, norm_key
+from server.report import plots
+from server.report.data import Reconstruction, RunRecord, norm_key
 
 __all__ = ["find_mae_checkpoint", "load_mae", "phantom_samples", "lung_centre", "reconstruct",
            "phantom_reconstruction"]

@@ -1,7 +1,7 @@
 """The coordinator's reverse proxy: nginx with mutual TLS in front of the SuperLink, forwarding only Fleet.
 
 Flower 1.42's SuperLink serves the Fleet, Control and ServerAppIo APIs on one port, so it binds the loopback
-address (``server/superlink.py``) and nginx (Debian package ``nginx``) is the only thing the sites reach:
+address (``server/ops/superlink.py``) and nginx (Debian package ``nginx``) is the only thing the sites reach:
 
 * TLS with the consortium server certificate, and a client certificate from every caller: one per site,
   issued by the consortium CA (``lungmae certs --site``), checked against the CA's revocation list
@@ -35,6 +35,8 @@ __all__ = ["FLEET_ROUTES", "SITE_BLOCK_TEMPLATE", "render_site_block", "render_s
 FLEET_ROUTES = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
                 "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
 
+# The template is deploy/nginx/lungmae-fleet.conf.template verbatim (a test checks), so nginx's one-line
+# location regex stays one line; tests/server/test_proxy.py checks it lists exactly FLEET_ROUTES.
 SITE_BLOCK_TEMPLATE = """\
 # LungMAE-FL coordinator: the only public endpoint. Rendered by `lungmae server proxy-config`; install as
 # /etc/nginx/conf.d/lungmae-fleet.conf (inside nginx's http block) and `nginx -t && nginx -s reload`.

@@ -91,13 +91,13 @@ def loss_curves(
         points = sorted(per_site.get(site, ()))
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, color=_site_colour(i), label=site)
     if aggregated:
-        xs, ys = zip(*sorted(aggregated))
+        xs, ys = zip(*sorted(aggregated), strict=True)
         ax.plot(xs, ys, marker="s", markersize=4, linewidth=2.6, color="black", label="aggregated")
     if reference:
-        xs, ys = zip(*sorted(reference))
+        xs, ys = zip(*sorted(reference), strict=True)
         ax.plot(xs, ys, linestyle="--", marker="x", markersize=7, linewidth=2.0, color="#c0392b",
                 label=reference_label)
     ax.set_xlabel("server round")
@@ -183,7 +183,7 @@ def epsilon_chart(
     for i, site in enumerate(order):
         points = sorted(per_site.get(site, ()))
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, color=_site_colour(i), label=site)
     ax.set_xlabel("server round")
     ax.set_ylabel("epsilon spent (total)")

@@ -145,7 +145,7 @@ class FinalResults:
 
 @dataclasses.dataclass(frozen=True)
 class Reconstruction:
-    """The MAE applied at the server to synthetic phantoms (:mod:`server.report_recon`), ready for the page.
+    """The MAE applied at the server to synthetic phantoms (:mod:`server.report.recon`), ready for the page.
 
     ``figure_uri`` is the PNG data URI of the slices; ``metrics`` are ``evaluate_mae``'s keys on the phantoms.
     """

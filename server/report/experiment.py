@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server import plots
-from server.report_data import norm_key
+from server.report import plots
+from server.report.data import norm_key
 
 __all__ = ["EXPERIMENT_NAME", "ArmPoint", "Experiment", "read_experiment", "experiment_section"]
 

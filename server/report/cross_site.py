@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from server import plots
 from server.cross_site import CROSS_SITE_METRICS, GLOBAL_MODEL, is_cross_site_matrix, read_cross_site
+from server.report import plots
 
 __all__ = ["cross_site_section", "global_per_site_table"]
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lungmae_core.atomic import atomic_write_text
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["FlwrCLI", "FlwrCLIError", "RunFollower", "RUN_RECORD", "read_json"]
@@ -157,12 +158,9 @@ class RunFollower:
     # ------------------------------------------------------------------------------------ run record
     def _record(self, run_id: int) -> None:
         path = self.run_dir / RUN_RECORD
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_id": run_id, "restarts": self.restarts,
-                                   "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   "federation_config": str(self.federation_config)}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"run_id": run_id, "restarts": self.restarts,
+                                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                            "federation_config": str(self.federation_config)}, indent=1))
 
     def recorded_run(self) -> int | None:
         """The run id of ``flwr-run.json``, if any."""

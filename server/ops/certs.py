@@ -60,7 +60,7 @@ class CertificateError(LungMAEError, ValueError):
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def make_ca(ca_dir: Path, organisation: str = "LungMAE-FL consortium", days: int = 3650) -> tuple[Path, Path]:
@@ -121,6 +121,35 @@ def _parse_sans(names: Sequence[str], ips: Sequence[str]) -> list[x509.GeneralNa
     return sans
 
 
+def _issue_leaf(subject: x509.Name, usage: x509.ObjectIdentifier, ca_key: Path, ca_crt: Path, days: int,
+                key_path: Path, crt_path: Path, *, sans: list[x509.GeneralName] | None = None) -> None:
+    """Issue an end-entity certificate (ECDSA P-256, one extended key usage) signed by the CA; write both files.
+
+    The private key is written 0600 and the certificate 0644, each atomically.
+    """
+    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - _dt.timedelta(minutes=5)).not_valid_after(_now() + _dt.timedelta(days=days))
+    )
+    if sans is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = (
+        builder
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
+        .sign(ca_private, hashes.SHA256())
+    )
+    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()), 0o600)
+    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
 def make_server_certificate(
     server_dir: Path,
     ca_key: Path,
@@ -152,24 +181,9 @@ def make_server_certificate(
     if crt_path.exists() and not overwrite:
         logger.info("Keeping the existing server certificate %s (use --renew-server to reissue it)", crt_path)
         return key_path, crt_path
-    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
     common_name = names[0] if names else ips[0]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - _dt.timedelta(minutes=5)).not_valid_after(_now() + _dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
-        .sign(ca_private, hashes.SHA256())
-    )
-    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()), 0o600)
-    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _issue_leaf(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]), ExtendedKeyUsageOID.SERVER_AUTH,
+                ca_key, ca_crt, days, key_path, crt_path, sans=sans)
     atomic_write_bytes(server_dir / "ca.crt", ca_crt.read_bytes(), 0o644)
     logger.info("Issued the server certificate %s for %s", crt_path, ", ".join([*names, *ips]))
     return key_path, crt_path
@@ -185,23 +199,9 @@ def make_client_certificate(site_dir: Path, site: str, ca_key: Path, ca_crt: Pat
     key_path, crt_path = site_dir / f"{site}.client.key", site_dir / f"{site}.client.pem"
     if crt_path.exists() and key_path.exists() and not overwrite:
         return key_path, crt_path
-    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "LungMAE-FL site"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, site)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - _dt.timedelta(minutes=5)).not_valid_after(_now() + _dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
-        .sign(ca_private, hashes.SHA256())
-    )
-    atomic_write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()), 0o600)
-    atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "LungMAE-FL site"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, site)])
+    _issue_leaf(subject, ExtendedKeyUsageOID.CLIENT_AUTH, ca_key, ca_crt, days, key_path, crt_path)
     logger.info("Issued the TLS client certificate %s for site %s", crt_path, site)
     return key_path, crt_path
 
