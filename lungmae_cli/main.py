@@ -19,7 +19,8 @@ from lungmae_core.errors import LungMAEError
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("train",), "lungmae_cli.train", "Centralized pretrain + fine-tune on phantoms or a prepared cache."),
     (("simulate",), "lungmae_cli.simulate", "Federated simulation on synthetic hospitals (the main job)."),
-    (("experiment",), "lungmae_cli.experiment", "Label-scarcity experiment: federated MAE vs scratch and every baseline arm."),
+    (("experiment",), "lungmae_cli.experiment",
+     "Label-scarcity experiment: federated MAE vs scratch and every baseline arm."),
     (("synth",), "lungmae_cli.synth", "Write synthetic hospitals: DICOM trees of CT phantoms plus labels."),
     (("site", "prepare"), "lungmae_cli.site_prepare",
      "Index, check and preprocess a site's DICOM/NIfTI into its cache."),

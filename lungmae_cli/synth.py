@@ -40,7 +40,8 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in str(text).split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers in [0, 1]; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a number or comma-separated numbers in [0, 1]; got {text!r}") from None
 
 
 def site_fractions(labelled_fraction: float | Sequence[float], sites: int, unlabelled_sites: int = 0) -> list[float]:

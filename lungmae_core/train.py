@@ -198,7 +198,7 @@ def _param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.
     With ``layer_decay < 1`` every group also carries ``lr_scale = layer_decay ** (depth + 1 - layer)``
     (MAE's fine-tuning recipe); :class:`_Loop` multiplies the scheduled lr by it.
     """
-    depth = len(getattr(_core(model), "encoder").blocks) if hasattr(_core(model), "encoder") else 0
+    depth = len(_core(model).encoder.blocks) if hasattr(_core(model), "encoder") else 0
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

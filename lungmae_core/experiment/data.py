@@ -124,7 +124,7 @@ def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) 
         else:
             ctx = multiprocessing.get_context("spawn")  # the parent runs torch threads a fork must not inherit
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                for i, result in zip(todo, pool.map(_job, [jobs[i] for i in todo])):
+                for i, result in zip(todo, pool.map(_job, [jobs[i] for i in todo]), strict=False):
                     store(i, result)
         bar.close()
     images, masks = [], []

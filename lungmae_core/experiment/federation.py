@@ -54,7 +54,7 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
             out[key] = ref.clone()
             continue
         acc = torch.zeros_like(ref, dtype=torch.float64)
-        for state, w in zip(states, weights):
+        for state, w in zip(states, weights, strict=False):
             acc += state[key].to(torch.float64) * (w / total)
         out[key] = acc.to(ref.dtype)
     return out

@@ -87,7 +87,8 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], data: Experiment
     if "difference" in ep:
         lines.append(f"**Endpoint: {ep['difference']:+.3f} (95% CI {ep['ci'][0]:+.3f} to {ep['ci'][1]:+.3f}), "
                      f"{ep['test_patients']} test patients, {ep['seeds']} seed(s).**")
-    lines += ["", f"Test set: {len(data.test_labels)} patients ({sum(s.startswith('heldout') for s in data.test_scanner)}"
+    heldout = sum(s.startswith("heldout") for s in data.test_scanner)
+    lines += ["", f"Test set: {len(data.test_labels)} patients ({heldout}"
               " from a scanner no site trains on). Sites: " + ", ".join(
                   f"{s.name} ({'labelled' if s.labelled else 'unlabelled'}, {len(s)} scans, {s.scanner})"
                   for s in data.sites) + ".", "",
@@ -97,7 +98,8 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], data: Experiment
     for name, c in summary["comparisons_at_k8"].items():
         lines.append(f"- {name}: {c['difference']:+.3f} (95% CI {c['ci'][0]:+.3f} to {c['ci'][1]:+.3f})")
     lines += ["", "## MAE reconstruction on the test set (masked lung patches, L1 in [0, 1] units)", "",
-              "| seed | MAE | mask ratio | masked-lung L1 | average-patch L1 | steps | seconds |", "|---|---|---|---|---|---|---|"]
+              "| seed | MAE | mask ratio | masked-lung L1 | average-patch L1 | steps | seconds |",
+              "|---|---|---|---|---|---|---|"]
     for r in results["reconstruction"]:
         lines.append(f"| {r['seed']} | {r['mae']} | {r['mask_ratio']:g} | {r['l1_masked_lung']:.4f} | "
                      f"{r['baseline_l1_masked_lung']:.4f} | {r['steps']} | {r['seconds']:.0f} |")

@@ -28,11 +28,16 @@ import torch
 
 from lungmae_core.config import TINY_INPUT_WINDOWS, ModelConfig, TrainConfig, to_mapping
 from lungmae_core.experiment.data import ExperimentData, PhantomPlan, SiteData, labelled_subset
-from lungmae_core.experiment.federation import (ArrayDataset, centralized_classifier, federated_classifier,
-                                                federated_mae, predict)
+from lungmae_core.experiment.federation import (
+    ArrayDataset,
+    centralized_classifier,
+    federated_classifier,
+    federated_mae,
+    predict,
+)
 from lungmae_core.heads import ILDClassifier, transfer_encoder
 from lungmae_core.model import build_mae
-from lungmae_core.train import evaluate_mae, train_mae, WarmupCosine
+from lungmae_core.train import WarmupCosine, evaluate_mae, train_mae
 
 __all__ = ["Profile", "PROFILES", "ENDPOINT", "run_experiment"]
 
@@ -99,7 +104,8 @@ def _ft_cfg(p: Profile, mode: str, lr: float, layer_decay: float, steps: int) ->
                        flip_p=0.0, rot90_p=0.0, finetune_mode=mode, layer_decay=layer_decay)  # type: ignore[arg-type]
 
 
-def _new_classifier(cfg: ModelConfig, num_classes: int, seed: int, encoder_from: torch.nn.Module | None) -> ILDClassifier:
+def _new_classifier(cfg: ModelConfig, num_classes: int, seed: int,
+                    encoder_from: torch.nn.Module | None) -> ILDClassifier:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = ILDClassifier(cfg, num_classes, pooling="lung")
@@ -145,10 +151,10 @@ def _arms_for_k(p: Profile, cfg: ModelConfig, data: ExperimentData, k: int, seed
     n_cls = len(data.class_names)
     labelled = data.labelled_sites
     subsets = [labelled_subset(s, k, seed, n_cls) for s in labelled]
-    site_sets = [ArrayDataset(s.images, s.masks, s.labels, idx) for s, idx in zip(labelled, subsets)]
-    pooled = ArrayDataset(np.concatenate([s.images[i] for s, i in zip(labelled, subsets)]),
-                          np.concatenate([s.masks[i] for s, i in zip(labelled, subsets)]),
-                          np.concatenate([s.labels[i] for s, i in zip(labelled, subsets)]))
+    site_sets = [ArrayDataset(s.images, s.masks, s.labels, idx) for s, idx in zip(labelled, subsets, strict=False)]
+    pooled = ArrayDataset(np.concatenate([s.images[i] for s, i in zip(labelled, subsets, strict=False)]),
+                          np.concatenate([s.masks[i] for s, i in zip(labelled, subsets, strict=False)]),
+                          np.concatenate([s.labels[i] for s, i in zip(labelled, subsets, strict=False)]))
     ft = _ft_cfg(p, "full", p.ft_lr, p.layer_decay, p.ft_local_steps)
     scratch = _ft_cfg(p, "full", p.ft_lr, 1.0, p.ft_local_steps)
     lp = _ft_cfg(p, "linear-probe", p.lp_lr, 1.0, p.ft_local_steps)
@@ -166,7 +172,7 @@ def _arms_for_k(p: Profile, cfg: ModelConfig, data: ExperimentData, k: int, seed
     yield fed("fed-mae-lp", _new_classifier(cfg, n_cls, init_seed, maes["fed"]), lp, p.ft_rounds)
     yield fed("random-init-lp", _new_classifier(cfg, n_cls, init_seed, None), lp, p.ft_rounds)
     steps = p.ft_rounds * p.ft_local_steps
-    for site, ds in zip(labelled, site_sets):
+    for site, ds in zip(labelled, site_sets, strict=False):
         clf = _new_classifier(cfg, n_cls, init_seed, None)
         centralized_classifier(clf, ds, scratch, steps=steps, seed=seed, device=device, num_classes=n_cls)
         yield f"local-{site.name}", predict(clf, data.test_images, data.test_masks, device=device)
@@ -187,9 +193,9 @@ def _baselines(data: ExperimentData, labelled: list[SiteData], subsets: list[np.
     """Both feature baselines, fitted on the pooled labelled subsets (a centralized reference)."""
     from lungmae_core.experiment.baselines import features_of, fit_logistic
 
-    train_pairs = [(s.images[i], s.masks[i]) for s, idx in zip(labelled, subsets) for i in idx]
-    y = np.concatenate([s.labels[idx] for s, idx in zip(labelled, subsets)])
-    test_pairs = list(zip(data.test_images, data.test_masks))
+    train_pairs = [(s.images[i], s.masks[i]) for s, idx in zip(labelled, subsets, strict=False) for i in idx]
+    y = np.concatenate([s.labels[idx] for s, idx in zip(labelled, subsets, strict=False)])
+    test_pairs = list(zip(data.test_images, data.test_masks, strict=False))
     out = {}
     for kind in ("histogram", "zone-texture"):
         model = fit_logistic(features_of(kind, train_pairs), y, n_cls)

@@ -64,5 +64,6 @@ def paired_difference(y: np.ndarray, probs_a: list[np.ndarray], probs_b: list[np
         r = rng.choice(idx, size=len(idx))
         boots.append(_scores(y, probs_a, r, num_classes, False)[0] - _scores(y, probs_b, r, num_classes, False)[0])
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"difference": float(diff), "ci": [float(lo), float(hi)], "p_not_above_zero": float(np.mean(np.asarray(boots) <= 0)),
+    return {"difference": float(diff), "ci": [float(lo), float(hi)],
+            "p_not_above_zero": float(np.mean(np.asarray(boots) <= 0)),
             "seeds": len(probs_a), "test_patients": int(len(y))}

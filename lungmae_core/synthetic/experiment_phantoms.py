@@ -40,9 +40,22 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from lungmae_core.errors import ConfigError
-from lungmae_core.phantoms import (_AIR, _BLOOD, _SOFT, Phantom, ScannerProfile, _blur, _Grid, _lung_box,
-                                   _lung_vessels_and_airways, _make_subject, _noise_and_calibration,
-                                   _render_anatomy, _smooth_noise, scanner_for_site)
+from lungmae_core.phantoms import (
+    _AIR,
+    _BLOOD,
+    _SOFT,
+    Phantom,
+    ScannerProfile,
+    _blur,
+    _Grid,
+    _lung_box,
+    _lung_vessels_and_airways,
+    _make_subject,
+    _noise_and_calibration,
+    _render_anatomy,
+    _smooth_noise,
+    scanner_for_site,
+)
 
 __all__ = ["EXPERIMENT_CLASSES", "HELDOUT_SCANNER", "generate_experiment_phantom", "DENSE_INCREMENT_HU",
            "LOW_HU"]
@@ -188,7 +201,7 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
     pattern_rng = np.random.default_rng([int(seed), 11, class_index])
     sev = float(pattern_rng.uniform(0.2, 1.0)) if severity is None else float(severity)
     extent = scanner.extent_mm
-    spacing = np.array([e / k for e, k in zip(extent, shape_t)], dtype=np.float64)
+    spacing = np.array([e / k for e, k in zip(extent, shape_t, strict=False)], dtype=np.float64)
     grid = _Grid(shape_t, spacing)  # type: ignore[arg-type]
     # "normal" anatomy: no volume loss or hyperinflation, so lung size says nothing about the class.
     subj = _make_subject(anatomy_rng, extent, "normal", 0.0)

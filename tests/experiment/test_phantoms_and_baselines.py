@@ -24,7 +24,7 @@ def _score(draw, kind: str) -> float:
     train = [(s.images[i], s.masks[i]) for s in draw.labelled_sites for i in range(len(s))]
     y = np.concatenate([s.labels for s in draw.labelled_sites])
     model = fit_logistic(features_of(kind, train), y, len(EXPERIMENT_CLASSES))
-    probs = model.predict_proba(features_of(kind, list(zip(draw.test_images, draw.test_masks))))
+    probs = model.predict_proba(features_of(kind, list(zip(draw.test_images, draw.test_masks, strict=False))))
     return balanced_accuracy(draw.test_labels, probs.argmax(1), len(EXPERIMENT_CLASSES))
 
 
