@@ -28,10 +28,13 @@ import torch
 from flwr.serverapp import Grid
 
 from lungmae_core.config import model_config, to_mapping
-from lungmae_core.contract import EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN, RoundConfig, RoundRecord
+from lungmae_core.contract import (
+    CROSS_SITE, EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN, RoundConfig, RoundRecord,
+)
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder
 from lungmae_core.model import build_mae
 
+from server.cross_site import CROSS_SITE_METRICS, GLOBAL_MODEL, build_cross_site
 from server.checkpoints import (
     Checkpoint, CheckpointStore, atomic_write_json, atomic_write_text, code_version, export_model,
 )
@@ -70,7 +73,7 @@ class FederationRunner:
         self.store = CheckpointStore(self.run_dir)
         self.hash = config_hash(cfg)
         self.model_cfg = model_config(cfg.model.name, **cfg.model.overrides)
-        self.plan = phase_plan(cfg.phases)
+        self.plan = phase_plan(cfg.phases, cross_site=cfg.cross_site.enabled)
         self.telemetry = Telemetry(self.run_dir / "audit.jsonl" if cfg.server.audit_log else None,
                                    cfg.server.metrics_port or None)
         self.sites = SiteRegistry(cfg.site_names, on_event=self.telemetry.event)
@@ -83,15 +86,18 @@ class FederationRunner:
     def round_config(self, phase: str) -> RoundConfig:
         """The phase's request, built once per phase from the contract."""
         pcfg = getattr(self.cfg.phases, phase) if phase in (PRETRAIN, FINETUNE) else self.cfg.phases.finetune
+        lr, epochs = float(pcfg.lr), int(pcfg.local_epochs)
+        if phase == CROSS_SITE:  # the local copies: the cross-site section's epochs and lr (0: the finetune lr)
+            lr, epochs = float(self.cfg.cross_site.lr or pcfg.lr), int(self.cfg.cross_site.local_epochs)
         return RoundConfig(
             phase=phase, server_round=0, model_name=self.cfg.model.name, model_config=to_mapping(self.model_cfg),
             class_names=tuple(self.cfg.classes), pooling=self.cfg.model.pooling,
-            finetune_mode=self.cfg.phases.finetune.mode, lr=float(pcfg.lr), local_epochs=int(pcfg.local_epochs),
+            finetune_mode=self.cfg.phases.finetune.mode, lr=lr, local_epochs=epochs,
             phase_rounds=pcfg.rounds if phase in (PRETRAIN, FINETUNE) else 0,
             proximal_mu=float(self.cfg.strategy.mu) if self.cfg.strategy.name == "fedprox" else 0.0,
             compression=self.cfg.compression, seed=self.cfg.seed, require_dp=bool(self.cfg.privacy.require_dp),
             max_epsilon_per_round=float(self.cfg.privacy.max_epsilon_per_round),
-            split="test" if phase == FINAL else "val")
+            split="test" if phase in (FINAL, CROSS_SITE) else "val")
 
     def strategy(self, phase: str) -> PhaseStrategy:
         """The phase's exchange logic (kept while the phase lasts)."""
@@ -130,7 +136,7 @@ class FederationRunner:
 
     def upload_names(self, phase: str) -> list[str] | None:
         """Entries sites send back: all, or only the trainable part under linear probing."""
-        if phase == FINETUNE and self.cfg.phases.finetune.mode == "linear-probe":
+        if phase in (FINETUNE, CROSS_SITE) and self.cfg.phases.finetune.mode == "linear-probe":
             return set_trainable(self._classifier(), "linear-probe")
         return None
 
@@ -258,9 +264,9 @@ class FederationRunner:
                                                self.cfg.round_timeout_s)
         final["sites"] = report.sites
         final["pooled"] = report.aggregated
-        final["cross_site"] = {site: {k: m.get(k) for k in ("accuracy", "balanced_accuracy", "weighted_f1",
-                                                            "roc_auc", "num_examples", "classes_present")}
-                               for site, m in report.sites.items()}
+        # the global model's row; the cross-site step (when enabled) adds the sites' local models
+        final["cross_site"] = self._matrix({(GLOBAL_MODEL, site): m for site, m in report.sites.items()},
+                                           [GLOBAL_MODEL], {})
         final["failures"] = report.failed
         final["rejected"] = [dataclasses.asdict(r) for r in report.rejected]
         final["bytes"] = {"down": report.bytes_down, "up": report.bytes_up}
@@ -274,6 +280,73 @@ class FederationRunner:
             log.info("final: pooled accuracy %s, balanced accuracy %s over %d test scans at %d sites",
                      _fmt(pooled.get("accuracy")), _fmt(pooled.get("balanced_accuracy")),
                      int(pooled.get("num_examples", 0)), len(final["sites"]))
+        return final
+
+    def _matrix(self, scores: dict[tuple[str, str], dict[str, Any]], models: list[str],
+                notes: dict[str, Any]) -> dict[str, Any]:
+        """``final.cross_site`` from the scores: columns are the sites that can score a test split."""
+        data_sites = sorted(s.name for s in self.sites.values() if s.can_serve(CROSS_SITE, EVALUATE))
+        data_sites += sorted({site for _, site in scores} - set(data_sites))
+        minimum = {s.name: s.min_count for s in self.sites.values() if s.name in data_sites}
+        # plain accuracy too: it stays defined on a test split that lacks a class (balanced accuracy and AUC do not)
+        matrix = build_cross_site(scores, models=models, data_sites=data_sites, min_count=minimum,
+                                  metrics=(*CROSS_SITE_METRICS, "accuracy"))
+        matrix["notes"] = notes
+        return matrix
+
+    def _cross_site(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Every consenting site fine-tunes a local copy of the global classifier; every site scores every model.
+
+        Never fails the run: a site that does not share, fails, or sends an update the checks drop gets a
+        null row with the reason; a site that cannot or will not evaluate a model leaves that cell null with
+        the reason. The global row is the final evaluation's (the same weights, already scored).
+        """
+        final = dict(self.final or {})
+        t0 = time.perf_counter()
+        scores = {(GLOBAL_MODEL, site): m for site, m in final.get("sites", {}).items()}
+        notes: dict[str, Any] = {"models": {}, "cells": [], "not_shared": {}}
+        try:  # after a restart the registry is empty: ask the sites again (no wait for absent test splits)
+            self._ensure_sites(CROSS_SITE, EVALUATE, 1, timeout_s=min(30.0, self.cfg.round_timeout_s))
+        except InsufficientSitesError as exc:
+            notes["skipped"] = str(exc)
+            log.warning("cross-site evaluation skipped: %s", exc)
+            final["cross_site"] = self._matrix(scores, [GLOBAL_MODEL], notes)
+            return final
+        strategy = self.strategy(CROSS_SITE)
+        cfg = strategy.round_config
+        for info in self.sites.values():
+            if not info.error and info.num_labelled_train > 0 and not info.share_local_model:
+                notes["not_shared"][info.name] = "the site's policy does not share a local model (share-local-model)"
+        local, train = strategy.local_models(self.grid, weights, cfg, self.cfg.round_timeout_s)
+        for f in train.failed:
+            notes["models"][f["site"]] = f"no local model: {f['reason']}"
+        for r in train.rejected:
+            notes["models"][r.site] = f"local model dropped by the {r.check} check: {r.reason}"
+        models = [GLOBAL_MODEL] + sorted(set(train.sampled))
+        bytes_moved = {"down": train.bytes_down, "up": train.bytes_up}
+        rejected = [dataclasses.asdict(r) for r in train.rejected]
+        for name in models[1:]:
+            if name not in local:
+                notes["models"].setdefault(name, "no local model came back")
+                continue
+            report = strategy.evaluate(self.grid, local[name], cfg, self.cfg.round_timeout_s)
+            bytes_moved["down"] += report.bytes_down
+            bytes_moved["up"] += report.bytes_up
+            rejected += [dataclasses.asdict(r) for r in report.rejected]
+            for site, m in report.sites.items():
+                scores[(name, site)] = m
+            for f in report.failed:
+                notes["cells"].append({"model": name, "data_site": f["site"], "reason": f["reason"]})
+            for r in report.rejected:
+                notes["cells"].append({"model": name, "data_site": r.site, "reason": f"{r.check} check: {r.reason}"})
+        self.telemetry.final_drops(rejected)
+        matrix = self._matrix(scores, models, notes)
+        matrix["local_training"] = train.sites
+        matrix["bytes"] = bytes_moved
+        matrix["duration_s"] = round(time.perf_counter() - t0, 3)
+        final["cross_site"] = matrix
+        log.info("cross-site: %d models x %d sites in %.1f s (%d local models, %d not shared)", len(models),
+                 len(matrix["data_sites"]), matrix["duration_s"], len(local), len(notes["not_shared"]))
         return final
 
     def _export(self, weights: dict[str, torch.Tensor]) -> Path:
@@ -308,9 +381,13 @@ class FederationRunner:
                     weights, record = self._train_round(step, weights)
                     phase = step.phase
                     self.history.append(record)
+                elif step.kind == "cross-site":
+                    self.final = self._cross_site(weights)
+                    self._export(weights)
                 else:
                     self.final = self._final(weights)
-                    self._export(weights)
+                    if not self.cfg.cross_site.enabled:
+                        self._export(weights)
                 self._checkpoint(step, phase, weights)
                 if record:
                     with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
