@@ -22,7 +22,7 @@ from server.cross_site import read_cross_site
 from server.federation_config import federation_from_mapping
 from server.report_cross_site import cross_site_section
 from server.runner import FederationRunner
-from tests.federated_helpers import InProcessGrid, prepared_sites
+from tests.federated_helpers import InProcessGrid, ServerKilled, prepared_sites
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -42,14 +42,17 @@ def _site_copies(base: list[Path], root: Path, policies: dict[int, dict]) -> lis
     return out
 
 
-def _run(sites: list[Path], run_dir: Path, tamper=None) -> dict:
-    cfg = federation_from_mapping({
+def _cfg(run_dir: Path) -> object:
+    return federation_from_mapping({
         "model": {"name": "tiny", "overrides": {"img-size": 32, "depth": 2, "decoder-depth": 1}},
         "phases": {"pretrain": {"rounds": 1, "local-epochs": 1, "min-sites": 1},
                    "finetune": {"rounds": 1, "local-epochs": 1, "min-sites": 1}},
         "cross-site": {"local-epochs": 1}, "run-dir": str(run_dir), "round-timeout-s": 5}, source="test")
+
+
+def _run(sites: list[Path], run_dir: Path, tamper=None) -> dict:
     grid = InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(len(sites))], tamper=tamper)
-    FederationRunner(cfg, grid).run()
+    FederationRunner(_cfg(run_dir), grid).run()
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -132,3 +135,25 @@ def test_garbage_local_model_and_exhausted_evaluation_budget(base_sites: list[Pa
     assert matrix.cell("accuracy", "site2", "site0") is not None  # the other sites scored site2's model
     html = cross_site_section(summary)
     assert "finite" in html and "max-evaluations-per-run" in html
+
+
+def test_a_server_killed_in_the_cross_site_step_resumes_it(base_sites: list[Path], tmp_path: Path) -> None:
+    """Exchanges: query, pretrain train + eval, finetune train + eval, final eval, cross-site train, then the
+    first local model's evaluation: the server dies there, and the restarted one reruns only the cross-site
+    step (new query of the sites it no longer knows, local models again), keeping the final evaluation."""
+    sites = base_sites[:2]
+    grid = InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(2)], kill_after=8)
+    with pytest.raises(ServerKilled):
+        FederationRunner(_cfg(tmp_path / "run"), grid).run()
+    before = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
+    assert before["cross_site"]["models"] == ["global"]  # the final step's matrix: the global row only
+    grid2 = InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(2)])
+    FederationRunner(_cfg(tmp_path / "run"), grid2).run()
+    kinds = [(m.metadata.message_type, str(m.content["config"]["phase"])) for m in grid2.sent]
+    assert set(kinds) == {("query", "cross-site"), ("train", "cross-site"), ("evaluate", "cross-site")}
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
+    assert final["sites"] == before["sites"]
+    matrix, why = read_cross_site(final["cross_site"])
+    assert matrix is not None, why
+    assert matrix.models == ("global", "site0", "site1")
+    assert all(v is not None for row in matrix.metrics["accuracy"] for v in row)
