@@ -34,10 +34,11 @@ from lungmae_core.contract import (
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder
 from lungmae_core.model import build_mae
 
-from server.cross_site import CROSS_SITE_METRICS, GLOBAL_MODEL, build_cross_site
 from server.checkpoints import (
     Checkpoint, CheckpointStore, atomic_write_json, atomic_write_text, code_version, export_model,
 )
+from server.cross_site import GLOBAL_MODEL
+from server.cross_site_step import cross_site_matrix, run_cross_site
 from server.federation_config import FederationConfig, config_hash, federation_to_mapping
 from server.schedule import Step, phase_plan, steps_after
 from server.sites import InsufficientSitesError, SiteRegistry
@@ -265,8 +266,8 @@ class FederationRunner:
         final["sites"] = report.sites
         final["pooled"] = report.aggregated
         # the global model's row; the cross-site step (when enabled) adds the sites' local models
-        final["cross_site"] = self._matrix({(GLOBAL_MODEL, site): m for site, m in report.sites.items()},
-                                           [GLOBAL_MODEL], {})
+        final["cross_site"] = cross_site_matrix(self.sites, {(GLOBAL_MODEL, s): m for s, m in report.sites.items()},
+                                                [GLOBAL_MODEL], {})
         final["failures"] = report.failed
         final["rejected"] = [dataclasses.asdict(r) for r in report.rejected]
         final["bytes"] = {"down": report.bytes_down, "up": report.bytes_up}
@@ -282,71 +283,20 @@ class FederationRunner:
                      int(pooled.get("num_examples", 0)), len(final["sites"]))
         return final
 
-    def _matrix(self, scores: dict[tuple[str, str], dict[str, Any]], models: list[str],
-                notes: dict[str, Any]) -> dict[str, Any]:
-        """``final.cross_site`` from the scores: columns are the sites that can score a test split."""
-        data_sites = sorted(s.name for s in self.sites.values() if s.can_serve(CROSS_SITE, EVALUATE))
-        data_sites += sorted({site for _, site in scores} - set(data_sites))
-        minimum = {s.name: s.min_count for s in self.sites.values() if s.name in data_sites}
-        # plain accuracy too: it stays defined on a test split that lacks a class (balanced accuracy and AUC do not)
-        matrix = build_cross_site(scores, models=models, data_sites=data_sites, min_count=minimum,
-                                  metrics=(*CROSS_SITE_METRICS, "accuracy"))
-        matrix["notes"] = notes
-        return matrix
-
     def _cross_site(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Every consenting site fine-tunes a local copy of the global classifier; every site scores every model.
-
-        Never fails the run: a site that does not share, fails, or sends an update the checks drop gets a
-        null row with the reason; a site that cannot or will not evaluate a model leaves that cell null with
-        the reason. The global row is the final evaluation's (the same weights, already scored).
-        """
+        """The cross-site step (``server.cross_site_step``); never fails the run."""
         final = dict(self.final or {})
-        t0 = time.perf_counter()
-        scores = {(GLOBAL_MODEL, site): m for site, m in final.get("sites", {}).items()}
-        notes: dict[str, Any] = {"models": {}, "cells": [], "not_shared": {}}
+        global_scores = final.get("sites", {})
         try:  # after a restart the registry is empty: ask the sites again (no wait for absent test splits)
             self._ensure_sites(CROSS_SITE, EVALUATE, 1, timeout_s=min(30.0, self.cfg.round_timeout_s))
         except InsufficientSitesError as exc:
-            notes["skipped"] = str(exc)
             log.warning("cross-site evaluation skipped: %s", exc)
-            final["cross_site"] = self._matrix(scores, [GLOBAL_MODEL], notes)
+            scores = {(GLOBAL_MODEL, s): m for s, m in global_scores.items()}
+            final["cross_site"] = cross_site_matrix(self.sites, scores, [GLOBAL_MODEL], {"skipped": str(exc)})
             return final
-        strategy = self.strategy(CROSS_SITE)
-        cfg = strategy.round_config
-        for info in self.sites.values():
-            if not info.error and info.num_labelled_train > 0 and not info.share_local_model:
-                notes["not_shared"][info.name] = "the site's policy does not share a local model (share-local-model)"
-        local, train = strategy.local_models(self.grid, weights, cfg, self.cfg.round_timeout_s)
-        for f in train.failed:
-            notes["models"][f["site"]] = f"no local model: {f['reason']}"
-        for r in train.rejected:
-            notes["models"][r.site] = f"local model dropped by the {r.check} check: {r.reason}"
-        models = [GLOBAL_MODEL] + sorted(set(train.sampled))
-        bytes_moved = {"down": train.bytes_down, "up": train.bytes_up}
-        rejected = [dataclasses.asdict(r) for r in train.rejected]
-        for name in models[1:]:
-            if name not in local:
-                notes["models"].setdefault(name, "no local model came back")
-                continue
-            report = strategy.evaluate(self.grid, local[name], cfg, self.cfg.round_timeout_s)
-            bytes_moved["down"] += report.bytes_down
-            bytes_moved["up"] += report.bytes_up
-            rejected += [dataclasses.asdict(r) for r in report.rejected]
-            for site, m in report.sites.items():
-                scores[(name, site)] = m
-            for f in report.failed:
-                notes["cells"].append({"model": name, "data_site": f["site"], "reason": f["reason"]})
-            for r in report.rejected:
-                notes["cells"].append({"model": name, "data_site": r.site, "reason": f"{r.check} check: {r.reason}"})
-        self.telemetry.final_drops(rejected)
-        matrix = self._matrix(scores, models, notes)
-        matrix["local_training"] = train.sites
-        matrix["bytes"] = bytes_moved
-        matrix["duration_s"] = round(time.perf_counter() - t0, 3)
-        final["cross_site"] = matrix
-        log.info("cross-site: %d models x %d sites in %.1f s (%d local models, %d not shared)", len(models),
-                 len(matrix["data_sites"]), matrix["duration_s"], len(local), len(notes["not_shared"]))
+        final["cross_site"], drops = run_cross_site(self.strategy(CROSS_SITE), self.grid, self.sites, weights,
+                                                    global_scores, self.cfg.round_timeout_s)
+        self.telemetry.final_drops(drops)
         return final
 
     def _export(self, weights: dict[str, torch.Tensor]) -> Path:
