@@ -2,7 +2,9 @@
 
 The round config is a request. Before the site loads a scan or allocates a model it checks the requested
 model name and size, image size, batch size, local epochs, rounds and evaluations per run, the evaluation
-split, and (under DP) that no unnoised training metric is asked for. A request outside the policy raises
+split, (under DP) that no unnoised training metric is asked for, and that a cross-site request for a local
+model to share (phase ``cross-site``, kind ``train``) has the site's consent (``share-local-model``; scoring
+the others' models needs none). A request outside the policy raises
 :class:`PolicyRefusal`, whose text names the policy key; the ClientApp sends it as the reply's error and
 writes it to the site's log. Nothing else happens at the site.
 
