@@ -249,7 +249,8 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
             num_labelled_val=counts["num-labelled-val"], num_labelled_test=counts["num-labelled-test"],
             dp_enabled=bool(site.privacy.enabled), epsilon=_privacy_gate(site).epsilon_spent(),
             epsilon_budget=float(site.privacy.epsilon if site.privacy.enabled else 0.0),
-            has_gpu=bool(torch.cuda.is_available() and site.training.device != "cpu"))
+            has_gpu=bool(torch.cuda.is_available() and site.training.device != "cpu"),
+            min_count=int(site.policy.min_count), share_local_model=bool(site.policy.share_local_model))
         out = _reply(msg, reply.encode())
         out.content[SITE_RECORD] = ConfigRecord({SITE_NAME_KEY: site.site.name})
         return out

@@ -2,7 +2,9 @@
 
 The round config is a request. Before the site loads a scan or allocates a model it checks the requested
 model name and size, image size, batch size, local epochs, rounds and evaluations per run, the evaluation
-split, and (under DP) that no unnoised training metric is asked for. A request outside the policy raises
+split, (under DP) that no unnoised training metric is asked for, and that a cross-site request for a local
+model to share (phase ``cross-site``, kind ``train``) has the site's consent (``share-local-model``; scoring
+the others' models needs none). A request outside the policy raises
 :class:`PolicyRefusal`, whose text names the policy key; the ClientApp sends it as the reply's error and
 writes it to the site's log. Nothing else happens at the site.
 
@@ -16,7 +18,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from lungmae_core.contract import EVALUATE, PRETRAIN, TRAIN, RoundConfig
+from lungmae_core.contract import CROSS_SITE, EVALUATE, PRETRAIN, TRAIN, RoundConfig
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["PolicyRefusal", "POLICY_REFUSAL_CODE", "Usage", "model_parameters", "check_request",
@@ -105,6 +107,9 @@ def check_request(policy: Any, kind: str, cfg: RoundConfig, *, dp_enabled: bool,
     if cfg.batch_size > policy.max_batch_size:
         refuse("policy.max-batch-size", f"batch size {cfg.batch_size} exceeds {policy.max_batch_size}")
     if kind == TRAIN:
+        if cfg.phase == CROSS_SITE and not policy.share_local_model:
+            refuse("policy.share-local-model", "this site does not share a locally fine-tuned model for the "
+                                               "cross-site matrix (it still scores the others' models)")
         if cfg.local_epochs > policy.max_local_epochs:
             refuse("policy.max-local-epochs", f"{cfg.local_epochs} local epochs exceed {policy.max_local_epochs}")
         if usage.train_rounds >= policy.max_rounds_per_run:

@@ -242,7 +242,12 @@ class PolicySection:
             (``train`` only if the site opts in: evaluating on training scans is a membership oracle).
         min_count: a split with fewer scans gets no confusion matrix or score histogram (pooled
             figures only). Defaults to 10.
-        max_evaluations_per_run: most evaluation requests the site serves in one run. Defaults to 100.
+        max_evaluations_per_run: most evaluation requests the site serves in one run (the cross-site matrix's
+            evaluations count too: one per model scored). Defaults to 100.
+        share_local_model: whether the site fine-tunes a local copy of the final global classifier on its own
+            train split and sends it (as an update) for the cross-site matrix, where every other site scores
+            it on its test data. Off by default: a site that does not share still scores the others' models
+            and the global one.
     """
 
     allowed_models: tuple[str, ...] = dataclasses.field(default_factory=_builtin_models)
@@ -254,6 +259,7 @@ class PolicySection:
     evaluation_splits: tuple[str, ...] = ("val", "test")
     min_count: int = 10
     max_evaluations_per_run: int = 100
+    share_local_model: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.allowed_models) >= 1, "'allowed-models' must name at least one model config")

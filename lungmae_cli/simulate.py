@@ -145,6 +145,8 @@ def _step_line(step: Any, total_steps: int, record: dict[str, Any]) -> str:
         return f"{head}  hand-off: MAE encoder -> classifier"
     if step.kind == "final":
         return f"{head}  final evaluation at every site"
+    if step.kind == "cross-site":
+        return f"{head}  cross-site evaluation: local models fine-tuned, every model scored at every site"
     train, ev = record["train"]["aggregated"], record["evaluate"]["aggregated"]
     part = record["participation"]
     loss = train.get("loss")  # None: withheld by the sites (DP) or no valid update
@@ -171,7 +173,7 @@ def _progress_bar(total_steps: int) -> tuple[Any, Any]:
 
     def show(step: Any, record: dict[str, Any]) -> None:
         tqdm.write(_step_line(step, total_steps, record))
-        bar.set_postfix_str(step.name if step.kind not in ("handoff", "final") else step.kind, refresh=False)
+        bar.set_postfix_str(step.name if step.kind == "train" else step.kind, refresh=False)
         bar.update(1)
     return show, bar
 
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from client.client_app import make_client_app
     from server.server_app import make_server_app
 
-    plan = phase_plan(cfg.phases)
+    plan = phase_plan(cfg.phases, cross_site=cfg.cross_site.enabled)
     print(f"[3/3] federated run: {len(site_paths)} sites, {cfg.phases.pretrain.rounds} pretrain + "
           f"{cfg.phases.finetune.rounds} finetune rounds, {cfg.strategy.name}, {cfg.compression} updates "
           f"(starting Ray takes ~30 s)", flush=True)

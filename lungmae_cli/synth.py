@@ -107,8 +107,9 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
                                           min_slices=min(32, shape[0] if shape else 32)),
                          preprocess=dataclasses.replace(PreprocessConfig(), size=preprocess_size),
                          # synthetic phantoms protect no patient: send per-class counts even for tiny splits, so
-                         # the simulation's pooled metrics are exact (a hospital keeps the default of 10)
-                         policy=PolicySection(min_count=1))
+                         # the simulation's pooled metrics are exact (a hospital keeps the default of 10), and
+                         # share a local model for the cross-site matrix (a hospital opts in itself)
+                         policy=PolicySection(min_count=1, share_local_model=True))
         return write_site_config(cfg, root / "site.yaml")
 
     if workers == 1:

@@ -38,7 +38,7 @@ from lungmae_core.contract_fields import (
 
 __all__ = [
     "CONTRACT_VERSION", "ContractError",
-    "PRETRAIN", "FINETUNE", "FINAL", "PHASES", "EVAL_STAGES", "QUERY", "TRAIN", "EVALUATE",
+    "PRETRAIN", "FINETUNE", "FINAL", "CROSS_SITE", "PHASES", "EVAL_STAGES", "QUERY", "TRAIN", "EVALUATE",
     "SPLITS", "POOLINGS", "COMPRESSIONS", "FINETUNE_MODES", "HIST_BINS", "MAX_CLASSES", "MAX_EXAMPLES",
     "DEFAULT_CLASSES",
     "RoundConfig", "QueryReply", "TrainReply", "EvalReply", "RoundRecord", "check_class_names",
@@ -48,8 +48,11 @@ _CONFIG_VERSION = "contract-version"
 _REPLY_VERSION = "contract_version"
 
 PRETRAIN, FINETUNE, FINAL = "pretrain", "finetune", "final"
+#: The cross-site step after the final evaluation: ``train`` fine-tunes a local copy of the global classifier on
+#: the site's train split (only sites whose policy shares it); ``evaluate`` scores one model on the test split.
+CROSS_SITE = "cross-site"
 PHASES: tuple[str, ...] = (PRETRAIN, FINETUNE)
-EVAL_STAGES: tuple[str, ...] = (PRETRAIN, FINETUNE, FINAL)
+EVAL_STAGES: tuple[str, ...] = (PRETRAIN, FINETUNE, FINAL, CROSS_SITE)
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 POOLINGS: tuple[str, ...] = ("lung", "mean", "cls")  # lungmae_core.heads.POOLINGS (a test keeps them equal)
@@ -221,7 +224,13 @@ _FRACTION = (0.0, 1.0)
 @dataclasses.dataclass(frozen=True)
 class QueryReply:
     """What a site can serve: counts of accepted scans and its privacy settings (no name: the server names
-    sites from their authenticated node). ``num_examples`` = unlabelled + labelled training scans."""
+    sites from their authenticated node). ``num_examples`` = unlabelled + labelled training scans.
+
+    ``min_count`` and ``share_local_model`` are the site's policy (``policy: min-count``,
+    ``share-local-model``) as far as the cross-site matrix needs it: which counts to withhold in
+    ``metrics.json``, and whether to ask the site for a locally fine-tuned model at all (the site refuses
+    anyway when its policy says no).
+    """
 
     num_unlabelled: int
     num_labelled_train: int
@@ -231,9 +240,12 @@ class QueryReply:
     epsilon: float
     epsilon_budget: float
     has_gpu: bool
+    min_count: int = 10
+    share_local_model: bool = False
 
     KEYS = ("contract_version", "num_examples", "num_unlabelled", "num_labelled_train", "num_labelled_val",
-            "num_labelled_test", "dp_enabled", "epsilon", "epsilon_budget", "has_gpu")
+            "num_labelled_test", "dp_enabled", "epsilon", "epsilon_budget", "has_gpu", "min_count",
+            "share_local_model")
 
     @property
     def num_examples(self) -> int:
@@ -244,7 +256,8 @@ class QueryReply:
                 "num_unlabelled": self.num_unlabelled, "num_labelled_train": self.num_labelled_train,
                 "num_labelled_val": self.num_labelled_val, "num_labelled_test": self.num_labelled_test,
                 "dp_enabled": int(self.dp_enabled), "epsilon": float(self.epsilon),
-                "epsilon_budget": float(self.epsilon_budget), "has_gpu": int(self.has_gpu)}
+                "epsilon_budget": float(self.epsilon_budget), "has_gpu": int(self.has_gpu),
+                "min_count": int(self.min_count), "share_local_model": int(self.share_local_model)}
 
     @classmethod
     def decode(cls, m: Mapping[str, Any]) -> QueryReply:
@@ -258,7 +271,9 @@ class QueryReply:
         return cls(num_unlabelled=c["num_unlabelled"], num_labelled_train=c["num_labelled_train"],
                    num_labelled_val=c["num_labelled_val"], num_labelled_test=c["num_labelled_test"],
                    dp_enabled=read_bool(m, "dp_enabled", w), epsilon=read_float(m, "epsilon", w, 0.0, 1e6),
-                   epsilon_budget=read_float(m, "epsilon_budget", w, 0.0, 1e6), has_gpu=read_bool(m, "has_gpu", w))
+                   epsilon_budget=read_float(m, "epsilon_budget", w, 0.0, 1e6), has_gpu=read_bool(m, "has_gpu", w),
+                   min_count=read_int(m, "min_count", w, 1, MAX_EXAMPLES),
+                   share_local_model=read_bool(m, "share_local_model", w))
 
 
 _TRAIN_OPTIONAL = ("loss", "loss_lung", "loss_non_lung", "accuracy")

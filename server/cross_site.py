@@ -23,8 +23,17 @@ report. It knows nothing of Flower; the runner gathers the scores.
       "suppressed": [[false, true, false], ...],  # true: fewer scans than the data site's minimum, so the
                                                   #   count is withheld (the metrics are pooled figures
                                                   #   and stay)
-      "min_count": {"site0": 10, "site1": 10, "site2": 10}
+      "min_count": {"site0": 10, "site1": 10, "site2": 10},
+      "notes": {                                  # why a row, a column or a cell is empty (written by the runner)
+        "not_shared": {"site1": "..."},           #   sites whose policy shares no local model (no row)
+        "models": {"site2": "..."},               #   a row left null: no local model, or dropped by a check
+        "cells": [{"model": .., "data_site": .., "reason": ..}],  # an evaluation refused, failed or dropped
+        "skipped": "..."                          #   present when the whole step could not run
+      }
     }
+
+The runner adds ``local_training`` (each local model's training metrics as the site sent them), ``bytes``
+(down/up of the step) and ``duration_s``; readers ignore keys they do not know.
 
 The old form, ``{site: {metric: value}}`` (the global model scored at each site), is still recognised by the
 report, which labels it "global model per site".
@@ -57,6 +66,7 @@ class CrossSiteMatrix:
     num_examples: list[list[int | None]]
     suppressed: list[list[bool]]
     min_count: dict[str, int]
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def cell(self, metric: str, model: str, data_site: str) -> float | None:
         """One value by names (None when absent)."""
@@ -80,6 +90,7 @@ def build_cross_site(scores: Mapping[tuple[str, str], Mapping[str, Any]], *, mod
     Args:
         scores: ``{(model, data_site): {"balanced_accuracy": .., "roc_auc": .., "num_examples": ..}}``; a
             pair that was not evaluated is simply absent. ``roc_auc`` may be None (one class in the split).
+            A score with ``"suppressed": true`` (the site said its split is below its minimum) is withheld too.
         models: row order; ``"global"`` first by convention, then the sites that shared a local model.
         data_sites: column order: the sites that scored models on their test split.
         min_count: each data site's minimum count; a cell with fewer scans has its count withheld.
@@ -110,7 +121,8 @@ def build_cross_site(scores: Mapping[tuple[str, str], Mapping[str, Any]], *, mod
         for site in data_sites:
             score = scores.get((model, site))
             n = _finite(score.get("num_examples")) if score is not None else None
-            hidden = n is not None and n < minimum[site]
+            # the site's own word counts too: it flags a split below its policy's minimum
+            hidden = n is not None and (n < minimum[site] or bool((score or {}).get("suppressed")))
             count_row.append(None if n is None or hidden else int(n))
             hidden_row.append(hidden)
         for metric in metrics:
@@ -169,5 +181,7 @@ def read_cross_site(raw: Any) -> tuple[CrossSiteMatrix | None, str]:
     minimum_raw = raw.get("min_count")
     minimum = {str(k): int(v) for k, v in minimum_raw.items() if _finite(v) is not None} \
         if isinstance(minimum_raw, Mapping) else {}
+    notes = raw.get("notes")
     return CrossSiteMatrix(models=tuple(models), data_sites=tuple(sites), metrics=metrics, num_examples=counts,
-                           suppressed=hidden, min_count=minimum), ""
+                           suppressed=hidden, min_count=minimum,
+                           notes=dict(notes) if isinstance(notes, Mapping) else {}), ""

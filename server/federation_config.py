@@ -38,6 +38,7 @@ __all__ = [
     "StrategyConfig",
     "UpdateChecksConfig",
     "PrivacyRequirements",
+    "CrossSiteConfig",
     "ServerSection",
     "FederationConfig",
     "DEFAULT_CLASSES",
@@ -115,6 +116,30 @@ class PhasesSection:
     def __post_init__(self) -> None:
         check(self.pretrain.rounds + self.finetune.rounds >= 1,
               "phases: at least one round in pretrain or finetune is needed", _E)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossSiteConfig:
+    """The cross-site evaluation matrix after the final evaluation (``cross-site`` section).
+
+    Each site whose policy has ``share-local-model: true`` fine-tunes a local copy of the final global
+    classifier on its own train split and sends it back as an update (checked like a training update); every
+    site then scores the global model and each local model on its test split, one evaluate message per
+    (model, site). ``metrics.json`` holds the result under ``final.cross_site``.
+
+    Args:
+        enabled: run the step. Defaults to true (a site that does not share costs one evaluation per model).
+        local_epochs: local fine-tuning epochs of each site's copy. Defaults to 1.
+        lr: its peak learning rate; 0 (default): the finetune phase's ``lr``.
+    """
+
+    enabled: bool = True
+    local_epochs: int = 1
+    lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.local_epochs >= 1, f"cross-site local-epochs must be >= 1; got {self.local_epochs}", _E)
+        check(0 <= self.lr < 1, f"cross-site lr must be in [0, 1) (0: the finetune lr); got {self.lr}", _E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +250,7 @@ class FederationConfig:
         update_checks: bounds on updates.
         seed: run seed (site sampling, model init, site generators).
         privacy: requirements on the sites' DP settings.
+        cross_site: the cross-site evaluation matrix after the final evaluation.
         server: deployment settings.
     """
 
@@ -240,6 +266,7 @@ class FederationConfig:
     update_checks: UpdateChecksConfig = UpdateChecksConfig()
     seed: int = 0
     privacy: PrivacyRequirements = PrivacyRequirements()
+    cross_site: CrossSiteConfig = CrossSiteConfig()
     server: ServerSection = ServerSection()
 
     def __post_init__(self) -> None:

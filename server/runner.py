@@ -28,13 +28,17 @@ import torch
 from flwr.serverapp import Grid
 
 from lungmae_core.config import model_config, to_mapping
-from lungmae_core.contract import EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN, RoundConfig, RoundRecord
+from lungmae_core.contract import (
+    CROSS_SITE, EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN, RoundConfig, RoundRecord,
+)
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder
 from lungmae_core.model import build_mae
 
 from server.checkpoints import (
     Checkpoint, CheckpointStore, atomic_write_json, atomic_write_text, code_version, export_model,
 )
+from server.cross_site import GLOBAL_MODEL
+from server.cross_site_step import cross_site_matrix, run_cross_site
 from server.federation_config import FederationConfig, config_hash, federation_to_mapping
 from server.schedule import Step, phase_plan, steps_after
 from server.sites import InsufficientSitesError, SiteRegistry
@@ -70,7 +74,7 @@ class FederationRunner:
         self.store = CheckpointStore(self.run_dir)
         self.hash = config_hash(cfg)
         self.model_cfg = model_config(cfg.model.name, **cfg.model.overrides)
-        self.plan = phase_plan(cfg.phases)
+        self.plan = phase_plan(cfg.phases, cross_site=cfg.cross_site.enabled)
         self.telemetry = Telemetry(self.run_dir / "audit.jsonl" if cfg.server.audit_log else None,
                                    cfg.server.metrics_port or None)
         self.sites = SiteRegistry(cfg.site_names, on_event=self.telemetry.event)
@@ -83,15 +87,18 @@ class FederationRunner:
     def round_config(self, phase: str) -> RoundConfig:
         """The phase's request, built once per phase from the contract."""
         pcfg = getattr(self.cfg.phases, phase) if phase in (PRETRAIN, FINETUNE) else self.cfg.phases.finetune
+        lr, epochs = float(pcfg.lr), int(pcfg.local_epochs)
+        if phase == CROSS_SITE:  # the local copies: the cross-site section's epochs and lr (0: the finetune lr)
+            lr, epochs = float(self.cfg.cross_site.lr or pcfg.lr), int(self.cfg.cross_site.local_epochs)
         return RoundConfig(
             phase=phase, server_round=0, model_name=self.cfg.model.name, model_config=to_mapping(self.model_cfg),
             class_names=tuple(self.cfg.classes), pooling=self.cfg.model.pooling,
-            finetune_mode=self.cfg.phases.finetune.mode, lr=float(pcfg.lr), local_epochs=int(pcfg.local_epochs),
+            finetune_mode=self.cfg.phases.finetune.mode, lr=lr, local_epochs=epochs,
             phase_rounds=pcfg.rounds if phase in (PRETRAIN, FINETUNE) else 0,
             proximal_mu=float(self.cfg.strategy.mu) if self.cfg.strategy.name == "fedprox" else 0.0,
             compression=self.cfg.compression, seed=self.cfg.seed, require_dp=bool(self.cfg.privacy.require_dp),
             max_epsilon_per_round=float(self.cfg.privacy.max_epsilon_per_round),
-            split="test" if phase == FINAL else "val")
+            split="test" if phase in (FINAL, CROSS_SITE) else "val")
 
     def strategy(self, phase: str) -> PhaseStrategy:
         """The phase's exchange logic (kept while the phase lasts)."""
@@ -130,7 +137,7 @@ class FederationRunner:
 
     def upload_names(self, phase: str) -> list[str] | None:
         """Entries sites send back: all, or only the trainable part under linear probing."""
-        if phase == FINETUNE and self.cfg.phases.finetune.mode == "linear-probe":
+        if phase in (FINETUNE, CROSS_SITE) and self.cfg.phases.finetune.mode == "linear-probe":
             return set_trainable(self._classifier(), "linear-probe")
         return None
 
@@ -259,9 +266,9 @@ class FederationRunner:
                                                self.cfg.round_timeout_s)
         final["sites"] = report.sites
         final["pooled"] = report.aggregated
-        final["cross_site"] = {site: {k: m.get(k) for k in ("accuracy", "balanced_accuracy", "weighted_f1",
-                                                            "roc_auc", "num_examples", "classes_present")}
-                               for site, m in report.sites.items()}
+        # the global model's row; the cross-site step (when enabled) adds the sites' local models
+        final["cross_site"] = cross_site_matrix(self.sites, {(GLOBAL_MODEL, s): m for s, m in report.sites.items()},
+                                                [GLOBAL_MODEL], {})
         final["failures"] = report.failed
         final["rejected"] = [dataclasses.asdict(r) for r in report.rejected]
         final["bytes"] = {"down": report.bytes_down, "up": report.bytes_up}
@@ -275,6 +282,22 @@ class FederationRunner:
             log.info("final: pooled accuracy %s, balanced accuracy %s over %d test scans at %d sites",
                      _fmt(pooled.get("accuracy")), _fmt(pooled.get("balanced_accuracy")),
                      int(pooled.get("num_examples", 0)), len(final["sites"]))
+        return final
+
+    def _cross_site(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The cross-site step (``server.cross_site_step``); never fails the run."""
+        final = dict(self.final or {})
+        global_scores = final.get("sites", {})
+        try:  # after a restart the registry is empty: ask the sites again (no wait for absent test splits)
+            self._ensure_sites(CROSS_SITE, EVALUATE, 1, timeout_s=min(30.0, self.cfg.round_timeout_s))
+        except InsufficientSitesError as exc:
+            log.warning("cross-site evaluation skipped: %s", exc)
+            scores = {(GLOBAL_MODEL, s): m for s, m in global_scores.items()}
+            final["cross_site"] = cross_site_matrix(self.sites, scores, [GLOBAL_MODEL], {"skipped": str(exc)})
+            return final
+        final["cross_site"], drops = run_cross_site(self.strategy(CROSS_SITE), self.grid, self.sites, weights,
+                                                    global_scores, self.cfg.round_timeout_s)
+        self.telemetry.final_drops(drops)
         return final
 
     def _export(self, weights: dict[str, torch.Tensor]) -> Path:
@@ -309,9 +332,13 @@ class FederationRunner:
                     weights, record = self._train_round(step, weights)
                     phase = step.phase
                     self.history.append(record)
+                elif step.kind == "cross-site":
+                    self.final = self._cross_site(weights)
+                    self._export(weights)
                 else:
                     self.final = self._final(weights)
-                    self._export(weights)
+                    if not self.cfg.cross_site.enabled:
+                        self._export(weights)
                 self._checkpoint(step, phase, weights)
                 if record:
                     with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:

@@ -1,4 +1,4 @@
-"""The phase plan of a federated run: pretrain -> hand-off -> finetune -> final evaluation.
+"""The phase plan of a federated run: pretrain -> hand-off -> finetune -> final evaluation [-> cross-site].
 
 Pure functions, no Flower: the ServerApp walks the plan step by step, checkpoints after each step and,
 on restart, continues with the steps after the last completed one. Server rounds are numbered across
@@ -24,7 +24,7 @@ from server.federation_config import PhasesSection
 
 __all__ = ["Step", "ScheduleError", "phase_plan", "phase_for_round", "steps_after", "total_rounds"]
 
-StepKind = Literal["train", "handoff", "final"]
+StepKind = Literal["train", "handoff", "final", "cross-site"]
 
 
 class ScheduleError(LungMAEError, ValueError):
@@ -37,8 +37,9 @@ class Step:
 
     Args:
         index: position in the plan, from 0 (what ``state.json`` records as completed).
-        kind: ``train`` (one federated round), ``handoff`` (MAE encoder -> classifier) or ``final``.
-        phase: ``pretrain`` or ``finetune`` for rounds; ``finetune`` for the hand-off and the final step.
+        kind: ``train`` (one federated round), ``handoff`` (MAE encoder -> classifier), ``final`` or
+            ``cross-site`` (local fine-tuning at the consenting sites, every model scored at every site).
+        phase: ``pretrain`` or ``finetune`` for rounds; ``finetune`` for the hand-off, final and cross-site steps.
         server_round: round number across the run (from 1) for ``train`` steps; 0 otherwise.
         phase_round: round within its phase (from 1); 0 for other steps.
         phase_rounds: number of rounds of the phase.
@@ -57,7 +58,7 @@ class Step:
     def name(self) -> str:
         if self.kind == "train":
             return f"{self.phase} {self.phase_round}/{self.phase_rounds}"
-        return "hand-off" if self.kind == "handoff" else "final evaluation"
+        return {"handoff": "hand-off", "final": "final evaluation"}.get(self.kind, "cross-site evaluation")
 
 
 def total_rounds(phases: PhasesSection) -> int:
@@ -77,8 +78,8 @@ def phase_for_round(server_round: int, phases: PhasesSection) -> str:
     return PRETRAIN if server_round <= phases.pretrain.rounds else FINETUNE
 
 
-def phase_plan(phases: PhasesSection) -> list[Step]:
-    """All steps of the run in order.
+def phase_plan(phases: PhasesSection, *, cross_site: bool = False) -> list[Step]:
+    """All steps of the run in order (``cross_site``: a cross-site step after the final evaluation).
 
     The hand-off and the final evaluation happen only when there are finetune rounds; a run with
     finetune rounds but no pretrain rounds starts the classifier from a randomly initialised encoder
@@ -100,6 +101,8 @@ def phase_plan(phases: PhasesSection) -> list[Step]:
                 evaluate=evaluate)
     if phases.finetune.rounds > 0:
         add("final", FINETUNE)
+        if cross_site:
+            add("cross-site", FINETUNE)
     return steps
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from lungmae_core.contract import FINAL, PRETRAIN, QUERY, TRAIN, ContractError, QueryReply
+from lungmae_core.contract import CROSS_SITE, FINAL, PRETRAIN, QUERY, TRAIN, ContractError, QueryReply
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["InsufficientSitesError", "SiteInfo", "SiteRegistry", "SITE_RECORD", "SITE_NAME_KEY"]
@@ -51,6 +51,8 @@ class SiteInfo:
     dp_enabled: bool = False
     epsilon_budget: float = 0.0
     has_gpu: bool = False
+    min_count: int = 10  # policy min-count: counts below it are withheld in metrics.json
+    share_local_model: bool = False  # policy share-local-model: asked for a local model in the cross-site step
     error: str = ""
     epsilon: float = 0.0  # the site's total epsilon, as last accepted
     privacy_refused: str = ""  # why the site refused to train (budget, requirement): no more train rounds
@@ -62,8 +64,10 @@ class SiteInfo:
         if kind == TRAIN:
             if phase == PRETRAIN:
                 return self.num_unlabelled + self.num_labelled_train > 0
+            if phase == CROSS_SITE:
+                return self.share_local_model and self.num_labelled_train > 0
             return self.num_labelled_train > 0
-        if phase == FINAL:
+        if phase in (FINAL, CROSS_SITE):
             return self.num_labelled_test > 0
         return self.num_labelled_val > 0
 
@@ -137,7 +141,8 @@ class SiteRegistry:
         return SiteInfo(node_id=node, name=name, verified=verified, error=error, num_unlabelled=q.num_unlabelled,
                         num_labelled_train=q.num_labelled_train, num_labelled_val=q.num_labelled_val,
                         num_labelled_test=q.num_labelled_test, dp_enabled=q.dp_enabled,
-                        epsilon_budget=q.epsilon_budget, has_gpu=q.has_gpu, epsilon=q.epsilon)
+                        epsilon_budget=q.epsilon_budget, has_gpu=q.has_gpu, epsilon=q.epsilon,
+                        min_count=q.min_count, share_local_model=q.share_local_model)
 
     def query(self, grid: Grid, *, phase: str, kind: str, min_sites: int, timeout_s: float,
               config: Mapping[str, Any], poll_s: float = 1.0) -> None:

@@ -323,6 +323,36 @@ class PhaseStrategy:
                  len(report.rejected), len(report.failed), report.bytes_down / 1e3, report.bytes_up / 1e3)
         return new_state, report
 
+    # --------------------------------------------------------------------------------- cross-site
+    def local_models(self, grid: Grid, weights: dict[str, torch.Tensor], cfg: RoundConfig,
+                     timeout: float) -> tuple[dict[str, dict[str, torch.Tensor]], RoundReport]:
+        """Ask every site that shares one for a local copy fine-tuned from ``weights`` (a cross-site request).
+
+        Each reply is a training reply and passes the same checks (replay ... norm); nothing is aggregated:
+        returns ``{site: global + update}`` for the valid ones and the report (failures, drops, bytes).
+        """
+        report = RoundReport(kind=TRAIN)
+        t0 = time.perf_counter()
+        nodes = self.sites.able(grid, cfg.phase, TRAIN, require_dp=self.require_dp)
+        if not nodes:
+            report.skipped = True
+            report.note = "no connected site shares a local model (policy share-local-model) and can train one"
+            return {}, report
+        glob = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in weights.items()}
+        names = self.upload_names if self.upload_names is not None else list(glob)
+        layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
+        messages, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
+        good = self._collect(messages, replies, report, TRAIN, cfg, layout)
+        models = {}
+        for _, site, decoded, delta in good:
+            report.sites[site] = decoded.metrics()
+            models[site] = apply_delta(glob, delta)
+        report.replied = list(report.sites)
+        report.duration_s = time.perf_counter() - t0
+        log.info("cross-site: %d local models from %s; %d dropped, %d failed", len(models), sorted(models),
+                 len(report.rejected), len(report.failed))
+        return models, report
+
     # ----------------------------------------------------------------------------------- evaluate
     def evaluate(self, grid: Grid, weights: dict[str, torch.Tensor], cfg: RoundConfig, timeout: float) -> RoundReport:
         """Send the model to every site with the split; pooled metrics of the valid replies."""

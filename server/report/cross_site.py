@@ -75,7 +75,27 @@ def cross_site_section(summary: Mapping[str, Any]) -> str:
             "(only sites that agreed to share it). A row that stays high across columns generalises; a column "
             "that is low for every model is the outlier site. Counts below a site's minimum are withheld by "
             "that site (&lt; min); the metrics are pooled figures and stay.</p>")
-    return head + note + '<div class="figs">' + "".join(figures) + "</div>" + table + "</section>"
+    return (head + note + '<div class="figs">' + "".join(figures) + "</div>" + table + _notes(matrix.notes)
+            + "</section>")
+
+
+def _notes(notes: Mapping[str, Any]) -> str:
+    """Why rows, columns or cells are empty (sites that do not share, dropped models, refused evaluations)."""
+    items = []
+    if isinstance(notes.get("skipped"), str):
+        items.append(f"cross-site step not run: {_e(notes['skipped'])}")
+    for key, label in (("not_shared", "no local model from {}"), ("models", "row {} (local) is empty")):
+        block = notes.get(key)
+        if isinstance(block, Mapping):
+            items += [f"{_e(label.format(name))}: {_e(reason)}" for name, reason in sorted(block.items())]
+    cells = notes.get("cells")
+    for c in cells if isinstance(cells, list) else []:
+        if isinstance(c, Mapping):
+            items.append(f"{_e(c.get('model', '?'))} (local) on {_e(c.get('data_site', '?'))}'s test data not "
+                         f"scored: {_e(c.get('reason', ''))}")
+    if not items:
+        return ""
+    return '<ul class="note" id="cross-site-notes">' + "".join(f"<li>{x}</li>" for x in items) + "</ul>"
 
 
 def global_per_site_table(summary: Mapping[str, Any], per_site: Mapping[str, Mapping[str, float]]) -> str:

@@ -311,7 +311,7 @@ def _final_results(summary: Mapping[str, Any], run_config: Mapping[str, Any]) ->
     mae = {k: v for k, v in _scalars(final.get("mae")).items() if k in MAE_METRICS or k == "num_examples"}
     cross_raw = final.get("cross_site", {})
     cross: dict[str, dict[str, float]] = {}
-    if isinstance(cross_raw, Mapping):
+    if isinstance(cross_raw, Mapping) and "models" not in cross_raw:  # the old {site: metrics} form only
         cross = {str(k): _scalars(v) for k, v in cross_raw.items() if isinstance(v, Mapping)}
     note = final.get("note", "")
     return FinalResults(sites=sites, pooled=pooled, class_names=tuple(names), mae=mae, cross_site=cross,

@@ -129,7 +129,7 @@ def test_simulate_over_synth_sites_matches_the_built_in_default(tmp_path: Path) 
     _cli("simulate", *(a for c in configs for a in ("--site", str(c))), "--workdir", str(tmp_path / "sites"),
          "--federation-config", str(fed), "--no-report", cwd=tmp_path)
 
-    secrets = [(tmp_path / d / "site0" / "cache" / "site-secret.key").read_text() for d in ("default/sites", "mine")]
+    secrets = [(tmp_path / d / "site0" / "state" / "site-secret.key").read_text() for d in ("default/sites", "mine")]
     assert secrets[0] != secrets[1]  # different pseudonyms: the splits and sample order must not depend on them
     a = json.loads((tmp_path / "default" / "run" / "metrics.json").read_text())
     b = json.loads((tmp_path / "sites" / "run" / "metrics.json").read_text())

@@ -116,9 +116,10 @@ def test_a_cache_windowed_otherwise_is_refused_without_paths(sites: list[Path]) 
 
 def test_the_site_log_chains_what_was_asked_and_released(sites: list[Path]) -> None:
     """Every exchange lands in the site's own hash-chained log: released (names and sizes only) or refused."""
+    import json
+
     from client.site_audit import site_audit_path, verify_site_audit
     from client.site_config import load_site_config
-    import json
 
     cfg = load_site_config(sites[0])
     app = make_client_app(sites)
@@ -130,6 +131,33 @@ def test_the_site_log_chains_what_was_asked_and_released(sites: list[Path]) -> N
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     events = [r for r in records if r["event"] in ("released", "refused")][-2:]
     assert [e["event"] for e in events] == ["released", "refused"]
-    assert events[0]["message_type"] == "query" and events[0]["arrays"] == 0 and events[0]["num_examples"] >= 1 and "num_examples" in events[0]["metrics"]
+    assert events[0]["message_type"] == "query" and events[0]["arrays"] == 0
+    assert events[0]["num_examples"] >= 1 and "num_examples" in events[0]["metrics"]
     assert "contract error" in events[1]["reason"]
     assert verify_site_audit(log_path).ok
+
+
+def test_cross_site_local_model_needs_the_sites_consent(sites: list[Path], tmp_path: Path) -> None:
+    """A site announces its share-local-model policy in the query; a cross-site train request is served by the
+    fine-tuning code path when it shares, and refused (policy refusal, nothing trained) when it does not."""
+    import dataclasses
+
+    from client.policy import POLICY_REFUSAL_CODE
+    from client.site_config import load_site_config, write_site_config
+
+    cfg = load_site_config(sites[0])
+    policy = dataclasses.replace(cfg.policy, share_local_model=False)
+    private = write_site_config(dataclasses.replace(cfg, policy=policy), tmp_path / "private" / "site.yaml")
+    app = make_client_app([sites[0], private])
+    shared_q = QueryReply.decode(dict(app(_message("query", "cross-site", None), _ctx(0)).content["metrics"]))
+    private_q = QueryReply.decode(dict(app(_message("query", "cross-site", None), _ctx(1)).content["metrics"]))
+    assert shared_q.share_local_model and not private_q.share_local_model
+    assert private_q.min_count == cfg.policy.min_count
+    state = ILDClassifier(MCFG, 4).state_dict()
+    reply = app(_message("train", "cross-site", state, split="test"), _ctx(0))
+    assert TrainReply.decode(dict(reply.content["metrics"])).num_examples >= 1 and reply.content["arrays"]
+    refused = app(_message("train", "cross-site", state, split="test"), _ctx(1))
+    assert refused.has_error() and refused.error.code == POLICY_REFUSAL_CODE
+    assert "policy.share-local-model" in refused.error.reason
+    scored = app(_message("evaluate", "cross-site", state, split="test"), _ctx(1))  # it still scores models
+    assert EvalReply.decode(dict(scored.content["metrics"]), num_classes=4).num_examples >= 1

@@ -48,6 +48,22 @@ def test_check_request_counts_only_what_it_allows() -> None:
     assert info.value.key == "policy.max-evaluations-per-run" and usage == Usage(evaluations=1)
 
 
+def test_cross_site_local_model_only_with_consent() -> None:
+    """A cross-site train request (a local model to share) is refused unless policy share-local-model is on;
+    evaluating the others' models stays allowed, and counts against max-evaluations-per-run."""
+    cfg = RoundConfig(phase="cross-site", server_round=0, model_name="tiny",
+                      model_config=to_mapping(model_config("tiny", img_size=32, depth=1)), split="test")
+    assert site_config_from_mapping({}).policy.share_local_model is False
+    usage = Usage()
+    with pytest.raises(PolicyRefusal) as info:
+        check_request(PolicySection(), "train", cfg, dp_enabled=False, usage=usage)
+    assert info.value.key == "policy.share-local-model" and usage == Usage()
+    check_request(PolicySection(), "evaluate", cfg, dp_enabled=False, usage=usage)
+    shared = site_config_from_mapping({"policy": {"share-local-model": True}}).policy
+    check_request(shared, "train", cfg, dp_enabled=False, usage=usage)
+    assert usage == Usage(train_rounds=1, evaluations=1)
+
+
 def test_cli_prints_the_effective_policy(tmp_path: Path, capsys) -> None:
     path = tmp_path / "site.yaml"
     path.write_text("site: {name: hospital-a}\nprivacy: {enabled: true, epsilon: 8, noise-multiplier: 1.0}\n"

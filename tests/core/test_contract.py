@@ -33,7 +33,7 @@ def test_round_config_round_trips_and_carries_the_version_and_the_class_list() -
 
 
 @pytest.mark.parametrize("change, field, message", [
-    ({"contract-version": 3}, "contract-version", "contract version 3 but this side speaks version 2"),
+    ({"contract-version": 2}, "contract-version", "contract version 2 but this side speaks version 3"),
     ({"contract-version": True}, "contract-version", "contract version True"),
     ({"phase": "attack"}, "phase", "'phase' must be one of pretrain, finetune, final"),
     ({"lr": 0.0}, "lr", "'lr' must be in (0, 1]"),
@@ -124,6 +124,14 @@ def test_query_reply_counts_must_add_up() -> None:
     assert QueryReply.decode(q.encode()) == q and q.encode()["num_examples"] == 5
     with pytest.raises(ContractError, match="is not num_unlabelled \\+ num_labelled_train"):
         QueryReply.decode({**q.encode(), "num_examples": 9})
+    shared = QueryReply(num_unlabelled=0, num_labelled_train=2, num_labelled_val=1, num_labelled_test=1,
+                        dp_enabled=False, epsilon=0.0, epsilon_budget=0.0, has_gpu=False, min_count=25,
+                        share_local_model=True)
+    assert QueryReply.decode(shared.encode()) == shared and (q.min_count, q.share_local_model) == (10, False)
+    with pytest.raises(ContractError, match="'min_count' must be in \\[1, "):
+        QueryReply.decode({**shared.encode(), "min_count": 0})
+    with pytest.raises(ContractError, match="'share_local_model' must be a bool"):
+        QueryReply.decode({**shared.encode(), "share_local_model": 2})
 
 
 def test_round_record_round_trips_and_rejects_foreign_lines() -> None:

@@ -118,10 +118,9 @@ def _experiment_json(directory: Path) -> None:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory written by the real federation runner (1 + 1 rounds, two small sites), plus the parts a
-    run gets from elsewhere: the cross-site matrix built from its own final scores, and an experiment.json."""
+    run gets from elsewhere: an experiment.json. The cross-site matrix is the runner's own."""
     pytest.importorskip("flwr")
     from client.client_app import make_client_app
-    from server.cross_site import build_cross_site
     from server.federation_config import federation_from_mapping
     from server.runner import FederationRunner
     from tests.federated_helpers import InProcessGrid, prepared_sites
@@ -137,13 +136,9 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
     FederationRunner(cfg, InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(2)])).run()
     summary = json.loads((run_dir / "metrics.json").read_text())
-    final = summary["final"]["sites"]
-    names = sorted(final)
-    # Until the runner gathers local models, the matrix's one row is the global model's real scores.
-    summary["final"]["cross_site"] = build_cross_site(
-        {("global", s): final[s] for s in names}, models=["global"], data_sites=names,
-        min_count={s: 1 for s in names})
-    (run_dir / "metrics.json").write_text(json.dumps(summary), encoding="utf-8")
+    # the runner's own cross-site step: the global model and both sites' local copies, scored at both sites
+    matrix = summary["final"]["cross_site"]
+    assert matrix["models"] == ["global", "site0", "site1"] and matrix["data_sites"] == ["site0", "site1"]
     _experiment_json(run_dir)
     return run_dir
 

@@ -33,4 +33,10 @@ def test_simulate_two_sites_one_plus_one_rounds(tmp_path: Path, capsys: pytest.C
     assert summary["status"] == "completed" and set(summary["final"]["sites"]) <= {"site0", "site1"}
     assert {"accuracy", "balanced_accuracy", "weighted_f1", "roc_auc"} <= set(summary["final"]["pooled"])
     assert (run / "model" / "manifest.json").exists() and (run / "state.json").exists()
-    assert "step 3/4  finetune 1/1" in out and f"metrics: {run / 'metrics.json'}" in out
+    assert "step 3/5  finetune 1/1" in out and f"metrics: {run / 'metrics.json'}" in out
+    # the cross-site step under Ray: both synthetic sites share a local model (int8 updates), both score all three
+    assert "step 5/5  cross-site evaluation" in out
+    cross = summary["final"]["cross_site"]
+    assert cross["models"] == ["global", "site0", "site1"] and cross["data_sites"] == ["site0", "site1"]
+    assert cross["notes"] == {"models": {}, "cells": [], "not_shared": {}}
+    assert all(v is not None for row in cross["metrics"]["accuracy"] for v in row)

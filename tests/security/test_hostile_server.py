@@ -141,7 +141,7 @@ def test_small_splits_get_no_per_class_counts(sites: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"contract-version": 1}, "contract version 1 but this side speaks version 2"),
+    ({"contract-version": 1}, "contract version 1 but this side speaks version 3"),
     ({"split": "everything"}, "'split' must be one of train, val, test"),
     ({"lr": float("nan")}, "'lr' must be finite"),
     ({"class-names": ["normal"]}, "'class-names' must have 2..64 names"),

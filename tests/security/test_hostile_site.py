@@ -267,7 +267,12 @@ def test_a_run_with_one_site_sending_garbage_every_round_finishes(sites: list[Pa
     assert [r["site"] for r in summary["final"]["rejected"]] == ["site1"]
     assert set(summary["final"]["sites"]) == {"site0"}
     events = read_audit_log(tmp_path / "run" / "audit.jsonl")
-    assert sum(1 for e in events if e["event"] == "update-rejected" and e["site"] == "site1") == 5
+    # + the cross-site step: site1's garbage local model, and its garbage score of site0's local model
+    assert sum(1 for e in events if e["event"] == "update-rejected" and e["site"] == "site1") == 7
+    cross = summary["final"]["cross_site"]
+    assert cross["models"] == ["global", "site0", "site1"] and "contract check" in cross["notes"]["models"]["site1"]
+    assert [(c["model"], c["data_site"]) for c in cross["notes"]["cells"]] == [("site0", "site1")]
+    assert cross["metrics"]["accuracy"][2] == [None, None] and cross["metrics"]["accuracy"][1][0] is not None
     run = load_run(tmp_path / "run")
     assert sum(1 for r in run.rounds for p in r.problems if p.startswith("rejected site1 (contract)")) == 4
     from server.report import render_report

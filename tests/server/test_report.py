@@ -336,8 +336,10 @@ def test_report_of_a_run_written_by_the_real_server(tmp_path_factory: pytest.Tem
     FederationRunner(cfg, InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(3)])).run()
     page, text = parse(render_report(run_dir))
     assert {img["section"] for img in page.images} == {"loss", "reconstructions", "final-metrics", "participation",
-                                                       "bytes"}
-    assert "metrics.json has no cross-site matrix" in section_text(page, "cross-site")
+                                                       "bytes", "cross-site"}
+    # the runner's cross-site step: global + both sites' local models, each scored at both sites
+    assert {tuple(row[:2]) for row in page.tables["cross-site-matrix"][1:]} == {
+        (m, s) for m in ("global model", "site0 (local)", "site1 (local)") for s in ("site0", "site1")}
     assert [row[:2] for row in page.tables["participation-table"][1:]] == [["1", "pretrain"], ["2", "finetune"]]
     assert {row[0] for row in page.tables["final-table"][1:]} == {"site0", "site1", "pooled (all test scans)"}
     assert [row[0] for row in page.tables["sites-table"][1:]] == ["node-103", "site0", "site1"]

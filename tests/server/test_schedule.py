@@ -40,3 +40,13 @@ def test_steps_after_and_errors() -> None:
         steps_after(plan, 9)
     with pytest.raises(ScheduleError, match=r"server round 3 is outside the schedule's rounds 1..2"):
         phase_for_round(3, phases)
+
+
+def test_cross_site_step_follows_the_final_evaluation() -> None:
+    phases = PhasesSection(pretrain=PhaseConfig(rounds=1), finetune=PhaseConfig(rounds=1))
+    plan = phase_plan(phases, cross_site=True)
+    assert [s.name for s in plan][-2:] == ["final evaluation", "cross-site evaluation"]
+    assert plan[-1].kind == "cross-site" and plan[-1].index == len(plan) - 1
+    # no classifier, no matrix: a pretrain-only plan has neither step
+    assert [s.kind for s in phase_plan(PhasesSection(pretrain=PhaseConfig(rounds=1),
+                                                     finetune=PhaseConfig(rounds=0)), cross_site=True)] == ["train"]
