@@ -25,7 +25,6 @@ import torch
 from flwr.serverapp import Grid
 
 from lungmae_core.contract import CROSS_SITE, EVALUATE
-
 from server.cross_site import CROSS_SITE_METRICS, GLOBAL_MODEL, build_cross_site
 from server.sites import SiteRegistry
 from server.strategy import PhaseStrategy

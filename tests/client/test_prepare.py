@@ -182,7 +182,7 @@ def test_cli_synth_then_prepare(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["synth", "--out", str(tmp_path), "--sites", "1", "--scans-per-site", "1", "--slices", "40",
                  "--matrix", "64", "--workers", "1", "--preprocess-size", "24"]) == 0
     out = capsys.readouterr().out
-    assert "site0: 1 studies, SIEMENS" in out and "lungmae site prepare --config" in out
+    assert "site0: 1 studies (100% labelled), SIEMENS" in out and "lungmae site prepare --config" in out
     cfg = load_site_config(tmp_path / "site0" / "site.yaml")
     assert cfg.site.name == "site0" and cfg.preprocess.size == 24 and cfg.data.input.is_dir()
     assert main(["site", "prepare", "--config", str(tmp_path / "site0" / "site.yaml"), "--workers", "1",

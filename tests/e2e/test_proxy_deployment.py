@@ -283,8 +283,10 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     assert runner.returncode == 0, runner.stdout[-3000:] + procs.log("site0")[-3000:]
     assert "Receiving: train message" in procs.log("site0")
     events = [json.loads(line) for line in site_log.read_text().splitlines()]
-    assert events and all(e["event"] == "fab-accepted" and e["reason"] == "signed by fab-signing.pub"
-                          for e in events), events
+    fab_events = [e for e in events if e["event"].startswith("fab-")]
+    assert fab_events and all(e["event"] == "fab-accepted" and e["reason"] == "signed by fab-signing.pub"
+                              for e in fab_events), events
+    assert any(e["event"] == "released" and e["message_type"] == "train" for e in events), events  # what left
     verify = procs.run([*LUNGMAE, "audit", "verify", "run", str(site_log), "--public-key",
                         str(pki / "server/audit-signing.pub")])
     assert verify.returncode == 0 and "1 signatures checked" in verify.stdout, verify.stdout + verify.stderr

@@ -20,7 +20,7 @@ from client.client_app import make_client_app
 from client.site_config import load_site_config, write_site_config
 from server.cross_site import read_cross_site
 from server.federation_config import federation_from_mapping
-from server.report_cross_site import cross_site_section
+from server.report.cross_site import cross_site_section
 from server.runner import FederationRunner
 from tests.federated_helpers import InProcessGrid, ServerKilled, prepared_sites
 
