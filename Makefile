@@ -46,7 +46,8 @@ lint: install
 	$(BIN)/mypy
 
 # Every benchmark (not part of `make test`); figures and the commands behind them: docs/performance.md.
-# Slow (tens of minutes on 2 cores, paper-size models); JSON records go to runs/bench/.
+# Slow: hours on 2 cores (paper-size models, DP utility over 3 seeds, the experiment's quick profile); JSON
+# records go to runs/bench/.
 BENCH := runs/bench
 bench: install
 	mkdir -p $(BENCH)
@@ -59,6 +60,9 @@ bench: install
 	$(BIN)/python benchmarks/round_overhead.py --json $(BENCH)/round_overhead.json
 	$(BIN)/python benchmarks/prepare.py --json $(BENCH)/prepare.json
 	$(BIN)/python benchmarks/simulate.py --json $(BENCH)/simulate.json
+	$(BIN)/python benchmarks/transforms.py
+	$(BIN)/python benchmarks/dp_utility.py --workdir $(BENCH)/dp-utility
+	$(BIN)/python benchmarks/experiment.py --profile quick --json $(BENCH)/experiment.json
 
 # Re-resolve the lock files after a change of pyproject.toml's dependencies (needs PyPI).
 lock:
