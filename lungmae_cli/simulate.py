@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/3] federated run: {len(site_paths)} sites, {cfg.phases.pretrain.rounds} pretrain + "
           f"{cfg.phases.finetune.rounds} finetune rounds, {cfg.strategy.name}, {cfg.compression} updates "
           f"(starting Ray takes ~30 s)", flush=True)
-    for name in ("flwr", "ray"):
+    for name in ("flwr", "ray", "server"):  # one line per round below; warnings (dropped replies) still show
         logging.getLogger(name).setLevel(logging.WARNING)
     progress, bar = _progress_bar(len(plan))
     try:
