@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from lungmae_core.contract import DEFAULT_CLASSES
 from lungmae_core.errors import ConfigError
 from lungmae_core.volume import Volume, canonical_affine, sample_linear
 
@@ -48,11 +49,12 @@ __all__ = [
     "scanner_for_site",
     "Phantom",
     "generate_phantom",
+    "checked_acquisition",
 ]
 
 log = logging.getLogger(__name__)
 
-PHANTOM_CLASSES: tuple[str, ...] = ("normal", "ggo", "fibrosis", "emphysema")
+PHANTOM_CLASSES: tuple[str, ...] = DEFAULT_CLASSES  # the built-in class list, defined once in the contract
 
 _AIR = -1000.0
 _FAT = -100.0
@@ -657,6 +659,22 @@ def _add_disease(label: str, severity: float, hu: np.ndarray, lung: np.ndarray, 
     hu[box] = h
 
 
+def checked_acquisition(what: str, severity: float | None, scanner: ScannerProfile | None,
+                        shape: Sequence[int] | None) -> tuple[ScannerProfile, tuple[int, int, int]]:
+    """The scanner (default: site 0's) and the (D, H, W) shape of a phantom, after checking ``severity``.
+
+    Raises:
+        ConfigError: naming ``what``, for a severity outside [0, 1] or a shape that is not three sizes >= 16.
+    """
+    if severity is not None and not 0.0 <= severity <= 1.0:
+        raise ConfigError(f"{what} severity must be in [0, 1]; got {severity}")
+    scanner = scanner or scanner_for_site(0)
+    shape_t = tuple(int(n) for n in (shape or scanner.shape))
+    if len(shape_t) != 3 or min(shape_t) < 16:
+        raise ConfigError(f"{what} shape must be three sizes (D, H, W), each >= 16; got {shape_t}")
+    return scanner, shape_t  # type: ignore[return-value]
+
+
 def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = None, severity: float | None = None,
                      shape: Sequence[int] | None = None) -> Phantom:
     """Generate one synthetic chest CT; the same arguments always give the same phantom.
@@ -679,12 +697,7 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
     """
     if label not in PHANTOM_CLASSES:
         raise ConfigError(f"phantom label must be one of {', '.join(PHANTOM_CLASSES)}; got {label!r}")
-    if severity is not None and not 0.0 <= severity <= 1.0:
-        raise ConfigError(f"phantom severity must be in [0, 1]; got {severity}")
-    scanner = scanner or scanner_for_site(0)
-    shape_t = tuple(int(n) for n in (shape or scanner.shape))
-    if len(shape_t) != 3 or min(shape_t) < 16:
-        raise ConfigError(f"phantom shape must be three sizes (D, H, W), each >= 16; got {tuple(shape or ())}")
+    scanner, shape_t = checked_acquisition("phantom", severity, scanner, shape)
     # Separate streams: the same seed gives the same subject (anatomy, inspiration) whatever the label,
     # so a disease can be compared with the same subject's normal lungs.
     anatomy_rng = np.random.default_rng([int(seed), 0])

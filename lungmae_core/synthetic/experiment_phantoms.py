@@ -54,7 +54,7 @@ from lungmae_core.phantoms import (
     _noise_and_calibration,
     _render_anatomy,
     _smooth_noise,
-    scanner_for_site,
+    checked_acquisition,
 )
 
 __all__ = ["EXPERIMENT_CLASSES", "HELDOUT_SCANNER", "generate_experiment_phantom", "DENSE_INCREMENT_HU",
@@ -191,12 +191,7 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
     """
     if not 0 <= class_index < len(EXPERIMENT_CLASSES):
         raise ConfigError(f"experiment phantom class must be in 0..{len(EXPERIMENT_CLASSES) - 1}; got {class_index}")
-    if severity is not None and not 0.0 <= severity <= 1.0:
-        raise ConfigError(f"experiment phantom severity must be in [0, 1]; got {severity}")
-    scanner = scanner or scanner_for_site(0)
-    shape_t = tuple(int(v) for v in (shape or scanner.shape))
-    if len(shape_t) != 3 or min(shape_t) < 16:
-        raise ConfigError(f"experiment phantom shape must be three sizes (D, H, W), each >= 16; got {shape_t}")
+    scanner, shape_t = checked_acquisition("experiment phantom", severity, scanner, shape)
     anatomy_rng = np.random.default_rng([int(seed), 10])
     pattern_rng = np.random.default_rng([int(seed), 11, class_index])
     sev = float(pattern_rng.uniform(0.2, 1.0)) if severity is None else float(severity)
