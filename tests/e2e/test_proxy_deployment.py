@@ -23,17 +23,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.e2e.processes import free_port, tagged_pids, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -42,6 +43,7 @@ if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
 
 TAG = f"lungmae-proxy-{uuid.uuid4().hex[:12]}"
 LUNGMAE = [sys.executable, "-m", "lungmae_cli.main"]
+
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = r'''
@@ -60,34 +62,7 @@ except (OSError, ssl.SSLError) as exc:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def _tagged_pids() -> list[int]:
-    want = f"LUNGMAE_E2E_TAG={TAG}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if want in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _wait_for(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 1.0) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class Network:
@@ -163,7 +138,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 pass
         for _ in range(3):
-            pids = _tagged_pids()
+            pids = tagged_pids(TAG)
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -188,7 +163,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Processes,
     finally:
         procs.stop_all()
         net.close()
-        assert not _tagged_pids(), "processes of the test federation survived teardown"
+        assert not tagged_pids(TAG), "processes of the test federation survived teardown"
 
 
 def _probe(procs: Processes, net: Network, port: int, path: str, cert: str = "-", key: str = "-",
@@ -206,7 +181,7 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     root = procs.root
     if not net.isolated:
         print(f"no second network namespace ({net.reason}); the site uses {net.host_ip} instead")
-    link_port, proxy_port, node_port = _free_port(), _free_port(), _free_port()
+    link_port, proxy_port, node_port = free_port(), free_port(), free_port()
 
     # 1. PKI, federation.yaml, server with proxy --------------------------------------------------------------
     certs = procs.run([*LUNGMAE, "certs", "--out", "pki", "--server-name", "localhost", "--server-ip", net.host_ip,
@@ -241,10 +216,10 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     site_log = synthetic.parent / "state" / "site-audit.jsonl"
 
-    _wait_for("the SuperLink", lambda: "Uvicorn running on https://127.0.0.1" in procs.log("server"), 120)
+    wait_for("the SuperLink", lambda: "Uvicorn running on https://127.0.0.1" in procs.log("server"), 120)
     s0 = (str(pki / "sites/s0/s0.client.pem"), str(pki / "sites/s0/s0.client.key"))
     s2 = (str(pki / "sites/s2/s2.client.pem"), str(pki / "sites/s2/s2.client.key"))
-    _wait_for("the proxy", lambda: not _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s0).startswith("ERR"), 60)
+    wait_for("the proxy", lambda: not _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s0).startswith("ERR"), 60)
 
     # 2. what the network sees ----------------------------------------------------------------------------------
     direct = _probe(procs, net, link_port, "/v1/control/list-runs", host=net.host_ip)
@@ -266,7 +241,7 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
     assert revoke.returncode == 0 and "revoked          s2" in revoke.stdout, revoke.stdout + revoke.stderr
     nginx_pid = int((root / "state/proxy/nginx.pid").read_text())
     os.kill(nginx_pid, signal.SIGHUP)  # nginx -s reload: re-reads the CRL
-    _wait_for("the revocation to apply", lambda: _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s2)
+    wait_for("the revocation to apply", lambda: _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s2)
               .startswith("400"), 30)
     assert "The SSL certificate error" in _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s2)
     assert _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s0).split()[0] == fleet.split()[0]
@@ -316,7 +291,7 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
                         f"federation-config={json.dumps(str(root / 'federation.yaml'))} "
                         f"run-dir={json.dumps(str(root / 'run-tampered'))} fab-signature={json.dumps(signature)}"])
     assert '"success": true' in submit.stdout, submit.stdout + submit.stderr
-    _wait_for("the site to refuse the tampered bundle", lambda: "fab-refused" in site_log.read_text(), 180)
+    wait_for("the site to refuse the tampered bundle", lambda: "fab-refused" in site_log.read_text(), 180)
     refusal = [json.loads(line) for line in site_log.read_text().splitlines()][-1]
     assert refusal["event"] == "fab-refused" and refusal["fab_sha256"] == tampered_sha, refusal
     assert "its signature does not verify with any trusted key" in refusal["reason"], refusal

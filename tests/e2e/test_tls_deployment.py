@@ -31,11 +31,13 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.e2e.processes import free_port, tagged_pids, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,31 +46,12 @@ TAG = f"lungmae-e2e-{uuid.uuid4().hex[:12]}"
 LUNGMAE = [sys.executable, "-m", "lungmae_cli.main"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def _tagged_pids(role: str | None = None) -> list[int]:
-    """Processes whose environment carries our tag (and ``role``): every descendant inherits it."""
-    want = f"LUNGMAE_E2E_TAG={TAG}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want in env and (role is None or f"LUNGMAE_E2E_ROLE={role}".encode() in env):
-            pids.append(int(entry.name))
-    return pids
 
 
 def _kill_role(role: str | None, sig: int = signal.SIGKILL) -> None:
     for _ in range(3):  # a dying parent may spawn once more; repeat until none is left
-        pids = _tagged_pids(role)
+        pids = tagged_pids(TAG, role)
         if not pids:
             return
         for pid in pids:
@@ -78,15 +61,6 @@ def _kill_role(role: str | None, sig: int = signal.SIGKILL) -> None:
                 pass
         time.sleep(0.5)
 
-
-def _wait_for(what: str, predicate: Callable[[], object], timeout_s: float, poll_s: float = 1.0) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class Deployment:
@@ -192,12 +166,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         yield dep
     finally:
         dep.stop_all()
-        assert not _tagged_pids(), "processes of the test federation survived teardown"
+        assert not tagged_pids(TAG), "processes of the test federation survived teardown"
 
 
 def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment) -> None:
     dep, root = deployment, deployment.root
-    superlink_port, metrics_port, prom_port = _free_port(), _free_port(), _free_port()
+    superlink_port, metrics_port, prom_port = free_port(), free_port(), free_port()
     superlink = f"127.0.0.1:{superlink_port}"
 
     # 1. PKI and federation config; the SuperLink boots while the sites prepare their data ----------------
@@ -227,10 +201,10 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     synthetic = _prepare_sites(root)
     site_yaml = [_with_connection(synthetic[i % 2], synthetic[i % 2].parent / f"deploy-site{i}.yaml",
                                   superlink=superlink, ca=pki / "ca/ca.crt", key=pki / f"sites/site{i}/site{i}.key",
-                                  node_port=_free_port()) for i in range(3)]
+                                  node_port=free_port()) for i in range(3)]
 
     # 2. register two sites; all three start; preflight against the live SuperLink --------------------------
-    _wait_for("the SuperLink port", lambda: _connectable(superlink_port), 90)
+    wait_for("the SuperLink port", lambda: _connectable(superlink_port), 90)
     for i in (0, 1):
         out = dep.flwr("supernode", "register", str(pki / f"sites/site{i}/site{i}.pub"), "lungmae",
                        "--name", f"site{i}")
@@ -248,7 +222,7 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     _, other_ca = make_ca(root / "other-ca")
     wrong = tls_probe(superlink, other_ca)
     assert wrong.ok is False and "its certificate is not signed by the CA" in wrong.message
-    _wait_for("both registered sites online", lambda: sum(
+    wait_for("both registered sites online", lambda: sum(
         n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 120, 1)
 
     # 3. the federation, scraped by a real Prometheus -----------------------------------------------------
@@ -260,37 +234,37 @@ def test_tls_federation_survives_site_and_server_crashes(deployment: Deployment)
     assert "exit code 305; retrying" not in dep.log("site2")
 
     # 4. site1 killed while it trains round 1, started again at once ---------------------------------------
-    _wait_for("site1 to receive the train message of round 1",
+    wait_for("site1 to receive the train message of round 1",
               lambda: dep.log("site1").count("Receiving: train message") >= 1, 180, 0.5)
     _kill_role("site1")
     # started again at once: the SuperLink refuses it until the crashed node's heartbeat expires (~60 s),
     # and `lungmae site start` keeps retrying until it is let in
     dep.start("site1", [*LUNGMAE, "site", "start", "--config", str(site_yaml[1])])
     # no hang: the round timeout ends the round with the sites that replied
-    _wait_for("round 1 without site1", lambda: len(_metrics_rounds(run_dir)) >= 1, ROUND_TIMEOUT_S + 120, 1)
+    wait_for("round 1 without site1", lambda: len(_metrics_rounds(run_dir)) >= 1, ROUND_TIMEOUT_S + 120, 1)
     round1 = _metrics_rounds(run_dir)[0]
     assert round1["participation"]["replied"] == ["site0"], round1["participation"]
     assert round1["participation"]["failed"] == ["site1"], round1["participation"]
-    counter = _wait_for("Prometheus to return the round counter", lambda: _prometheus_query(
+    counter = wait_for("Prometheus to return the round counter", lambda: _prometheus_query(
         prom_port, 'lungmae_rounds_completed_total{phase="pretrain"}'), 60, 1)
     assert float(counter[0]["value"][1]) >= 1
     failed = _prometheus_query(prom_port, 'lungmae_site_replies_total{outcome="failed"}')
     assert failed and float(failed[0]["value"][1]) >= 1, failed
 
     # 5. site1 back; then the whole server killed during the next round, started again -----------------------
-    _wait_for("site1 to be let in again", lambda: sum(
+    wait_for("site1 to be let in again", lambda: sum(
         n["status"] == "online" for n in dep.flwr("supernode", "list", "lungmae").get("nodes", [])) == 2, 180, 2)
     done = len(_metrics_rounds(run_dir))
     assert done < 3, "the federation finished before the server could be killed"
-    _wait_for(f"round {done + 1} to start at site0",
+    wait_for(f"round {done + 1} to start at site0",
               lambda: dep.log("site0").count("Receiving: train message") >= done + 1, 120, 0.5)
     checkpoint_before = json.loads((run_dir / "state.json").read_text())
     _kill_role("server")
-    assert not _tagged_pids("server")
+    assert not tagged_pids(TAG, "server")
     time.sleep(2)
     dep.start("server", server_cmd)
 
-    _wait_for("the runner to finish", lambda: dep.procs["runner"].poll() is not None, 400, 2)
+    wait_for("the runner to finish", lambda: dep.procs["runner"].poll() is not None, 400, 2)
     runner_log = dep.log("runner")
     assert dep.procs["runner"].returncode == 0, runner_log
     assert "resubmitting, the ServerApp resumes from the last checkpoint" in runner_log
