@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         check(args.sites >= 1, f"--sites must be at least 1; got {args.sites}")
         check(args.scans_per_site >= 5, f"--scans-per-site must be at least 5 (train/val/test per site); "
                                         f"got {args.scans_per_site}")
-    for name in ("alembic", "client.prepare", "client.pseudonym", "lungmae_core.synth_dicom"):
+    for name in ("alembic", "client.prepare", "client.pseudonym", "lungmae_core.synthetic.dicom_writer"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-series lines: see each cache's manifest.csv
     t0 = time.perf_counter()
     workdir = args.workdir.resolve()

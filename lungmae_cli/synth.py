@@ -90,7 +90,7 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
     from client.site_config import DataSection, PolicySection, SiteConfig, SiteSection, write_site_config
     from lungmae_core.config import check
     from lungmae_core.preprocess import PreprocessConfig
-    from lungmae_core.synth_dicom import write_site
+    from lungmae_core.synthetic.dicom_writer import write_site
 
     check(sites >= 1, f"--sites must be at least 1; got {sites}")
     check(scans_per_site >= 1, f"--scans-per-site must be at least 1; got {scans_per_site}")
@@ -124,7 +124,7 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
 def run(args: argparse.Namespace) -> int:
     """Write the sites and print where they are."""
     from lungmae_core.config import check
-    from lungmae_core.phantoms import scanner_for_site
+    from lungmae_core.synthetic.phantoms import scanner_for_site
 
     shape = None
     if args.slices is not None or args.matrix is not None:

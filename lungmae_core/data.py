@@ -90,7 +90,7 @@ class InMemoryVolumes(_VolumeDataset):
         DatasetError: no samples, lengths that differ, or shapes that are not ``(1, S, S, S)`` alike.
 
     Examples:
-        >>> from lungmae_core.phantoms import generate_phantom
+        >>> from lungmae_core.synthetic.phantoms import generate_phantom
         >>> from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
         >>> s = preprocess_volume(generate_phantom("ggo", seed=0).to_volume(), PreprocessConfig(size=32))
         >>> ds = InMemoryVolumes([s], labels=[1])

@@ -223,7 +223,7 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproce
         InvalidSeriesError: as :func:`coarse_lung_mask`.
 
     Examples:
-        >>> from lungmae_core.phantoms import generate_phantom
+        >>> from lungmae_core.synthetic.phantoms import generate_phantom
         >>> p = generate_phantom("normal", seed=0)
         >>> m = lung_mask_from_hu(p.hu, p.spacing_mm)
         >>> m.shape == p.hu.shape

@@ -67,7 +67,7 @@ def _fmt(value: float | None) -> str:
 def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] | None]) -> tuple[int, str | None]:
     """Generate, preprocess and cache one phantom (runs in a worker process). Returns (index, rejection)."""
     from lungmae_core.cache import write_sample
-    from lungmae_core.phantoms import generate_phantom, scanner_for_site
+    from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
     from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
 
     index, label, seed, scanner_index, size, cache_dir, shape = job
@@ -84,7 +84,7 @@ def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] |
 @functools.lru_cache(maxsize=1)
 def _generator_fingerprint() -> str:
     """Hash of the phantom generator's source: cached phantoms are redrawn whenever the generator changes."""
-    from lungmae_core import phantoms
+    from lungmae_core.synthetic import phantoms
 
     return hashlib.sha256(Path(phantoms.__file__).read_bytes()).hexdigest()[:16]
 

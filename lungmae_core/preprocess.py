@@ -8,7 +8,7 @@ straight onto the output cube (one separable trilinear pass). On a 512x512x300 s
 faster and needs a fraction of the memory (``benchmarks/prepare.py`` measures both side by side).
 
 Examples:
-    >>> from lungmae_core.phantoms import generate_phantom
+    >>> from lungmae_core.synthetic.phantoms import generate_phantom
     >>> sample = preprocess_volume(generate_phantom("normal", seed=0).to_volume(), PreprocessConfig(size=64))
     >>> sample.image.shape, sample.image.dtype, sample.lung_mask.dtype
     ((1, 64, 64, 64), dtype('float32'), dtype('uint8'))
@@ -180,7 +180,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None, *,
             implausible (the message says which and the volume found).
 
     Examples:
-        >>> from lungmae_core.phantoms import generate_phantom, scanner_for_site
+        >>> from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
         >>> vol = generate_phantom("ggo", seed=1, scanner=scanner_for_site(2)).to_volume()
         >>> preprocess_volume(vol).image.shape
         (1, 128, 128, 128)

@@ -18,7 +18,7 @@ MAX_LINES = 500
 LONG_MODULES: dict[str, str] = {
     "lungmae_core/config.py": "the config loader plus ModelConfig and TrainConfig (505 lines after the stem and "
                               "layer-decay options); split planned with PreprocessConfig's move here",
-    "lungmae_core/phantoms.py": "split planned: the built-in phantoms move beside the experiment phantoms in "
+    "lungmae_core/synthetic/phantoms.py": "split planned: the built-in phantoms move beside the experiment phantoms in "
                                 "lungmae_core/synthetic/",
     "lungmae_core/train.py": "split planned: the MAE and classifier loops apart from the shared loop",
     "client/ledger.py": "split planned: the ledger file format apart from the reserve/settle protocol; 16 lines over",

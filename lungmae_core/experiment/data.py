@@ -86,7 +86,7 @@ class PhantomPlan:
 def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Generate and preprocess one phantom (runs in a worker process)."""
     class_index, seed, scanner_index, size, shape_scale = args
-    from lungmae_core.phantoms import scanner_for_site
+    from lungmae_core.synthetic.phantoms import scanner_for_site
     from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
     from lungmae_core.synthetic.experiment_phantoms import HELDOUT_SCANNER, generate_experiment_phantom
 
@@ -138,7 +138,7 @@ def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) 
 def build_phantom_sites(plan: PhantomPlan, cache_dir: str | os.PathLike[str], *, workers: int = 2,
                         progress: bool = False) -> ExperimentData:
     """Draw (or read from the cache) every site's phantoms and the pooled test set of ``plan``."""
-    from lungmae_core.phantoms import scanner_for_site
+    from lungmae_core.synthetic.phantoms import scanner_for_site
     from lungmae_core.synthetic.experiment_phantoms import EXPERIMENT_CLASSES, HELDOUT_SCANNER
 
     n_classes = len(EXPERIMENT_CLASSES)

@@ -1,6 +1,6 @@
 """Experiment phantoms: four ILD-like classes with the same lung-HU histogram that differ in WHERE and HOW.
 
-The basic phantoms (:mod:`lungmae_core.phantoms`) can be told apart by the global lung-HU histogram alone
+The basic phantoms (:mod:`lungmae_core.synthetic.phantoms`) can be told apart by the global lung-HU histogram alone
 (a 14-bin histogram and logistic regression reach 0.71-0.88 balanced accuracy), so they cannot show what an
 image model adds. Here every scan spends the same "density budget": a fraction ``f_dense`` of its lung voxels
 is raised by one increment over the subject's parenchyma (reticulation, ground glass or cyst walls all
@@ -27,7 +27,7 @@ same surface-to-volume ratio, so partial-volume averaging in the cube resize cha
 ``docs/data.md`` lists the features that separate the classes; ``lungmae_core.experiment.baselines`` holds
 the two baselines that check it (global histogram near chance, zone/texture features high).
 
-Scanners: the training sites use :func:`~lungmae_core.phantoms.scanner_for_site`; :data:`HELDOUT_SCANNER`
+Scanners: the training sites use :func:`~lungmae_core.synthetic.phantoms.scanner_for_site`; :data:`HELDOUT_SCANNER`
 (a sharp-kernel, thin-slice, low-dose profile with its own calibration) appears only in the test set.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from lungmae_core.errors import ConfigError
-from lungmae_core.phantoms import (
+from lungmae_core.synthetic.phantoms import (
     _AIR,
     _BLOOD,
     _SOFT,
@@ -184,7 +184,7 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
         shape: ``(D, H, W)``; defaults to the scanner's own (its native resolution).
 
     Returns:
-        A :class:`~lungmae_core.phantoms.Phantom` whose ``label`` is the class name.
+        A :class:`~lungmae_core.synthetic.phantoms.Phantom` whose ``label`` is the class name.
 
     Raises:
         ConfigError: for a class index outside 0..3, a severity outside [0, 1] or a too small shape.

@@ -1,7 +1,7 @@
 """MAE reconstructions for the report, computed at the server on a synthetic phantom (never on hospital data).
 
 Scans of a hospital never leave it, so the report cannot show how the MAE reconstructs *their* CT. Instead
-the server generates a built-in phantom (``lungmae_core.phantoms``), preprocesses it exactly as a site
+the server generates a built-in phantom (``lungmae_core.synthetic.phantoms``), preprocesses it exactly as a site
 would (``lungmae_core.preprocess``), masks it with the run's mask ratio and runs the last pretrain
 checkpoint of the run on it. The figure shows input, masked input and reconstruction in three orthogonal
 slices, and the same masked L1 the sites report (``evaluate_mae``), next to the trivial "average patch"
@@ -138,7 +138,7 @@ def phantom_samples(img_size: int, *, seed: int = PHANTOM_SEED) -> list[dict[str
     variety of a federation. Items are dataset items as ``evaluate_mae`` takes them:
     ``{"image": (1, S, S, S) float32 in [0, 1], "lung_mask": (1, S, S, S) float32 0/1}``.
     """
-    from lungmae_core.phantoms import PHANTOM_CLASSES, generate_phantom, scanner_for_site
+    from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom, scanner_for_site
     from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
 
     labels = [PHANTOM_LABEL] + [c for c in PHANTOM_CLASSES if c != PHANTOM_LABEL]

@@ -11,7 +11,7 @@ import pytest
 
 from lungmae_core.data import CLASS_NAMES
 from lungmae_core.errors import ConfigError
-from lungmae_core.phantoms import (PHANTOM_CLASSES, SCANNER_PROFILES, ScannerProfile, generate_phantom,
+from lungmae_core.synthetic.phantoms import (PHANTOM_CLASSES, SCANNER_PROFILES, ScannerProfile, generate_phantom,
                                    scanner_for_site)
 
 SMALL = (48, 80, 80)

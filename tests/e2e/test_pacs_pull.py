@@ -33,7 +33,7 @@ from client.prepare import prepare_site
 from client.site_config import site_config_from_mapping, write_site_config
 from lungmae_cli.main import main
 from lungmae_core.manifest import read_manifest
-from lungmae_core.synth_dicom import write_site
+from lungmae_core.synthetic.dicom_writer import write_site
 
 pytestmark = pytest.mark.slow
 
