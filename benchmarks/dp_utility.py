@@ -45,7 +45,7 @@ from lungmae_core.config import TrainConfig, model_config  # noqa: E402
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder  # noqa: E402
 from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample  # noqa: E402
 from lungmae_core.model import build_mae, patchify3d  # noqa: E402
-from lungmae_core.pipeline import _splits, phantom_dataset  # noqa: E402
+from lungmae_core.centralized.pipeline import _splits, phantom_dataset  # noqa: E402
 from lungmae_core.privacy import (  # noqa: E402
     DEFAULT_DP_FINETUNE,
     FINETUNE_CLIP,

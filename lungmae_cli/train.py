@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lungmae_core.config import TrainConfig, model_config
-    from lungmae_core.pipeline import run_centralized
+    from lungmae_core.centralized.pipeline import run_centralized
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

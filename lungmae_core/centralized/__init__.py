@@ -1,0 +1,2 @@
+"""The centralized baseline behind ``lungmae train``: all data in one place, MAE pretraining then ILD
+fine-tuning (``pipeline``), on the built-in phantoms or a prepared site cache."""
