@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lungmae_core.config import PreprocessConfig
 from lungmae_core.manifest import ManifestRow
-from lungmae_core.preprocess import PreprocessConfig
 
 # Fixed histogram bins so that data cards of different sites can be compared side by side.
 _BINS: dict[str, tuple[float, ...]] = {

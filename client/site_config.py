@@ -5,7 +5,7 @@ Sections (kebab-case keys; unknown keys are errors naming the file, the key and 
     site:        name, seed, state-dir
     data:        input, labels, cache, workers, min-slices, spacing-tolerance, irregular-spacing,
                  max-gap-factor, axial-tolerance-deg, tilt-tolerance-mm, secret-file, classes, strict-labels
-    preprocess:  the keys of lungmae_core.preprocess.PreprocessConfig (size, margin-voxels, ...)
+    preprocess:  the keys of lungmae_core.config.PreprocessConfig (size, margin-voxels, ...)
     training:    device, max-local-epochs, batch-size, num-workers
     privacy:     enabled, epsilon, delta, max-grad-norm, noise-multiplier, target-epsilon-per-round, ledger,
                  grad-sample-mode, pretrain-max-grad-norm, finetune-trainable
@@ -42,11 +42,10 @@ import yaml
 
 from client.pacs_config import PacsSection
 from lungmae_core.atomic import atomic_write_text
-from lungmae_core.config import check, from_mapping, load_yaml, to_mapping
+from lungmae_core.config import PreprocessConfig, check, from_mapping, load_yaml, to_mapping
 from lungmae_core.contract import DEFAULT_CLASSES, ContractError, check_class_names
 from lungmae_core.dicom import SeriesRules
 from lungmae_core.errors import SiteConfigError
-from lungmae_core.preprocess import PreprocessConfig
 from lungmae_core.privacy import DPConfig
 
 __all__ = [

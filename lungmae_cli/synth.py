@@ -88,8 +88,7 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
     from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
     from client.site_config import DataSection, PolicySection, SiteConfig, SiteSection, write_site_config
-    from lungmae_core.config import check
-    from lungmae_core.preprocess import PreprocessConfig
+    from lungmae_core.config import PreprocessConfig, check
     from lungmae_core.synthetic.dicom_writer import write_site
 
     check(sites >= 1, f"--sites must be at least 1; got {sites}")

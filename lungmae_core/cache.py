@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from lungmae_core.atomic import atomic_path
+from lungmae_core.config import PreprocessConfig
 from lungmae_core.errors import CacheError
-from lungmae_core.preprocess import PreprocessConfig, Sample
+from lungmae_core.preprocess import Sample
 
 __all__ = ["SAMPLES_DIR", "cache_key", "sample_path", "write_sample", "read_sample", "read_sample_meta",
            "remove_stale_temp_files"]

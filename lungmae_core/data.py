@@ -91,7 +91,8 @@ class InMemoryVolumes(_VolumeDataset):
 
     Examples:
         >>> from lungmae_core.synthetic.phantoms import generate_phantom
-        >>> from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
+        >>> from lungmae_core.config import PreprocessConfig
+        >>> from lungmae_core.preprocess import preprocess_volume
         >>> s = preprocess_volume(generate_phantom("ggo", seed=0).to_volume(), PreprocessConfig(size=32))
         >>> ds = InMemoryVolumes([s], labels=[1])
         >>> ds[0]["image"].shape, ds.labels

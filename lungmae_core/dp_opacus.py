@@ -2,15 +2,18 @@
 
 :class:`OpacusPrivacy` wraps a model, optimizer and loader for one round: it samples patients
 (``lungmae_core.dp_sampling.PatientSampled``) with a secret Poisson generator, clips each patient's gradient and
-adds noise from a second secret generator, and stops the round at its planned step count. Re-exported by
-``lungmae_core.privacy``, which plans the rounds (``RoundPlan``) and keeps the accounting.
+adds noise from a second secret generator, and stops the round at its planned step count, the
+:class:`RoundPlan` it is given. Re-exported by ``lungmae_core.privacy``, which makes those plans
+(``plan_round``) and keeps the accounting; the plan is defined here, by the code that executes it, so that
+this module needs nothing from the planner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +21,8 @@ from torch import nn
 from lungmae_core.dp_sampling import PatientSampled, secure_generator
 from lungmae_core.errors import ConfigError, LungMAEError
 
-if TYPE_CHECKING:
-    from lungmae_core.privacy import RoundPlan
-
 __all__ = ["GRAD_SAMPLE_MODES", "ACCOUNTANT", "DPIncompatibleModelError", "register_grad_samplers", "dp_problems",
-           "is_empty_batch", "OpacusPrivacy"]
+           "is_empty_batch", "OpacusPrivacy", "RoundPlan"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,36 @@ logger = logging.getLogger(__name__)
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "bookkeeping")
 
 ACCOUNTANT = "rdp"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """What one round of DP-SGD will do, fixed before it runs: the ledger records it, Opacus executes it.
+
+    Args:
+        noise_multiplier: ``sigma``.
+        sample_rate: ``q``, the Poisson probability of each scan joining a step's batch.
+        steps: ``T``, optimizer steps this round (the training may stop earlier, never later).
+        max_grad_norm: ``C``.
+        num_samples: ``N``, the scans of the training set sampled from.
+        batch_size: the expected batch ``q * N`` rounded as the plain DataLoader would batch.
+        epsilon_round: the round's own epsilon at ``delta``.
+        delta: the ``delta`` the epsilons are stated at.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    num_samples: int
+    batch_size: int
+    epsilon_round: float
+    delta: float
+
+    @property
+    def history(self) -> tuple[float, float, int]:
+        """The Opacus accountant history entry ``(noise_multiplier, sample_rate, steps)`` of this round."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 class DPIncompatibleModelError(LungMAEError, ValueError):

@@ -15,16 +15,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
+from lungmae_core.config import PreprocessConfig
 from lungmae_core.errors import InvalidSeriesError
 from lungmae_core.volume import sample_linear
-
-if TYPE_CHECKING:
-    from lungmae_core.preprocess import PreprocessConfig
 
 __all__ = ["CoarseLungMask", "coarse_lung_mask", "lung_mask_from_hu", "block_mean"]
 
@@ -229,8 +226,6 @@ def lung_mask_from_hu(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproce
         >>> m.shape == p.hu.shape
         True
     """
-    from lungmae_core.preprocess import PreprocessConfig
-
     cfg = cfg or PreprocessConfig()
     coarse = coarse_lung_mask(hu, spacing_mm, cfg)
     if coarse.factors == (1, 1, 1):

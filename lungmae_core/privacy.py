@@ -42,6 +42,7 @@ from lungmae_core.dp_opacus import (
     GRAD_SAMPLE_MODES,
     DPIncompatibleModelError,
     OpacusPrivacy,
+    RoundPlan,
     dp_problems,
     is_empty_batch,
     register_grad_samplers,
@@ -218,36 +219,6 @@ class DPConfig:
         """The clipping bound ``C`` of a phase: ``pretrain_max_grad_norm`` for ``"pretrain"``, else
         ``max_grad_norm``."""
         return float(self.pretrain_max_grad_norm if phase == "pretrain" else self.max_grad_norm)
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundPlan:
-    """What one round of DP-SGD will do, fixed before it runs: the ledger records it, Opacus executes it.
-
-    Args:
-        noise_multiplier: ``sigma``.
-        sample_rate: ``q``, the Poisson probability of each scan joining a step's batch.
-        steps: ``T``, optimizer steps this round (the training may stop earlier, never later).
-        max_grad_norm: ``C``.
-        num_samples: ``N``, the scans of the training set sampled from.
-        batch_size: the expected batch ``q * N`` rounded as the plain DataLoader would batch.
-        epsilon_round: the round's own epsilon at ``delta``.
-        delta: the ``delta`` the epsilons are stated at.
-    """
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    num_samples: int
-    batch_size: int
-    epsilon_round: float
-    delta: float
-
-    @property
-    def history(self) -> tuple[float, float, int]:
-        """The Opacus accountant history entry ``(noise_multiplier, sample_rate, steps)`` of this round."""
-        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 def sample_rate_for(num_samples: int, batch_size: int) -> float:

@@ -68,7 +68,8 @@ def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] |
     """Generate, preprocess and cache one phantom (runs in a worker process). Returns (index, rejection)."""
     from lungmae_core.cache import write_sample
     from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
-    from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
+    from lungmae_core.config import PreprocessConfig
+    from lungmae_core.preprocess import preprocess_volume
 
     index, label, seed, scanner_index, size, cache_dir, shape = job
     key = _phantom_key(label, seed, scanner_index, size, shape)
@@ -91,7 +92,7 @@ def _generator_fingerprint() -> str:
 
 def _phantom_key(label: str, seed: int, scanner_index: int, size: int, shape: tuple[int, int, int] | None) -> str:
     from lungmae_core.cache import cache_key
-    from lungmae_core.preprocess import PreprocessConfig
+    from lungmae_core.config import PreprocessConfig
 
     source = (f"phantom-v{PHANTOM_SOURCE_VERSION}:{_generator_fingerprint()}:{label}:{seed}:{scanner_index}:"
               f"{shape}")

@@ -86,9 +86,10 @@ class PhantomPlan:
 def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Generate and preprocess one phantom (runs in a worker process)."""
     class_index, seed, scanner_index, size, shape_scale = args
-    from lungmae_core.synthetic.phantoms import scanner_for_site
-    from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
+    from lungmae_core.config import PreprocessConfig
+    from lungmae_core.preprocess import preprocess_volume
     from lungmae_core.synthetic.experiment_phantoms import HELDOUT_SCANNER, generate_experiment_phantom
+    from lungmae_core.synthetic.phantoms import scanner_for_site
 
     scanner = HELDOUT_SCANNER if scanner_index < 0 else scanner_for_site(scanner_index)
     shape = tuple(max(24, round(n * shape_scale)) for n in scanner.shape)
@@ -99,7 +100,7 @@ def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Cubes for ``jobs``, read from ``cache_dir`` or generated (in ``workers`` processes) and cached."""
-    from lungmae_core.preprocess import PreprocessConfig
+    from lungmae_core.config import PreprocessConfig
     from lungmae_core.synthetic import experiment_phantoms
 
     source = Path(experiment_phantoms.__file__).read_bytes() + PreprocessConfig().fingerprint().encode()
@@ -138,8 +139,8 @@ def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) 
 def build_phantom_sites(plan: PhantomPlan, cache_dir: str | os.PathLike[str], *, workers: int = 2,
                         progress: bool = False) -> ExperimentData:
     """Draw (or read from the cache) every site's phantoms and the pooled test set of ``plan``."""
-    from lungmae_core.synthetic.phantoms import scanner_for_site
     from lungmae_core.synthetic.experiment_phantoms import EXPERIMENT_CLASSES, HELDOUT_SCANNER
+    from lungmae_core.synthetic.phantoms import scanner_for_site
 
     n_classes = len(EXPERIMENT_CLASSES)
     base = 1_000_000 * (plan.data_seed + 1)

@@ -138,8 +138,9 @@ def phantom_samples(img_size: int, *, seed: int = PHANTOM_SEED) -> list[dict[str
     variety of a federation. Items are dataset items as ``evaluate_mae`` takes them:
     ``{"image": (1, S, S, S) float32 in [0, 1], "lung_mask": (1, S, S, S) float32 0/1}``.
     """
+    from lungmae_core.config import PreprocessConfig
+    from lungmae_core.preprocess import preprocess_volume
     from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom, scanner_for_site
-    from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
 
     labels = [PHANTOM_LABEL] + [c for c in PHANTOM_CLASSES if c != PHANTOM_LABEL]
     items = []

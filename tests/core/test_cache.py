@@ -20,8 +20,9 @@ from lungmae_core.cache import (
     sample_path,
     write_sample,
 )
+from lungmae_core.config import PreprocessConfig
 from lungmae_core.errors import CacheError
-from lungmae_core.preprocess import PreprocessConfig, Sample
+from lungmae_core.preprocess import Sample
 
 
 def make_sample(size: int = 8, seed: int = 0) -> Sample:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from lungmae_core.cache import cache_key, write_sample
+from lungmae_core.config import PreprocessConfig
 from lungmae_core.data import CLASS_NAMES, CachedVolumes, InMemoryVolumes, assign_splits, resize_cube
 from lungmae_core.errors import CacheError, ConfigError, DatasetError
 from lungmae_core.manifest import ManifestRow, read_manifest, write_manifest
+from lungmae_core.preprocess import preprocess_volume
 from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
-from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
 
 CFG = PreprocessConfig(size=24)
 

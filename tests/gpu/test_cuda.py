@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from lungmae_core.config import TrainConfig, model_config
+from lungmae_core.config import PreprocessConfig, TrainConfig, model_config
 from lungmae_core.data import InMemoryVolumes
 from lungmae_core.heads import ILDClassifier, transfer_encoder
 from lungmae_core.model import build_mae
+from lungmae_core.preprocess import preprocess_volume
 from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom
-from lungmae_core.preprocess import PreprocessConfig, preprocess_volume
 from lungmae_core.train import evaluate_classifier, evaluate_mae, resolve_device, train_classifier, train_mae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
