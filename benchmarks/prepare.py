@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lungmae_core.config import PreprocessConfig  # noqa: E402
 from lungmae_core.preprocess import Sample, preprocess_volume, reference_preprocess  # noqa: E402
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site  # noqa: E402
+from lungmae_core.synthetic.phantoms import generate_phantom  # noqa: E402
+from lungmae_core.synthetic.scanners import scanner_for_site  # noqa: E402
 from lungmae_core.volume import Volume  # noqa: E402
 
 # -- config block (nanoGPT bench.py style) ------------------------------------------------------------------

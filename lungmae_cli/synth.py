@@ -123,7 +123,7 @@ def write_synthetic_sites(out: Path, *, sites: int, scans_per_site: int, seed: i
 def run(args: argparse.Namespace) -> int:
     """Write the sites and print where they are."""
     from lungmae_core.config import check
-    from lungmae_core.synthetic.phantoms import scanner_for_site
+    from lungmae_core.synthetic.scanners import scanner_for_site
 
     shape = None
     if args.slices is not None or args.matrix is not None:

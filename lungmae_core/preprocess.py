@@ -101,7 +101,8 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None, *,
             implausible (the message says which and the volume found).
 
     Examples:
-        >>> from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
+        >>> from lungmae_core.synthetic.phantoms import generate_phantom
+        >>> from lungmae_core.synthetic.scanners import scanner_for_site
         >>> vol = generate_phantom("ggo", seed=1, scanner=scanner_for_site(2)).to_volume()
         >>> preprocess_volume(vol).image.shape
         (1, 128, 128, 128)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from lungmae_core.synthetic.phantoms import ScannerProfile
 from lungmae_core.synthetic.dicom_writer import SyntheticStudy, write_ct_series
+from lungmae_core.synthetic.scanners import ScannerProfile
 
 SCANNER = ScannerProfile(name="test-sharp", manufacturer="TESTCO", model="Tiny CT", slice_thickness_mm=2.5)
 

@@ -67,7 +67,8 @@ def _fmt(value: float | None) -> str:
 def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] | None]) -> tuple[int, str | None]:
     """Generate, preprocess and cache one phantom (runs in a worker process). Returns (index, rejection)."""
     from lungmae_core.cache import write_sample
-    from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
+    from lungmae_core.synthetic.phantoms import generate_phantom
+    from lungmae_core.synthetic.scanners import scanner_for_site
     from lungmae_core.config import PreprocessConfig
     from lungmae_core.preprocess import preprocess_volume
 
@@ -84,10 +85,14 @@ def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] |
 
 @functools.lru_cache(maxsize=1)
 def _generator_fingerprint() -> str:
-    """Hash of the phantom generator's source: cached phantoms are redrawn whenever the generator changes."""
-    from lungmae_core.synthetic import phantoms
+    """Hash of the phantom generator's source (the phantoms, the anatomy they draw and the scanners that
+    acquire them): cached phantoms are redrawn whenever any of it changes."""
+    from lungmae_core.synthetic import anatomy, phantoms, scanners
 
-    return hashlib.sha256(Path(phantoms.__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for module in (phantoms, anatomy, scanners):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _phantom_key(label: str, seed: int, scanner_index: int, size: int, shape: tuple[int, int, int] | None) -> str:

@@ -89,7 +89,7 @@ def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     from lungmae_core.config import PreprocessConfig
     from lungmae_core.preprocess import preprocess_volume
     from lungmae_core.synthetic.experiment_phantoms import HELDOUT_SCANNER, generate_experiment_phantom
-    from lungmae_core.synthetic.phantoms import scanner_for_site
+    from lungmae_core.synthetic.scanners import scanner_for_site
 
     scanner = HELDOUT_SCANNER if scanner_index < 0 else scanner_for_site(scanner_index)
     shape = tuple(max(24, round(n * shape_scale)) for n in scanner.shape)
@@ -140,7 +140,7 @@ def build_phantom_sites(plan: PhantomPlan, cache_dir: str | os.PathLike[str], *,
                         progress: bool = False) -> ExperimentData:
     """Draw (or read from the cache) every site's phantoms and the pooled test set of ``plan``."""
     from lungmae_core.synthetic.experiment_phantoms import EXPERIMENT_CLASSES, HELDOUT_SCANNER
-    from lungmae_core.synthetic.phantoms import scanner_for_site
+    from lungmae_core.synthetic.scanners import scanner_for_site
 
     n_classes = len(EXPERIMENT_CLASSES)
     base = 1_000_000 * (plan.data_seed + 1)

@@ -3,7 +3,7 @@
 Simulation mode uses exactly the path a hospital uses (DICOM tree -> ``lungmae site prepare`` -> training), so
 the synthetic files must be real DICOM: every type 1 and type 2 attribute of the CT Image IOD (PS3.3 A.3;
 checked with dciodvfy in the tests), stored values with Rescale Slope/Intercept, the Image Plane module
-describing where each slice sits. Each site's :class:`~lungmae_core.synthetic.phantoms.ScannerProfile` shows in the
+describing where each slice sits. Each site's :class:`~lungmae_core.synthetic.scanners.ScannerProfile` shows in the
 files: manufacturer and model, pixel spacing, slice thickness and spacing, noise, patient position (a
 feet-first-supine series has mirrored rows and is numbered from the feet), signed vs unsigned storage.
 Like a real export, a site tree also holds a scout (localizer) per study, a Secondary Capture dose screen
@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from lungmae_core.atomic import atomic_path, atomic_write_text
-from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, ScannerProfile, generate_phantom, scanner_for_site
+from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom
+from lungmae_core.synthetic.scanners import ScannerProfile, scanner_for_site
 
 __all__ = ["SyntheticStudy", "SyntheticScan", "SiteSynthResult", "write_ct_series", "write_scout",
            "write_dose_screen", "write_site", "make_study"]

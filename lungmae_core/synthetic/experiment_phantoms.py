@@ -27,7 +27,7 @@ same surface-to-volume ratio, so partial-volume averaging in the cube resize cha
 ``docs/data.md`` lists the features that separate the classes; ``lungmae_core.experiment.baselines`` holds
 the two baselines that check it (global histogram near chance, zone/texture features high).
 
-Scanners: the training sites use :func:`~lungmae_core.synthetic.phantoms.scanner_for_site`; :data:`HELDOUT_SCANNER`
+Scanners: the training sites use :func:`~lungmae_core.synthetic.scanners.scanner_for_site`; :data:`HELDOUT_SCANNER`
 (a sharp-kernel, thin-slice, low-dose profile with its own calibration) appears only in the test set.
 """
 
@@ -40,22 +40,19 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from lungmae_core.errors import ConfigError
-from lungmae_core.synthetic.phantoms import (
-    _AIR,
-    _BLOOD,
-    _SOFT,
-    Phantom,
-    ScannerProfile,
-    _blur,
-    _Grid,
-    _lung_box,
-    _lung_vessels_and_airways,
-    _make_subject,
-    _noise_and_calibration,
-    _render_anatomy,
-    _smooth_noise,
-    checked_acquisition,
+from lungmae_core.synthetic.anatomy import (
+    AIR,
+    BLOOD,
+    SOFT,
+    Grid,
+    lung_box,
+    lung_vessels_and_airways,
+    make_subject,
+    render_anatomy,
+    smooth_noise,
 )
+from lungmae_core.synthetic.phantoms import Phantom
+from lungmae_core.synthetic.scanners import ScannerProfile, blur, checked_acquisition, noise_and_calibration
 
 __all__ = ["EXPERIMENT_CLASSES", "HELDOUT_SCANNER", "generate_experiment_phantom", "DENSE_INCREMENT_HU",
            "LOW_HU"]
@@ -115,18 +112,18 @@ def _top(score: np.ndarray, count: int) -> np.ndarray:
 
 
 def _add_pattern(index: int, severity: float, hu: np.ndarray, reference: np.ndarray, lung: np.ndarray,
-                 rho: np.ndarray, t: np.ndarray, grid: _Grid, parenchyma_hu: float, rng: np.random.Generator,
+                 rho: np.ndarray, t: np.ndarray, grid: Grid, parenchyma_hu: float, rng: np.random.Generator,
                  ) -> tuple[float, float]:
     """Draw class ``index``'s pattern into ``hu`` (in place) and the same amounts, at random places, into
     ``reference`` (a copy of ``hu``: its lung histogram is the one every class gets); returns the fractions."""
-    box = _lung_box(lung)
+    box = lung_box(lung)
     in_lung = lung[box] > 0
     idx = np.nonzero(in_lung)
     n = idx[0].size
     tz = np.asarray(t[box[0]], np.float32)[idx[0]]
     r = rho[box].astype(np.float32)[idx]
     zone = _zone(_ZONE_OF[index], tz, r)
-    patchy = _smooth_noise(rng, grid, 18.0, box)[idx]
+    patchy = smooth_noise(rng, grid, 18.0, box)[idx]
     zone = zone * np.clip(0.75 + 0.25 * patchy, 0.0, None)
     # Extent follows severity; how dense the abnormal lung is and how much air trapping or cyst lumen a
     # subject has vary independently, with the same law for every class (the histogram stays uninformative).
@@ -142,7 +139,7 @@ def _add_pattern(index: int, severity: float, hu: np.ndarray, reference: np.ndar
         wall = _cells(rng, points, lo, hi, cell_mm=10.0) < 2.0
         dense = _top(wall * (1.0 + zone) + jitter, int(f_dense * n))
     elif texture == "ggo":
-        blobs = _smooth_noise(rng, grid, 4.0, box)[idx] > 0.35
+        blobs = smooth_noise(rng, grid, 4.0, box)[idx] > 0.35
         dense = _top(blobs * (1.0 + zone) + jitter, int(f_dense * n))
     else:  # cystic: walls and lumens of the same cells, in the same zone
         d_wall = _cells(rng, points, lo, hi, cell_mm=13.0)
@@ -150,7 +147,7 @@ def _add_pattern(index: int, severity: float, hu: np.ndarray, reference: np.ndar
     if texture == "cystic":
         low = _top((d_wall > 2.8) * (1.0 + zone) * ~dense + jitter, int(f_low * n))
     else:  # air-trapping lobules scattered through the lungs, independent of the zone
-        lobules = _smooth_noise(rng, grid, 4.0, box)[idx]
+        lobules = smooth_noise(rng, grid, 4.0, box)[idx]
         low = _top(np.where(dense, -10.0, lobules) + jitter, int(f_low * n))
     for target, (d_mask, l_mask) in ((hu, (dense, low)), (reference, _shuffled(rng, dense, low))):
         h = target[box]
@@ -197,20 +194,20 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
     sev = float(pattern_rng.uniform(0.2, 1.0)) if severity is None else float(severity)
     extent = scanner.extent_mm
     spacing = np.array([e / k for e, k in zip(extent, shape_t, strict=False)], dtype=np.float64)
-    grid = _Grid(shape_t, spacing)  # type: ignore[arg-type]
+    grid = Grid(shape_t, spacing)  # type: ignore[arg-type]
     # "normal" anatomy: no volume loss or hyperinflation, so lung size says nothing about the class.
-    subj = _make_subject(anatomy_rng, extent, "normal", 0.0)
-    hu, lung, rho, t = _render_anatomy(subj, grid, anatomy_rng)
+    subj = make_subject(anatomy_rng, extent, "normal", 0.0)
+    hu, lung, rho, t = render_anatomy(subj, grid, anatomy_rng)
     reference = hu.copy()
     f_dense, f_low = _add_pattern(class_index, sev, hu, reference, lung, rho, t, grid, subj.parenchyma_hu,
                                   pattern_rng)
-    vessels, wall, lumen = _lung_vessels_and_airways(subj, grid, lung, anatomy_rng)
+    vessels, wall, lumen = lung_vessels_and_airways(subj, grid, lung, anatomy_rng)
     in_lung = lung > 0
     vessels *= in_lung
     for target in (hu, reference):
-        target += vessels * (_BLOOD - target)
-        target += wall * (_SOFT - target)
-        target += lumen * (_AIR - target)
+        target += vessels * (BLOOD - target)
+        target += wall * (SOFT - target)
+        target += lumen * (AIR - target)
     del vessels, wall, lumen, rho
     # Where the pattern goes changes which parenchyma it replaces (the posterior lung is denser), and the
     # kernel and slice blur change a thin wall's histogram more than a blob's. Giving the blurred lung the
@@ -218,13 +215,13 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
     # its spatial order) makes the classes' histograms alike at native resolution, before the noise.
     before = np.sort(reference[in_lung])
     del reference
-    _blur(hu, scanner, spacing)
+    blur(hu, scanner, spacing)
     after = hu[in_lung]
     after[np.argsort(after, kind="stable")] = before
     hu[in_lung] = after
     # Subjects differ in lung density beyond inspiration (age, perfusion, body habitus): a lung-wide shift.
     hu[in_lung] += np.float32(anatomy_rng.normal(0.0, 25.0))
-    _noise_and_calibration(hu, scanner, np.random.default_rng([int(seed), 12]))
+    noise_and_calibration(hu, scanner, np.random.default_rng([int(seed), 12]))
     log.debug("experiment phantom %s (severity %.2f, dense %.3f, low %.3f) on %s", EXPERIMENT_CLASSES[class_index],
               sev, f_dense, f_low, scanner.name)
     return Phantom(hu=hu, spacing_mm=spacing, lung_mask=in_lung.astype(np.uint8), label=EXPERIMENT_CLASSES[class_index],

@@ -140,7 +140,8 @@ def phantom_samples(img_size: int, *, seed: int = PHANTOM_SEED) -> list[dict[str
     """
     from lungmae_core.config import PreprocessConfig
     from lungmae_core.preprocess import preprocess_volume
-    from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom, scanner_for_site
+    from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom
+    from lungmae_core.synthetic.scanners import scanner_for_site
 
     labels = [PHANTOM_LABEL] + [c for c in PHANTOM_CLASSES if c != PHANTOM_LABEL]
     items = []

@@ -17,8 +17,9 @@ from client.prepare import prepare_site
 from client.site_config import SiteConfig, load_site_config, site_config_from_mapping
 from lungmae_cli.main import main
 from lungmae_core.manifest import read_manifest
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
 from lungmae_core.synthetic.dicom_writer import make_study, write_ct_series, write_site
+from lungmae_core.synthetic.phantoms import generate_phantom
+from lungmae_core.synthetic.scanners import scanner_for_site
 from tests.dicom_factory import tiny_hu, write_series
 
 SHAPE = (40, 64, 64)

@@ -14,7 +14,8 @@ from lungmae_core.data import CLASS_NAMES, CachedVolumes, InMemoryVolumes, assig
 from lungmae_core.errors import CacheError, ConfigError, DatasetError
 from lungmae_core.manifest import ManifestRow, read_manifest, write_manifest
 from lungmae_core.preprocess import preprocess_volume
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
+from lungmae_core.synthetic.phantoms import generate_phantom
+from lungmae_core.synthetic.scanners import scanner_for_site
 
 CFG = PreprocessConfig(size=24)
 

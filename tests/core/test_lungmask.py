@@ -8,7 +8,8 @@ import pytest
 from lungmae_core.config import PreprocessConfig
 from lungmae_core.errors import InvalidSeriesError
 from lungmae_core.lungmask import block_mean, coarse_lung_mask, lung_mask_from_hu
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
+from lungmae_core.synthetic.phantoms import generate_phantom
+from lungmae_core.synthetic.scanners import scanner_for_site
 
 SHAPE = (64, 112, 112)
 

@@ -11,8 +11,8 @@ import pytest
 
 from lungmae_core.data import CLASS_NAMES
 from lungmae_core.errors import ConfigError
-from lungmae_core.synthetic.phantoms import (PHANTOM_CLASSES, SCANNER_PROFILES, ScannerProfile, generate_phantom,
-                                   scanner_for_site)
+from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom
+from lungmae_core.synthetic.scanners import SCANNER_PROFILES, ScannerProfile, scanner_for_site
 
 SMALL = (48, 80, 80)
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import pytest
 from lungmae_core.config import PreprocessConfig, from_mapping
 from lungmae_core.errors import ConfigError, InvalidSeriesError
 from lungmae_core.preprocess import Sample, preprocess_volume, reference_preprocess
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
+from lungmae_core.synthetic.phantoms import generate_phantom
+from lungmae_core.synthetic.scanners import scanner_for_site
 from lungmae_core.volume import Volume, sample_linear
 
 SHAPE = (56, 96, 96)

@@ -11,8 +11,9 @@ import pydicom
 import pytest
 
 from lungmae_core.dicom import SeriesRejected, SeriesRules, index_tree, load_series, plan_series
-from lungmae_core.synthetic.phantoms import generate_phantom, scanner_for_site
 from lungmae_core.synthetic.dicom_writer import make_study, write_ct_series, write_site
+from lungmae_core.synthetic.phantoms import generate_phantom
+from lungmae_core.synthetic.scanners import scanner_for_site
 
 SHAPE = (24, 48, 48)
 

@@ -57,7 +57,7 @@ def test_same_arguments_same_phantom_and_bad_input_is_refused():
 
 def test_zones_differ_where_the_class_says():
     """Apical-cystic puts its dense voxels high in the lungs, basal-reticular low (true masks, no noise)."""
-    from lungmae_core.synthetic.phantoms import ScannerProfile
+    from lungmae_core.synthetic.scanners import ScannerProfile
 
     quiet = ScannerProfile(noise_hu=0.0, blur_mm=0.0, slice_thickness_mm=3.0, slice_spacing_mm=3.0)
     heights = []
