@@ -302,7 +302,7 @@ def _check_privacy(cfg: Any) -> CheckResult:
         return CheckResult("privacy", None, "DP-SGD is off for this site (privacy: enabled false)")
     from client.ledger import LedgerError, PrivacyLedger
 
-    ledger_path = dp.ledger if dp.ledger is not None else Path(cfg.data.cache) / "privacy-ledger.json"
+    ledger_path = Path(dp.ledger)  # load_site_config always sets it (default: <state-dir>/privacy-ledger.json)
     try:
         ledger = PrivacyLedger(ledger_path, budget_epsilon=float(dp.epsilon or 0.0), delta=dp.delta,
                                site=cfg.site.name)

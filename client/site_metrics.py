@@ -71,7 +71,7 @@ class SiteMetrics(Collector):
         dp = self.cfg.privacy
         if not dp.enabled:
             return None
-        path = dp.ledger if dp.ledger is not None else Path(self.cfg.data.cache) / "privacy-ledger.json"
+        path = Path(dp.ledger)  # load_site_config always sets it (default: <state-dir>/privacy-ledger.json)
         if not Path(path).exists():
             return {"epsilon_total": 0.0, "rounds": 0, "last_seconds": None}
         data = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -203,6 +203,28 @@ def test_privacy_ledger_budget(prepared_site: Path, tmp_path: Path, pki: Path, t
     assert broken.ok is False and str(ledger) in broken.message and "never delete it" in broken.hint
 
 
+def test_privacy_default_ledger_is_read_from_the_state_dir(prepared_site: Path, tmp_path: Path, pki: Path,
+                                                           tls_server: int) -> None:
+    """Without ``privacy.ledger`` the ledger is ``<state-dir>/privacy-ledger.json``, never one in the cache."""
+    from client.site_config import load_site_config
+
+    cfg = _site(prepared_site, tmp_path, pki, tls_server,
+                privacy={"enabled": True, "epsilon": 4.0, "noise-multiplier": 1.0})
+    site = load_site_config(cfg)
+    state_ledger = Path(site.site.state_dir) / "privacy-ledger.json"
+    cache_ledger = Path(site.data.cache) / "privacy-ledger.json"
+    cache_ledger.write_text(json.dumps({"format": "in-the-cache"}))
+    try:
+        assert _result(run_preflight(cfg, min_free_gb=0.01), "privacy").ok is True  # the cache's file is ignored
+        state_ledger.parent.mkdir(parents=True, exist_ok=True)
+        state_ledger.write_text(json.dumps({"format": "something-else"}))
+        broken = _result(run_preflight(cfg, min_free_gb=0.01), "privacy")
+        assert broken.ok is False and str(state_ledger) in broken.message
+    finally:
+        cache_ledger.unlink()
+        state_ledger.unlink(missing_ok=True)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -58,6 +58,17 @@ def test_epsilon_from_the_ledger_read_at_scrape_time(tmp_path: Path) -> None:
     assert _values(metrics.render())[("lungmae_site_scrape_errors", ())] == 1  # a broken file never breaks a scrape
 
 
+def test_default_ledger_is_the_state_dirs(tmp_path: Path) -> None:
+    """Without ``privacy.ledger`` the ledger read is ``<state-dir>/privacy-ledger.json``, not one in the cache."""
+    cfg = load_site_config(_site(tmp_path, {"enabled": True, "epsilon": 3.0, "noise-multiplier": 1.0}))
+    (tmp_path / "cache" / "privacy-ledger.json").write_text(json.dumps({"entries": [{"epsilon_total": 2.5}]}))
+    state = Path(cfg.site.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "privacy-ledger.json").write_text(json.dumps({"entries": [{"epsilon_total": 0.5}]}))
+    v = _values(SiteMetrics(cfg).render())
+    assert v[("lungmae_site_epsilon_spent", ())] == 0.5 and v[("lungmae_site_dp_rounds", ())] == 1
+
+
 def test_served_on_loopback(tmp_path: Path) -> None:
     metrics = SiteMetrics(load_site_config(_site(tmp_path)))
     port = metrics.serve(0)
