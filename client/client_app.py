@@ -26,16 +26,29 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from lungmae_core.errors import (
-    CacheError, ConfigError, LungMAEError, NonFiniteLossError, PrivacyBudgetExceeded, SiteConfigError,
-)
-from client.privacy_gate import PrivacyRequirementNotMet, refusal_reason
-from lungmae_core.privacy import PRIVACY_REFUSAL_CODE
-from lungmae_core.contract import (
-    EVALUATE, PRETRAIN, QUERY, TRAIN, ContractError, EvalReply, QueryReply, RoundConfig, TrainReply,
-)
-from client.site_audit import record_exchange, record_site_event
 from client.policy import POLICY_REFUSAL_CODE, PolicyRefusal, Usage, check_request
+from client.privacy_gate import PrivacyRequirementNotMet, refusal_reason
+from client.site_audit import record_exchange, record_site_event
+from lungmae_core.contract import (
+    EVALUATE,
+    PRETRAIN,
+    QUERY,
+    TRAIN,
+    ContractError,
+    EvalReply,
+    QueryReply,
+    RoundConfig,
+    TrainReply,
+)
+from lungmae_core.errors import (
+    CacheError,
+    ConfigError,
+    LungMAEError,
+    NonFiniteLossError,
+    PrivacyBudgetExceeded,
+    SiteConfigError,
+)
+from lungmae_core.privacy import PRIVACY_REFUSAL_CODE
 
 __all__ = ["make_client_app", "app", "SiteUnavailable", "CONTRACT_ERROR_CODE", "SITE_RECORD", "SITE_NAME_KEY"]
 
@@ -98,9 +111,8 @@ def _seed(cfg: RoundConfig, site_name: str) -> int:
 
 
 def _datasets(site: Any, cfg: RoundConfig, size: int, split: str, labelled: bool) -> Any:
-    from lungmae_core.data import CachedVolumes
-
     from client.site_config import require_model_window
+    from lungmae_core.data import CachedVolumes
 
     require_model_window(site)
     if site.data.cache is None:
@@ -256,11 +268,10 @@ def make_client_app(site_configs: Sequence[Path] | None = None) -> ClientApp:
         return out
 
     def train(msg: Message, site: Any, cfg: RoundConfig) -> Message:
+        from client.privacy_gate import PrivacyRequirement
         from lungmae_core.config import TrainConfig
         from lungmae_core.train import class_weights_from_labels, train_classifier, train_mae
         from lungmae_core.wire import pack_state, packed_nbytes, state_delta
-
-        from client.privacy_gate import PrivacyRequirement
 
         config = msg.content["config"]
         phase = cfg.phase

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the test metrics next to the reconstruction figures."""
     import torch
 
-    from lungmae_core.config import TrainConfig, model_config
     from lungmae_core.centralized.pipeline import run_centralized
+    from lungmae_core.config import TrainConfig, model_config
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

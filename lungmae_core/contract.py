@@ -32,8 +32,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lungmae_core.contract_fields import (
-    CONTRACT_VERSION, MAX_EXAMPLES, ContractError, check_version, exact_keys, get_field, read_bool, read_choice,
-    read_counts, read_float, read_int, show,
+    CONTRACT_VERSION,
+    MAX_EXAMPLES,
+    ContractError,
+    check_version,
+    exact_keys,
+    get_field,
+    read_bool,
+    read_choice,
+    read_counts,
+    read_float,
+    read_int,
+    show,
 )
 
 __all__ = [
@@ -178,14 +188,17 @@ class RoundConfig:
         return cls.__new__(cls)._init(
             phase=read_choice(m, "phase", w, EVAL_STAGES), server_round=read_int(m, "server-round", w, 0, _MAX_ROUND),
             model_name=name, model_config=model_cfg, class_names=classes,
-            pooling=read_choice(m, "pooling", w, POOLINGS), finetune_mode=read_choice(m, "finetune-mode", w, FINETUNE_MODES),
+            pooling=read_choice(m, "pooling", w, POOLINGS),
+            finetune_mode=read_choice(m, "finetune-mode", w, FINETUNE_MODES),
             lr=read_float(m, "lr", w, 0.0, 1.0, open_lo=True), local_epochs=read_int(m, "local-epochs", w, 1, 10_000),
-            batch_size=read_int(m, "batch-size", w, 0, 65_536), phase_round=read_int(m, "phase-round", w, 0, phase_rounds),
+            batch_size=read_int(m, "batch-size", w, 0, 65_536),
+            phase_round=read_int(m, "phase-round", w, 0, phase_rounds),
             phase_rounds=phase_rounds, proximal_mu=read_float(m, "proximal-mu", w, 0.0, 1e4),
             compression=read_choice(m, "compression", w, COMPRESSIONS), seed=read_int(m, "seed", w, 0, 2**31 - 1),
             require_dp=read_bool(m, "require-dp", w),
             max_epsilon_per_round=read_float(m, "max-epsilon-per-round", w, 0.0, 1e6),
-            split=read_choice(m, "split", w, SPLITS), train_metrics=read_choice(m, "train-metrics", w, TRAIN_METRICS_REQUESTS))
+            split=read_choice(m, "split", w, SPLITS),
+            train_metrics=read_choice(m, "train-metrics", w, TRAIN_METRICS_REQUESTS))
 
     def _init(self, **values: Any) -> RoundConfig:
         for k, v in values.items():  # frozen: set fields without re-running __post_init__'s round trip
@@ -318,7 +331,8 @@ class TrainReply:
                                                          "loss_lung": (0.0, 1e6), "loss_non_lung": (0.0, 1e6)})
         return cls(server_round=read_int(m, "server_round", w, 0, _MAX_ROUND),
                    num_examples=read_int(m, "num_examples", w, 1, MAX_EXAMPLES),
-                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6), train_seconds=read_float(m, "train_seconds", w, 0.0, 1e7),
+                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6),
+                   train_seconds=read_float(m, "train_seconds", w, 0.0, 1e7),
                    update_bytes=read_int(m, "update_bytes", w, 0, 2**62), **opt)
 
 
@@ -391,7 +405,8 @@ class EvalReply:
                 raise ContractError(f"{w}: 'score_histogram' of class {c} counts {sum(block)} scans, not {n}",
                                     "score_histogram")
         return cls(server_round=read_int(m, "server_round", w, 0, _MAX_ROUND), num_examples=n,
-                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6), classes_present=read_int(m, "classes_present", w, 0, k),
+                   epsilon=read_float(m, "epsilon", w, 0.0, 1e6),
+                   classes_present=read_int(m, "classes_present", w, 0, k),
                    suppressed=read_bool(m, "suppressed", w), confusion_matrix=cm, score_histogram=hist,
                    **_decode_optional(m, _EVAL_OPTIONAL, w, _EVAL_BOUNDS))
 
@@ -460,7 +475,8 @@ class RoundRecord:
             raise ContractError(f"{w}: 'note' must be text", "note")
         return cls(round=read_int(m, "round", w, 0, _MAX_ROUND), phase=read_choice(m, "phase", w, PHASES),
                    phase_round=read_int(m, "phase_round", w, 0, _MAX_ROUND),
-                   phase_rounds=read_int(m, "phase_rounds", w, 0, _MAX_ROUND), step=read_int(m, "step", w, 0, _MAX_ROUND),
+                   phase_rounds=read_int(m, "phase_rounds", w, 0, _MAX_ROUND),
+                   step=read_int(m, "step", w, 0, _MAX_ROUND),
                    train=parts["train"], evaluate=parts["evaluate"], participation=dict(m["participation"]),
                    failures=[dict(x) for x in m["failures"]], rejected_updates=[dict(x) for x in m["rejected_updates"]],
                    bytes=dict(m["bytes"]), skipped=read_bool(m, "skipped", w), note=note,

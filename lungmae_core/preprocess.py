@@ -137,11 +137,12 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig | None = None, *,
     factors = [max(1, int(np.floor((hi_mm[k] - lo_mm[k]) / (s - 1) / spacing[k] + 1e-6))) if cfg.antialias else 1
                for k in range(3)]
     start = [int(np.floor(c[0])) for c in coords_in]
-    stop = [min(int(np.ceil(c[-1])) + f, int(n)) for c, n, f in zip(coords_in, shape, factors)]
+    stop = [min(int(np.ceil(c[-1])) + f, int(n)) for c, n, f in zip(coords_in, shape, factors, strict=True)]
     roi = hu[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
     if max(factors) > 1:
         roi = block_mean(roi, factors)
-    cube_hu = sample_linear(roi, [(c - st - (f - 1) / 2.0) / f for c, st, f in zip(coords_in, start, factors)])
+    cube_hu = sample_linear(roi, [(c - st - (f - 1) / 2.0) / f
+                                  for c, st, f in zip(coords_in, start, factors, strict=True)])
     coords_mask = [coarse.from_input_index(c, k) for k, c in enumerate(coords_in)]
     cube_mask = sample_linear(coarse.mask.astype(np.float32), coords_mask) >= 0.5
     clock.lap("resample")

@@ -29,13 +29,24 @@ from flwr.serverapp import Grid
 
 from lungmae_core.config import model_config, to_mapping
 from lungmae_core.contract import (
-    CROSS_SITE, EVALUATE, FINAL, FINETUNE, PRETRAIN, TRAIN, RoundConfig, RoundRecord,
+    CROSS_SITE,
+    EVALUATE,
+    FINAL,
+    FINETUNE,
+    PRETRAIN,
+    TRAIN,
+    RoundConfig,
+    RoundRecord,
 )
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder
 from lungmae_core.model import build_mae
-
 from server.checkpoints import (
-    Checkpoint, CheckpointStore, atomic_write_json, atomic_write_text, code_version, export_model,
+    Checkpoint,
+    CheckpointStore,
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    export_model,
 )
 from server.cross_site import GLOBAL_MODEL
 from server.cross_site_step import cross_site_matrix, run_cross_site

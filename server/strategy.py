@@ -32,12 +32,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from lungmae_core.contract import (
-    EVALUATE, PRETRAIN, TRAIN, ContractError, EvalReply, RoundConfig, TrainReply,
+    EVALUATE,
+    PRETRAIN,
+    TRAIN,
+    ContractError,
+    EvalReply,
+    RoundConfig,
+    TrainReply,
 )
 from lungmae_core.metrics import auc_from_histograms, pooled_from_confusion
 from lungmae_core.privacy import central_dp_epsilon, central_dp_mean, is_privacy_refusal, secure_generator
 from lungmae_core.wire import apply_delta, pack_state, packed_layout
-
 from server.aggregation import aggregate_updates, capped_shares
 from server.sites import SiteRegistry
 from server.update_checks import Rejection, UpdateRejected, validate_update

@@ -37,8 +37,15 @@ from lungmae_core.config import ModelConfig, TrainConfig, model_config, to_mappi
 from lungmae_core.errors import DatasetError, InvalidSeriesError
 from lungmae_core.heads import ILDClassifier, transfer_encoder
 from lungmae_core.model import build_mae
-from lungmae_core.train import (WarmupCosine, class_weights_from_labels, evaluate_classifier, evaluate_mae,
-                                resolve_device, train_classifier, train_mae)
+from lungmae_core.train import (
+    WarmupCosine,
+    class_weights_from_labels,
+    evaluate_classifier,
+    evaluate_mae,
+    resolve_device,
+    train_classifier,
+    train_mae,
+)
 
 __all__ = ["PHANTOM_SOURCE_VERSION", "phantom_dataset", "run_centralized", "save_checkpoint"]
 
@@ -67,10 +74,10 @@ def _fmt(value: float | None) -> str:
 def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] | None]) -> tuple[int, str | None]:
     """Generate, preprocess and cache one phantom (runs in a worker process). Returns (index, rejection)."""
     from lungmae_core.cache import write_sample
-    from lungmae_core.synthetic.phantoms import generate_phantom
-    from lungmae_core.synthetic.scanners import scanner_for_site
     from lungmae_core.config import PreprocessConfig
     from lungmae_core.preprocess import preprocess_volume
+    from lungmae_core.synthetic.phantoms import generate_phantom
+    from lungmae_core.synthetic.scanners import scanner_for_site
 
     index, label, seed, scanner_index, size, cache_dir, shape = job
     key = _phantom_key(label, seed, scanner_index, size, shape)
@@ -162,7 +169,8 @@ def phantom_dataset(
                 bar.update(1)
         else:
             # spawn: the parent already runs torch threads, which a forked child must not inherit
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
                 for index, reason in pool.map(_phantom_job, todo):
                     if reason:
                         rejected[index] = reason
@@ -177,7 +185,8 @@ def phantom_dataset(
         labels.append(CLASS_NAMES.index(label))
         ids.append(f"phantom-{index:05d}")
     if rejected:
-        logger.warning("%d phantom(s) rejected by preprocessing, e.g.: %s", len(rejected), next(iter(rejected.values())))
+        logger.warning("%d phantom(s) rejected by preprocessing, e.g.: %s", len(rejected),
+                       next(iter(rejected.values())))
     if not samples:
         raise DatasetError("Unable to build the phantom dataset as preprocessing rejected every phantom")
     return InMemoryVolumes(samples, labels, ids), list(rejected.values())
@@ -311,9 +320,9 @@ def run_centralized(
     logger.info("data: %s, %d scans (%d rejected); pretrain %d, train %d, val %d, test %d", source, len(dataset),
                 len(rejected), *counts.values())
     epoch_log = _EpochLog(workdir / "log.jsonl")
-    metrics: dict[str, Any] = {"config": {"model": to_mapping(cfg), "pretrain": to_mapping(pre_cfg) if pretrain else None,
-                                          "finetune": to_mapping(fine_cfg), "seed": seed, "device": str(dev),
-                                          "source": source},
+    run_config = {"model": to_mapping(cfg), "pretrain": to_mapping(pre_cfg) if pretrain else None,
+                  "finetune": to_mapping(fine_cfg), "seed": seed, "device": str(dev), "source": source}
+    metrics: dict[str, Any] = {"config": run_config,
                                "data": {"scans": len(dataset), "rejected": len(rejected), **counts}}
 
     # -- pretraining: one warmup + cosine curve over all epochs, one epoch per call

@@ -57,7 +57,8 @@ def test_missing_cache_names_the_site_and_the_fix(tmp_path: Path, capsys: pytest
     assert f"run `lungmae site prepare --config {config}`" in err
 
 
-def test_duplicate_incomplete_stale_and_unlabelled_caches_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicate_incomplete_stale_and_unlabelled_caches_are_refused(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     (labelled,) = _synth(tmp_path / "a")
     _prepare(labelled)
     err = _simulate_error(capsys, tmp_path, labelled, labelled)
@@ -140,7 +141,8 @@ def test_simulate_over_synth_sites_matches_the_built_in_default(tmp_path: Path) 
     left = _numbers({"final": a["final"], "sites": a.get("sites"), "rounds": rounds[0]})
     right = _numbers({"final": b["final"], "sites": b.get("sites"), "rounds": rounds[1]})
     assert left.keys() == right.keys()
-    assert any("final.pooled.accuracy" in k for k in left)  # balanced accuracy is undefined on 2 test scans and any("loss" in k for k in left)
+    # Accuracy, not balanced accuracy: the latter is undefined on 2 test scans.
+    assert any("final.pooled.accuracy" in k for k in left) and any("loss" in k for k in left)
     differ = {k: (left[k], right[k]) for k in left
               if not math.isclose(left[k], right[k], rel_tol=1e-5, abs_tol=1e-6)}
     assert not differ, differ

@@ -53,7 +53,8 @@ def test_named_configs_geometry(name: str, tokens: int, patch_dim: int) -> None:
 
 def test_tiny_matches_brief() -> None:
     cfg = model_config("tiny")
-    assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (64, 16, 192, 4, 3, 768)
+    assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (
+        64, 16, 192, 4, 3, 768)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (128, 2, 4)
 
 
@@ -112,8 +113,10 @@ def test_train_defaults_follow_paper() -> None:
     ({"max_steps": 0}, "max_steps must be >= 1 or null; got 0"),
     ({"flip_p": 1.5}, "flip_p must be a probability in [0, 1]; got 1.5"),
     ({"amp": "fp8"}, "'amp' must be one of 'bf16', 'fp16', 'none'; got 'fp8'"),
-    ({"finetune_mode": "probe"}, "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'probe'"),
-    ({"finetune_mode": "last-0"}, "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'last-0'"),
+    ({"finetune_mode": "probe"},
+     "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'probe'"),
+    ({"finetune_mode": "last-0"},
+     "finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got 'last-0'"),
     ({"batch_size": "8"}, "'batch_size' must be an integer; got '8'"),
 ])
 def test_train_config_errors(overrides: dict, message: str) -> None:

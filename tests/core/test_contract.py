@@ -8,8 +8,16 @@ import math
 import pytest
 
 from lungmae_core.contract import (
-    COMPRESSIONS, CONTRACT_VERSION, HIST_BINS, POOLINGS, ContractError, EvalReply, QueryReply, RoundConfig,
-    RoundRecord, TrainReply,
+    COMPRESSIONS,
+    CONTRACT_VERSION,
+    HIST_BINS,
+    POOLINGS,
+    ContractError,
+    EvalReply,
+    QueryReply,
+    RoundConfig,
+    RoundRecord,
+    TrainReply,
 )
 
 CFG = RoundConfig(phase="finetune", server_round=4, model_name="tiny", model_config={"name": "tiny", "img-size": 32},

@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from lungmae_core.config import model_config
-from lungmae_core.model import (MAE3D, LearnedPositionEmbedding, LearnedToken, build_mae, mae3d_vit_tiny_patch16,
-                                patchify3d, random_masking, unpatchify3d)
+from lungmae_core.model import (
+    MAE3D,
+    LearnedPositionEmbedding,
+    LearnedToken,
+    build_mae,
+    mae3d_vit_tiny_patch16,
+    patchify3d,
+    random_masking,
+    unpatchify3d,
+)
 
 
 @pytest.mark.parametrize("shape, p, expected", [
@@ -76,7 +84,7 @@ def test_encoder_sees_only_visible_tokens() -> None:
 
 def test_build_mae_seed_and_factories() -> None:
     a, b = build_mae("tiny", seed=3), build_mae("tiny", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.encoder.pos_embed.weight, build_mae("tiny", seed=4).encoder.pos_embed.weight)
     assert mae3d_vit_tiny_patch16(img_size=32).cfg.num_patches == 8
 

@@ -104,7 +104,7 @@ def test_sites_written_in_parallel_equal_sites_written_one_by_one(tmp_path: Path
     pooled = write_synthetic_sites(tmp_path / "pooled", workers=2, **kwargs)
     serial = write_synthetic_sites(tmp_path / "serial", workers=1, **kwargs)
     assert [p.relative_to(tmp_path / "pooled") for p in pooled] == [p.relative_to(tmp_path / "serial") for p in serial]
-    for a, b in zip(pooled, serial):
+    for a, b in zip(pooled, serial, strict=True):
         files_a = sorted(p.relative_to(a.parent) for p in (a.parent / "dicom").rglob("*") if p.is_file())
         files_b = sorted(p.relative_to(b.parent) for p in (b.parent / "dicom").rglob("*") if p.is_file())
         assert files_a == files_b and len(files_a) == 2 * (SHAPE[0] + 1) + 2

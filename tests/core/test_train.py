@@ -12,8 +12,16 @@ from lungmae_core.config import ModelConfig, TrainConfig
 from lungmae_core.errors import ConfigError, DatasetError, NonFiniteLossError
 from lungmae_core.heads import ILDClassifier, transfer_encoder
 from lungmae_core.model import build_mae
-from lungmae_core.train import (WarmupCosine, class_weights_from_labels, evaluate_classifier, evaluate_mae,
-                                resolve_device, train_classifier, train_mae, warmup_cosine)
+from lungmae_core.train import (
+    WarmupCosine,
+    class_weights_from_labels,
+    evaluate_classifier,
+    evaluate_mae,
+    resolve_device,
+    train_classifier,
+    train_mae,
+    warmup_cosine,
+)
 
 # A miniature of ``tiny`` so the loops run in milliseconds: 16**3 volumes, 64 tokens of 4**3 voxels, 16 visible.
 CFG = ModelConfig(name="test", img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=2, mlp_dim=96,
