@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lungmae_core.config import model_config  # noqa: E402
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample  # noqa: E402
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1  # noqa: E402
 from lungmae_core.model import build_mae, patchify3d  # noqa: E402
 from lungmae_core.privacy import register_grad_samplers  # noqa: E402
 
@@ -139,7 +139,7 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     def step() -> float:
         mask_gen.manual_seed(seed)
         pred, mask = forward_model(images, generator=mask_gen)
-        per_sample = lung_weighted_l1_per_sample(pred, target, mask, lung_frac).total  # (B,)
+        per_sample = lung_weighted_l1(pred, target, mask, lung_frac, per_sample=True).total  # (B,)
         if ghost:
             from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 

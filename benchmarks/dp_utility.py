@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lungmae_core.centralized.pipeline import _splits, phantom_dataset  # noqa: E402
 from lungmae_core.config import TrainConfig, model_config  # noqa: E402
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder  # noqa: E402
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample  # noqa: E402
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1  # noqa: E402
 from lungmae_core.model import build_mae, patchify3d  # noqa: E402
-from lungmae_core.centralized.pipeline import _splits, phantom_dataset  # noqa: E402
 from lungmae_core.privacy import (  # noqa: E402
     DEFAULT_DP_FINETUNE,
     FINETUNE_CLIP,
@@ -152,9 +152,9 @@ def _mae_norms(mae: Any, data: Any, count: int) -> list[float]:
         images, lung = item["image"][None], item["lung_mask"][None]
         mae.zero_grad(set_to_none=True)
         pred, mask = mae(images, mask_ratio=cfg.mask_ratio, generator=gen)
-        parts = lung_weighted_l1_per_sample(pred, patchify3d(images, cfg.patch_size), mask,
-                                            lung_fraction_per_patch(lung, cfg.patch_size), pre.non_lung_weight,
-                                            pre.lung_threshold)
+        parts = lung_weighted_l1(pred, patchify3d(images, cfg.patch_size), mask,
+                                 lung_fraction_per_patch(lung, cfg.patch_size), pre.non_lung_weight,
+                                 pre.lung_threshold, per_sample=True)
         parts.total.sum().backward()
         norms.append(_grad_norm(mae))
     return norms

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lungmae_core.errors import SiteConfigError
+from lungmae_core.errors import SiteConfigError, read_text
 
 __all__ = ["LabelIssue", "LabelTable", "read_labels", "ID_COLUMNS", "LABEL_COLUMNS", "ISSUE_KINDS"]
 
@@ -147,13 +147,8 @@ def read_labels(path: str | os.PathLike[str], class_names: Sequence[str]) -> Lab
         SiteConfigError: if the file is missing or unreadable, or has no id or no class column.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise SiteConfigError(f"Unable to read the labels CSV {path} as it does not exist; fix data.labels in "
-                              "site.yaml or pass --labels") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SiteConfigError(f"Unable to read the labels CSV {path} as {exc}") from exc
+    text = read_text(path, SiteConfigError, what="the labels CSV", encoding="utf-8-sig",
+                     fix="fix data.labels in site.yaml or pass --labels")
     lines = [line for line in text.splitlines()]
     if not lines or not lines[0].strip():
         raise SiteConfigError(f"Unable to read the labels CSV {path} as it is empty; expected a header such as "

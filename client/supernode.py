@@ -64,18 +64,21 @@ def deployment_problems(connection: ConnectionSection) -> list[str]:
     Each entry names the key and how to fix it; paths are expected already resolved (``load_site_config``).
     """
     problems = []
-    if connection.root_certificates is None:
-        problems.append("connection: 'root-certificates' is not set; give the consortium CA certificate (ca.crt "
-                        "from the coordinator): deployment always uses TLS")
-    elif not Path(connection.root_certificates).is_file():
-        problems.append(f"connection: 'root-certificates' file {connection.root_certificates} does not exist; "
-                        "copy ca.crt from the coordinator there")
-    if connection.auth_key is None:
-        problems.append("connection: 'auth-key' is not set; make a key with `lungmae certs --out DIR --site NAME` "
-                        "and send the .pub file to the coordinator for registration")
-    elif not Path(connection.auth_key).is_file():
-        problems.append(f"connection: 'auth-key' file {connection.auth_key} does not exist; make it with "
-                        "`lungmae certs --out DIR --site NAME`")
+    # The two files a SuperNode cannot join without: (key, path, how to get it, how to put it in place).
+    required = (
+        ("root-certificates", connection.root_certificates,
+         "give the consortium CA certificate (ca.crt from the coordinator): deployment always uses TLS",
+         "copy ca.crt from the coordinator there"),
+        ("auth-key", connection.auth_key,
+         "make a key with `lungmae certs --out DIR --site NAME` and send the .pub file to the coordinator for "
+         "registration",
+         "make it with `lungmae certs --out DIR --site NAME`"),
+    )
+    for key, path, when_unset, when_missing in required:
+        if path is None:
+            problems.append(f"connection: '{key}' is not set; {when_unset}")
+        elif not Path(path).is_file():
+            problems.append(f"connection: '{key}' file {path} does not exist; {when_missing}")
     if connection.metrics_port is not None and connection.metrics_port == connection.node_port:
         problems.append(f"connection: 'metrics-port' and 'node-port' are both {connection.node_port}; use two "
                         "different free ports")

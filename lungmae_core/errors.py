@@ -6,7 +6,10 @@ with a message that names the file, the field and what was expected.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
+    "read_text",
     "LungMAEError",
     "ConfigError",
     "SiteConfigError",
@@ -62,3 +65,27 @@ class WeightsMismatchError(LungMAEError, ValueError):
 
 class DatasetError(LungMAEError, ValueError):
     """A dataset does not fit the training or evaluation asked of it (volume size, labels, emptiness)."""
+
+
+def read_text(path: Path, error: type[LungMAEError], *, what: str = "", fix: str = "",
+              encoding: str = "utf-8") -> str:
+    """The text of the file ``path``, or ``error`` naming the file and why it could not be read.
+
+    Every reader of a user's file (a YAML config, the manifest, a labels CSV) fails the same way: a missing
+    file says so and what to do (``fix``), an unreadable or undecodable one gives the reason.
+
+    Args:
+        path: the file.
+        error: the exception class to raise (the reader's own, e.g. ``CacheError``).
+        what: what the file is, put before its path (e.g. ``"the labels CSV"``).
+        fix: what to do when the file does not exist.
+        encoding: its text encoding. Defaults to UTF-8.
+    """
+    name = f"{what} {path}" if what else str(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise error(f"Unable to read {name} as it does not exist" + (f"; {fix}" if fix else "")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise error(f"Unable to read {name} as {reason}") from exc

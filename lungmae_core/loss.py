@@ -9,8 +9,8 @@ Two poolings are offered:
 
 * :func:`lung_weighted_l1` pools each mean over the whole batch (the paper's loss, used without DP): every
   masked lung patch of the batch counts once, so a sample with more lung patches weighs more.
-* :func:`lung_weighted_l1_per_sample` computes each sample's own lung and non-lung means, giving one loss per
-  sample. DP-SGD needs this form: a sample's gradient must depend on that sample only (with batch pooling
+* ``lung_weighted_l1(..., per_sample=True)`` computes each sample's own lung and non-lung means, giving one
+  loss per sample. DP-SGD needs this form: a sample's gradient must depend on that sample only (with batch pooling
   the denominators mix in the other samples' lung counts), and Opacus expects the batch loss to be the mean
   of per-sample losses. On a batch of one both forms agree.
 
@@ -26,8 +26,7 @@ import torch
 
 from lungmae_core.model import patchify3d
 
-__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "lung_weighted_l1_per_sample",
-           "masked_l1", "patch_l1"]
+__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "masked_l1", "patch_l1"]
 
 
 class LossParts(NamedTuple):
@@ -85,8 +84,10 @@ def lung_weighted_l1(
     lung_frac: torch.Tensor,
     non_lung_weight: float = 0.01,
     lung_threshold: float = 0.25,
+    *,
+    per_sample: bool = False,
 ) -> LossParts:
-    """The paper's loss with both means pooled over the batch.
+    """The paper's loss, its two means pooled over the batch or, with ``per_sample``, over each sample alone.
 
     Args:
         pred: (B, L, P) predicted voxels. target: (B, L, P) true voxels (``patchify3d`` of the image).
@@ -94,9 +95,12 @@ def lung_weighted_l1(
         lung_frac: (B, L) lung fraction per patch (:func:`lung_fraction_per_patch`).
         non_lung_weight: w. Defaults to 0.01.
         lung_threshold: a patch is lung when its fraction is strictly above this. Defaults to 0.25.
+        per_sample: each sample's own lung and non-lung means, one loss per sample (what DP-SGD needs; the
+            batch loss for Opacus is then ``total.mean()``). ``False`` (the paper's loss, without DP): each
+            mean pooled over the whole batch.
 
     Returns:
-        LossParts of 0-dim tensors; a part whose set is empty is 0.
+        LossParts of 0-dim tensors, or of (B,) tensors with ``per_sample``; a part whose set is empty is 0.
 
     Examples:
         >>> pred, target = torch.zeros(1, 2, 8), torch.ones(1, 2, 8)
@@ -105,29 +109,9 @@ def lung_weighted_l1(
     """
     l1 = patch_l1(pred, target)  # (B, L)
     lung_sel, non_sel = _selections(mask, lung_frac, lung_threshold)
-    lung, n_lung = _mean(l1, lung_sel)
-    non_lung, n_non = _mean(l1, non_sel)
-    return LossParts(lung + non_lung_weight * non_lung, lung, non_lung, n_lung, n_non)
-
-
-def lung_weighted_l1_per_sample(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor,
-    lung_frac: torch.Tensor,
-    non_lung_weight: float = 0.01,
-    lung_threshold: float = 0.25,
-) -> LossParts:
-    """The paper's loss computed for each sample on its own (for DP-SGD); same arguments as
-    :func:`lung_weighted_l1`.
-
-    Returns:
-        LossParts of (B,) tensors; the batch loss for Opacus is ``total.mean()``.
-    """
-    l1 = patch_l1(pred, target)  # (B, L)
-    lung_sel, non_sel = _selections(mask, lung_frac, lung_threshold)
-    lung, n_lung = _mean(l1, lung_sel, dim=1)  # (B,)
-    non_lung, n_non = _mean(l1, non_sel, dim=1)
+    dim = 1 if per_sample else None
+    lung, n_lung = _mean(l1, lung_sel, dim=dim)
+    non_lung, n_non = _mean(l1, non_sel, dim=dim)
     return LossParts(lung + non_lung_weight * non_lung, lung, non_lung, n_lung, n_non)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lungmae_core.atomic import atomic_write_text
-from lungmae_core.errors import CacheError
+from lungmae_core.errors import CacheError, read_text
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_COLUMNS", "ManifestRow", "write_manifest", "read_manifest", "STATUSES",
            "SPLITS"]
@@ -135,12 +135,7 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> list[ManifestRow]:
             columns, or holds a bad value.
     """
     path = Path(cache_dir) / MANIFEST_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CacheError(f"Unable to read {path} as it does not exist; run `lungmae site prepare` first") from None
-    except OSError as exc:
-        raise CacheError(f"Unable to read {path} as {exc.strerror or exc}") from exc
+    text = read_text(path, CacheError, fix="run `lungmae site prepare` first")
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     missing = [c for c in MANIFEST_COLUMNS if c not in header]

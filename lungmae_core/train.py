@@ -30,8 +30,7 @@ from tqdm import tqdm
 from lungmae_core.config import ModelConfig, TrainConfig
 from lungmae_core.errors import ConfigError, DatasetError, NonFiniteLossError
 from lungmae_core.heads import set_trainable
-from lungmae_core.loss import (lung_fraction_per_patch, lung_weighted_l1, lung_weighted_l1_per_sample,
-                               patch_l1)
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, patch_l1
 from lungmae_core.metrics import classification_metrics
 from lungmae_core.model import patchify3d
 from lungmae_core.transforms import random_flip_rot90_batch
@@ -337,7 +336,7 @@ def _add_proximal_term(model: nn.Module, optimizer: torch.optim.Optimizer, mu: f
 
     def step(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
-            for p, p0 in zip(params, anchors):
+            for p, p0 in zip(params, anchors, strict=True):
                 if p.grad is not None:
                     p.grad.add_(p - p0, alpha=mu)
         return original_step(*args, **kwargs)
@@ -411,7 +410,6 @@ def train_mae(
                  optimizer_state=optimizer_state)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     mask_gen = torch.Generator().manual_seed(seed + 2)
-    loss_fn = lung_weighted_l1_per_sample if privacy is not None else lung_weighted_l1
     sums = {"loss": 0.0, "loss_lung": 0.0, "loss_non_lung": 0.0}
     seen = 0
     for batch in loop.batches():
@@ -420,8 +418,9 @@ def train_mae(
         images, lung = random_flip_rot90_batch(images, lung, aug_gen, cfg.flip_p, cfg.rot90_p)
         with loop.autocast:
             pred, mask = loop.model(images, mask_ratio=mcfg.mask_ratio, generator=mask_gen)
-        parts = loss_fn(pred, patchify3d(images, mcfg.patch_size), mask,
-                        lung_fraction_per_patch(lung, mcfg.patch_size), cfg.non_lung_weight, cfg.lung_threshold)
+        parts = lung_weighted_l1(pred, patchify3d(images, mcfg.patch_size), mask,
+                                 lung_fraction_per_patch(lung, mcfg.patch_size), cfg.non_lung_weight,
+                                 cfg.lung_threshold, per_sample=privacy is not None)
         loss = parts.total.mean()
         loop.backward_step(loss)
         n = images.shape[0]
@@ -450,10 +449,10 @@ def evaluate_mae(
     """Masked reconstruction L1, plain and on lung patches only, each beside a trivial predictor's.
 
     The trivial predictor outputs, at every patch position, the average patch of the OTHER scans of the
-    evaluated dataset (the "mean anatomy", leave-one-out so it never sees the scan it predicts). An MAE whose L1 is not clearly below the baseline's has learned nothing beyond
-    the average anatomy, and its features are then no better than random for classification; reporting
-    both makes that failure visible. Both are scored on the same masks (seeded by ``seed``), pooled over
-    all masked patches of the dataset.
+    evaluated dataset (the "mean anatomy", leave-one-out so it never sees the scan it predicts). An MAE whose L1
+    is not clearly below the baseline's has learned nothing beyond the average anatomy, and its features are
+    then no better than random for classification; reporting both makes that failure visible. Both are scored
+    on the same masks (seeded by ``seed``), pooled over all masked patches of the dataset.
 
     Args:
         model: an ``MAE3D``. dataset: items with ``image`` and ``lung_mask``.

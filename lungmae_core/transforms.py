@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-__all__ = ["flip_rot90_transform", "random_flip_rot90", "random_flip_rot90_batch"]
+__all__ = ["flip_rot90_transform", "random_flip_rot90_batch"]
 
 _KEYS = ("image", "lung_mask")
 # Planes of a rotation as pairs of spatial axes (MONAI counts spatial axes after the channel): (D, H), (D, W), (H, W).
@@ -126,24 +126,3 @@ def random_flip_rot90_batch(
         set_track_meta(tracking)
     return (torch.stack([_plain(o["image"]) for o in outs]),
             torch.stack([_plain(o["lung_mask"]) for o in outs]))
-
-
-def random_flip_rot90(
-    image: torch.Tensor,
-    lung_mask: torch.Tensor,
-    generator: torch.Generator,
-    flip_p: float = 0.1,
-    rot90_p: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`random_flip_rot90_batch` for one sample.
-
-    Args:
-        image: (C, D, H, W). lung_mask: (C', D, H, W) or (D, H, W), same spatial shape.
-        generator, flip_p, rot90_p: as for the batch version.
-
-    Returns:
-        (image, lung_mask) transformed the same way, in their input shapes.
-    """
-    mask = lung_mask if lung_mask.ndim == 4 else lung_mask.unsqueeze(0)
-    out_img, out_mask = random_flip_rot90_batch(image.unsqueeze(0), mask.unsqueeze(0), generator, flip_p, rot90_p)
-    return out_img[0], out_mask[0].reshape(lung_mask.shape)

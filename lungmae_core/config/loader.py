@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from lungmae_core.errors import ConfigError
+from lungmae_core.errors import ConfigError, read_text
 
 __all__ = ["check", "from_mapping", "load_yaml", "norm_key", "to_mapping"]
 
@@ -203,12 +203,7 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 def load_yaml(path: str | os.PathLike[str], error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file and the line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"Unable to read {path} as it does not exist") from None
-    except OSError as exc:
-        raise error(f"Unable to read {path} as {exc.strerror or exc}") from exc
+    text = read_text(path, error)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

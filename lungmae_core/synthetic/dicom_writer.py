@@ -159,6 +159,23 @@ def _base_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_class: 
     return ds
 
 
+def _ct_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_uid: str, series_uid: str, series_number: int,
+                series_description: str, image_type: str, slice_thickness: str, kvp: str):
+    """:func:`_base_dataset` of a CT image, with what an axial series and a scout share: the CT Image module's
+    acquisition (image type, body part, slice thickness, kVp), the patient position and the Frame of Reference."""
+    ds = _base_dataset(study, scanner, sop_class=CT_IMAGE_STORAGE, sop_uid=sop_uid, series_uid=series_uid,
+                       modality="CT", series_number=series_number, series_description=series_description)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type]
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = slice_thickness
+    ds.KVP = kvp
+    ds.PatientPosition = scanner.patient_position
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = study.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    return ds
+
+
 def _pixel_module(ds, pixels: np.ndarray, *, signed: bool) -> None:
     """Image Pixel module for ``pixels: (rows, columns)`` int16/uint16 stored values."""
     ds.SamplesPerPixel = 1
@@ -226,22 +243,14 @@ def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | 
     slice_order = range(depth - 1, -1, -1) if position == "HFS" else range(depth)
     # One dataset for the whole series (the header is the same on every slice); per slice only the
     # instance-specific elements change. Building 100 datasets from scratch doubled the writing time.
-    ds = _base_dataset(study, scanner, sop_class=CT_IMAGE_STORAGE, sop_uid=_uid("sop", series_uid, 0),
-                       series_uid=series_uid, modality="CT", series_number=series_number,
-                       series_description="CHEST 1.0 AXIAL")
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.BodyPartExamined = "CHEST"
+    ds = _ct_dataset(study, scanner, sop_uid=_uid("sop", series_uid, 0), series_uid=series_uid,
+                     series_number=series_number, series_description="CHEST 1.0 AXIAL", image_type="AXIAL",
+                     slice_thickness=f"{scanner.slice_thickness_mm:.2f}", kvp=f"{scanner.kvp:g}")
     ds.ScanOptions = "HELICAL MODE"
-    ds.SliceThickness = f"{scanner.slice_thickness_mm:.2f}"
-    ds.KVP = f"{scanner.kvp:g}"
     ds.DataCollectionDiameter = f"{500.0:.1f}"
     ds.ReconstructionDiameter = f"{cols * sw:.2f}"
     ds.GantryDetectorTilt = "0"
     ds.ConvolutionKernel = scanner.name.split("-")[1].upper() if "-" in scanner.name else "STANDARD"
-    ds.PatientPosition = position
-    ds.AcquisitionNumber = 1
-    ds.FrameOfReferenceUID = study.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
     ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
     ds.PixelSpacing = [f"{sh:.6g}", f"{sw:.6g}"]
     ds.RescaleSlope = "1"
@@ -287,18 +296,10 @@ def write_scout(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | os.P
     mu = np.clip(np.asarray(hu, dtype=np.float32) + 1000.0, 0, None).mean(axis=1)  # (D, W) attenuation
     image = (mu / max(float(mu.max()), 1.0) * 2000.0 - 1000.0)[::-1]  # rows from head to feet
     series_uid = _uid("scout", study.study_uid, series_number)
-    ds = _base_dataset(study, scanner, sop_class=CT_IMAGE_STORAGE, sop_uid=_uid("sop", series_uid, 1),
-                       series_uid=series_uid, modality="CT", series_number=series_number,
-                       series_description="TOPOGRAM 0.6 T20")
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = "0.6"
-    ds.KVP = "120"
-    ds.PatientPosition = scanner.patient_position
-    ds.AcquisitionNumber = 1
+    ds = _ct_dataset(study, scanner, sop_uid=_uid("sop", series_uid, 1), series_uid=series_uid,
+                     series_number=series_number, series_description="TOPOGRAM 0.6 T20", image_type="LOCALIZER",
+                     slice_thickness="0.6", kvp="120")
     ds.InstanceNumber = 1
-    ds.FrameOfReferenceUID = study.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
     depth = hu.shape[0]
     ds.ImagePositionPatient = ["0.0", "0.0", f"{(depth - 1) * sd:.4f}"]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
@@ -417,7 +418,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
         scans = _progress(map(_write_one_scan, tasks), n_scans, progress, f"site {site_index}")
     first = make_study(site_index, 0, seed)
     write_dose_screen(dicom_dir / first.patient_id / "ST0000" / "DOSE", study=first, scanner=scanner)
-    (dicom_dir / "EXPORT.TXT").write_text("Exported by Synthetic PACS 1.0\nstudies: %d\n" % n_scans, encoding="ascii")
+    (dicom_dir / "EXPORT.TXT").write_text(f"Exported by Synthetic PACS 1.0\nstudies: {n_scans}\n", encoding="ascii")
     n_labelled = int(round(labelled_fraction * n_scans))
     labelled = set(np.random.default_rng([seed, site_index, 13]).permutation(n_scans)[:n_labelled].tolist())
     labels_csv = root / "labels.csv"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -60,6 +61,18 @@ def _round_axis(ax: plt.Axes, rounds: Sequence[int]) -> None:
         ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
 
 
+def _per_site_lines(ax: plt.Axes, per_site: Mapping[str, Sequence[tuple[int, float]]],
+                    site_order: Sequence[str] | None, **style: Any) -> None:
+    """One line per site against server round, in ``site_order`` (default: sorted names) so that a site keeps
+    its colour across the figures; a site without points keeps its colour slot but draws nothing."""
+    order = list(site_order) if site_order is not None else sorted(per_site)
+    for i, site in enumerate(order):
+        points = sorted(per_site.get(site, ()))
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, color=_site_colour(i), label=site, **style)
+
+
 def loss_curves(
     per_site: Mapping[str, Sequence[tuple[int, float]]],
     aggregated: Sequence[tuple[int, float]],
@@ -86,13 +99,7 @@ def loss_curves(
         A ``data:image/png;base64,...`` URI.
     """
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    order = list(site_order) if site_order is not None else sorted(per_site)
-    for i, site in enumerate(order):
-        points = sorted(per_site.get(site, ()))
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, color=_site_colour(i), label=site)
+    _per_site_lines(ax, per_site, site_order, linewidth=1.2)
     if aggregated:
         xs, ys = zip(*sorted(aggregated), strict=True)
         ax.plot(xs, ys, marker="s", markersize=4, linewidth=2.6, color="black", label="aggregated")
@@ -179,12 +186,7 @@ def epsilon_chart(
         A ``data:image/png;base64,...`` URI.
     """
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    order = list(site_order) if site_order is not None else sorted(per_site)
-    for i, site in enumerate(order):
-        points = sorted(per_site.get(site, ()))
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=3, color=_site_colour(i), label=site)
+    _per_site_lines(ax, per_site, site_order)
     ax.set_xlabel("server round")
     ax.set_ylabel("epsilon spent (total)")
     ax.set_title("differential privacy: epsilon spent per site")

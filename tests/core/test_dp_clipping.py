@@ -9,7 +9,7 @@ from torch import nn
 from lungmae_core.config import model_config
 from lungmae_core.dp_clipping import CLIP_EPS, BookkeepingClipper, unsupported_parameters
 from lungmae_core.heads import ILDClassifier
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1
 from lungmae_core.model import MAE3D, patchify3d
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, mlp_dim=40, decoder_embed_dim=16,
@@ -24,7 +24,7 @@ def _mae() -> MAE3D:
 def _per_sample_loss(model: MAE3D, images: torch.Tensor, seed: int) -> torch.Tensor:
     pred, mask = model(images, generator=torch.Generator().manual_seed(seed))
     lung = lung_fraction_per_patch((images > 0.5).double(), model.cfg.patch_size)
-    return lung_weighted_l1_per_sample(pred, patchify3d(images, model.cfg.patch_size), mask, lung).total
+    return lung_weighted_l1(pred, patchify3d(images, model.cfg.patch_size), mask, lung, per_sample=True).total
 
 
 def _reference(model: nn.Module, per_sample: torch.Tensor, clip: float) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, lung_weighted_l1_per_sample, masked_l1
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, masked_l1
 
 # Two samples, four patches of two voxels. Target 0; prediction gives each patch an L1 of its value.
 ERR = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
@@ -46,7 +46,7 @@ def test_unmasked_patches_never_count() -> None:
 
 def test_per_sample_variant_uses_each_samples_own_means() -> None:
     frac = torch.tensor([[0.9, 0.3, 0.0, 1.0], [0.5, 1.0, 0.25, 0.1]])
-    parts = lung_weighted_l1_per_sample(PRED, TARGET, MASK, frac, non_lung_weight=1.0)
+    parts = lung_weighted_l1(PRED, TARGET, MASK, frac, non_lung_weight=1.0, per_sample=True)
     # sample 0: lung {1, 2} -> 1.5, non-lung {3} -> 3; sample 1: lung {5} -> 5, non-lung {7, 8} -> 7.5
     assert parts.lung.tolist() == pytest.approx([1.5, 5.0])
     assert parts.non_lung.tolist() == pytest.approx([3.0, 7.5])
@@ -58,8 +58,9 @@ def test_per_sample_variant_uses_each_samples_own_means() -> None:
 
 def test_empty_sets_give_zero_and_finite_gradients() -> None:
     pred = PRED.clone().requires_grad_(True)
-    for fn in (lung_weighted_l1, lung_weighted_l1_per_sample):
-        parts = fn(pred, TARGET, torch.zeros(2, 4), torch.ones(2, 4))  # nothing masked at all
+    for per_sample in (False, True):
+        nothing_masked = torch.zeros(2, 4)
+        parts = lung_weighted_l1(pred, TARGET, nothing_masked, torch.ones(2, 4), per_sample=per_sample)
         assert torch.all(parts.total == 0)
         parts.total.sum().backward()
         assert torch.isfinite(pred.grad).all()

@@ -15,7 +15,7 @@ import lungmae_core.model as model_module
 from lungmae_core.config import TrainConfig, model_config
 from lungmae_core.errors import ConfigError, PrivacyBudgetExceeded
 from lungmae_core.heads import ILDClassifier
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1_per_sample
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1
 from lungmae_core.model import build_mae
 from lungmae_core.privacy import (
     PRETRAIN_CLIP,
@@ -210,7 +210,8 @@ def test_mae_per_sample_gradients_match_an_explicit_loop(monkeypatch, mode):
 
     def loss(model: nn.Module, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         pred, mask = model(imgs)
-        return lung_weighted_l1_per_sample(pred, mae.patchify(imgs), mask, lung_fraction_per_patch(masks, 16)).total
+        lung = lung_fraction_per_patch(masks, 16)
+        return lung_weighted_l1(pred, mae.patchify(imgs), mask, lung, per_sample=True).total
 
     gsm = GradSampleModule(mae, force_functorch=mode == "functorch")
     loss(gsm, x, lung).mean().backward()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungmae_core.transforms import random_flip_rot90, random_flip_rot90_batch
+from lungmae_core.transforms import random_flip_rot90_batch
+
+
+def random_flip_rot90(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, flip_p: float,
+                      rot90_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample through the batch transform (training only ever augments batches)."""
+    out_img, out_mask = random_flip_rot90_batch(image[None], mask[None], generator, flip_p, rot90_p)
+    return out_img[0], out_mask[0]
 
 
 def _pair(shape=(1, 6, 6, 6)) -> tuple[torch.Tensor, torch.Tensor]:
