@@ -3,8 +3,8 @@
 :func:`make_subject` draws one subject's body and lung sizes, inspiration and heart position;
 :func:`render_anatomy` draws body outline with subcutaneous fat, ribs, sternum and spine, mediastinum, heart
 and aorta, liver, a stomach gas bubble, the patient table and the two lungs with their diaphragm domes onto a
-canonical :class:`Grid`; :func:`lung_vessels_and_airways` grows the branching vessels and airways inside the
-lungs. The built-in phantoms (:mod:`lungmae_core.synthetic.phantoms`) and the experiment phantoms
+canonical :class:`Grid`; :func:`add_vessels_and_airways` grows the branching vessels and airways inside the
+lungs and draws them in. The built-in phantoms (:mod:`lungmae_core.synthetic.phantoms`) and the experiment phantoms
 (:mod:`lungmae_core.synthetic.experiment_phantoms`) then add their diseases to it.
 """
 
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from lungmae_core.volume import sample_linear
 
-__all__ = ["AIR", "BLOOD", "BONE", "FAT", "MARROW", "SOFT", "TABLE", "Grid", "Subject", "lung_box",
-           "lung_vessels_and_airways", "make_subject", "render_anatomy", "smooth_noise"]
+__all__ = ["AIR", "BLOOD", "BONE", "FAT", "MARROW", "SOFT", "TABLE", "Grid", "Subject", "add_vessels_and_airways",
+           "draw_chest", "lung_box", "lung_vessels_and_airways", "make_subject", "render_anatomy", "smooth_noise"]
 
 #: Tissue HU of the rendered anatomy.
 AIR = -1000.0
@@ -110,6 +110,11 @@ class Grid:
         self.z = (np.arange(d, dtype=np.float32) + 0.5) * np.float32(spacing[0])
         self.y = (np.arange(h, dtype=np.float32) - (h - 1) / 2.0) * np.float32(spacing[1])
         self.x = (np.arange(w, dtype=np.float32) - (w - 1) / 2.0) * np.float32(spacing[2])
+
+    @classmethod
+    def covering(cls, extent_mm: Sequence[float], shape: tuple[int, int, int]) -> Grid:
+        """``shape`` voxels spread over ``extent_mm`` (a scanner's coverage): finer spacing for a larger shape."""
+        return cls(shape, np.array([e / n for e, n in zip(extent_mm, shape, strict=True)], dtype=np.float64))
 
     def index(self, point: np.ndarray) -> np.ndarray:
         """Fractional voxel index ``(d, h, w)`` of a point ``(x, y, z)`` in mm."""
@@ -363,6 +368,42 @@ def lung_vessels_and_airways(subj: Subject, grid: Grid, lung: np.ndarray, rng: n
                     _draw_tube(lumen, grid, p0 + off, p1 + off, ar, 0.85 * ar)
     _splat_thin_tubes(vessels, grid, thin)
     return vessels, wall, lumen
+
+
+def draw_chest(rng: np.random.Generator, extent_mm: tuple[float, float, float], shape: tuple[int, int, int], label: str,
+               severity: float) -> tuple[Subject, Grid, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One subject's chest before any disease, vessels or scanner: the first step of every phantom.
+
+    Args:
+        rng: the anatomy's random stream (also used for the vessels later, so keep drawing from it).
+        extent_mm: the scanner's coverage ``(z, y, x)``; ``shape`` voxels are spread over it.
+        label, severity: the class and its severity, for the lung-size changes that go with it
+            (:func:`make_subject`).
+
+    Returns:
+        ``(subject, grid, hu, lung, rho, t)``, the last four as :func:`render_anatomy` returns them.
+    """
+    grid = Grid.covering(extent_mm, shape)
+    subject = make_subject(rng, extent_mm, label, severity)
+    return (subject, grid, *render_anatomy(subject, grid, rng))
+
+
+def add_vessels_and_airways(subj: Subject, grid: Grid, lung: np.ndarray, rng: np.random.Generator,
+                            *targets: np.ndarray) -> np.ndarray:
+    """Grow the lungs' vessels and airways and draw them into each HU array of ``targets``, in place: vessels
+    (inside the lungs only) as blood, airway walls as soft tissue, lumens as air, by partial volume.
+
+    Returns:
+        The lung mask as bool (``lung > 0``).
+    """
+    vessels, wall, lumen = lung_vessels_and_airways(subj, grid, lung, rng)
+    in_lung = lung > 0
+    vessels *= in_lung
+    for hu in targets:
+        hu += vessels * (BLOOD - hu)
+        hu += wall * (SOFT - hu)
+        hu += lumen * (AIR - hu)
+    return in_lung
 
 
 def _splat_thin_tubes(frac: np.ndarray, grid: Grid, segments: list[tuple[np.ndarray, np.ndarray, float, float]],

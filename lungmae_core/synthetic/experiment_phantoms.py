@@ -40,17 +40,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from lungmae_core.errors import ConfigError
-from lungmae_core.synthetic.anatomy import (
-    AIR,
-    BLOOD,
-    SOFT,
-    Grid,
-    lung_box,
-    lung_vessels_and_airways,
-    make_subject,
-    render_anatomy,
-    smooth_noise,
-)
+from lungmae_core.synthetic.anatomy import Grid, add_vessels_and_airways, draw_chest, lung_box, smooth_noise
 from lungmae_core.synthetic.phantoms import Phantom
 from lungmae_core.synthetic.scanners import ScannerProfile, blur, checked_acquisition, noise_and_calibration
 
@@ -192,23 +182,14 @@ def generate_experiment_phantom(class_index: int, *, seed: int, scanner: Scanner
     anatomy_rng = np.random.default_rng([int(seed), 10])
     pattern_rng = np.random.default_rng([int(seed), 11, class_index])
     sev = float(pattern_rng.uniform(0.2, 1.0)) if severity is None else float(severity)
-    extent = scanner.extent_mm
-    spacing = np.array([e / k for e, k in zip(extent, shape_t, strict=False)], dtype=np.float64)
-    grid = Grid(shape_t, spacing)  # type: ignore[arg-type]
     # "normal" anatomy: no volume loss or hyperinflation, so lung size says nothing about the class.
-    subj = make_subject(anatomy_rng, extent, "normal", 0.0)
-    hu, lung, rho, t = render_anatomy(subj, grid, anatomy_rng)
+    subj, grid, hu, lung, rho, t = draw_chest(anatomy_rng, scanner.extent_mm, shape_t, "normal", 0.0)
+    spacing = grid.spacing
     reference = hu.copy()
     f_dense, f_low = _add_pattern(class_index, sev, hu, reference, lung, rho, t, grid, subj.parenchyma_hu,
                                   pattern_rng)
-    vessels, wall, lumen = lung_vessels_and_airways(subj, grid, lung, anatomy_rng)
-    in_lung = lung > 0
-    vessels *= in_lung
-    for target in (hu, reference):
-        target += vessels * (BLOOD - target)
-        target += wall * (SOFT - target)
-        target += lumen * (AIR - target)
-    del vessels, wall, lumen, rho
+    del rho
+    in_lung = add_vessels_and_airways(subj, grid, lung, anatomy_rng, hu, reference)
     # Where the pattern goes changes which parenchyma it replaces (the posterior lung is denser), and the
     # kernel and slice blur change a thin wall's histogram more than a blob's. Giving the blurred lung the
     # lung-HU distribution of the same amounts placed at random (rank for rank, so the blurred image keeps

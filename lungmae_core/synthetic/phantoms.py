@@ -40,17 +40,7 @@ import numpy as np
 
 from lungmae_core.contract import DEFAULT_CLASSES
 from lungmae_core.errors import ConfigError
-from lungmae_core.synthetic.anatomy import (
-    AIR,
-    BLOOD,
-    SOFT,
-    Grid,
-    lung_box,
-    lung_vessels_and_airways,
-    make_subject,
-    render_anatomy,
-    smooth_noise,
-)
+from lungmae_core.synthetic.anatomy import Grid, add_vessels_and_airways, draw_chest, lung_box, smooth_noise
 from lungmae_core.synthetic.scanners import ScannerProfile, acquire, checked_acquisition
 from lungmae_core.volume import Volume, canonical_affine
 
@@ -225,19 +215,11 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
         sev = float(0.3 + 0.7 * disease_rng.beta(2.0, 2.0))
     else:
         sev = float(severity)
-    extent = scanner.extent_mm
-    spacing = np.array([e / n for e, n in zip(extent, shape_t, strict=True)], dtype=np.float64)
-    grid = Grid(shape_t, spacing)  # type: ignore[arg-type]
-    subj = make_subject(anatomy_rng, extent, label, sev)
-    hu, lung, rho, t = render_anatomy(subj, grid, anatomy_rng)
+    subj, grid, hu, lung, rho, t = draw_chest(anatomy_rng, scanner.extent_mm, shape_t, label, sev)
+    spacing = grid.spacing
     _add_disease(label, sev, hu, lung, rho, t, grid, disease_rng)
-    vessels, wall, lumen = lung_vessels_and_airways(subj, grid, lung, anatomy_rng)
-    in_lung = lung > 0
-    vessels *= in_lung
-    hu += vessels * (BLOOD - hu)
-    hu += wall * (SOFT - hu)
-    hu += lumen * (AIR - hu)
-    del vessels, wall, lumen, rho
+    del rho
+    in_lung = add_vessels_and_airways(subj, grid, lung, anatomy_rng, hu)
     acquire(hu, scanner, spacing, np.random.default_rng([int(seed), 2]))
     log.debug("phantom %s (severity %.2f, inspiration %.2f) on %s: shape %s", label, sev, subj.inspiration,
               scanner.name, shape_t)
