@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from lungmae_core.transforms import random_flip_rot90_batch
 __all__ = [
     "PrivacyHook",
     "LRSchedule",
+    "LocalRun",
     "WarmupCosine",
     "warmup_cosine",
     "resolve_device",
@@ -229,15 +230,48 @@ def _autocast(device: torch.device, amp: str) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class LocalRun(TypedDict, total=False):
+    """How one call of :func:`train_mae` or :func:`train_classifier` runs: their keyword arguments, all optional.
+
+    Keys:
+        device: ``"cpu"`` (default), ``"cuda"``, ``"auto"`` or a ``torch.device``.
+        seed: seeds shuffling, augmentation and masking (default 0); the same seed and weights give the same
+            result.
+        privacy: DP-SGD hook (``lungmae_core.privacy.OpacusPrivacy``) or ``None`` (default).
+        lr_schedule: ``f(step)`` or ``f(step, total_steps)`` giving the multiplier of ``cfg.lr``, e.g. a
+            :class:`WarmupCosine` segment of the federation's global curve. ``None`` (default): warmup + cosine
+            over this call.
+        progress: show a tqdm bar (default ``False``).
+        proximal_mu: FedProx proximal weight; the starting weights are the anchor (0, the default: plain
+            training, bit for bit). Independent of ``privacy``.
+        optimizer_state: a dict kept by the caller across calls of one training run: AdamW's state is loaded
+            from it (when it holds one) and saved into it at the end, so a run split into per-epoch calls keeps
+            one optimizer. ``None`` (default): a fresh optimizer (a federated round's local training).
+    """
+
+    device: str | torch.device
+    seed: int
+    privacy: PrivacyHook | None
+    lr_schedule: LRSchedule | None
+    progress: bool
+    proximal_mu: float
+    optimizer_state: dict[str, Any] | None
+
+
 class _Loop:
     """Optimizer, loader, schedule, AMP and DP for one phase; yields batches and performs the steps."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, device: torch.device, seed: int,
-                 privacy: PrivacyHook | None, lr_schedule: LRSchedule | None, progress: bool, desc: str,
-                 proximal_mu: float = 0.0, optimizer_state: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, desc: str,
+                 device: str | torch.device = "cpu", seed: int = 0, privacy: PrivacyHook | None = None,
+                 lr_schedule: LRSchedule | None = None, progress: bool = False, proximal_mu: float = 0.0,
+                 optimizer_state: dict[str, Any] | None = None) -> None:
+        """Everything but ``desc`` (the phase, for the progress bar and errors) as in :class:`LocalRun`,
+        whose defaults are these; the model is moved to the device and put in training mode."""
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DatasetError(f"Unable to {desc} as the dataset is empty")
-        self.cfg, self.device, self.privacy = cfg, device, privacy
+        device = _as_device(device)
+        model.to(device).train()
+        self.cfg, self.device, self.privacy, self.seed = cfg, device, privacy, seed
         self.loader_gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=self.loader_gen,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
@@ -358,19 +392,7 @@ def _core(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train_mae(
-    model: nn.Module,
-    dataset: Dataset,
-    cfg: TrainConfig,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    privacy: PrivacyHook | None = None,
-    lr_schedule: LRSchedule | None = None,
-    progress: bool = False,
-    proximal_mu: float = 0.0,
-    optimizer_state: dict[str, Any] | None = None,
-) -> dict[str, float | int]:
+def train_mae(model: nn.Module, dataset: Dataset, cfg: TrainConfig, **run: Unpack[LocalRun]) -> dict[str, float | int]:
     """Pretrain an :class:`~lungmae_core.model.MAE3D` with the lung-weighted L1 loss for one phase.
 
     Each step augments image and lung mask together (flip/rot90), masks ``cfg.mask_ratio`` of the patches
@@ -381,18 +403,7 @@ def train_mae(
         model: the MAE, trained in place (moved to ``device``).
         dataset: items with ``image`` and ``lung_mask`` (1, S, S, S).
         cfg: hyperparameters (``TrainConfig.pretrain_defaults()``).
-        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
-        seed: seeds shuffling, augmentation and masking; the same seed and weights give the same result.
-        privacy: DP-SGD hook (``lungmae_core.privacy.OpacusPrivacy``) or ``None``.
-        lr_schedule: ``f(step)`` or ``f(step, total_steps)`` giving the multiplier of ``cfg.lr``, e.g. a
-            :class:`WarmupCosine` segment of the federation's global curve. ``None``: warmup + cosine over
-            this call.
-        progress: show a tqdm bar.
-        proximal_mu: FedProx proximal weight; the starting weights are the anchor (0: plain training, bit for
-            bit). Independent of ``privacy``.
-        optimizer_state: a dict kept by the caller across calls of one training run: AdamW's state is loaded
-            from it (when it holds one) and saved into it at the end, so a run split into per-epoch calls
-            keeps one optimizer. ``None``: a fresh optimizer (a federated round's local training).
+        run: device, seed, privacy, lr_schedule, progress, proximal_mu, optimizer_state (:class:`LocalRun`).
 
     Returns:
         ``MAE_TRAIN_KEYS``: mean ``loss``, ``loss_lung``, ``loss_non_lung`` over the steps (weighted by
@@ -402,14 +413,10 @@ def train_mae(
         NonFiniteLossError: at the first step whose loss is not finite.
         DatasetError: when the dataset is empty or its volumes do not fit the model config.
     """
-    device = _as_device(device)
     mcfg: ModelConfig = _core(model).cfg
-    model.to(device).train()
-    loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="pretrain", proximal_mu=proximal_mu,
-                 optimizer_state=optimizer_state)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
-    mask_gen = torch.Generator().manual_seed(seed + 2)
+    loop = _Loop(model, dataset, cfg, desc="pretrain", **run)
+    aug_gen = torch.Generator().manual_seed(loop.seed + 1)
+    mask_gen = torch.Generator().manual_seed(loop.seed + 2)
     sums = {"loss": 0.0, "loss_lung": 0.0, "loss_non_lung": 0.0}
     seen = 0
     for batch in loop.batches():
@@ -420,7 +427,7 @@ def train_mae(
             pred, mask = loop.model(images, mask_ratio=mcfg.mask_ratio, generator=mask_gen)
         parts = lung_weighted_l1(pred, patchify3d(images, mcfg.patch_size), mask,
                                  lung_fraction_per_patch(lung, mcfg.patch_size), cfg.non_lung_weight,
-                                 cfg.lung_threshold, per_sample=privacy is not None)
+                                 cfg.lung_threshold, per_sample=loop.privacy is not None)
         loss = parts.total.mean()
         loop.backward_step(loss)
         n = images.shape[0]
@@ -456,7 +463,7 @@ def evaluate_mae(
 
     Args:
         model: an ``MAE3D``. dataset: items with ``image`` and ``lung_mask``.
-        device: as in :func:`train_mae`. seed: seeds the masks. batch_size: volumes per forward pass.
+        device: as in :class:`LocalRun`. seed: seeds the masks. batch_size: volumes per forward pass.
         lung_threshold: lung patch threshold. Defaults to 0.25.
 
     Returns:
@@ -533,20 +540,8 @@ def _lung_mask_of(batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Ten
     return batch["image"][:, :1]
 
 
-def train_classifier(
-    model: nn.Module,
-    dataset: Dataset,
-    cfg: TrainConfig,
-    *,
-    class_weights: torch.Tensor | None,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    privacy: PrivacyHook | None = None,
-    lr_schedule: LRSchedule | None = None,
-    progress: bool = False,
-    proximal_mu: float = 0.0,
-    optimizer_state: dict[str, Any] | None = None,
-) -> dict[str, float | int]:
+def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, class_weights: torch.Tensor | None,
+                     **run: Unpack[LocalRun]) -> dict[str, float | int]:
     """Fine-tune an :class:`~lungmae_core.heads.ILDClassifier` (full or linear probe) for one phase.
 
     Class-weighted cross-entropy (weights from the training split, :func:`class_weights_from_labels`),
@@ -558,7 +553,7 @@ def train_classifier(
         model: the classifier, trained in place. dataset: labelled items (``label`` >= 0).
         cfg: hyperparameters (``TrainConfig.finetune_defaults()``).
         class_weights: (K,) float or ``None`` for unweighted cross-entropy.
-        device, seed, privacy, lr_schedule, progress, proximal_mu, optimizer_state: as in :func:`train_mae`.
+        run: device, seed, privacy, lr_schedule, progress, proximal_mu, optimizer_state (:class:`LocalRun`).
 
     Returns:
         ``CLASSIFIER_TRAIN_KEYS``: mean ``loss``, running training ``accuracy``, ``num_examples``,
@@ -568,19 +563,16 @@ def train_classifier(
         NonFiniteLossError, DatasetError: as in :func:`train_mae`; DatasetError also for unlabelled items.
         ConfigError: for mixup under DP.
     """
-    if privacy is not None and cfg.mixup_alpha > 0:
+    if run.get("privacy") is not None and cfg.mixup_alpha > 0:
         raise ConfigError("mixup_alpha must be 0 under DP-SGD: mixup blends scans, so a gradient would no "
                           "longer belong to one scan")
-    device = _as_device(device)
     core = _core(model)
     set_trainable(core, cfg.finetune_mode)  # type: ignore[arg-type]
-    model.to(device).train()
+    loop = _Loop(model, dataset, cfg, desc="finetune", **run)
+    device = loop.device
     weights = None if class_weights is None else class_weights.to(device=device, dtype=torch.float32)
-    loop = _Loop(model, dataset, cfg, device=device, seed=seed, privacy=privacy, lr_schedule=lr_schedule,
-                 progress=progress, desc="finetune", proximal_mu=proximal_mu,
-                 optimizer_state=optimizer_state)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
-    rng = np.random.default_rng(seed + 3)
+    aug_gen = torch.Generator().manual_seed(loop.seed + 1)
+    rng = np.random.default_rng(loop.seed + 3)
     loss_sum, correct, seen = 0.0, 0, 0
     for batch in loop.batches():
         images, labels = batch["image"], _labels_of(batch)
@@ -596,7 +588,7 @@ def train_classifier(
         with loop.autocast:
             logits = loop.model(images, masks) if _needs_mask(core) else loop.model(images)
         logits = logits.float()
-        if privacy is not None:
+        if loop.privacy is not None:
             per_sample = F.cross_entropy(logits, labels, weight=weights, reduction="none",
                                          label_smoothing=cfg.label_smoothing)
             loss = per_sample.mean()
@@ -631,7 +623,7 @@ def evaluate_classifier(
 
     Args:
         model: an ``ILDClassifier``. dataset: labelled items. num_classes: K.
-        device: as in :func:`train_mae`. batch_size: volumes per forward pass.
+        device: as in :class:`LocalRun`. batch_size: volumes per forward pass.
 
     Returns:
         ``CLASSIFICATION_KEYS`` plus ``loss`` (unweighted mean cross-entropy) and ``num_examples``.
