@@ -7,6 +7,7 @@ over :data:`MAX_LINES` lines unless listed in :data:`LONG_MODULES` with a reason
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,49 @@ def test_long_module_exceptions_are_current() -> None:
     stale = [k for k in LONG_MODULES if not (ROOT / k).is_file() or _lines(ROOT / k) <= MAX_LINES]
     assert not stale, f"LONG_MODULES lists {stale}, which no longer exist or are within {MAX_LINES} lines; remove them"
     assert all(reason.strip() for reason in LONG_MODULES.values())
+
+
+#: A file of the repository named in a doc, optionally with a name it defines: `server/runner.py: FederationRunner`.
+_DOC_REFERENCE = re.compile(r"`((?:lungmae_core|client|server|lungmae_cli|tests|docs|deploy|benchmarks)/[\w./-]*)"
+                            r"(?:: ([\w.]+))?`")
+
+
+def _defines(path: Path, dotted: str) -> bool:
+    """Whether ``path`` defines ``dotted`` at the top (a function, class or constant) or ``Class.member``."""
+    scope: list[ast.stmt] = ast.parse(path.read_text(encoding="utf-8")).body
+    for name in dotted.split("."):
+        found = None
+        for node in scope:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+                found = node
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                found = node
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
+                found = node
+        if found is None:
+            return False
+        scope = found.body if isinstance(found, ast.ClassDef) else []
+    return True
+
+
+def test_scanner_reads_references_and_definitions(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("class A:\n    x: int = 1\n    def f(self): ...\nB = 2\n")
+    assert all(_defines(module, n) for n in ("A", "A.f", "A.x", "B"))
+    assert not any(_defines(module, n) for n in ("C", "A.g", "B.x"))
+    text = "`client/prepare.py: prepare_site`, `lungmae_core/dicom/` and `config/model.py`, `site.yaml`"
+    assert _DOC_REFERENCE.findall(text) == [("client/prepare.py", "prepare_site"), ("lungmae_core/dicom/", "")]
+
+
+def test_architecture_walk_names_files_and_definitions_that_exist() -> None:
+    """docs/architecture.md walks a scan file by file: every path it names, and every name it says a file
+    defines, must be there (a move or a rename that forgets the page fails here)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    references = _DOC_REFERENCE.findall(text)
+    assert len(references) > 50, "the page should name the files of the walk"
+    missing = sorted({path for path, _ in references if not (ROOT / path).exists()})
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+    undefined = sorted({f"{path}: {name}" for path, name in references
+                        if name and path.endswith(".py") and not _defines(ROOT / path, name)})
+    assert not undefined, f"docs/architecture.md names definitions those files do not have: {undefined}"
+
