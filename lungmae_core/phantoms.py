@@ -602,7 +602,7 @@ def _add_disease(label: str, severity: float, hu: np.ndarray, lung: np.ndarray, 
     if label == "normal":
         return
     box = _lung_box(lung)
-    sub_grid = _Grid(tuple(s.stop - s.start for s in box), grid.spacing)  # type: ignore[arg-type]
+    sub_grid = _Grid(tuple(s.stop - s.start for s in box), grid.spacing)
     in_lung = lung[box] > 0
     h = hu[box]
     r = rho[box].astype(np.float32)
@@ -672,7 +672,7 @@ def checked_acquisition(what: str, severity: float | None, scanner: ScannerProfi
     shape_t = tuple(int(n) for n in (shape or scanner.shape))
     if len(shape_t) != 3 or min(shape_t) < 16:
         raise ConfigError(f"{what} shape must be three sizes (D, H, W), each >= 16; got {shape_t}")
-    return scanner, shape_t  # type: ignore[return-value]
+    return scanner, shape_t
 
 
 def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = None, severity: float | None = None,
@@ -710,7 +710,7 @@ def generate_phantom(label: str, *, seed: int, scanner: ScannerProfile | None = 
         sev = float(severity)
     extent = scanner.extent_mm
     spacing = np.array([e / n for e, n in zip(extent, shape_t)], dtype=np.float64)
-    grid = _Grid(shape_t, spacing)  # type: ignore[arg-type]
+    grid = _Grid(shape_t, spacing)
     subj = _make_subject(anatomy_rng, extent, label, sev)
     hu, lung, rho, t = _render_anatomy(subj, grid, anatomy_rng)
     _add_disease(label, sev, hu, lung, rho, t, grid, disease_rng)
