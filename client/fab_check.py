@@ -141,7 +141,8 @@ def clientapp_main(argv: Sequence[str] | None = None) -> None:
 
     # (the package flwr.supernode.cli re-exports a function of the same name as this module)
     flwr_clientapp = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
-    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    # Any: two of its module-level names are replaced below; Flower does not export them as an API
+    runtime: Any = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     original_pull, original_install = runtime.pull_task_input, runtime.install_from_fab
     pulled: dict[str, Any] = {}

@@ -28,13 +28,18 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from client.pacs_config import PacsSection
 from lungmae_core.atomic import atomic_path
 from lungmae_core.errors import LungMAEError
+
+if TYPE_CHECKING:  # dicomweb-client (and requests) load only when a pull starts
+    from dicomweb_client.api import DICOMwebClient
+
+_T = TypeVar("_T")
 
 __all__ = ["PacsError", "PacsPuller", "PullPlan", "PullReport", "SeriesRef", "staging_dir"]
 
@@ -72,7 +77,7 @@ class PullPlan:
     studies: int = 0
     to_fetch: list[SeriesRef] = dataclasses.field(default_factory=list)
     already_pulled: int = 0
-    skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> count
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)  # reason -> count
 
 
 @dataclasses.dataclass
@@ -153,12 +158,14 @@ class PacsPuller:
         self.progress = progress
         self._client = self._make_client(source)
 
-    def _make_client(self, source: str):
+    def _make_client(self, source: str) -> DICOMwebClient:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
         session = requests.Session()
         if self.pacs.username is not None:
+            if self.pacs.password_file is None:
+                raise PacsError(f"{source}: pacs.username is set but pacs.password-file is not")
             try:
                 password = self.pacs.password_file.read_text(encoding="utf-8").splitlines()[0]
             except (OSError, IndexError) as exc:
@@ -200,7 +207,7 @@ class PacsPuller:
                              "root (QIDO-RS /studies must be below it)?")
         return PacsError(f"The PACS at {self.url} gave an answer we cannot read while {doing}: {exc}")
 
-    def _call(self, doing: str, fn, *args, **kwargs):
+    def _call(self, doing: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         import requests
 
         try:
@@ -210,7 +217,8 @@ class PacsPuller:
 
     # -- query ----------------------------------------------------------------------------------------------
 
-    def _search(self, doing: str, fn, uid_tag: str, **kwargs) -> list[dict[str, Any]]:
+    def _search(self, doing: str, fn: Callable[..., list[dict[str, Any]]], uid_tag: str,
+                **kwargs: Any) -> list[dict[str, Any]]:
         """All results of a QIDO-RS search, paged with limit/offset.
 
         dicomweb-client's own ``get_remaining`` loops for ever on servers that ignore ``offset`` without a
@@ -309,7 +317,7 @@ class PacsPuller:
             raise
         return [_uid(_value(item, _SOP_UID), "SOP Instance UID") for item in items]
 
-    def _fetch_series(self, ref: SeriesRef, bar) -> tuple[int, int]:
+    def _fetch_series(self, ref: SeriesRef, bar: Any) -> tuple[int, int]:  # bar: a tqdm progress bar
         import requests
 
         expected = self._instances(ref)

@@ -259,7 +259,7 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
                            "check the network route to the coordinator")
     not_after = cert.get("notAfter")
     days = ""
-    if not_after:
+    if isinstance(not_after, str) and not_after:
         expires = _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), _dt.UTC)
         days = f", certificate valid for {(expires - _dt.datetime.now(_dt.UTC)).days} more days"
     return CheckResult(name, True, f"{address} reached over {version}, certificate verified with "

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,7 @@ def _apply_labels(entries: list[_Entry], table: LabelTable | None) -> dict[str, 
     labels: dict[str, str] = {}
     if table is None:
         return labels
-    keys_by_kind = {
+    keys_by_kind: dict[str, Callable[[_Entry], tuple[str, ...]]] = {
         "patient": lambda e: (e.raw_patient, e.patient_id),
         "study": lambda e: (e.raw_study, e.study_id),
         "accession": lambda e: (e.raw_accession,),
@@ -394,7 +394,7 @@ def prepare_site(cfg: SiteConfig, *, input_dir: str | os.PathLike[str] | None = 
               if patient_label else {})
     rows: list[ManifestRow] = []
     notes: list[str] = []
-    note_counts: Counter = Counter()
+    note_counts: Counter[str] = Counter()
     for entry in entries:
         label = label_of.get(entry.series_id, "")
         split = ""

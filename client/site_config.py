@@ -338,7 +338,7 @@ def require_model_window(cfg: SiteConfig) -> None:
             f"set hu-min: {INPUT_HU_MIN:g} and hu-max: {INPUT_HU_MAX:g}, then run `lungmae site prepare` again")
 
 
-_SECTIONS: dict[str, type] = {
+_SECTIONS: dict[str, type[Any]] = {
     "site": SiteSection,
     "data": DataSection,
     "preprocess": PreprocessConfig,

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -54,12 +55,12 @@ class SiteMetrics(Collector):
         self.up = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
-        self._httpd = None
+        self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._torch: Any = None
 
     # ----------------------------------------------------------------------------------------- reading
-    def _samples(self) -> Counter:
+    def _samples(self) -> Counter[str]:
         from lungmae_core.manifest import read_manifest
 
         cache = self.cfg.data.cache

@@ -113,12 +113,14 @@ def supernode_command(site_config: Path, connection: ConnectionSection, *,
     if problems:
         listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, start=1))
         raise SiteConfigError(f"{site_config} is not ready to join the federation:\n{listed}")
-    check_site_key(connection.auth_key)  # type: ignore[arg-type]  (not None: checked above)
+    # deployment_problems names a missing auth-key or root-certificates
+    assert connection.auth_key is not None and connection.root_certificates is not None
+    check_site_key(connection.auth_key)
     cmd = [
         executable,
         "--superlink", connection.superlink,
-        "--root-certificates", str(Path(connection.root_certificates).resolve()),  # type: ignore[arg-type]
-        "--auth-supernode-private-key", str(Path(connection.auth_key).resolve()),  # type: ignore[arg-type]
+        "--root-certificates", str(Path(connection.root_certificates).resolve()),
+        "--auth-supernode-private-key", str(Path(connection.auth_key).resolve()),
         "--host", "127.0.0.1",
         "--port", str(connection.node_port),
         "--node-config", _node_config_value(Path(site_config).resolve()),

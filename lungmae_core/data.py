@@ -52,7 +52,7 @@ def resize_cube(image: np.ndarray, lung_mask: np.ndarray, size: int) -> tuple[np
     return out[:1].numpy().astype(np.float32), (out[1:] >= 0.5).numpy().astype(np.uint8)
 
 
-class _VolumeDataset(Dataset):
+class _VolumeDataset(Dataset[dict[str, Any]]):
     """Shared storage and item access: images ``(N, 1, S, S, S)`` float32, masks uint8, labels int64."""
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, patient_ids: Sequence[str]):
@@ -177,7 +177,8 @@ class CachedVolumes(_VolumeDataset):
                 raise DatasetError(f"{self.cache_dir / MANIFEST_NAME}: series {r.series_id} has label {r.label!r}, "
                                    f"not one of {', '.join(class_names)}")
             labels.append(index[r.label] if r.label else -1)
-        images, masks = [], []
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         from tqdm.auto import tqdm
 
         for r in tqdm(rows, desc="loading cache", unit="scan", disable=not progress):
@@ -210,7 +211,7 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
 def _allocate(n: int, f: np.ndarray, tie_offset: int) -> np.ndarray:
     """Largest-remainder counts of ``n`` items over the splits; ties rotate with ``tie_offset``."""
     exact = f * n
-    counts = np.floor(exact).astype(int)
+    counts: np.ndarray = np.floor(exact).astype(int)
     rest = exact - counts
     order = sorted(range(3), key=lambda k: (-round(rest[k], 9), (k - tie_offset) % 3))
     for k in order[: n - counts.sum()]:
@@ -249,9 +250,11 @@ def assign_splits(patient_ids: Iterable[str], seed: int, fractions: Sequence[flo
     ids = list(patient_ids)
     per_patient: dict[str, Any] = {}
     if labels is not None:
-        items = labels.items() if isinstance(labels, Mapping) else None
-        if items is None:
-            label_list = list(labels)  # type: ignore[arg-type]
+        items: Iterable[tuple[str, int | str | None]]
+        if isinstance(labels, Mapping):
+            items = labels.items()
+        else:
+            label_list = list(labels)
             if len(label_list) != len(ids):
                 raise ConfigError(f"assign_splits got {len(ids)} patient ids but {len(label_list)} labels")
             items = zip(ids, label_list, strict=True)

@@ -65,7 +65,7 @@ Mode = Literal["mixed", "ghost", "instantiate"]
 
 def unsupported_parameters(model: nn.Module) -> list[str]:
     """Names of trainable parameters held by modules this clipper cannot handle."""
-    out = []
+    out: list[str] = []
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if own and not isinstance(module, SUPPORTED):
@@ -79,7 +79,9 @@ class _Capture:
     __slots__ = ("module", "a", "g")
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.a, self.g = module, None, None
+        self.module = module
+        self.a: torch.Tensor | bool | None = None  # the input activation (True: captured, not needed)
+        self.g: torch.Tensor | None = None  # the output gradient
 
 
 class _BookkeepingLinear(torch.autograd.Function):
@@ -142,7 +144,8 @@ class BookkeepingClipper:
                 cap = _Capture(module)
                 self.captures.append(cap)
                 if isinstance(module, nn.Linear) and module.weight.requires_grad:
-                    module.forward = self._linear_forward(module, cap)  # type: ignore[method-assign]
+                    # an instance attribute over the class's forward until remove(); mypy cannot type that
+                    module.forward = self._linear_forward(module, cap)  # type: ignore[method-assign, assignment]
                     self._patched.append(module)
                 else:
                     self._handles.append(module.register_forward_hook(self._forward_hook(cap, name)))
@@ -151,7 +154,10 @@ class BookkeepingClipper:
     def _linear_forward(module: nn.Linear, cap: _Capture) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if module.training and torch.is_grad_enabled():
-                return _BookkeepingLinear.apply(x, module.weight, module.bias, cap)
+                # torch leaves Function.apply unannotated
+                out: torch.Tensor = _BookkeepingLinear.apply(  # type: ignore[no-untyped-call]
+                    x, module.weight, module.bias, cap)
+                return out
             return F.linear(x, module.weight, module.bias)
 
         return forward
@@ -168,7 +174,7 @@ class BookkeepingClipper:
             def grad_hook(grad: torch.Tensor) -> None:
                 cap.g = grad.detach()
 
-            output.register_hook(grad_hook)
+            output.register_hook(grad_hook)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
         return hook
 
@@ -189,6 +195,7 @@ class BookkeepingClipper:
     def _linear(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         """Per-sample squared norms of a Linear's parameters, and the function writing its clipped sums."""
         module: nn.Linear = cap.module  # type: ignore[assignment]
+        assert isinstance(cap.a, torch.Tensor) and cap.g is not None  # clip_and_sum skips layers not captured
         a, g = cap.a, cap.g * scale
         if a.dtype != g.dtype:  # autocast: the gradient in bf16/fp16, the saved input in fp32
             a, g = a.float(), g.float()
@@ -223,6 +230,7 @@ class BookkeepingClipper:
 
     def _layer_norm(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         module: nn.LayerNorm = cap.module  # type: ignore[assignment]
+        assert isinstance(cap.a, torch.Tensor) and cap.g is not None  # clip_and_sum skips layers not captured
         g = cap.g * scale
         b = g.shape[0]
         x_hat = F.layer_norm(cap.a, module.normalized_shape, eps=module.eps)
@@ -242,6 +250,7 @@ class BookkeepingClipper:
     def _token(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         """Position embedding ``x + w`` and learned token ``w.expand(B, ...)``: the per-sample gradient is g_i."""
         module = cap.module
+        assert cap.g is not None  # clip_and_sum skips layers not captured
         g = cap.g * scale
         b = g.shape[0]
         sq = g.reshape(b, -1).pow(2).sum(1)
@@ -261,7 +270,7 @@ class BookkeepingClipper:
         Returns:
             the per-sample gradient norms before clipping, (B,) (empty for an empty batch).
         """
-        parts = []
+        parts: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
         batch = None
         for cap in self.captures:
             if cap.g is None or cap.a is None:
@@ -310,7 +319,7 @@ def bookkeeping_optimizer(optimizer: torch.optim.Optimizer, clipper: Bookkeeping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
+    class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]  # opacus is untyped
         def pre_step(self, closure: Any = None) -> Any:
             clipper.clip_and_sum()
             return super().pre_step(closure)
@@ -342,9 +351,9 @@ def bookkeeping_optimizer(optimizer: torch.optim.Optimizer, clipper: Bookkeeping
 
 
 def make_private_bookkeeping(engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             loader: torch.utils.data.DataLoader, *, noise_multiplier: float,
+                             loader: torch.utils.data.DataLoader[Any], *, noise_multiplier: float,
                              max_grad_norm: float, noise_generator: torch.Generator | None = None,
-                             mode: Mode = "mixed") -> tuple[nn.Module, Any, torch.utils.data.DataLoader]:
+                             mode: Mode = "mixed") -> tuple[nn.Module, Any, Any]:
     """Opacus' ``PrivacyEngine.make_private`` with book-keeping clipping instead of per-sample gradients.
 
     Same Poisson loader, noise (``DPOptimizerFastGradientClipping``: ``N(0, (sigma C)^2)`` on the clipped

@@ -88,20 +88,22 @@ def register_grad_samplers() -> None:
 
     from lungmae_core.model import LearnedPositionEmbedding, LearnedToken
 
-    @register_grad_sampler([LearnedPositionEmbedding, LearnedToken])
-    def _token_grad_sample(module: nn.Module, activations: list[torch.Tensor],
+    def _token_grad_sample(module: LearnedPositionEmbedding | LearnedToken, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         # backprops: (B, L, E) or (B, 1, E), already scaled by Opacus for the loss reduction
         if not module.weight.requires_grad:
             return {}
         return {module.weight: backprops.unsqueeze(1).to(module.weight.dtype)}  # (B, 1, L, E)
 
-    @register_norm_sampler([LearnedPositionEmbedding, LearnedToken])
-    def _token_norm_sample(module: nn.Module, activations: list[torch.Tensor],
+    def _token_norm_sample(module: LearnedPositionEmbedding | LearnedToken, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         if not module.weight.requires_grad:
             return {}
         return {module.weight: backprops.reshape(backprops.shape[0], -1).norm(2, dim=1)}  # (B,)
+
+    # (called, not used as decorators: opacus is untyped, and a decorator would make the samplers untyped too)
+    register_grad_sampler([LearnedPositionEmbedding, LearnedToken])(_token_grad_sample)
+    register_norm_sampler([LearnedPositionEmbedding, LearnedToken])(_token_norm_sample)
 
     _REGISTERED = True
 
@@ -233,12 +235,12 @@ class OpacusPrivacy:
         self.loader: Any = None
         self.noise_generator: torch.Generator | None = None
         self.sample_generator: torch.Generator | None = None
-        self._warned_unused: set[str] = set()
+        self._warned_unused: set[int] = set()  # id() of parameters warned about
 
     # -- the PrivacyHook protocol ---------------------------------------------------------------------
     def make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     loader: torch.utils.data.DataLoader) -> tuple[nn.Module, torch.optim.Optimizer,
-                                                                    torch.utils.data.DataLoader]:
+                     loader: torch.utils.data.DataLoader[Any]) -> tuple[nn.Module, torch.optim.Optimizer,
+                                                                         torch.utils.data.DataLoader[Any]]:
         """Return the DP versions of ``(model, optimizer, loader)``; train with those only.
 
         The returned loader samples patients (:class:`PatientSampled` over ``loader.dataset``), each with
@@ -266,10 +268,10 @@ class OpacusPrivacy:
             kept = narrow_trainable(model, self.trainable)
             logger.info("DP fine-tuning trains %d parameter tensors (%s)", len(kept), self.trainable)
         units = PatientSampled(loader.dataset)
-        n, batch = len(units), loader.batch_size
+        n, batch, scans = len(units), loader.batch_size, len(units.dataset)
         if n != self.plan.num_samples or batch != self.plan.batch_size or loader.drop_last:
             raise ConfigError(
-                f"Unable to apply the DP plan as the loader has {n} patients ({len(loader.dataset)} scans), batch "
+                f"Unable to apply the DP plan as the loader has {n} patients ({scans} scans), batch "
                 f"size {batch} and drop_last {loader.drop_last}; the plan was made for {self.plan.num_samples} "
                 f"patients at batch size {self.plan.batch_size} without drop_last (the accountant's sample rate "
                 "would be wrong)")

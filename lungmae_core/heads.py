@@ -87,20 +87,22 @@ class ILDClassifier(nn.Module):
         x = self.encoder.encode_tokens(x)
         if self.cls_token is not None:
             pooled = x[:, 0]
-        elif self.needs_lung_mask:
+        elif self.needs_lung_mask and lung_mask is not None:  # (not None: checked above)
             weights = lung_fraction_per_patch(lung_mask, self.cfg.patch_size) + _NON_LUNG_TOKEN_WEIGHT  # (B, L)
             weights = weights / weights.sum(dim=1, keepdim=True)
             pooled = (x * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
         else:
             pooled = x.mean(dim=1)  # (B, E)
-        return self.norm(pooled)
+        features: torch.Tensor = self.norm(pooled)
+        return features
 
     def forward(self, imgs: torch.Tensor, lung_mask: torch.Tensor | None = None) -> torch.Tensor:
         """imgs: (B, C, S, S, S) float32 in [0, 1], lung_mask: (B, 1, S, S, S) 0/1 -> logits (B, num_classes).
 
         ``lung_mask`` is needed for ``lung`` pooling and ignored otherwise.
         """
-        return self.head(self.features(imgs, lung_mask))
+        logits: torch.Tensor = self.head(self.features(imgs, lung_mask))
+        return logits
 
 
 def _encoder_state(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,7 +227,8 @@ def narrow_trainable(model: nn.Module, mode: str) -> list[str]:
         Names of the parameters still trainable.
     """
     blocks = parse_finetune_mode(mode)
-    depth = len(model.encoder.blocks) if hasattr(model, "encoder") else 0
+    encoder = getattr(model, "encoder", None)
+    depth = len(encoder.blocks) if isinstance(encoder, ViTEncoder3D) else 0
     names = []
     for name, param in model.named_parameters():
         if param.requires_grad and not _trains(name, blocks, depth):

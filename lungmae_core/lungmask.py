@@ -104,12 +104,14 @@ def _ball(radius_vox: Sequence[float]) -> np.ndarray:
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest 26-connected component (the foreground pair of the 4-connected background used for holes)."""
+    labels: np.ndarray  # scipy is untyped here: ndimage.label gives (int labels, count)
     labels, n = ndimage.label(mask, structure=_FULL)
     if n == 0:
         return mask
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    largest: np.ndarray = labels == int(np.argmax(sizes))
+    return largest
 
 
 def _holes_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -118,6 +120,7 @@ def _holes_per_slice(mask: np.ndarray) -> np.ndarray:
     Returns:
         int32 labels of the holes (0 elsewhere); labels are connected in-plane only, one pass for all slices.
     """
+    labels: np.ndarray
     labels, n = ndimage.label(~mask, structure=_IN_PLANE)
     if n == 0:
         return labels
@@ -133,13 +136,13 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return mask | (_holes_per_slice(mask) > 0)
 
 
-def _mask_factors(spacing_mm: Sequence[float], target_mm: float) -> tuple[int, int, int]:
+def _mask_factors(spacing_mm: Sequence[float] | np.ndarray, target_mm: float) -> tuple[int, int, int]:
     if target_mm <= 0:
         return (1, 1, 1)
     return tuple(max(1, int(np.floor(target_mm / s + 1e-6))) for s in spacing_mm)  # type: ignore[return-value]
 
 
-def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: PreprocessConfig) -> CoarseLungMask:
+def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float] | np.ndarray, cfg: PreprocessConfig) -> CoarseLungMask:
     """Segment the lungs on a grid of about ``cfg.mask_spacing_mm`` (integer block averages of ``hu``).
 
     Args:
@@ -200,7 +203,7 @@ def coarse_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float], cfg: Preproces
         raise InvalidSeriesError(
             f"Unable to accept the scan as its lung volume {volume_ml:.0f} mL is above the maximum of "
             f"{cfg.max_lung_ml:g} mL (air outside the patient counted as lung, or HU not calibrated)")
-    return CoarseLungMask(mask=mask, factors=factors, spacing_mm=sp, lung_volume_ml=volume_ml,  # type: ignore[arg-type]
+    return CoarseLungMask(mask=mask, factors=factors, spacing_mm=sp, lung_volume_ml=volume_ml,
                           n_components=len(keep))
 
 

@@ -145,7 +145,7 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> list[ManifestRow]:
                          f"{missing or 'none'}, unknown columns {unknown or 'none'}")
     rows = []
     for line_no, record in enumerate(reader, start=2):
-        values = {}
+        values: dict[str, typing.Any] = {}  # each column parsed to its own type (_TYPES); ManifestRow checks them
         for col in MANIFEST_COLUMNS:
             raw = record.get(col)
             if raw is None:

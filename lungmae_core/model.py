@@ -150,7 +150,8 @@ class LearnedToken(nn.Module):
         # The output does not depend on x's values, so autograd never computes a gradient for x through
         # here; a full backward hook (Opacus' per-sample gradients) fires only for inputs that need no grad.
         # Detaching x before the hooks run makes Opacus see this module's output gradient.
-        return super().__call__(x.detach())
+        out: torch.Tensor = super().__call__(x.detach())
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, ...) -> (B, 1, E)."""
@@ -173,7 +174,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, e // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, E/heads)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, E/heads)
-        return self.proj(x.transpose(1, 2).reshape(b, n, e))
+        out: torch.Tensor = self.proj(x.transpose(1, 2).reshape(b, n, e))
+        return out
 
 
 class MLP(nn.Module):
@@ -185,7 +187,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        out: torch.Tensor = self.fc2(F.gelu(self.fc1(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -200,7 +203,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -255,7 +259,7 @@ class ViTEncoder3D(nn.Module):
         # (held-out balanced accuracy 0.55 vs 0.53).
         self.window_block = math.gcd(patch_size, WINDOW_BLOCK)
         window_dim = (patch_size // self.window_block) ** 3 * in_chans * len(self.input_windows)
-        self.patch_embed = nn.Linear(patch_size ** 3 * in_chans + window_dim, embed_dim)
+        self.patch_embed: nn.Module = nn.Linear(patch_size ** 3 * in_chans + window_dim, embed_dim)
         self.stem = stem
         if stem == "conv":  # ModelConfig.stem: a patch-local convolutional stem (lungmae_core.stem)
             from lungmae_core.stem import ConvStem3D
@@ -279,9 +283,11 @@ class ViTEncoder3D(nn.Module):
         if self.stem == "conv":
             from lungmae_core.stem import stem_inputs
 
-            return self.pos_embed(self.patch_embed(stem_inputs(imgs, self.input_mean, self.input_std,
-                                                               self.input_windows)))
-        return self.pos_embed(self.patch_embed(self.patch_inputs(imgs)))
+            tokens: torch.Tensor = self.pos_embed(self.patch_embed(stem_inputs(imgs, self.input_mean, self.input_std,
+                                                                               self.input_windows)))
+            return tokens
+        out: torch.Tensor = self.pos_embed(self.patch_embed(self.patch_inputs(imgs)))
+        return out
 
     def patch_inputs(self, imgs: torch.Tensor) -> torch.Tensor:
         """What the patch embedding reads per token: the patch's voxels, then its window-ramp block means.
@@ -303,7 +309,8 @@ class ViTEncoder3D(nn.Module):
         """Run the blocks and the final norm on any token sequence: (B, N, E) -> (B, N, E)."""
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        out: torch.Tensor = self.norm(x)
+        return out
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encode all tokens (no masking): imgs (B, C, S, S, S) -> (B, L, E)."""
@@ -341,7 +348,8 @@ class MAEDecoder3D(nn.Module):
         x = self.pos_embed(x)
         for block in self.blocks:
             x = block(x)
-        return self.pred(self.norm(x))  # (B, L, P)
+        out: torch.Tensor = self.pred(self.norm(x))  # (B, L, P)
+        return out
 
 
 class MAE3D(nn.Module):
@@ -382,7 +390,8 @@ class MAE3D(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, L_keep, E), ids_restore (B, L) -> predicted voxels (B, L, P)."""
-        return self.decoder(latent, ids_restore)
+        out: torch.Tensor = self.decoder(latent, ids_restore)
+        return out
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None

@@ -37,9 +37,12 @@ def load_nifti(path: str | os.PathLike[str]) -> Volume:
             length 1 is allowed), has non-finite values, or does not look like HU; messages hold no path.
     """
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     try:
         image = nib.load(os.fspath(path))
+        if not isinstance(image, SpatialImage):
+            raise TypeError(f"a {type(image).__name__} has no voxel grid")
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
         raise SeriesRejected("nifti-invalid", f"the NIfTI file cannot be read ({type(exc).__name__}); check that "

@@ -210,7 +210,7 @@ class DPConfig:
         check(self.noise_multiplier is not None or self.target_epsilon_per_round is not None,
               "noise-multiplier or target-epsilon-per-round is required when enabled is true "
               "(how much noise each DP-SGD step adds)")
-        if self.target_epsilon_per_round is not None:
+        if self.target_epsilon_per_round is not None and self.epsilon is not None:  # (epsilon: checked above)
             check(self.target_epsilon_per_round <= self.epsilon,
                   f"target-epsilon-per-round {self.target_epsilon_per_round} must not exceed the total "
                   f"epsilon {self.epsilon}")
@@ -400,7 +400,8 @@ def central_dp_mean(updates: Sequence[dict[str, torch.Tensor]], *, clip: float, 
     if generator is None:
         generator = secure_generator()
     names = list(updates[0])
-    norms = [float(torch.sqrt(sum((u[k].double() ** 2).sum() for k in names))) for u in updates]
+    zero = torch.zeros((), dtype=torch.float64)
+    norms = [float(torch.sqrt(sum(((u[k].double() ** 2).sum() for k in names), zero))) for u in updates]
     n = len(updates)
     out: dict[str, torch.Tensor] = {}
     for k in names:

@@ -16,7 +16,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import nullcontext
 from typing import Any, Protocol, TypedDict, Unpack
 
@@ -32,7 +32,7 @@ from lungmae_core.errors import ConfigError, DatasetError, NonFiniteLossError
 from lungmae_core.heads import set_trainable
 from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, patch_l1
 from lungmae_core.metrics import classification_metrics
-from lungmae_core.model import patchify3d
+from lungmae_core.model import ViTEncoder3D, patchify3d
 from lungmae_core.transforms import random_flip_rot90_batch
 
 __all__ = [
@@ -64,7 +64,7 @@ class PrivacyHook(Protocol):
     """
 
     def make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     loader: DataLoader) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]: ...
+                     loader: DataLoader[Any]) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[Any]]: ...
 
 
 def warmup_cosine(progress: float, warmup_frac: float = 0.1, min_mult: float = 0.0) -> float:
@@ -120,7 +120,7 @@ def _multiplier_fn(lr_schedule: LRSchedule | None, cfg: TrainConfig) -> Callable
         one_arg = len(params) == 1
     except (TypeError, ValueError):  # builtins without a signature: assume f(step, total_steps)
         one_arg = False
-    return (lambda step, total: lr_schedule(step)) if one_arg else lr_schedule  # type: ignore[return-value]
+    return (lambda step, total: lr_schedule(step)) if one_arg else lr_schedule
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -198,7 +198,8 @@ def _param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.
     With ``layer_decay < 1`` every group also carries ``lr_scale = layer_decay ** (depth + 1 - layer)``
     (MAE's fine-tuning recipe); :class:`_Loop` multiplies the scheduled lr by it.
     """
-    depth = len(_core(model).encoder.blocks) if hasattr(_core(model), "encoder") else 0
+    encoder = getattr(_core(model), "encoder", None)
+    depth = len(encoder.blocks) if isinstance(encoder, ViTEncoder3D) else 0
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -261,13 +262,13 @@ class LocalRun(TypedDict, total=False):
 class _Loop:
     """Optimizer, loader, schedule, AMP and DP for one phase; yields batches and performs the steps."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, desc: str,
+    def __init__(self, model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, desc: str,
                  device: str | torch.device = "cpu", seed: int = 0, privacy: PrivacyHook | None = None,
                  lr_schedule: LRSchedule | None = None, progress: bool = False, proximal_mu: float = 0.0,
                  optimizer_state: dict[str, Any] | None = None) -> None:
         """Everything but ``desc`` (the phase, for the progress bar and errors) as in :class:`LocalRun`,
         whose defaults are these; the model is moved to the device and put in training mode."""
-        if len(dataset) == 0:  # type: ignore[arg-type]
+        if _num_items(dataset) == 0:
             raise DatasetError(f"Unable to {desc} as the dataset is empty")
         device = _as_device(device)
         model.to(device).train()
@@ -276,8 +277,8 @@ class _Loop:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=self.loader_gen,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
         # fused AdamW: one kernel over all parameters (several times faster on CPU than the per-tensor loop)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
-                                      fused=device.type in ("cpu", "cuda"))
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
         # One optimizer per training run: a caller that trains a run in several calls (an epoch each, to
         # evaluate in between) hands the same dict back and AdamW's moments carry over.
         self.optimizer_state = optimizer_state
@@ -331,10 +332,10 @@ class _Loop:
             raise NonFiniteLossError(f"Loss is {loss.item()} at step {self.step + 1} of {self.total_steps} "
                                      f"(lr {self.lr:.3g}); stopping training")
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch leaves backward unannotated
             self.scaler.unscale_(self.optimizer)
         else:
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves backward unannotated
         if self.cfg.grad_clip is not None and self.privacy is None:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         if self.scaler is not None:
@@ -384,7 +385,25 @@ def _as_device(device: str | torch.device) -> torch.device:
 
 def _core(model: nn.Module) -> nn.Module:
     """The plain model under an Opacus ``GradSampleModule`` (its ``_module``), else the model itself."""
-    return getattr(model, "_module", model)
+    core: nn.Module = getattr(model, "_module", model)
+    return core
+
+
+def _num_items(dataset: Dataset[Any]) -> int:
+    """The length of a map-style dataset (torch's ``Dataset`` declares none; every dataset here has one)."""
+    if not isinstance(dataset, Sized):
+        raise DatasetError(f"Unable to train on a {type(dataset).__name__} as it has no length (a map-style "
+                           "dataset with __len__ and __getitem__ is expected)")
+    return len(dataset)
+
+
+def _model_config(model: nn.Module) -> ModelConfig:
+    """The ``ModelConfig`` the (possibly DP-wrapped) model was built from (``MAE3D`` / ``ILDClassifier``)."""
+    cfg = getattr(_core(model), "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"Unable to train a {type(_core(model)).__name__} as it has no ModelConfig 'cfg'; build "
+                        "the model with MAE3D or ILDClassifier")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +411,8 @@ def _core(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train_mae(model: nn.Module, dataset: Dataset, cfg: TrainConfig, **run: Unpack[LocalRun]) -> dict[str, float | int]:
+def train_mae(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig,
+              **run: Unpack[LocalRun]) -> dict[str, float | int]:
     """Pretrain an :class:`~lungmae_core.model.MAE3D` with the lung-weighted L1 loss for one phase.
 
     Each step augments image and lung mask together (flip/rot90), masks ``cfg.mask_ratio`` of the patches
@@ -413,7 +433,7 @@ def train_mae(model: nn.Module, dataset: Dataset, cfg: TrainConfig, **run: Unpac
         NonFiniteLossError: at the first step whose loss is not finite.
         DatasetError: when the dataset is empty or its volumes do not fit the model config.
     """
-    mcfg: ModelConfig = _core(model).cfg
+    mcfg = _model_config(model)
     loop = _Loop(model, dataset, cfg, desc="pretrain", **run)
     aug_gen = torch.Generator().manual_seed(loop.seed + 1)
     mask_gen = torch.Generator().manual_seed(loop.seed + 2)
@@ -437,7 +457,7 @@ def train_mae(model: nn.Module, dataset: Dataset, cfg: TrainConfig, **run: Unpac
         sums["loss_non_lung"] += parts.non_lung.mean().item() * n
     seconds = loop.close()
     result = {k: v / max(seen, 1) for k, v in sums.items()}
-    result.update(num_examples=len(dataset), num_steps=loop.step, lr_last=loop.lr, seconds=seconds)  # type: ignore[arg-type]
+    result.update(num_examples=_num_items(dataset), num_steps=loop.step, lr_last=loop.lr, seconds=seconds)
     logger.info("pretrain: %d steps, loss %.4f (lung %.4f, non-lung %.4f), %.1f s", loop.step, result["loss"],
                 result["loss_lung"], result["loss_non_lung"], seconds)
     return result
@@ -446,7 +466,7 @@ def train_mae(model: nn.Module, dataset: Dataset, cfg: TrainConfig, **run: Unpac
 @torch.no_grad()
 def evaluate_mae(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset[Any],
     *,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -474,9 +494,9 @@ def evaluate_mae(
         DatasetError: when the dataset is empty or its volumes do not fit the model config.
     """
     device = _as_device(device)
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if _num_items(dataset) == 0:
         raise DatasetError("Unable to evaluate the MAE as the dataset is empty")
-    mcfg: ModelConfig = _core(model).cfg
+    mcfg = _model_config(model)
     was_training = model.training
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -485,7 +505,7 @@ def evaluate_mae(
         images = batch["image"].to(device)
         _check_volume_size(images, mcfg)
         sum_patch += patchify3d(images, mcfg.patch_size).sum(dim=0, dtype=torch.float64)
-    n_scans = len(dataset)  # type: ignore[arg-type]
+    n_scans = _num_items(dataset)
     gen = torch.Generator().manual_seed(seed)
     sums = dict.fromkeys(("model", "model_lung", "base", "base_lung", "n", "n_lung"), 0.0)
     for batch in loader:
@@ -510,7 +530,7 @@ def evaluate_mae(
     n, n_lung = max(sums["n"], 1.0), max(sums["n_lung"], 1.0)
     return {"l1_masked": sums["model"] / n, "l1_masked_lung": sums["model_lung"] / n_lung,
             "baseline_l1_masked": sums["base"] / n, "baseline_l1_masked_lung": sums["base_lung"] / n_lung,
-            "num_examples": len(dataset)}  # type: ignore[arg-type]
+            "num_examples": _num_items(dataset)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -540,7 +560,7 @@ def _lung_mask_of(batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Ten
     return batch["image"][:, :1]
 
 
-def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, class_weights: torch.Tensor | None,
+def train_classifier(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, class_weights: torch.Tensor | None,
                      **run: Unpack[LocalRun]) -> dict[str, float | int]:
     """Fine-tune an :class:`~lungmae_core.heads.ILDClassifier` (full or linear probe) for one phase.
 
@@ -566,7 +586,7 @@ def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, cl
     if run.get("privacy") is not None and cfg.mixup_alpha > 0:
         raise ConfigError("mixup_alpha must be 0 under DP-SGD: mixup blends scans, so a gradient would no "
                           "longer belong to one scan")
-    core = _core(model)
+    core, mcfg = _core(model), _model_config(model)
     set_trainable(core, cfg.finetune_mode)  # type: ignore[arg-type]
     loop = _Loop(model, dataset, cfg, desc="finetune", **run)
     device = loop.device
@@ -576,7 +596,7 @@ def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, cl
     loss_sum, correct, seen = 0.0, 0, 0
     for batch in loop.batches():
         images, labels = batch["image"], _labels_of(batch)
-        _check_volume_size(images, core.cfg)
+        _check_volume_size(images, mcfg)
         images, masks = random_flip_rot90_batch(images, _lung_mask_of(batch, core), aug_gen, cfg.flip_p,
                                                 cfg.rot90_p)
         lam, partner = 1.0, labels
@@ -603,8 +623,8 @@ def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, cl
         loss_sum += loss.item() * n
         correct += int((logits.argmax(dim=1) == labels).sum())
     seconds = loop.close()
-    result = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "num_examples": len(dataset),
-              "num_steps": loop.step, "lr_last": loop.lr, "seconds": seconds}  # type: ignore[arg-type]
+    result = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
+              "num_examples": _num_items(dataset), "num_steps": loop.step, "lr_last": loop.lr, "seconds": seconds}
     logger.info("finetune (%s): %d steps, loss %.4f, train accuracy %.3f, %.1f s", cfg.finetune_mode, loop.step,
                 result["loss"], result["accuracy"], seconds)
     return result
@@ -613,7 +633,7 @@ def train_classifier(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, cl
 @torch.no_grad()
 def evaluate_classifier(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset[Any],
     *,
     num_classes: int,
     device: str | torch.device = "cpu",
@@ -632,7 +652,7 @@ def evaluate_classifier(
         DatasetError: when the dataset is empty or holds unlabelled items.
     """
     device = _as_device(device)
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if _num_items(dataset) == 0:
         raise DatasetError("Unable to evaluate the classifier as the dataset is empty")
     was_training = model.training
     model.to(device).eval()

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # MONAI is imported when the first transform is built
+    from monai.transforms import Compose, MapTransform
 
 __all__ = ["flip_rot90_transform", "random_flip_rot90_batch"]
 
@@ -23,7 +28,8 @@ _KEYS = ("image", "lung_mask")
 _PLANES = ((0, 1), (0, 2), (1, 2))
 
 
-def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1, rot90_p: float = 0.1):
+def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1,
+                         rot90_p: float = 0.1) -> Compose:
     """The MONAI transform: flip each axis with ``flip_p``, then, with ``rot90_p``, turn in one random plane.
 
     Written as two ``OneOf`` choices of deterministic MONAI transforms, weighted to give exactly that
@@ -45,12 +51,14 @@ def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.
 
     from monai.transforms import Compose, Flipd, Identityd, OneOf, Rotate90d
 
-    flips, flip_weights = [], []
+    flips: list[MapTransform] = []
+    flip_weights: list[float] = []
     for n_axes in range(4):
         for axes in combinations(range(3), n_axes):
             flips.append(Flipd(_KEYS, spatial_axis=list(axes)) if axes else Identityd(_KEYS))
             flip_weights.append(flip_p ** n_axes * (1.0 - flip_p) ** (3 - n_axes))
-    turns, turn_weights = [Identityd(_KEYS)], [1.0 - rot90_p]
+    turns: list[MapTransform] = [Identityd(_KEYS)]
+    turn_weights = [1.0 - rot90_p]
     for plane in _PLANES:
         square = spatial_shape[plane[0]] == spatial_shape[plane[1]]
         for k in (1, 2, 3):
@@ -63,16 +71,16 @@ _local = threading.local()  # one cached transform set per thread: set_random_st
 
 
 @functools.cache
-def _no_meta():
+def _no_meta() -> tuple[Callable[[], bool], Callable[[bool], Any]]:
     """MONAI's switch for MetaTensor tracking: off during our calls (it doubles the cost of a flip)."""
     from monai.data import get_track_meta, set_track_meta
 
     return get_track_meta, set_track_meta
 
 
-def _cached_transform(spatial_shape: tuple[int, int, int], flip_p: float, rot90_p: float):
+def _cached_transform(spatial_shape: tuple[int, int, int], flip_p: float, rot90_p: float) -> Compose:
     """Building the Compose costs about as much as applying it; keep one per shape and probabilities."""
-    cache = getattr(_local, "transforms", None)
+    cache: dict[tuple[tuple[int, int, int], float, float], Compose] | None = getattr(_local, "transforms", None)
     if cache is None:
         cache = _local.transforms = {}
     key = (spatial_shape, flip_p, rot90_p)
@@ -115,7 +123,8 @@ def random_flip_rot90_batch(
     assert images.ndim == 5 and lung_masks.ndim == 5, (tuple(images.shape), tuple(lung_masks.shape))
     if flip_p == 0 and rot90_p == 0:
         return images, lung_masks
-    transform = _cached_transform(tuple(int(n) for n in images.shape[-3:]), float(flip_p), float(rot90_p))
+    d, h, w = (int(n) for n in images.shape[-3:])
+    transform = _cached_transform((d, h, w), float(flip_p), float(rot90_p))
     transform.set_random_state(seed=_seed(generator))
     get_track_meta, set_track_meta = _no_meta()
     tracking = get_track_meta()

@@ -84,7 +84,8 @@ class Volume:
         return orientation_code(self.affine)
 
 
-def canonical_affine(spacing_mm: Sequence[float], origin_mm: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def canonical_affine(spacing_mm: Sequence[float] | np.ndarray,
+                     origin_mm: Sequence[float] | np.ndarray = (0.0, 0.0, 0.0)) -> np.ndarray:
     """The affine of a canonical volume: D along +z (S), H along +y (P), W along +x (L).
 
     Args:

@@ -170,6 +170,9 @@ class CheckpointStore:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"Unable to read {self.state_path} as it is not valid JSON: {exc}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"Unable to resume from {self.state_path} as it holds a "
+                                  f"{type(state).__name__}, not a JSON object")
         for key in ("step_index", "checkpoint", "sha256", "config_hash"):
             if key not in state:
                 raise CheckpointError(f"Unable to resume from {self.state_path} as it has no '{key}'")

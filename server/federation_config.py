@@ -67,7 +67,7 @@ class ModelSection:
     """
 
     name: str = "tiny"
-    overrides: dict = dataclasses.field(default_factory=dict)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     pooling: Literal["lung", "mean", "cls"] = "lung"
 
     def __post_init__(self) -> None:
@@ -256,7 +256,7 @@ class FederationConfig:
 
     model: ModelSection = ModelSection()
     classes: tuple[str, ...] = DEFAULT_CLASSES
-    sites: dict = dataclasses.field(default_factory=dict)
+    sites: dict[int | str, str] = dataclasses.field(default_factory=dict)
     phases: PhasesSection = PhasesSection()
     strategy: StrategyConfig = StrategyConfig()
     round_timeout_s: float = 600.0

@@ -46,6 +46,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -93,7 +94,7 @@ class FederationMetrics:
         self._lock = threading.Lock()
         self._phase: str | None = None
         self._last_checkpoint: float | None = None
-        self._httpd = None
+        self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         r = self.registry
         self._phase_g = Gauge("lungmae_phase", "1 for the current phase of the federation, 0 otherwise",
@@ -250,10 +251,10 @@ class FederationMetrics:
             self._bytes_c.labels("sent").inc(max(0, int(bytes_sent)))
             self._bytes_c.labels("received").inc(max(0, int(bytes_received)))
             for gauge, values in ((self._train_g, train_metrics), (self._eval_g, eval_metrics)):
-                for key, value in (values or {}).items():
-                    if isinstance(value, bool) or not isinstance(value, int | float):
+                for key, figure in (values or {}).items():
+                    if isinstance(figure, bool) or not isinstance(figure, int | float):
                         continue
-                    gauge.labels(phase, metric_name(key)).set(float(value))
+                    gauge.labels(phase, metric_name(key)).set(float(figure))
             self._progress_g.set(time.time())
 
     def site_epsilon(self, site: str, epsilon: float, budget: float | None = None) -> None:

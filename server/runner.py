@@ -365,7 +365,8 @@ class FederationRunner:
             self.telemetry.close()
         self._write_summary("completed")
         self.telemetry.event("run-finished", status="completed", rounds=len(self.history))
-        return json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
+        summary: dict[str, Any] = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
+        return summary
 
 
 def _fmt(value: Any) -> str:

@@ -233,12 +233,12 @@ class PhaseStrategy:
             report.drop(site, "count", f"num_examples {decoded.num_examples} exceeds the {declared} scans the site "
                         "declared", kind, cfg.phase)
             return None
-        if kind != TRAIN:
+        if not isinstance(decoded, TrainReply):
             return node, site, decoded, None
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            delta = validate_update(site, arrays_to_state(content["arrays"]), layout or {}, self.max_norm,
+            delta = validate_update(site, arrays_to_state(content.array_records["arrays"]), layout or {}, self.max_norm,
                                     shapes=self._shapes)
         except UpdateRejected as exc:
             report.rejected.append(Rejection.from_error(exc))

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -98,7 +99,7 @@ def _generator_fingerprint() -> str:
 
     digest = hashlib.sha256()
     for module in (phantoms, anatomy, scanners):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(inspect.getfile(module)).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -152,7 +153,7 @@ def phantom_dataset(
     if scans < len(CLASS_NAMES):
         raise DatasetError(f"Unable to build the phantom dataset as scans must be >= {len(CLASS_NAMES)} "
                            f"(one per class); got {scans}")
-    shape_t = None if shape is None else tuple(int(n) for n in shape)
+    shape_t = None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2]))
     jobs = [(i, CLASS_NAMES[i % 4], seed * 100_000 + i, i // 4 % 4, size, str(cache_dir), shape_t)
             for i in range(scans)]
     todo = [job for job in jobs if not sample_path(cache_dir, _phantom_key(*job[1:5], shape_t)).is_file()]
@@ -305,6 +306,7 @@ def run_centralized(
                 cfg.img_size, cfg.patch_size, cfg.num_patches, dev, seed, torch.get_num_threads())
 
     # -- data
+    rejected: list[str]
     if cache is not None:
         from lungmae_core.data import CachedVolumes
 

@@ -89,7 +89,7 @@ def _coerce(value: Any, tp: Any, where: str, error: type[ConfigError]) -> Any:
             except ConfigError as exc:
                 last = exc
         raise error(f"{where} must be {_type_name(tp)}; got {value!r}") from last
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):

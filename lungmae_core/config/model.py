@@ -139,17 +139,18 @@ INPUT_HU_MIN, INPUT_HU_MAX = -1000.0, 200.0
 TINY_INPUT_WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, -900.0), (-900.0, -750.0), (-750.0, -500.0),
                                                        (-500.0, 0.0))
 
-_PAPER = dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, decoder_embed_dim=512, decoder_depth=8,
-              decoder_num_heads=8, decoder_mlp_dim=2048, mask_ratio=0.75)
+_PAPER_P16 = ModelConfig(name="paper-p16", img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                         mlp_dim=3072, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=8,
+                         decoder_mlp_dim=2048, mask_ratio=0.75)
 
 #: Named architectures: ``tiny`` for CPU tests and simulation; the paper's three (docs/model.md).
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny", img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3,
                         mlp_dim=768, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
                         decoder_mlp_dim=512, mask_ratio=0.75, input_windows=TINY_INPUT_WINDOWS),
-    "paper-p16": ModelConfig(name="paper-p16", img_size=128, patch_size=16, **_PAPER),
-    "paper-p8": ModelConfig(name="paper-p8", img_size=128, patch_size=8, **_PAPER),
-    "paper-256": ModelConfig(name="paper-256", img_size=256, patch_size=32, **_PAPER),
+    "paper-p16": _PAPER_P16,
+    "paper-p8": dataclasses.replace(_PAPER_P16, name="paper-p8", patch_size=8),
+    "paper-256": dataclasses.replace(_PAPER_P16, name="paper-256", img_size=256, patch_size=32),
 }
 
 

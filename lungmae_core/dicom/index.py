@@ -14,10 +14,14 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lungmae_core.errors import InvalidSeriesError
+
+if TYPE_CHECKING:  # pydicom is imported where files are read
+    from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -182,23 +186,34 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def _floats(value: object, n: int) -> tuple[float, ...] | None:
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """``n`` finite numbers from a multi-valued DICOM element (any value representation), else None."""
     try:
-        out = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
-def _float(value: object) -> float | None:
+def _xyz(value: Any) -> tuple[float, float, float] | None:
+    out = _floats(value, 3)
+    return None if out is None else (out[0], out[1], out[2])
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    out = _floats(value, 2)
+    return None if out is None else (out[0], out[1])
+
+
+def _float(value: Any) -> float | None:
     try:
-        out = float(value)  # type: ignore[arg-type]
+        out = float(value)
     except (TypeError, ValueError):
         return None
     return out if np.isfinite(out) else None
 
 
-def _pixel_data_truncated(ds, transfer_syntax: str, frames: int, file_size: int) -> bool:
+def _pixel_data_truncated(ds: Dataset, transfer_syntax: str, frames: int, file_size: int) -> bool:
     """Whether (7FE0,0010) is shorter than its declared length, or than Rows x Columns x ... for native data."""
     from pydicom.dataelem import RawDataElement
     from pydicom.uid import UID
@@ -292,9 +307,9 @@ def _read_header(path: str) -> InstanceHeader | SkippedFile:
         transfer_syntax=transfer_syntax,
         rows=int(ds.Rows) if ds.get("Rows") is not None else None,
         columns=int(ds.Columns) if ds.get("Columns") is not None else None,
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        pixel_spacing=_pair(ds.get("PixelSpacing")),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        position=_xyz(ds.get("ImagePositionPatient")),
         slice_thickness=_float(ds.get("SliceThickness")),
         manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
         has_pixel_data=has_pixels,
@@ -306,7 +321,7 @@ def _read_header(path: str) -> InstanceHeader | SkippedFile:
     )
 
 
-def _functional(item, shared, sequence: str, keyword: str):
+def _functional(item: Dataset | None, shared: Dataset | None, sequence: str, keyword: str) -> Any:
     """``keyword`` from the per-frame functional group ``item``, else from the shared one, else None."""
     for group in (item, shared):
         if group is None:
@@ -319,7 +334,7 @@ def _functional(item, shared, sequence: str, keyword: str):
     return None
 
 
-def _frame_geometry(ds, n_frames: int) -> tuple[FrameGeometry, ...]:
+def _frame_geometry(ds: Dataset, n_frames: int) -> tuple[FrameGeometry, ...]:
     """Per-frame geometry and rescale of an Enhanced CT object (empty when it has no functional groups)."""
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
@@ -327,7 +342,7 @@ def _frame_geometry(ds, n_frames: int) -> tuple[FrameGeometry, ...]:
     if shared is None and not per_frame:
         return ()
     top_rescale = (_float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept")))
-    out = []
+    out: list[FrameGeometry] = []
     for k in range(n_frames):
         item = per_frame[k] if k < len(per_frame) else None
         slope = _float(_functional(item, shared, "PixelValueTransformationSequence", "RescaleSlope"))
@@ -336,14 +351,14 @@ def _frame_geometry(ds, n_frames: int) -> tuple[FrameGeometry, ...]:
             slope, intercept = top_rescale
         frame_type = _functional(item, shared, "CTImageFrameTypeSequence", "FrameType") or ()
         out.append(FrameGeometry(
-            position=_floats(_functional(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            position=_xyz(_functional(item, shared, "PlanePositionSequence", "ImagePositionPatient")),
             orientation=_floats(_functional(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            pixel_spacing=_floats(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+            pixel_spacing=_pair(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing")),
             slice_thickness=_float(_functional(item, shared, "PixelMeasuresSequence", "SliceThickness")),
             rescale=(slope, intercept) if slope is not None and intercept is not None else None,
             frame_type=tuple(str(t).upper() for t in frame_type),
         ))
-    return tuple(out)  # type: ignore[return-value]
+    return tuple(out)
 
 
 def expand_frames(header: InstanceHeader) -> list[InstanceHeader]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class SlicePlan:
 
 # --------------------------------------------------------------------------------------------- checks
 
-def _count(instances: Sequence[InstanceHeader], predicate) -> int:
+def _count(instances: Sequence[InstanceHeader], predicate: Callable[[InstanceHeader], bool]) -> int:
     return sum(1 for inst in instances if predicate(inst))
 
 
@@ -127,7 +127,7 @@ def _check_decoder(transfer_syntax: str) -> None:
             f"its pixel data is compressed with transfer syntax {transfer_syntax} ({uid.name}), for which "
             "pydicom has no decoder; re-export the series uncompressed or as JPEG 2000/JPEG-LS/RLE") from None
     if not decoder.is_available:
-        needs = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies.items())
+        needs = "; ".join(decoder.missing_dependencies)  # e.g. "pylibjpeg - requires pylibjpeg-rle"
         raise SeriesRejected(
             "no-decoder",
             f"its pixel data is compressed as {uid.name} ({transfer_syntax}) and no installed decoder can read "
@@ -181,7 +181,7 @@ def _check_content(series: DicomSeries) -> None:
                                ("Image Orientation (Patient)", "0020,0037", "orientation"),
                                ("Pixel Spacing", "0028,0030", "pixel_spacing"),
                                ("Rows", "0028,0010", "rows"), ("Columns", "0028,0011", "columns")):
-        k = _count(inst, lambda i, a=attr: getattr(i, a) is None)
+        k = sum(1 for i in inst if getattr(i, attr) is None)
         if k:
             raise SeriesRejected("no-geometry", f"{_of_verb(k, n, unit, 'has', 'have')} no valid ({tag}) '{keyword}', "
                                                 "needed to place slices in the patient; re-export the series with "
@@ -216,7 +216,8 @@ def _check_content(series: DicomSeries) -> None:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+    unit: np.ndarray = v / np.linalg.norm(v)
+    return unit
 
 
 def plan_series(series: DicomSeries, rules: SeriesRules = SeriesRules()) -> SlicePlan:

@@ -28,15 +28,19 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lungmae_core.atomic import atomic_path, atomic_write_text
 from lungmae_core.synthetic.phantoms import PHANTOM_CLASSES, generate_phantom
 from lungmae_core.synthetic.scanners import ScannerProfile, scanner_for_site
+
+if TYPE_CHECKING:  # pydicom is imported where a file is written
+    from pydicom.dataset import Dataset, FileDataset
 
 __all__ = ["SyntheticStudy", "SyntheticScan", "SiteSynthResult", "write_ct_series", "write_scout",
            "write_dose_screen", "write_site", "make_study"]
@@ -123,16 +127,16 @@ def make_study(site_index: int, scan_index: int, seed: int) -> SyntheticStudy:
 
 
 def _base_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_class: str, sop_uid: str, series_uid: str,
-                  modality: str, series_number: int, series_description: str):
+                  modality: str, series_number: int, series_description: str) -> FileDataset:
     """A dataset with file meta and the Patient, General Study, General Series, General Equipment, SOP Common."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = "LUNGMAE_SYNTH"
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -160,7 +164,7 @@ def _base_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_class: 
 
 
 def _ct_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_uid: str, series_uid: str, series_number: int,
-                series_description: str, image_type: str, slice_thickness: str, kvp: str):
+                series_description: str, image_type: str, slice_thickness: str, kvp: str) -> Dataset:
     """:func:`_base_dataset` of a CT image, with what an axial series and a scout share: the CT Image module's
     acquisition (image type, body part, slice thickness, kVp), the patient position and the Frame of Reference."""
     ds = _base_dataset(study, scanner, sop_class=CT_IMAGE_STORAGE, sop_uid=sop_uid, series_uid=series_uid,
@@ -176,7 +180,7 @@ def _ct_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_uid: str,
     return ds
 
 
-def _pixel_module(ds, pixels: np.ndarray, *, signed: bool) -> None:
+def _pixel_module(ds: Dataset, pixels: np.ndarray, *, signed: bool) -> None:
     """Image Pixel module for ``pixels: (rows, columns)`` int16/uint16 stored values."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -195,7 +199,7 @@ def _stored(hu: np.ndarray, signed: bool) -> tuple[np.ndarray, float]:
     return np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16), -1024.0
 
 
-def _save(ds, path: Path) -> None:
+def _save(ds: Dataset, path: Path) -> None:
     """Write a DICOM file atomically (temporary name, then rename)."""
     with atomic_path(path, fsync=False) as tmp:  # synthetic: regenerated at will, thousands of files
         ds.save_as(tmp, enforce_file_format=True)
@@ -206,7 +210,7 @@ def _signed_storage(scanner: ScannerProfile) -> bool:
     return not scanner.manufacturer.upper().startswith(("GE", "TOSHIBA"))
 
 
-def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | os.PathLike[str], *,
+def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float] | np.ndarray, out_dir: str | os.PathLike[str], *,
                     study: SyntheticStudy, scanner: ScannerProfile, series_uid: str | None = None,
                     series_number: int = 2, origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
                     signed: bool | None = None, file_prefix: str = "IM") -> list[Path]:
@@ -229,6 +233,8 @@ def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | 
     Returns:
         The written paths, in instance number order.
     """
+    from pydicom.uid import UID
+
     hu = np.asarray(hu, dtype=np.float32)
     assert hu.ndim == 3, hu.shape
     sd, sh, sw = (float(s) for s in spacing_mm)
@@ -262,7 +268,7 @@ def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | 
     for number, d in enumerate(slice_order, start=1):
         image = hu[d] if position == "HFS" else hu[d, :, ::-1]  # FFS rows run toward the patient's right
         ipp = (x0, origin_mm[1], origin_mm[2] + d * sd)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid("sop", series_uid, number)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(_uid("sop", series_uid, number))
         ds.InstanceNumber = number
         ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
         ds.SliceLocation = f"{ipp[2]:.4f}"
@@ -275,7 +281,7 @@ def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | 
     return paths
 
 
-def write_scout(hu: np.ndarray, spacing_mm: Sequence[float], out_dir: str | os.PathLike[str], *,
+def write_scout(hu: np.ndarray, spacing_mm: Sequence[float] | np.ndarray, out_dir: str | os.PathLike[str], *,
                 study: SyntheticStudy, scanner: ScannerProfile, series_number: int = 1) -> Path:
     """Write an anterior-posterior localizer (topogram) of the volume: one coronal projection image.
 
@@ -347,7 +353,11 @@ def _site_labels(site_index: int, n_scans: int, seed: int) -> list[str]:
     return [PHANTOM_CLASSES[order[i % len(order)]] for i in range(n_scans)]
 
 
-def _write_one_scan(args: tuple) -> SyntheticScan:
+#: One study to write: DICOM folder, site index, scan index, seed, label, scanner, phantom shape (None: default).
+_ScanTask = tuple[Path, int, int, int, str, ScannerProfile, tuple[int, ...] | None]
+
+
+def _write_one_scan(args: _ScanTask) -> SyntheticScan:
     """Generate and write one phantom study (a top-level function so worker processes can run it)."""
     dicom_dir, site_index, scan_index, seed, label, scanner, shape = args
     study = make_study(site_index, scan_index, seed)
@@ -405,7 +415,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
     scanner = scanner or scanner_for_site(site_index)
     labels = _site_labels(site_index, n_scans, seed)
     shape_t = tuple(int(n) for n in shape) if shape is not None else None
-    tasks = [(dicom_dir, site_index, i, seed, labels[i], scanner, shape_t) for i in range(n_scans)]
+    tasks: list[_ScanTask] = [(dicom_dir, site_index, i, seed, labels[i], scanner, shape_t) for i in range(n_scans)]
     if pool is not None:
         scans = _progress(pool.map(_write_one_scan, tasks), n_scans, progress, f"site {site_index}")
     elif workers > 1 and n_scans > 1:
@@ -430,7 +440,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
                            scans=tuple(scans))
 
 
-def _progress(iterable, total: int, show: bool, desc: str) -> list[SyntheticScan]:
+def _progress(iterable: Iterable[SyntheticScan], total: int, show: bool, desc: str) -> list[SyntheticScan]:
     if show:
         from tqdm.auto import tqdm
 

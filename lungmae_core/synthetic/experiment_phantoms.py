@@ -68,16 +68,19 @@ _TEXTURE_OF = ("reticular", "ggo", "cystic", "reticular")
 
 def _zone(kind: str, tz: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Zone weight in [0, 1] from relative height ``tz`` (0 base, 1 apex) and radial position ``r``."""
-    basal = np.clip((0.6 - tz) / 0.45, 0.0, 1.0)
-    apical = np.clip((tz - 0.4) / 0.45, 0.0, 1.0)
-    peripheral = np.clip((r - 0.55) / 0.35, 0.0, 1.0)
+    basal: np.ndarray = np.clip((0.6 - tz) / 0.45, 0.0, 1.0)
+    apical: np.ndarray = np.clip((tz - 0.4) / 0.45, 0.0, 1.0)
+    peripheral: np.ndarray = np.clip((r - 0.55) / 0.35, 0.0, 1.0)
+    weight: np.ndarray
     if kind == "basal-peripheral":
-        return basal * (0.35 + 0.65 * peripheral)
-    if kind == "basal":
-        return basal * np.ones_like(r)
-    if kind == "apical":
-        return apical * np.ones_like(r)
-    return peripheral * np.ones_like(tz)
+        weight = basal * (0.35 + 0.65 * peripheral)
+    elif kind == "basal":
+        weight = basal * np.ones_like(r)
+    elif kind == "apical":
+        weight = apical * np.ones_like(r)
+    else:
+        weight = peripheral * np.ones_like(tz)
+    return weight
 
 
 def _cells(rng: np.random.Generator, points_mm: np.ndarray, lo_mm: np.ndarray, hi_mm: np.ndarray,
@@ -89,8 +92,10 @@ def _cells(rng: np.random.Generator, points_mm: np.ndarray, lo_mm: np.ndarray, h
     volume = float(np.prod(hi_mm - lo_mm))
     n_seeds = max(8, int(volume / cell_mm ** 3))
     seeds = rng.uniform(lo_mm - cell_mm, hi_mm + cell_mm, size=(n_seeds, 3))
+    dist: np.ndarray  # scipy is untyped here: query gives (distances (N, k), indices)
     dist, _ = cKDTree(seeds).query(points_mm, k=2)
-    return (dist[:, 1] - dist[:, 0]) / 2.0
+    walls: np.ndarray = (dist[:, 1] - dist[:, 0]) / 2.0
+    return walls
 
 
 def _top(score: np.ndarray, count: int) -> np.ndarray:

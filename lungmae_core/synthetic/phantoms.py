@@ -125,7 +125,7 @@ def _add_disease(label: str, severity: float, hu: np.ndarray, lung: np.ndarray, 
     if label == "normal":
         return
     box = lung_box(lung)
-    sub_grid = Grid(tuple(s.stop - s.start for s in box), grid.spacing)  # type: ignore[arg-type]
+    sub_grid = Grid(tuple(s.stop - s.start for s in box), grid.spacing)
     in_lung = lung[box] > 0
     h = hu[box]
     r = rho[box].astype(np.float32)

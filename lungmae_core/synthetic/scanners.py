@@ -135,7 +135,7 @@ def checked_acquisition(what: str, severity: float | None, scanner: ScannerProfi
     shape_t = tuple(int(n) for n in (shape or scanner.shape))
     if len(shape_t) != 3 or min(shape_t) < 16:
         raise ConfigError(f"{what} shape must be three sizes (D, H, W), each >= 16; got {shape_t}")
-    return scanner, shape_t  # type: ignore[return-value]
+    return scanner, shape_t
 
 
 def acquire(hu: np.ndarray, scanner: ScannerProfile, spacing: np.ndarray, rng: np.random.Generator) -> None:

@@ -121,13 +121,26 @@ def _parse_sans(names: Sequence[str], ips: Sequence[str]) -> list[x509.GeneralNa
     return sans
 
 
+def _load_ca_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """The CA's private key (PEM, unencrypted), which must be one this module makes: EC or RSA.
+
+    Raises:
+        CertificateError: when the file holds another kind of key.
+    """
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"Unable to sign with the CA key {path} as it is a {type(key).__name__}; "
+                               "expected an EC or RSA private key (as `lungmae certs` writes)")
+    return key
+
+
 def _issue_leaf(subject: x509.Name, usage: x509.ObjectIdentifier, ca_key: Path, ca_crt: Path, days: int,
                 key_path: Path, crt_path: Path, *, sans: list[x509.GeneralName] | None = None) -> None:
     """Issue an end-entity certificate (ECDSA P-256, one extended key usage) signed by the CA; write both files.
 
     The private key is written 0600 and the certificate 0644, each atomically.
     """
-    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    ca_private = _load_ca_key(ca_key)
     ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -221,7 +234,7 @@ def revoked_serials(crl_path: Path) -> dict[int, _dt.datetime]:
 def write_crl(ca_key: Path, ca_crt: Path, crl_path: Path, add: dict[int, _dt.datetime] | None = None,
               days: int = CRL_DAYS) -> Path:
     """(Re)write the CA's revocation list with every serial revoked so far plus ``add``, valid ``days``."""
-    ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    ca_private = _load_ca_key(ca_key)
     ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
     serials = {**revoked_serials(crl_path), **(add or {})}
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)

@@ -39,9 +39,10 @@ class FlwrCLIError(LungMAEError):
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file as a dict, or None when it is missing or half-written."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 class FlwrCLI:
@@ -76,7 +77,7 @@ class FlwrCLI:
             data = json.loads(text[start:]) if start >= 0 else None
         except json.JSONDecodeError:
             data = None
-        if data is None:
+        if not isinstance(data, dict):
             raise FlwrCLIError(f"Unable to read the answer of `{' '.join(cmd)}` (exit {proc.returncode}): "
                                f"{(proc.stderr or proc.stdout).strip()[-500:]}")
         if not data.get("success", False):
@@ -100,7 +101,8 @@ class FlwrCLI:
         runs = data.get("runs", [])
         if not runs:
             raise FlwrCLIError(f"The SuperLink does not know run {run_id} (was its --database replaced?)")
-        return runs[0]
+        run: dict[str, Any] = runs[0]
+        return run
 
     def stop(self, run_id: int) -> bool:
         """``flwr stop``; False when the SuperLink is unreachable or the run had already finished."""
@@ -209,7 +211,7 @@ class RunFollower:
                 status, run_id = {"status": "finished:unknown"}, None
             if run_id is not None and (status is None or status["status"] in _ACTIVE):
                 self.say(f"following run {run_id} recorded in {self.run_dir / RUN_RECORD}")
-            elif run_id is not None and status["status"] != "finished:completed":
+            elif run_id is not None and status is not None and status["status"] != "finished:completed":
                 run_id = None  # failed or stopped earlier: submit again, the ServerApp resumes
         if run_id is None:
             run_id = self._submit()

@@ -213,7 +213,7 @@ def _site_block(block: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, d
     return _scalars(block["aggregated"]), {str(name): _scalars(m) for name, m in block["sites"].items()}
 
 
-def _problems(items: list[Mapping[str, Any]], what: str) -> tuple[str, ...]:
+def _problems(items: Sequence[Mapping[str, Any]], what: str) -> tuple[str, ...]:
     """``[{"site", "check"?, "reason"}, ...]`` -> ``("rejected site0 (finite): non-finite values ...", ...)``."""
     out = []
     for item in items:

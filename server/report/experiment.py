@@ -126,7 +126,7 @@ def _point(row: Mapping[str, Any], k: Any = None) -> ArmPoint | None:
     if not metrics:
         return None
     seeds = row.get("seeds")
-    n_seeds = len(seeds) if isinstance(seeds, list) else (int(seeds) if _num(seeds) is not None else None)
+    n_seeds = len(seeds) if isinstance(seeds, list) else (int(n) if (n := _num(seeds)) is not None else None)
     return ArmPoint(k=k_value, metrics=metrics, seeds=n_seeds)
 
 
@@ -146,8 +146,9 @@ def _points(raw: Any) -> list[ArmPoint]:
 
 def _arm_name(obj: Mapping[str, Any], fallback: str) -> str:
     for key in ("name", "arm", "label", "id"):
-        if isinstance(obj.get(key), str) and obj[key]:
-            return obj[key]
+        value = obj.get(key)
+        if isinstance(value, str) and value:
+            return value
     return fallback
 
 

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # before pyplot: the coordinator has no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 # One colour per site, stable across figures: the same site has the same colour everywhere on the page.
-_SITE_COLOURS = plt.get_cmap("tab10").colors
+_SITE_COLOURS = [to_rgb(plt.get_cmap("tab10")(i)) for i in range(10)]
 _DPI = 96
 
 
@@ -53,7 +55,7 @@ def _site_colour(index: int) -> tuple[float, float, float]:
     return _SITE_COLOURS[index % len(_SITE_COLOURS)]
 
 
-def _round_axis(ax: plt.Axes, rounds: Sequence[int]) -> None:
+def _round_axis(ax: Axes, rounds: Sequence[int]) -> None:
     """Integer server rounds on the x axis; a single round is centred instead of spread over +-0.1."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     distinct = sorted(set(rounds))
@@ -61,7 +63,7 @@ def _round_axis(ax: plt.Axes, rounds: Sequence[int]) -> None:
         ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
 
 
-def _per_site_lines(ax: plt.Axes, per_site: Mapping[str, Sequence[tuple[int, float]]],
+def _per_site_lines(ax: Axes, per_site: Mapping[str, Sequence[tuple[int, float]]],
                     site_order: Sequence[str] | None, **style: Any) -> None:
     """One line per site against server round, in ``site_order`` (default: sorted names) so that a site keeps
     its colour across the figures; a site without points keeps its colour slot but draws nothing."""
@@ -140,7 +142,9 @@ def participation_chart(
     ax.set_xticks(x, [str(r) for r in rounds])
     ax.set_xlabel("server round")
     ax.set_ylabel("sites")
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    locator = ax.yaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # the default (AutoLocator) is one
+        locator.set_params(integer=True)
     ax.set_title("participation per round")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=len(keys), loc="upper center", bbox_to_anchor=(0.5, -0.2))

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from lungmae_core.errors import LungMAEError
 from server.report import plots
 from server.report.data import Reconstruction, RunRecord, norm_key
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 __all__ = ["find_mae_checkpoint", "load_mae", "phantom_samples", "lung_centre", "reconstruct",
            "phantom_reconstruction"]
@@ -223,7 +226,8 @@ def phantom_reconstruction(run: RunRecord, *, seed: int = 0) -> tuple[Reconstruc
         return None, (f"The synthetic phantoms could not be preprocessed to {cfg.img_size}^3 "
                       f"({type(exc).__name__}: {exc}), so no reconstruction is shown.")
     masked, recon = reconstruct(mae, items[0]["image"][0].numpy(), seed=seed)
-    metrics = evaluate_mae(mae, items, device="cpu", seed=seed, batch_size=len(items))
+    # a list is a map-style dataset as far as the DataLoader goes (len and indexing)
+    metrics = evaluate_mae(mae, cast("Dataset[Any]", items), device="cpu", seed=seed, batch_size=len(items))
     when = f"after server round {server_round}" if server_round is not None else f"from {path.name}"
     uri = plots.reconstruction_figure(items[0]["image"][0].numpy(), masked, recon,
                                       title=f"synthetic {PHANTOM_LABEL} phantom, MAE {when}",

@@ -105,7 +105,8 @@ def _sites_table(run: RunRecord) -> str:
     rows = [(_e(site), *(_int(_number_or_none(info.get(c))) for c in cols), yes_no(info.get("dp_enabled")),
              yes_no(info.get("has_gpu")), str(sum(1 for r in run.rounds if site in r.train_sites)))
             for site, info in sorted(run.site_info.items())]
-    header = ("site", "unlabelled scans", "labelled: train", "val", "test", "DP-SGD", "GPU", "rounds trained")
+    header: tuple[str, ...] = ("site", "unlabelled scans", "labelled: train", "val", "test", "DP-SGD", "GPU",
+                               "rounds trained")
     errors = [str(info.get("error") or "") for _, info in sorted(run.site_info.items())]
     if any(errors):  # a site that could not serve (e.g. no cache) says why; paths are withheld
         header += ("problem",)
@@ -374,7 +375,7 @@ def _privacy_section(run: RunRecord) -> str:
             "No site reported an epsilon, so differential privacy was not used."))
     parts = []
     if used_names:
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for site in sorted(used_names):
             spent = used[site][-1][1] if site in used else 0.0
             budget = _number_or_none(info.get(site, {}).get("epsilon_budget"))

@@ -161,3 +161,53 @@ def test_cross_site_local_model_needs_the_sites_consent(sites: list[Path], tmp_p
     assert "policy.share-local-model" in refused.error.reason
     scored = app(_message("evaluate", "cross-site", state, split="test"), _ctx(1))  # it still scores models
     assert EvalReply.decode(dict(scored.content["metrics"]), num_classes=4).num_examples >= 1
+
+
+def test_the_deployed_app_reads_the_site_from_the_node_config(sites: list[Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployment: no site list; the SuperNode's node config (or LUNGMAE_SITE_CONFIG) names site.yaml."""
+    from client.client_app import app
+
+    monkeypatch.delenv("LUNGMAE_SITE_CONFIG", raising=False)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(sites[1])}, state=RecordDict(),
+                  run_config={})
+    reply = app(_message("query", "pretrain", None), ctx)
+    assert reply.content["site"]["site-name"] == "site1"
+    with pytest.raises(Exception, match="site 'site' cannot serve query pretrain: its site.yaml is invalid"):
+        app(_message("query", "pretrain", None), _ctx(0))  # a node config without site-config
+    monkeypatch.setenv("LUNGMAE_SITE_CONFIG", str(sites[0]))
+    assert app(_message("query", "pretrain", None), _ctx(0)).content["site"]["site-name"] == "site0"
+
+
+def test_the_site_is_read_once_per_file_version(sites: list[Path], tmp_path: Path) -> None:
+    """One process serving many messages validates site.yaml once; an edited file is read again."""
+    import os
+
+    from client.site_state import site_for
+
+    copy = tmp_path / "site.yaml"
+    copy.write_text(sites[0].read_text().replace("name: site0", "name: copy-a"))
+    ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(copy)}, state=RecordDict(), run_config={})
+    first = site_for(ctx)
+    assert site_for(ctx) is first and first.name == "copy-a"
+    copy.write_text(sites[0].read_text().replace("name: site0", "name: copy-b"))
+    os.utime(copy, ns=(first_ns := copy.stat().st_mtime_ns, first_ns + 1_000_000))
+    assert site_for(ctx).name == "copy-b"
+    copy.write_text("site: [not, a, mapping]\n")
+    from lungmae_core.errors import SiteConfigError
+
+    with pytest.raises(SiteConfigError):
+        site_for(ctx)
+
+
+def test_the_simulation_mod_keeps_the_runs_state(sites: list[Path]) -> None:
+    """The mod routes partition-id to a site.yaml on a copy of the Context; the policy's counts still persist."""
+    from client.policy import Usage
+
+    app = make_client_app(sites)
+    ctx = _ctx(0)
+    state = ILDClassifier(MCFG, 4).state_dict()
+    app(_message("evaluate", "finetune", state, split="val"), ctx)
+    app(_message("evaluate", "finetune", state, split="val"), ctx)
+    assert Usage.load(ctx.state).evaluations == 2
+    assert "site-config" not in ctx.node_config  # the node's own config is left as Flower gave it

@@ -263,13 +263,14 @@ def test_missing_decoder_plugin_is_named(tmp_path: Path, monkeypatch: pytest.Mon
 
     class Unavailable:  # what pydicom reports when e.g. pylibjpeg-rle is not installed
         is_available = False
-        missing_dependencies = {"pylibjpeg": ["pylibjpeg-rle>=2.0"]}
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg-rle>=2.0"]  # Decoder.missing_dependencies
 
     from pydicom import pixels
 
     monkeypatch.setattr(pixels, "get_decoder", lambda uid: Unavailable())
     with pytest.raises(SeriesRejected, match=r"compressed as RLE Lossless .* no installed decoder can read it; "
-                                             r"install one of the plugins \(pylibjpeg: pylibjpeg-rle>=2.0\)") as err:
+                                             r"install one of the plugins "
+                                             r"\(pylibjpeg - requires pylibjpeg-rle>=2.0\)") as err:
         plan_series(_only_series(tmp_path), RULES)
     assert err.value.code == "no-decoder"
 
