@@ -18,7 +18,6 @@ import concurrent.futures
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -94,12 +93,9 @@ def _phantom_job(job: tuple[int, str, int, int, int, str, tuple[int, int, int] |
 def _generator_fingerprint() -> str:
     """Hash of the phantom generator's source (the phantoms, the anatomy they draw and the scanners that
     acquire them): cached phantoms are redrawn whenever any of it changes."""
-    from lungmae_core.synthetic import anatomy, phantoms, scanners
+    from lungmae_core.synthetic import anatomy, phantoms, scanners, source_digest
 
-    digest = hashlib.sha256()
-    for module in (phantoms, anatomy, scanners):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
+    return source_digest(phantoms, anatomy, scanners)[:16]
 
 
 def _phantom_key(label: str, seed: int, scanner_index: int, size: int, shape: tuple[int, int, int] | None) -> str:
