@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lungmae_core.centralized.pipeline import _splits, phantom_dataset  # noqa: E402
+from lungmae_core.centralized.data import phantom_dataset, split_by_patient  # noqa: E402
 from lungmae_core.config import TrainConfig, model_config  # noqa: E402
 from lungmae_core.heads import ILDClassifier, set_trainable, transfer_encoder  # noqa: E402
 from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1  # noqa: E402
@@ -229,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset, _ = phantom_dataset(args.scans, size=model_config("tiny").img_size, seed=0,
                                  cache_dir=args.workdir / "phantoms", workers=args.workers, progress=True)
     if args.measure_norms:
-        return measure_norms(args, dataset, _splits(dataset, 0, None))
+        return measure_norms(args, dataset, split_by_patient(dataset, 0, None))
     seeds = [int(s) for s in args.seeds.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    mae = _pretrain(_splits(dataset, 0, None)["pretrain"], args.pretrain_epochs, seed=0, cache=args.workdir)
+    mae = _pretrain(split_by_patient(dataset, 0, None)["pretrain"], args.pretrain_epochs, seed=0, cache=args.workdir)
     # Row names carry the lr: the non-private subset row trains at the DP lr, so that it and the DP rows differ
     # only by the noise (and the clipping); "no DP, full" is the project's non-private default.
     wanted = {r.strip() for r in args.rows.split(",")}
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[float]] = {name: [] for name, *_ in runs}
     details = []
     for seed in seeds:
-        parts = _splits(dataset, seed, None)
+        parts = split_by_patient(dataset, seed, None)
         for name, mode, eps, lr in runs:
             out = _finetune(mae, parts, seed=seed, mode=mode, epochs=args.epochs, batch=args.batch, lr=lr,
                             epsilon=eps, clip=args.clip)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             details.append({"seed": seed, "run": name, **out})
             print(f"seed {seed} {name}: balanced accuracy {out['balanced_accuracy']:.3f} "
                   f"(sigma {out['sigma']:.3g}, {out['seconds']:.0f} s)", flush=True)
-    n_train = len(_splits(dataset, seeds[0], None)["train"])
+    n_train = len(split_by_patient(dataset, seeds[0], None)["train"])
     print(f"\n{args.scans} phantoms ({n_train} training patients), tiny model, MAE {args.pretrain_epochs} epochs "
           f"without DP; fine-tuning {args.epochs} epochs, batch {args.batch}, C {args.clip:g}, "
           f"DP lr {args.dp_lr:g}, delta "

@@ -101,10 +101,11 @@ def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
 def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Cubes for ``jobs``, read from ``cache_dir`` or generated (in ``workers`` processes) and cached."""
     from lungmae_core.config import PreprocessConfig
-    from lungmae_core.synthetic import experiment_phantoms
+    from lungmae_core.synthetic import anatomy, experiment_phantoms, phantoms, scanners, source_digest
 
-    source = Path(experiment_phantoms.__file__).read_bytes() + PreprocessConfig().fingerprint().encode()
-    version = hashlib.sha256(source).hexdigest()[:12]
+    # The generator is experiment_phantoms and what it draws with (anatomy, scanners, phantoms' Phantom).
+    source = source_digest(experiment_phantoms, anatomy, scanners, phantoms) + PreprocessConfig().fingerprint()
+    version = hashlib.sha256(source.encode()).hexdigest()[:12]
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = [cache_dir / (hashlib.sha256(json.dumps([version, *job]).encode()).hexdigest()[:24] + ".npz")
              for job in jobs]

@@ -11,7 +11,7 @@ import torch
 
 from lungmae_cli.main import main
 from lungmae_core.cache import write_sample
-from lungmae_core.centralized.pipeline import phantom_dataset
+from lungmae_core.centralized.data import phantom_dataset
 from lungmae_core.config import model_config
 from lungmae_core.errors import DatasetError
 from lungmae_core.heads import ILDClassifier
@@ -113,7 +113,7 @@ def test_phantoms_are_generated_once_then_read_from_the_workdir(tmp_path: Path, 
     def no_generation(job):
         raise AssertionError("phantom regenerated although cached")
 
-    monkeypatch.setattr("lungmae_core.centralized.pipeline._phantom_job", no_generation)
+    monkeypatch.setattr("lungmae_core.centralized.data._phantom_job", no_generation)
     again, _ = phantom_dataset(4, size=16, seed=0, cache_dir=tmp_path, workers=1, shape=SMALL)
     assert all(torch.equal(first[i]["image"], again[i]["image"]) for i in range(4))
     with pytest.raises(DatasetError, match="scans must be >= 4 \\(one per class\\); got 3"):
