@@ -35,11 +35,12 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.privacy_gate import PrivacyGate
-from client.site_config import PolicySection, SiteConfig, load_site_config
 from lungmae_core.errors import SiteConfigError
 
-if TYPE_CHECKING:  # torch is imported when a round needs a device, not when Flower loads the app
+if TYPE_CHECKING:  # imported when a message needs them, not when Flower loads the app (DICOM, scipy, torch)
     import torch
+
+    from client.site_config import PolicySection, SiteConfig
 
 __all__ = ["Site", "SimulatedSites", "site_for", "site_config_path", "SITE_CONFIG_KEY", "SITE_CONFIG_ENV"]
 
@@ -118,6 +119,8 @@ def site_for(context: Context) -> Site:
     Raises:
         SiteConfigError: when no site.yaml is named, or the file is missing or invalid (nothing is cached then).
     """
+    from client.site_config import load_site_config
+
     path = site_config_path(context)
     try:
         stat = path.stat()
