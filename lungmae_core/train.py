@@ -464,15 +464,8 @@ def train_mae(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig,
 
 
 @torch.no_grad()
-def evaluate_mae(
-    model: nn.Module,
-    dataset: Dataset[Any],
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    batch_size: int = 4,
-    lung_threshold: float = 0.25,
-) -> dict[str, float | int]:
+def evaluate_mae(model: nn.Module, dataset: Dataset[Any], *, device: str | torch.device = "cpu", seed: int = 0,
+                 batch_size: int = 4, lung_threshold: float = 0.25) -> dict[str, float | int]:
     """Masked reconstruction L1, plain and on lung patches only, each beside a trivial predictor's.
 
     The trivial predictor outputs, at every patch position, the average patch of the OTHER scans of the
@@ -631,14 +624,8 @@ def train_classifier(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, 
 
 
 @torch.no_grad()
-def evaluate_classifier(
-    model: nn.Module,
-    dataset: Dataset[Any],
-    *,
-    num_classes: int,
-    device: str | torch.device = "cpu",
-    batch_size: int = 4,
-) -> dict[str, Any]:
+def evaluate_classifier(model: nn.Module, dataset: Dataset[Any], *, num_classes: int,
+                        device: str | torch.device = "cpu", batch_size: int = 4) -> dict[str, Any]:
     """Classify every item and score it (:func:`~lungmae_core.metrics.classification_metrics`).
 
     Args:
