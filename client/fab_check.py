@@ -169,8 +169,15 @@ def clientapp_main(argv: Sequence[str] | None = None) -> None:
     flwr_clientapp.flwr_clientapp()
 
 
-def install_launcher(directory: Path) -> Path:
+def install_launcher(directory: Path, warm_socket: Path | None = None) -> Path:
     """Write the ``flwr-clientapp`` launcher into ``directory`` (to be put first on the SuperNode's PATH).
+
+    Args:
+        directory: where (created 0700).
+        warm_socket: the warm ClientApp process's socket (``client/warm_clientapp.py``). With it, the launcher
+            imports only the standard library and has the warm process fork the task (falling back to
+            :func:`clientapp_main` in its own process when that process is absent or refuses); without it, the
+            launcher runs :func:`clientapp_main` itself.
 
     Returns:
         The launcher's path.
@@ -178,12 +185,15 @@ def install_launcher(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     launcher = directory / "flwr-clientapp"
     root = Path(__file__).resolve().parents[1]
+    if warm_socket is None:
+        body = "from client.fab_check import clientapp_main\nclientapp_main()\n"
+    else:
+        body = ("from client.warm_clientapp import launcher_main\n"
+                f"sys.exit(launcher_main({str(warm_socket)!r}))\n")
     launcher.write_text(
         f"#!{sys.executable}\n"
         "# Written by `lungmae site start`: Flower's flwr-clientapp, checking the app bundle first.\n"
         "import sys\n"
-        f"sys.path.insert(0, {str(root)!r})\n"
-        "from client.fab_check import clientapp_main\n"
-        "clientapp_main()\n", encoding="utf-8")
+        f"sys.path.insert(0, {str(root)!r})\n" + body, encoding="utf-8")
     launcher.chmod(stat.S_IRWXU)
     return launcher

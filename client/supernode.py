@@ -10,6 +10,11 @@ changes Flower 1.42 has no option for:
   the coordinator) an SSL context holding the consortium CA and the site's certificate.
 * **Only approved app bundles.** A directory holding the checking ``flwr-clientapp`` (``client/fab_check.py``)
   is put first on ``PATH``, so Flower's SuperExec starts it for every message.
+* **Fast exchanges.** With ``--warm-socket`` (the default of `lungmae site start`), the launcher starts the
+  site's warm ClientApp process (``client/warm_clientapp.py``) beside the SuperNode, so a message no longer
+  pays for importing torch & co. in a fresh process; and the SuperNode's pause after an empty pull (a fixed
+  3 s in Flower 1.42's ``start_client_internal``) is shortened to ``--idle-pull-s`` (0.5 s), one small HTTP
+  request per pause to the coordinator.
 
 The SuperNode connects out to the coordinator over TLS (verified with the consortium CA), authenticates with
 the site's registered ECDSA key, and hands each message to our ClientApp with ``node_config["site-config"]``
@@ -37,10 +42,15 @@ from client.node_key import check_site_key
 from client.site_config import ConnectionSection
 from lungmae_core.errors import SiteConfigError
 
-__all__ = ["ACTIVATION_REFUSED", "SUPERNODE_ADVICE", "client_tls_context", "deployment_problems", "launch_command",
-           "main", "supernode_command"]
+__all__ = ["ACTIVATION_REFUSED", "IDLE_PULL_S", "SUPEREXEC_POLL_INTERVAL_S", "SUPERNODE_ADVICE", "client_tls_context",
+           "deployment_problems", "launch_command", "main", "supernode_command"]
 
 ACTIVATION_REFUSED = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR: also "still online from a crashed run"
+#: Seconds between the SuperNode's pulls while idle (Flower 1.42 waits 3 s after an empty pull).
+IDLE_PULL_S = 0.5
+#: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNode: how often its SuperExec looks for a task to start
+#: (Flower's default 1 s is up to a second of idle time per exchange; a local poll costs next to nothing).
+SUPEREXEC_POLL_INTERVAL_S = 0.1
 
 # Flower exit code -> what the hospital's IT should do (codes from flwr.supercore.exit.ExitCode).
 SUPERNODE_ADVICE = {
@@ -128,18 +138,23 @@ def supernode_command(site_config: Path, connection: ConnectionSection, *,
     return cmd
 
 
-def launch_command(site_config: Path, cfg: Any) -> list[str]:
+def launch_command(site_config: Path, cfg: Any, *, warm: bool = True) -> list[str]:
     """The command `lungmae site start` runs: this module's launcher around :func:`supernode_command`.
 
     Args:
         site_config: path of ``site.yaml``.
-        cfg: the loaded ``SiteConfig`` (its ``connection`` and ``trust`` sections).
+        cfg: the loaded ``SiteConfig`` (its ``site``, ``connection`` and ``trust`` sections).
+        warm: run the warm ClientApp process, its socket in ``<site: state-dir>/warm-clientapp/``.
 
     Raises:
         SiteConfigError: as :func:`supernode_command`, or for a client certificate file that does not exist.
     """
     cmd = supernode_command(site_config, cfg.connection)
     launcher = [sys.executable, "-m", "client.supernode", "--site-config", str(Path(site_config).resolve())]
+    if warm and cfg.site.state_dir is not None:
+        from client.warm_clientapp import warm_socket_path
+
+        launcher += ["--warm-socket", str(warm_socket_path(cfg.site.state_dir))]
     trust = cfg.trust
     if trust.client_certificate is not None:
         for key, path in (("client-certificate", trust.client_certificate), ("client-key", trust.client_key)):
@@ -186,32 +201,89 @@ def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
 
+class _CappedSleep:
+    """Stands in for the ``time`` module in Flower's SuperNode loop: sleeps at most ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        import time
+
+        self._time, self._cap = time, cap
+
+    def sleep(self, seconds: float) -> None:
+        self._time.sleep(min(seconds, self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._time, name)
+
+
+def _shorten_idle_pull(cap_s: float) -> None:
+    """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it."""
+    from flwr.supernode import start_client_internal
+
+    start_client_internal.time = _CappedSleep(cap_s)  # type: ignore[attr-defined]
+
+
+def _start_warm_process(socket_path: Path) -> Any:
+    """Start the site's warm ClientApp process; it is SIGKILLed when this process dies, stopped at exit."""
+    import atexit
+    import signal
+    import subprocess
+
+    from client.warm_clientapp import die_with_parent
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "client.warm_clientapp", "--socket", str(socket_path)],
+                            env=env, preexec_fn=die_with_parent)  # noqa: PLW1509 (no threads yet here)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    atexit.register(stop)
+    return proc
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m client.supernode --site-config S [--client-certificate C --client-key K] -- flower-supernode ...``"""
+    """``python -m client.supernode --site-config S [--client-certificate C --client-key K] [--warm-socket W]
+    -- flower-supernode ...``"""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m client.supernode", description=main.__doc__)
     parser.add_argument("--site-config", required=True)
     parser.add_argument("--client-certificate")
     parser.add_argument("--client-key")
+    parser.add_argument("--warm-socket", type=Path,
+                        help="run the warm ClientApp process on this Unix socket (its folder: 0700)")
+    parser.add_argument("--idle-pull-s", type=float, default=IDLE_PULL_S,
+                        help=f"seconds between pulls while idle (Flower: 3; default {IDLE_PULL_S})")
     parser.add_argument("flower", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower = args.flower[1:] if args.flower[:1] == ["--"] else list(args.flower)
     if not flower or Path(flower[0]).name != "flower-supernode":
         parser.error("expected `-- flower-supernode ARGS...` after the launcher's options")
+    if not 0 < args.idle_pull_s <= 3:
+        parser.error(f"--idle-pull-s must be in (0, 3] seconds, got {args.idle_pull_s}")
     from client.fab_check import SITE_CONFIG_ENV, install_launcher
 
     bin_dir = Path(tempfile.mkdtemp(prefix="lungmae-supernode-"))
-    install_launcher(bin_dir)
+    install_launcher(bin_dir, args.warm_socket)
     os.environ[SITE_CONFIG_ENV] = args.site_config
     os.environ["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent),
                                           os.environ.get("PATH", "")])
+    if args.warm_socket is not None:
+        _start_warm_process(args.warm_socket)
     if args.client_certificate:
         superlink, ca = _option(flower, "--superlink"), _option(flower, "--root-certificates")
         if superlink is None or ca is None:
             parser.error("mutual TLS needs --superlink and --root-certificates in the SuperNode command")
         _patch_fleet_client(superlink, client_tls_context(Path(ca), Path(args.client_certificate),
                                                           Path(args.client_key)))
+    _shorten_idle_pull(args.idle_pull_s)
     import atexit
 
     atexit.register(shutil.rmtree, bin_dir, True)

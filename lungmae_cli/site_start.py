@@ -3,7 +3,10 @@
 It connects out to the coordinator's SuperLink over TLS (consortium CA; with ``trust: client-certificate``
 also presenting the site's certificate to the coordinator's proxy), authenticates with the site's
 registered key, and runs our ClientApp for each message with the site config path as node config, but only
-for app bundles the site's ``trust`` section approves (``client/fab_check.py``). Flower
+for app bundles the site's ``trust`` section approves (``client/fab_check.py``), each forked from the site's
+warm ClientApp process (``client/warm_clientapp.py``: torch & co. imported once, not once per message;
+``--no-warm-clientapp`` turns it off) with the SuperExec polling for tasks every 0.1 s
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, Flower's default 1 s; set it in the environment to override). Flower
 telemetry and update checks are off. SIGTERM / Ctrl-C stop the SuperNode cleanly (systemd: `systemctl stop`).
 Run `lungmae site preflight --config site.yaml` first: it checks the same things and more, one line each.
 """
@@ -21,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-retry-s", type=float, default=120.0,
                         help="keep retrying this long when the SuperLink refuses activation: after a crash it "
                              "holds the site's previous connection for up to a minute (120; 0: no retry)")
+    parser.add_argument("--no-warm-clientapp", action="store_true",
+                        help="start a fresh ClientApp process (importing torch & co.) for every message instead of "
+                             "forking it from the site's warm ClientApp process (slower; for troubleshooting)")
     parser.add_argument("--print-command", action="store_true",
                         help="print the flower-supernode command and exit (for a custom service manager)")
 
@@ -31,11 +37,11 @@ def run(args: argparse.Namespace) -> int:
 
     from client.fab_check import FabPolicy
     from client.site_config import load_site_config
-    from client.supernode import ACTIVATION_REFUSED, SUPERNODE_ADVICE, launch_command
+    from client.supernode import ACTIVATION_REFUSED, SUPEREXEC_POLL_INTERVAL_S, SUPERNODE_ADVICE, launch_command
     from lungmae_cli._process import flower_env, run_forwarding_signals
 
     cfg = load_site_config(args.config)
-    cmd = launch_command(args.config, cfg)
+    cmd = launch_command(args.config, cfg, warm=not args.no_warm_clientapp)
     policy = FabPolicy.from_site_config(cfg)  # a broken trusted key is an error now, not at the first message
     if args.print_command:
         print(shlex.join(cmd))
@@ -60,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if metrics is not None:
             metrics.up = 1
+        env = flower_env(telemetry=args.telemetry)
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_INTERVAL_S))
         return run_forwarding_signals(
-            cmd, flower_env(telemetry=args.telemetry), SUPERNODE_ADVICE, name="SuperNode",
+            cmd, env, SUPERNODE_ADVICE, name="SuperNode",
             retry_codes=(ACTIVATION_REFUSED,), retry_for_s=args.activation_retry_s, retry_every_s=10.0,
             retry_note="the SuperLink may still hold this site's previous connection, or the key is not registered")
     finally:
