@@ -56,9 +56,13 @@ def test_cli_prints_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -
     path = _site(tmp_path)
     assert main(["site", "start", "--config", str(path), "--print-command"]) == 0
     out = capsys.readouterr().out
-    # the launcher (bundle check, client certificate) runs Flower's SuperNode in-process
-    assert f"-m client.supernode --site-config {path.resolve()} -- flower-supernode --superlink " in out
+    # the launcher (bundle check, client certificate, warm ClientApp process) runs Flower's SuperNode in-process
+    sock = tmp_path / "state" / "warm-clientapp" / "clientapp.sock"
+    assert (f"-m client.supernode --site-config {path.resolve()} --warm-socket {sock} -- flower-supernode "
+            "--superlink ") in out
     assert "--client-certificate" not in out
+    assert main(["site", "start", "--config", str(path), "--print-command", "--no-warm-clientapp"]) == 0
+    assert f"--site-config {path.resolve()} -- flower-supernode --superlink " in capsys.readouterr().out
 
 
 def test_launcher_passes_the_client_certificate_and_refuses_half_a_pair(tmp_path: Path) -> None:
@@ -80,3 +84,21 @@ def test_launcher_passes_the_client_certificate_and_refuses_half_a_pair(tmp_path
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SiteConfigError, match="'client-certificate' and 'client-key' must be given together"):
         load_site_config(path)
+
+
+def test_idle_pull_pause_is_capped_and_only_that() -> None:
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from client.supernode import _shorten_idle_pull
+
+    original = start_client_internal.time
+    try:
+        _shorten_idle_pull(0.05)
+        started = time.monotonic()
+        start_client_internal.time.sleep(3)  # Flower's pause after an empty pull
+        assert time.monotonic() - started < 1.0
+        assert start_client_internal.time.monotonic() > 0  # the rest of the time module is untouched
+    finally:
+        start_client_internal.time = original
