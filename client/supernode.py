@@ -220,7 +220,7 @@ def _shorten_idle_pull(cap_s: float) -> None:
     """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it."""
     from flwr.supernode import start_client_internal
 
-    start_client_internal.time = _CappedSleep(cap_s)  # type: ignore[attr-defined]
+    start_client_internal.time = _CappedSleep(cap_s)  # type: ignore[attr-defined,assignment]
 
 
 def _start_warm_process(socket_path: Path) -> Any:

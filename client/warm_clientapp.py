@@ -105,7 +105,8 @@ def socket_problem(path: Path, *, expect_socket: bool = True) -> str | None:
 
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    uid: int = struct.unpack("3i", creds)[1]
+    return uid
 
 
 # --- the launcher side (standard library only: it runs once per message) -----------------------------------
@@ -388,6 +389,7 @@ class _Server:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
+            self.selector.close()  # its epoll descriptor is the warm process's, not the task's
             others = [self.listener, self.wake_r, self.wake_w, conn, *self.children.values()]
             _child(request, fds, others, self.target)
         for fd in fds:
