@@ -57,6 +57,7 @@ bench: install
 		--json $(BENCH)/dp_step.json
 	$(BIN)/python benchmarks/server_memory.py --json $(BENCH)/server_memory.json
 	$(BIN)/python benchmarks/server_memory.py --methods median --modes stream --json $(BENCH)/server_memory_median.json
+	$(BIN)/python benchmarks/exchange_latency.py --json $(BENCH)/exchange_latency.json
 	$(BIN)/python benchmarks/round_overhead.py --json $(BENCH)/round_overhead.json
 	$(BIN)/python benchmarks/prepare.py --json $(BENCH)/prepare.json
 	$(BIN)/python benchmarks/simulate.py --json $(BENCH)/simulate.json
