@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import numpy as np
     import torch
 
     from lungmae_core.experiment.data import PhantomPlan, build_phantom_sites
@@ -134,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         if name != "fp32" and "fp32" in probs:
             d = paired_difference(data.test_labels, probs[name], probs["fp32"], n_cls, n_boot=args.n_boot)
             row["difference_to_fp32"], row["difference_ci"] = d["difference"], d["ci"]
+            # how far the compressed run's model is from fp32's, beyond the balanced accuracy
+            row["mean_abs_prob_diff"] = float(np.mean([np.abs(a - b).mean() for a, b in
+                                                       zip(probs[name], probs["fp32"], strict=True)]))
+            row["changed_predictions"] = int(sum(int((a.argmax(1) != b.argmax(1)).sum()) for a, b in
+                                                 zip(probs[name], probs["fp32"], strict=True)))
         rows.append(row)
         diff = (f"; vs fp32 {row['difference_to_fp32']:+.3f} [{row['difference_ci'][0]:+.3f}, "
-                f"{row['difference_ci'][1]:+.3f}]" if "difference_to_fp32" in row else "")
+                f"{row['difference_ci'][1]:+.3f}], {row['changed_predictions']} predictions changed, mean |p - "
+                f"p_fp32| {row['mean_abs_prob_diff']:.2e}" if "difference_to_fp32" in row else "")
         print(f"{name:>5}: {100 * row['sent_fraction_of_fp32']:5.1f}% of fp32 bytes "
               f"({row['bytes_per_round'] / 2 ** 20:.2f} MiB per round, all sites); balanced accuracy "
               f"{row['balanced_accuracy']:.3f} [{row['balanced_accuracy_ci'][0]:.3f}, "
