@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench" / "compression-phantoms")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.codecs:
         start = time.perf_counter()
         fractions, per_round, train_acc = [], [], []
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             pr, frac, pround, acc = run(name, seed, data, device)
             probs.setdefault(name, []).append(pr)
             fractions.append(frac)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['balanced_accuracy']:.3f} [{row['balanced_accuracy_ci'][0]:.3f}, "
               f"{row['balanced_accuracy_ci'][1]:.3f}] (per seed {[round(v, 3) for v in row['per_seed']]}){diff}; "
               f"{row['seconds']:.0f} s", flush=True)
-    record = {"profile": PROFILE, "seeds": args.seeds, "rows": rows, "load_start": list(load0),
+    record = {"profile": PROFILE, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "rows": rows, "load_start": list(load0),
               "load_end": list(os.getloadavg()), "seconds": time.perf_counter() - t0}
     print(f"loadavg {[round(v, 2) for v in load0]} -> {[round(v, 2) for v in os.getloadavg()]}; "
           f"{record['seconds']:.0f} s in all")
