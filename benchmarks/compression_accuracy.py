@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['balanced_accuracy']:.3f} [{row['balanced_accuracy_ci'][0]:.3f}, "
               f"{row['balanced_accuracy_ci'][1]:.3f}] (per seed {[round(v, 3) for v in row['per_seed']]}){diff}; "
               f"{row['seconds']:.0f} s", flush=True)
-    record = {"profile": PROFILE, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "rows": rows, "load_start": list(load0),
+    record = {"profile": PROFILE, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "rows": rows,
+              "load_start": list(load0),
               "load_end": list(os.getloadavg()), "seconds": time.perf_counter() - t0}
     print(f"loadavg {[round(v, 2) for v in load0]} -> {[round(v, 2) for v in os.getloadavg()]}; "
           f"{record['seconds']:.0f} s in all")
