@@ -17,7 +17,7 @@ A site's aggregation weight (its example count) is capped at ``max-site-share`` 
 (``server.aggregation.capped_shares``). Site names come from the registry (the authenticated node).
 
 Memory does not grow with the number of sites: replies are pulled one at a time as they arrive
-(:func:`iter_replies`: ``grid.push_messages`` then ``grid.pull_messages`` of one message id at a time), and
+(:func:`server.replies.iter_replies`: ``grid.push_messages`` then ``grid.pull_messages`` of one message id at a time), and
 each training update is validated, folded into a :class:`~server.streaming_aggregation.StreamingAggregator`
 (a running weighted sum; robust methods and the share cap spool updates to disk) and dropped before the
 next reply is pulled. A grid without push/pull (the tests' in-process grid) falls back to
@@ -47,6 +47,7 @@ from lungmae_core.privacy import central_dp_epsilon, is_privacy_refusal, secure_
 from lungmae_core.wire import apply_delta, pack_state, packed_layout, update_norm
 
 from server.aggregation import capped_shares
+from server.replies import iter_replies, take_arrays
 from server.sites import SiteRegistry
 from server.streaming_aggregation import StreamingAggregator
 from server.update_checks import Rejection, UpdateRejected, validate_update
@@ -58,53 +59,9 @@ log = logging.getLogger(__name__)
 
 _EVAL_REPLY_BYTES = 1 << 20
 
-#: Seconds between two polls for replies that have not arrived yet (Flower's own send_and_receive polls a
-#: deployment's SuperLink every 3 s; a shorter poll takes less off the round).
-POLL_S = 0.5
-
-
-def iter_replies(grid: Grid, messages: Sequence[Message], timeout: float, poll_s: float = POLL_S) -> Iterator[Message]:
-    """Send ``messages`` and yield the replies one at a time as they arrive, until all came or ``timeout``.
-
-    Each reply is pulled on its own (``pull_messages`` of one message id), so the caller holds one reply at
-    a time however many sites answered at once; the caller drops it before asking for the next. Late
-    replies are left on the SuperLink, as ``send_and_receive`` leaves them. A grid whose ``push_messages``
-    raises ``NotImplementedError`` gets ``send_and_receive`` instead.
-    """
-    try:  # pushed now, so that every message has its id when this returns
-        ids = [str(i) for i in grid.push_messages(messages)]
-    except NotImplementedError:
-        return iter(grid.send_and_receive(messages, timeout=timeout))
-    return _pull_one_by_one(grid, ids, timeout, poll_s)
-
-
-def _pull_one_by_one(grid: Grid, ids: Sequence[str], timeout: float, poll_s: float) -> Iterator[Message]:
-    pending = list(dict.fromkeys(ids))
-    end = time.monotonic() + timeout
-    while pending:
-        for mid in list(pending):
-            for reply in grid.pull_messages([mid]):
-                if reply.metadata.reply_to_message_id in pending:
-                    pending.remove(reply.metadata.reply_to_message_id)
-                yield reply
-                del reply
-        if not pending or time.monotonic() >= end:
-            return
-        time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
-
-
 def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> name -> NumPy array (no dtype change)."""
     return {k: v.numpy() for k, v in record.items()}
-
-
-def _take_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """:func:`arrays_to_state`, emptying ``record`` as it goes: each received buffer is freed once decoded."""
-    out = {}
-    for name in list(record.keys()):
-        out[name] = record[name].numpy()
-        del record[name]
-    return out
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
@@ -297,7 +254,7 @@ class PhaseStrategy:
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            delta = validate_update(site, _take_arrays(content["arrays"]), layout or {}, self.max_norm,
+            delta = validate_update(site, take_arrays(content["arrays"]), layout or {}, self.max_norm,
                                     shapes=self._shapes)
         except UpdateRejected as exc:
             report.rejected.append(Rejection.from_error(exc))
