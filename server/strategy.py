@@ -17,7 +17,7 @@ A site's aggregation weight (its example count) is capped at ``max-site-share`` 
 (``server.aggregation.capped_shares``). Site names come from the registry (the authenticated node).
 
 Memory does not grow with the number of sites: replies are pulled one at a time as they arrive
-(:func:`server.replies.iter_replies`: ``grid.push_messages`` then ``grid.pull_messages`` of one message id at a time), and
+(:func:`server.replies.iter_replies`: ``grid.push_messages``, then ``grid.pull_messages`` of one id at a time), and
 each training update is validated, folded into a :class:`~server.streaming_aggregation.StreamingAggregator`
 (a running weighted sum; robust methods and the share cap spool updates to disk) and dropped before the
 next reply is pulled. A grid without push/pull (the tests' in-process grid) falls back to
