@@ -52,11 +52,16 @@ BENCH := runs/bench
 bench: install
 	mkdir -p $(BENCH)
 	$(BIN)/python benchmarks/mae_step.py --configs tiny paper-p16 paper-p8 --json $(BENCH)/mae_step.json
+	$(BIN)/python benchmarks/mae_step.py --configs paper-p16 --variants ours ours-compiled \
+		--json $(BENCH)/mae_step_compiled.json
 	$(BIN)/python benchmarks/profile_step.py --configs paper-p16 paper-p8
 	$(BIN)/python benchmarks/dp_step.py --configs tiny paper-p16 --modes hooks bookkeeping --interleave \
-		--json $(BENCH)/dp_step.json
+		--threads 1 --timed 3 --json $(BENCH)/dp_step.json
+	$(BIN)/python benchmarks/dp_step.py --configs paper-p16 --modes bookkeeping --threads 1 --profile
 	$(BIN)/python benchmarks/server_memory.py --json $(BENCH)/server_memory.json
-	$(BIN)/python benchmarks/server_memory.py --methods median --modes stream --json $(BENCH)/server_memory_median.json
+	$(BIN)/python benchmarks/server_memory.py --configs tiny --methods median --modes stream \
+		--json $(BENCH)/server_memory_median.json
+	$(BIN)/python benchmarks/compression_accuracy.py --json $(BENCH)/compression_accuracy.json
 	$(BIN)/python benchmarks/exchange_latency.py --json $(BENCH)/exchange_latency.json
 	$(BIN)/python benchmarks/round_overhead.py --json $(BENCH)/round_overhead.json
 	$(BIN)/python benchmarks/prepare.py --json $(BENCH)/prepare.json

@@ -54,6 +54,8 @@ from lungmae_core.privacy import register_grad_samplers  # noqa: E402
 # -- config block ---------------------------------------------------------------------------------------------
 CONFIGS = {"tiny": 2, "paper-p16": 2}  # config -> batch size
 DP_MODES = ("hooks", "functorch", "ghost", "bookkeeping")
+#: book-keeping with every layer forced to one per-sample-norm method (to check the per-layer choice)
+BK_FORCED = {"bk-ghost": "ghost", "bk-instantiate": "instantiate"}
 BURN_IN = 1
 TIMED = 2
 SEED = 0
@@ -112,10 +114,11 @@ def make_step(mode: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     mask_gen = torch.Generator(device=images.device)
     forward_model: torch.nn.Module = model
     ghost = mode == "ghost"
-    if mode == "bookkeeping":  # what OpacusPrivacy(grad_sample_mode="bookkeeping") builds
+    if mode == "bookkeeping" or mode in BK_FORCED:  # what OpacusPrivacy(grad_sample_mode="bookkeeping") builds
         from lungmae_core.dp_clipping import BookkeepingClipper, bookkeeping_optimizer
 
-        optimizer = bookkeeping_optimizer(optimizer, BookkeepingClipper(model, MAX_GRAD_NORM),
+        clipper = BookkeepingClipper(model, MAX_GRAD_NORM, mode=BK_FORCED.get(mode, "mixed"))  # type: ignore[arg-type]
+        optimizer = bookkeeping_optimizer(optimizer, clipper,
                                           noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=images.shape[0])
     elif mode != "plain":
         from opacus import GradSampleModule
@@ -240,6 +243,25 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
              "cpu_ratio_to_plain": statistics.median(cpu[mode]) / plain_cpu} for mode in dp_modes]
 
 
+def profile_modes(name: str, batch_size: int, device: torch.device, modes: tuple[str, ...], top: int = 14) -> None:
+    """Print the self-CPU-time table of one step per mode (after one burn-in step), same batch and masks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model_config(name)
+    base = build_mae(cfg, seed=SEED).to(device)
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
+    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    for mode in modes:
+        step = make_step(mode, copy.deepcopy(base), batch, SEED)
+        step()
+        c0 = time.process_time()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n{name} b{batch_size} {mode}: {time.process_time() - c0:.2f} CPU s under the profiler")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS) + ["paper-p8"])
@@ -249,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="write all records here")
-    parser.add_argument("--modes", nargs="+", default=list(DP_MODES), choices=DP_MODES, help="DP modes to time")
+    parser.add_argument("--modes", nargs="+", default=list(DP_MODES), choices=DP_MODES + tuple(BK_FORCED),
+                        help="DP modes to time (bk-ghost / bk-instantiate: book-keeping with one norm method)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: torch.profiler's top operators of one plain and one step of each "
+                             "mode (where the DP step's extra time goes)")
     parser.add_argument("--interleave", action="store_true",
                         help="keep every mode's model alive and alternate their steps (steadier on a busy machine)")
     args = parser.parse_args(argv)
@@ -261,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DP-SGD step vs plain step on {where}; sigma {NOISE_MULTIPLIER}, C {MAX_GRAD_NORM}, "
           f"{args.burn_in} burn-in + {args.timed} timed steps per mode (median); loadavg "
           f"{Path('/proc/loadavg').read_text().split()[:3]}")
+    if args.profile:
+        for name in args.configs:
+            profile_modes(name, args.batch or CONFIGS.get(name, 2), device, ("plain", *args.modes))
+        return 0
     records = []
     for name in args.configs:
         bench = bench_config_interleaved if args.interleave else bench_config

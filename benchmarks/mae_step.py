@@ -77,6 +77,8 @@ class Runner:
         self.lung = (self.images > 0.5).float()
         self.gen = torch.Generator().manual_seed(SEED)
         self.times: list[float] = []
+        #: why torch.compile was given up for eager execution ("" while compiled code runs, or never compiled)
+        self.fallback = ""
 
     def loss(self) -> torch.Tensor:
         if self.ours:
@@ -87,7 +89,18 @@ class Runner:
         return lung_weighted_l1(pred, target, mask, lung_fraction_per_patch(self.lung, self.cfg.patch_size)).total
 
     def step(self) -> None:
-        self.loss().backward()
+        try:
+            self.loss().backward()
+        except Exception as exc:  # noqa: BLE001 - torch.compile's failures (no compiler, a graph break error)
+            original = getattr(self.model, "_orig_mod", None)
+            if original is None:
+                raise
+            # the fallback: the same module (same parameters, same optimizer) run eagerly
+            self.fallback = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"{self.name}: torch.compile failed ({self.fallback}); falling back to eager", flush=True)
+            self.model = original
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -190,6 +203,7 @@ def bench_config(name: str, batch: int, device: torch.device, burn_in: int, time
             "peak_bytes": peaks[r.name],
             "flops_per_step": step_flops, "achieved_flops": step_flops / median,
             "fraction_of_matmul_peak": step_flops / median / peak, "speedup_of_ours": median / ours_median,
+            "compile_fallback": r.fallback,
         }
     return record
 

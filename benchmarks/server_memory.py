@@ -1,26 +1,33 @@
-"""Peak server memory while aggregating 2, 5, 10 and 20 simulated site updates, streaming vs hold-everything.
+"""Peak ServerApp memory of one training round with 2, 5, 10 and 20 simulated sites, on the real server path.
 
 Usage::
 
     python benchmarks/server_memory.py                                  # tiny and paper-p16, fedavg
     python benchmarks/server_memory.py --configs tiny --sites 2 5 10 20 --methods fedavg median
-    python benchmarks/server_memory.py --max-hold-gib 4 --json server_memory.json
+    python benchmarks/server_memory.py --modes stream send-and-receive --json server_memory.json
 
 Each measurement runs in a fresh child process (so the peak resident set is its own): it imports torch,
-builds the global model's state dict (the server holds it all round), then receives one fp16-packed update
-per site, as ``lungmae_core.wire.pack_state`` would deliver it (made tensor by tensor, so the simulated
-site adds no model-sized temporary), and aggregates:
+Flower and the server, builds the global model's state dict (the server holds it all round), registers
+N sites, then runs ``server.strategy.PhaseStrategy.train_round`` (the ServerApp's round: pack and send the
+model, collect, validate every reply, aggregate, apply) on a benchmark grid whose sites answer with an
+fp16-packed random update (as ``lungmae_core.wire.pack_state`` makes it, in an ``ArrayRecord``, as a
+SuperLink hands it over). The reply is made when it is pulled, as it would arrive over the wire, so the
+only replies in memory are those the server holds.
 
-* ``hold``: what ``server.strategy`` does today: every reply kept, every update decoded into a list, then
-  ``server.aggregation.aggregate_updates``;
-* ``stream``: ``server.streaming_aggregation.StreamingAggregator``: each reply decoded, added, dropped.
+* ``stream``: the grid supports ``push_messages``/``pull_messages`` (Flower's simulation and deployment
+  grids do): the strategy pulls one reply at a time, validates it, folds it into the running sum and drops
+  it (``server.strategy.iter_replies`` + ``server.streaming_aggregation.StreamingAggregator``);
+* ``send-and-receive``: the grid only has ``send_and_receive`` (the fallback): every reply is held until
+  the last arrives, then each is validated and folded in;
+* ``hold``: the previous server (for reference): every reply held, every update decoded into a list, then
+  ``server.aggregation.aggregate_updates`` on the list.
 
-Printed per config, method, mode and number of sites: the peak RSS above the RSS right after ``import
-torch`` (so it counts the global model, the replies, the decoded updates and the accumulators) as a
-multiple of the model's fp32 size. The target is "<= 2x model + one update" and flat in the number of
-sites: global (1x) + accumulator (1x) + one update as received (fp16, 0.5x) and decoded (1x) = 3.5x.
-``hold`` runs that would need more than
-``--max-hold-gib`` are skipped (they grow by 1.5 model sizes per site: 20 paper-size sites are ~14 GiB).
+Printed per config, method, mode and number of sites: the peak RSS above the RSS right after the imports
+(so it counts the global model, the message sent, the replies, the decoded updates and the accumulators)
+as a multiple of the model's fp32 size. The target is "<= 2x model + one update", flat in the number of
+sites: global (1x) + running sum (1x) + one update as received (fp16, 0.5x) and decoded (1x) = 3.5x.
+Runs that would hold more than ``--max-hold-gib`` of replies are skipped (``hold`` grows by 1.5 model sizes
+per site, ``send-and-receive`` by 0.5).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 SITES = (2, 5, 10, 20)
 CONFIGS = ("tiny", "paper-p16")
+MODES = ("stream", "send-and-receive", "hold")
+#: replies held per site by each mode, in model sizes (for --max-hold-gib)
+HELD = {"stream": 0.0, "send-and-receive": 0.5, "hold": 1.5}
 
 
 def _kib(field: str) -> int:
@@ -48,50 +58,146 @@ def _kib(field: str) -> int:
     return 0
 
 
+def _reply_record(global_state, seed: int):
+    """Site ``seed``'s fp16-packed update as an ArrayRecord, made tensor by tensor (no fp32 model copy)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from lungmae_core.wire import pack_state
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for k, v in global_state.items():
+        value = (pack_state({k: rng.standard_normal(tuple(v.shape), np.float32) * 1e-4}, "fp16")[k]
+                 if v.is_floating_point() else v.numpy())
+        arrays[k] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(array_dict=arrays)
+
+
+def _bench_grid(global_state, sites: int, push_pull: bool):
+    """A Grid whose N sites answer a train message with a random fp16 update when the reply is pulled."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
+
+    from lungmae_core.contract import RoundConfig, TrainReply
+
+    class BenchGrid(Grid):
+        def __init__(self) -> None:
+            self.pending: dict[str, Message] = {}
+            self._run = None
+            self.next_id = 0
+
+        def set_run(self, run) -> None:
+            self._run = run
+
+        @property
+        def run(self):
+            return self._run
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+        def get_node_ids(self):
+            return [101 + i for i in range(sites)]
+
+        def _answer(self, msg: Message) -> Message:
+            cfg = RoundConfig.decode(dict(msg.content["config"]))
+            node = msg.metadata.dst_node_id
+            meta = TrainReply(server_round=cfg.server_round, num_examples=10 + node % 7, epsilon=0.0,
+                              train_seconds=1.0, update_bytes=0, loss=1.0)
+            reply = Message(RecordDict({"arrays": _reply_record(global_state, node),
+                                        "metrics": MetricRecord(meta.encode())}), reply_to=msg)
+            del msg
+            reply.metadata.__dict__["_src_node_id"] = node
+            return reply
+
+        def push_messages(self, messages):
+            if not push_pull:
+                raise NotImplementedError("this grid has only send_and_receive")
+            ids = []
+            for msg in messages:
+                self.next_id += 1
+                msg.metadata.__dict__["_message_id"] = f"m{self.next_id}"
+                # a SuperLink in another process keeps the message, not the ServerApp: only what the reply
+                # needs is kept here, so the sent model is not counted as server memory
+                light = Message(RecordDict({"config": msg.content["config"]}), dst_node_id=msg.metadata.dst_node_id,
+                                message_type=msg.metadata.message_type)
+                light.metadata.__dict__["_message_id"] = msg.metadata.message_id
+                self.pending[msg.metadata.message_id] = light
+                ids.append(msg.metadata.message_id)
+            return ids
+
+        def pull_messages(self, message_ids):
+            if not push_pull:
+                raise NotImplementedError("this grid has only send_and_receive")
+            return [self._answer(self.pending.pop(m)) for m in message_ids if m in self.pending]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for msg in messages:
+                self.next_id += 1
+                msg.metadata.__dict__["_message_id"] = f"m{self.next_id}"
+                out.append(self._answer(msg))
+            return out
+
+    return BenchGrid()
+
+
 def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
     """One measurement in this (fresh) process; returns the record."""
-    import numpy as np
-    import torch
+    import time
 
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lungmae_core.contract import RoundConfig, TrainReply
     from lungmae_core.model import build_mae
     from lungmae_core.wire import pack_state, state_nbytes, unpack_state
     from server.aggregation import aggregate_updates
-    from server.streaming_aggregation import StreamingAggregator
+    from server.sites import SiteInfo, SiteRegistry
+    from server.strategy import PhaseStrategy, arrays_to_state, state_to_arrays
 
+    # instruction messages need a run id; a ServerApp process gets it from its runtime, this one sets it
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
     torch.set_num_threads(1)
     base_kib = _kib("VmRSS")
     global_state = {k: v.detach().clone() for k, v in build_mae(config, seed=0).state_dict().items()}
     model_bytes = state_nbytes(global_state)
+    registry = SiteRegistry()
+    for i in range(sites):
+        registry.sites[101 + i] = SiteInfo(node_id=101 + i, name=f"site-{i}", verified=True, num_unlabelled=100)
+    cfg = RoundConfig(phase="pretrain", server_round=1, model_name=config, model_config={"name": config},
+                      compression="fp16", phase_rounds=1)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    before_kib = _kib("VmRSS")
-
-    def reply(i: int) -> dict[str, np.ndarray]:
-        """What arrives from site i: an fp16-packed update, made tensor by tensor (no fp32 model copy)."""
-        rng = np.random.default_rng(i)
-        return {k: (pack_state({k: rng.standard_normal(tuple(v.shape), np.float32) * 1e-3}, "fp16")[k]
-                    if v.is_floating_point() else v.numpy()) for k, v in global_state.items()}
-
-    weights = [10 + i for i in range(sites)]
-    if mode == "hold":
-        replies = [reply(i) for i in range(sites)]
-        updates = [unpack_state(r) for r in replies]
+    t0 = time.perf_counter()
+    if mode == "hold":  # the previous server: every reply, then every decoded update, in a list
+        grid = _bench_grid(global_state, sites, push_pull=False)
+        down = RecordDict({"arrays": state_to_arrays(pack_state(global_state, "fp16")),
+                           "config": ConfigRecord(cfg.encode())})
+        msgs = [grid.create_message(down, "train", 101 + i, "") for i in range(sites)]
+        replies = list(grid.send_and_receive(msgs))
+        updates = [unpack_state(arrays_to_state(r.content["arrays"])) for r in replies]
+        weights = [float(TrainReply.decode(dict(r.content["metrics"])).num_examples) for r in replies]
         result = aggregate_updates(updates, weights, method)
+        assert set(result) == set(global_state)
+        aggregated = len(updates)
     else:
-        with StreamingAggregator(method, spool_dir=spool) as agg:
-            for i in range(sites):
-                update = unpack_state(reply(i))
-                agg.add(update, weights[i])
-                del update
-            result = agg.result()
-    assert set(result) == set(global_state)
+        grid = _bench_grid(global_state, sites, push_pull=mode == "stream")
+        strategy = PhaseStrategy(cfg, registry, method=method, max_norm=1e9, max_site_share=1.0,
+                                 spool_dir=spool)
+        new, report = strategy.train_round(grid, global_state, cfg, timeout=600)
+        assert new is not None and set(new) == set(global_state), report.rejected[:2]
+        aggregated = len(report.replied)
+    assert aggregated == sites
+    seconds = time.perf_counter() - t0
     peak_kib = _kib("VmHWM")
     return {"config": config, "sites": sites, "mode": mode, "method": method, "model_bytes": model_bytes,
-            "peak_above_torch_bytes": (peak_kib - base_kib) * 1024,
-            "peak_above_global_bytes": (peak_kib - before_kib) * 1024}
+            "peak_above_imports_bytes": (peak_kib - base_kib) * 1024, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", type=int, default=list(SITES))
     parser.add_argument("--methods", nargs="+", default=["fedavg"],
                         choices=["fedavg", "fedprox", "trimmed-mean", "median"])
-    parser.add_argument("--modes", nargs="+", default=["stream", "hold"], choices=["stream", "hold"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--max-hold-gib", type=float, default=4.0,
                         help="skip hold-everything runs whose updates alone would exceed this")
     parser.add_argument("--json", type=Path, default=None)
@@ -114,17 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     from lungmae_core.model import build_mae
 
     records = []
-    print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}; peak RSS above 'import torch', "
-          f"as a multiple of the fp32 model (target <= 3.5x = global + accumulator + one fp16 reply + its "
-          f"decoded update, flat in sites)")
+    print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}; peak RSS of one train_round above the "
+          f"imports, as a multiple of the fp32 model (target <= 3.5x = global + running sum + one fp16 reply + "
+          f"its decoded update, flat in sites)")
     for config in args.configs:
         model_bytes = 4 * sum(p.numel() for p in build_mae(config).state_dict().values())
         for method in args.methods:
             for mode in args.modes:
                 for sites in args.sites:
-                    need = 1.5 * sites * model_bytes
-                    if mode == "hold" and need > args.max_hold_gib * 2 ** 30:
-                        print(f"{config:>9} {method:<12} {mode:<6} {sites:>2} sites: skipped (would hold "
+                    need = HELD[mode] * sites * model_bytes
+                    if need > args.max_hold_gib * 2 ** 30:
+                        print(f"{config:>9} {method:<12} {mode:<16} {sites:>2} sites: skipped (would hold "
                               f"{need / 2 ** 30:.1f} GiB > --max-hold-gib {args.max_hold_gib})")
                         continue
                     with tempfile.TemporaryDirectory(prefix="server-memory-") as spool:
@@ -134,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
                     rec = json.loads(out.stdout.strip().splitlines()[-1])
                     records.append(rec)
-                    ratio = rec["peak_above_torch_bytes"] / rec["model_bytes"]
-                    print(f"{config:>9} {method:<12} {mode:<6} {sites:>2} sites: peak "
-                          f"{rec['peak_above_torch_bytes'] / 2 ** 20:8.1f} MiB = {ratio:5.2f}x model "
-                          f"({rec['model_bytes'] / 2 ** 20:.1f} MiB)", flush=True)
+                    ratio = rec["peak_above_imports_bytes"] / rec["model_bytes"]
+                    print(f"{config:>9} {method:<12} {mode:<16} {sites:>2} sites: peak "
+                          f"{rec['peak_above_imports_bytes'] / 2 ** 20:8.1f} MiB = {ratio:5.2f}x model "
+                          f"({rec['model_bytes'] / 2 ** 20:.1f} MiB), {rec['seconds']:.1f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"records": records}, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -192,11 +192,15 @@ class BookkeepingClipper:
             cap.a = cap.g = None
 
     # -- per layer --------------------------------------------------------------------------------------------
-    def _linear(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
-        """Per-sample squared norms of a Linear's parameters, and the function writing its clipped sums."""
+    def _linear(self, cap: _Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+        """Per-sample squared norms of a Linear's parameters, and the function writing its clipped sums.
+
+        Both from the output gradient as autograd gave it (no scaled copy of it: the loss reduction's scale
+        is folded into the norms and the clip factors by :meth:`clip_and_sum`).
+        """
         module: nn.Linear = cap.module  # type: ignore[assignment]
         assert isinstance(cap.a, torch.Tensor) and cap.g is not None  # clip_and_sum skips layers not captured
-        a, g = cap.a, cap.g * scale
+        a, g = cap.a, cap.g
         if a.dtype != g.dtype:  # autocast: the gradient in bf16/fp16, the saved input in fp32
             a, g = a.float(), g.float()
         b = g.shape[0]
@@ -207,11 +211,13 @@ class BookkeepingClipper:
         if ghost:
             aa = torch.bmm(a, a.transpose(1, 2))
             gg = torch.bmm(g, g.transpose(1, 2))
-            sq = (aa * gg).sum(dim=(1, 2)).clamp_min(0)
+            sq = aa.view(b, -1).mul_(gg.view(b, -1)).sum(dim=1).clamp_min(0)  # in place: no (B, T, T) temporary
+            del aa, gg
             per_sample_w = None
         else:
             per_sample_w = torch.bmm(g.transpose(1, 2), a)  # (B, p, d)
-            sq = per_sample_w.pow(2).sum(dim=(1, 2))
+            flat = per_sample_w.view(b, -1)
+            sq = torch.linalg.vector_norm(flat, dim=1).square()  # one pass, no squared copy
         gb = g.sum(dim=1) if module.bias is not None else None  # (B, p)
         if gb is not None:
             sq = sq + gb.pow(2).sum(dim=1)
@@ -220,18 +226,18 @@ class BookkeepingClipper:
             if module.weight.requires_grad:
                 if per_sample_w is None:
                     w = (g * c.view(b, 1, 1)).reshape(-1, p).t() @ a.reshape(-1, d)
-                else:
-                    w = torch.einsum("b,bpd->pd", c, per_sample_w)
+                else:  # sum_i c_i G_i as one (1, B) x (B, p d) product: one pass over the per-sample gradients
+                    w = (c.view(1, b).to(per_sample_w.dtype) @ per_sample_w.view(b, -1)).view(p, d)
                 module.weight.grad = w.to(module.weight.dtype)
             if gb is not None and module.bias.requires_grad:
                 module.bias.grad = (c @ gb).to(module.bias.dtype)
 
         return sq, write
 
-    def _layer_norm(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    def _layer_norm(self, cap: _Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         module: nn.LayerNorm = cap.module  # type: ignore[assignment]
         assert isinstance(cap.a, torch.Tensor) and cap.g is not None  # clip_and_sum skips layers not captured
-        g = cap.g * scale
+        g = cap.g
         b = g.shape[0]
         x_hat = F.layer_norm(cap.a, module.normalized_shape, eps=module.eps)
         dims = tuple(range(1, g.dim() - len(module.normalized_shape)))
@@ -247,11 +253,11 @@ class BookkeepingClipper:
 
         return sq, write
 
-    def _token(self, cap: _Capture, scale: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    def _token(self, cap: _Capture) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         """Position embedding ``x + w`` and learned token ``w.expand(B, ...)``: the per-sample gradient is g_i."""
         module = cap.module
         assert cap.g is not None  # clip_and_sum skips layers not captured
-        g = cap.g * scale
+        g = cap.g
         b = g.shape[0]
         sq = g.reshape(b, -1).pow(2).sum(1)
 
@@ -272,6 +278,7 @@ class BookkeepingClipper:
         """
         parts: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
         batch = None
+        scale = 1.0
         for cap in self.captures:
             if cap.g is None or cap.a is None:
                 continue
@@ -281,13 +288,14 @@ class BookkeepingClipper:
             elif b != batch:
                 raise RuntimeError(f"{type(cap.module).__name__} saw batch {b}, another layer {batch}: the "
                                    "first dimension of every layer's input must be the batch")
+            # the per-sample gradients are ``scale`` times what the output gradients give (a mean loss)
             scale = float(b) if self.loss_reduction == "mean" else 1.0
             if isinstance(cap.module, nn.Linear):
-                parts.append(self._linear(cap, scale))
+                parts.append(self._linear(cap))
             elif isinstance(cap.module, nn.LayerNorm):
-                parts.append(self._layer_norm(cap, scale))
+                parts.append(self._layer_norm(cap))
             else:
-                parts.append(self._token(cap, scale))
+                parts.append(self._token(cap))
         for p in self.params:
             p.grad = None
         if not parts:
@@ -295,10 +303,10 @@ class BookkeepingClipper:
             for p in self.params:
                 p.grad = torch.zeros_like(p)
             return torch.zeros(0)
-        norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()
+        norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt() * scale
         factor = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         for sq, write in parts:
-            write(factor.to(sq.dtype))
+            write((factor * scale).to(sq.dtype))  # clip(scale g_i) = (factor_i scale) g_i
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -123,6 +123,7 @@ class FederationRunner:
             max_site_share=checks.max_site_share, max_reply_bytes=checks.max_reply_bytes,
             upload_names=self.upload_names(phase), max_epsilon_per_round=privacy.max_epsilon_per_round,
             require_dp=privacy.require_dp, seed=self.cfg.seed,
+            spool_dir=self.run_dir,  # robust methods / the share cap: updates on the run's disk, not in memory
             central_dp=(privacy.central_dp_noise_multiplier, privacy.central_dp_clip, privacy.central_dp_delta)
             if privacy.central_dp else None)
         return self._strategy

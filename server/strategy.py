@@ -15,15 +15,23 @@ and serves its training rounds and evaluations. Every reply is hostile until val
 Nothing a reply contains can raise out of the round: an unexpected error while checking is a drop too.
 A site's aggregation weight (its example count) is capped at ``max-site-share`` of the total
 (``server.aggregation.capped_shares``). Site names come from the registry (the authenticated node).
+
+Memory does not grow with the number of sites: replies are pulled one at a time as they arrive
+(:func:`server.replies.iter_replies`: ``grid.push_messages``, then ``grid.pull_messages`` of one id at a time), and
+each training update is validated, folded into a :class:`~server.streaming_aggregation.StreamingAggregator`
+(a running weighted sum; robust methods and the share cap spool updates to disk) and dropped before the
+next reply is pulled. A grid without push/pull (the tests' in-process grid) falls back to
+``send_and_receive``, which holds every reply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,18 +49,20 @@ from lungmae_core.contract import (
     TrainReply,
 )
 from lungmae_core.metrics import auc_from_histograms, pooled_from_confusion
-from lungmae_core.privacy import central_dp_epsilon, central_dp_mean, is_privacy_refusal, secure_generator
-from lungmae_core.wire import apply_delta, pack_state, packed_layout
-from server.aggregation import aggregate_updates, capped_shares
+from lungmae_core.privacy import central_dp_epsilon, is_privacy_refusal, secure_generator
+from lungmae_core.wire import apply_delta, pack_state, packed_layout, update_norm
+from server.aggregation import capped_shares
+from server.replies import iter_replies, take_arrays
 from server.sites import SiteRegistry
+from server.streaming_aggregation import StreamingAggregator
 from server.update_checks import Rejection, UpdateRejected, validate_update
 
-__all__ = ["RoundReport", "PhaseStrategy", "arrays_to_state", "state_to_arrays", "reply_bytes", "pool_evaluations"]
+__all__ = ["RoundReport", "PhaseStrategy", "arrays_to_state", "state_to_arrays", "reply_bytes", "pool_evaluations",
+           "iter_replies"]
 
 log = logging.getLogger(__name__)
 
 _EVAL_REPLY_BYTES = 1 << 20
-
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> name -> NumPy array (no dtype change)."""
@@ -66,7 +76,7 @@ def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayReco
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu()
             v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        arrays[k] = np.array(v, order="C")
+        arrays[k] = np.ascontiguousarray(v)  # Array serialises it: no copy of our own
     return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
 
 
@@ -125,13 +135,16 @@ class PhaseStrategy:
         max_epsilon_per_round, require_dp: ``federation.yaml`` privacy requirements.
         central_dp: (noise multiplier, clip, delta) for server-side DP, or None.
         seed: run seed (site sampling).
+        spool_dir: where robust aggregation and the share cap keep updates on disk during a round (each round
+            makes and removes its own directory inside; default: the system's temporary directory).
     """
 
     def __init__(self, round_config: RoundConfig, sites: SiteRegistry, *, fraction: float = 1.0, min_sites: int = 1,
                  method: str = "fedavg", trim: float = 0.2, max_norm: float = 1e3, max_site_share: float = 0.5,
                  max_reply_bytes: int = 0, upload_names: Sequence[str] | None = None,
                  max_epsilon_per_round: float = 0.0, require_dp: bool = False,
-                 central_dp: tuple[float, float, float] | None = None, seed: int = 0) -> None:
+                 central_dp: tuple[float, float, float] | None = None, seed: int = 0,
+                 spool_dir: str | os.PathLike[str] | None = None) -> None:
         self.round_config = round_config
         self.phase = round_config.phase
         self.sites = sites
@@ -144,25 +157,31 @@ class PhaseStrategy:
         self.max_epsilon_per_round, self.require_dp = max_epsilon_per_round, require_dp
         self.central_dp = central_dp
         self.seed = seed
+        self.spool_dir = spool_dir
 
     # ---------------------------------------------------------------------------------------- send
     def _send(self, grid: Grid, nodes: Sequence[int], weights: Mapping[str, torch.Tensor], cfg: RoundConfig,
-              kind: str, report: RoundReport, timeout: float) -> tuple[list[Message], list[Message]]:
+              kind: str, report: RoundReport, timeout: float) -> tuple[dict[str, int], Iterator[Message]]:
+        """Send the model to ``nodes``; returns (message id -> node) and the replies as they arrive.
+
+        Once pushed, the messages (and the packed model they share) are not kept here.
+        """
         down = state_to_arrays(pack_state(weights, "fp32" if cfg.compression == "fp32" else "fp16"))
         content = RecordDict({"arrays": down, "config": ConfigRecord(cfg.encode())})
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
         report.sampled = [self.sites.name(n) for n in nodes]
         report.bytes_down = down.count_bytes() * len(nodes)
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-        return messages, replies
+        replies = iter_replies(grid, messages, timeout) if messages else iter(())
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}, replies
 
     # ------------------------------------------------------------------------------------ validate
-    def _collect(self, messages: Sequence[Message], replies: Iterable[Message], report: RoundReport, kind: str,
-                 cfg: RoundConfig, layout: Mapping[str, Any] | None) -> list[tuple[int, str, Any, Any]]:
-        """Validate each reply on its own; returns (node, site, decoded reply, decoded update) of the good ones."""
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    def _collect(self, sent: Mapping[str, int], replies: Iterable[Message], report: RoundReport, kind: str,
+                 cfg: RoundConfig, layout: Mapping[str, Any] | None) -> Iterator[tuple[int, str, Any, Any]]:
+        """Validate each reply on its own as it arrives; yields (node, site, decoded reply, decoded update).
+
+        A generator, so that the caller folds each update in and drops it before the next reply is pulled.
+        """
         answered: set[int] = set()
-        good = []
         bound = self.max_reply_bytes if kind == TRAIN else _EVAL_REPLY_BYTES
         if kind == TRAIN and bound <= 0 and layout is not None:
             bound = 2 * sum(int(np.prod(shape)) * 4 for shape, _ in layout.values()) + (1 << 20)
@@ -186,12 +205,14 @@ class PhaseStrategy:
                 report.drop(site, "contract", f"unexpected {type(exc).__name__} while checking the reply", kind,
                             cfg.phase)
                 continue
+            finally:
+                del reply  # the received bytes go before the next reply is pulled
             if item is not None:
-                good.append(item)
-        for node in [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]:
+                yield item
+                del item
+        for node in [n for n in sent.values() if n not in answered]:
             report.failed.append({"site": self.sites.name(node), "reason": "no reply within round-timeout-s"})
             log.warning("%s %s: site %s did not reply in time", kind, cfg.phase, self.sites.name(node))
-        return good
 
     def _check(self, node: int, site: str, reply: Message, report: RoundReport, kind: str, cfg: RoundConfig,
                layout: Mapping[str, Any] | None, bound: int) -> tuple[int, str, Any, Any] | None:
@@ -238,7 +259,7 @@ class PhaseStrategy:
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            delta = validate_update(site, arrays_to_state(content.array_records["arrays"]), layout or {}, self.max_norm,
+            delta = validate_update(site, take_arrays(content.array_records["arrays"]), layout or {}, self.max_norm,
                                     shapes=self._shapes)
         except UpdateRejected as exc:
             report.rejected.append(Rejection.from_error(exc))
@@ -290,29 +311,41 @@ class PhaseStrategy:
         layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
         # a topk update declares its tensors' shapes itself: only the global shapes stop a broadcast
         self._shapes = {k: tuple(glob[k].shape) for k in names}
-        messages, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
-        good = self._collect(messages, replies, report, TRAIN, cfg, layout)
-        for _, site, decoded, _ in good:
-            report.sites[site] = decoded.metrics()
-        report.replied = list(report.sites)
-        report.duration_s = time.perf_counter() - t0
-        if len(good) < self.min_sites:
-            report.skipped = True
-            report.note = report.note or (f"{len(good)} valid updates, fewer than min-sites {self.min_sites}; "
-                                          "the global model is kept")
-            log.warning("round %d: %s", cfg.server_round, report.note)
-            return None, report
-        updates = [delta for *_, delta in good]
-        shares = capped_shares([float(d.num_examples) for _, _, d, _ in good], self.max_site_share)
+        sent, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
+        counts: list[float] = []
+        norms: list[float] = []
+        clip = self.central_dp[1] if self.central_dp is not None else 0.0
+        # central DP: equal weights, no cap (the sensitivity analysis); robust methods ignore weights anyway
+        with StreamingAggregator(self.method, self.trim, spool_dir=self.spool_dir,
+                                 max_share=1.0 if self.central_dp is not None else self.max_site_share) as agg:
+            for _, site, decoded, delta in self._collect(sent, replies, report, TRAIN, cfg, layout):
+                report.sites[site] = decoded.metrics()
+                counts.append(float(decoded.num_examples))
+                if self.central_dp is not None:
+                    norms.append(update_norm(delta))
+                    factor = min(1.0, clip / (norms[-1] + 1e-12))
+                    for value in delta.values():
+                        if value.is_floating_point():
+                            value.mul_(factor)
+                agg.add(delta, 1.0 if self.central_dp is not None else counts[-1])
+                del delta  # folded in: the update is not kept
+            report.replied = list(report.sites)
+            report.duration_s = time.perf_counter() - t0
+            if len(counts) < self.min_sites:
+                report.skipped = True
+                report.note = report.note or (f"{len(counts)} valid updates, fewer than min-sites {self.min_sites}; "
+                                              "the global model is kept")
+                log.warning("round %d: %s", cfg.server_round, report.note)
+                return None, report
+            agg_update = agg.result()
+        shares = capped_shares(counts, self.max_site_share)
         if self.central_dp is not None:
             sigma, clip, delta_dp = self.central_dp
-            agg, norms = central_dp_mean(updates, clip=clip, noise_multiplier=sigma,
-                                         generator=secure_generator())
+            _add_central_noise(agg_update, len(counts), clip, sigma)
             clipped = sum(1 for x in norms if x > clip)
-        else:
-            agg = aggregate_updates(updates, shares, self.method, self.trim)
-        new_state = apply_delta(glob, agg)
-        metrics = [(float(d.num_examples), report.sites[s]) for _, s, d, _ in good]
+        new_state = _apply_in_place(glob, agg_update)
+        del agg_update
+        metrics = [(w, report.sites[s]) for w, s in zip(counts, report.replied, strict=True)]
         report.aggregated = {"num_examples": int(sum(w for w, _ in metrics)),
                              "epsilon": max(float(m["epsilon"]) for _, m in metrics),
                              "max_site_share": float(max(shares)),
@@ -324,7 +357,7 @@ class PhaseStrategy:
             report.aggregated["central_epsilon"] = central_dp_epsilon(sigma, cfg.server_round, delta_dp)
             report.aggregated["central_clipped"] = clipped
         log.info("round %d (%s): aggregated %d updates (%s, largest share %.2f), %d dropped, %d failed; "
-                 "%.1f kB down, %.1f kB up", cfg.server_round, self.phase, len(updates), self.method, max(shares),
+                 "%.1f kB down, %.1f kB up", cfg.server_round, self.phase, len(counts), self.method, max(shares),
                  len(report.rejected), len(report.failed), report.bytes_down / 1e3, report.bytes_up / 1e3)
         return new_state, report
 
@@ -346,10 +379,9 @@ class PhaseStrategy:
         glob = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in weights.items()}
         names = self.upload_names if self.upload_names is not None else list(glob)
         layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
-        messages, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
-        good = self._collect(messages, replies, report, TRAIN, cfg, layout)
+        sent, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
         models = {}
-        for _, site, decoded, delta in good:
+        for _, site, decoded, delta in self._collect(sent, replies, report, TRAIN, cfg, layout):
             report.sites[site] = decoded.metrics()
             models[site] = apply_delta(glob, delta)
         report.replied = list(report.sites)
@@ -368,8 +400,8 @@ class PhaseStrategy:
             report.skipped = True
             report.note = f"no site has scans to evaluate {cfg.phase}"
             return report
-        messages, replies = self._send(grid, nodes, weights, cfg, EVALUATE, report, timeout)
-        good = self._collect(messages, replies, report, EVALUATE, cfg, None)
+        sent, replies = self._send(grid, nodes, weights, cfg, EVALUATE, report, timeout)
+        good = list(self._collect(sent, replies, report, EVALUATE, cfg, None))
         report.duration_s = time.perf_counter() - t0
         if not good:
             report.skipped = True
@@ -382,6 +414,42 @@ class PhaseStrategy:
                 report.sites[site]["confusion_matrix"] = _square(d.confusion_matrix, cfg.num_classes)
         report.aggregated = pool_evaluations(decoded, cfg.num_classes, cfg.phase)
         return report
+
+
+def _add_central_noise(mean: dict[str, torch.Tensor], n: int, clip: float, sigma: float) -> None:
+    """Add ``N(0, (sigma clip / n)^2)`` to the mean of ``n`` clipped updates, in place, tensor by tensor.
+
+    The Gaussian mechanism of :func:`lungmae_core.privacy.central_dp_mean` (the same noise: drawn in float64
+    from the OS-seeded :func:`~lungmae_core.privacy.secure_generator`), applied to a mean folded in one update
+    at a time instead of a list of all of them.
+    """
+    generator = secure_generator()
+    for name, value in mean.items():
+        if value.is_floating_point():
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64) * (sigma * clip / n)
+            mean[name] = (value.double() + noise).to(value.dtype)
+
+
+def _apply_in_place(glob: Mapping[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``glob + update`` written into ``update``'s float32 tensors (no third model-sized copy).
+
+    Entries without an update (not uploaded) are the global's own tensors, not copies: the old global is
+    never modified in place, so sharing them is safe and saves a model's worth of memory in linear probing.
+    Integer entries of the update (buffers) replace the global's value, as in :func:`apply_delta`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, base in glob.items():
+        d = update.pop(name, None)
+        if d is None:
+            out[name] = base
+        elif base.is_floating_point():
+            out[name] = d.add_(base.float()).to(base.dtype) if d.dtype == torch.float32 else \
+                (base.float() + d.float()).to(base.dtype)
+        else:
+            out[name] = d.to(base.dtype).clone()
+    if update:
+        raise ValueError(f"Unable to apply the update of {sorted(update)[:3]} as the model has no such key")
+    return out
 
 
 def _square(flat: Sequence[int], k: int) -> list[list[int]]:

@@ -7,6 +7,11 @@
 * ``fedavg`` / ``fedprox``: a running weighted sum in float32 accumulators, ``sum_i w_i u_i``,
   and the weight total; :meth:`~StreamingAggregator.result` divides once. Memory: one model-sized
   accumulator (plus the update being added, which the caller drops after :meth:`add`).
+  With ``max_share < 1`` (``max-site-share``: no site's share of the weights above the cap, see
+  :func:`server.aggregation.capped_shares`) the shares are known only once every update is in, so each
+  update is also spooled to disk (below); when the cap does not bind the running sum is the result, and
+  when it binds the result is recomputed from the spool with the capped shares, a slice at a time, into
+  the accumulator's memory. Memory stays one accumulator either way; disk: (number of sites) x (model).
 * ``trimmed-mean`` / ``median``: an exact coordinate-wise statistic needs every site's value of every
   coordinate, so the updates are kept, but on disk: each update is appended flat (float32) to its own file
   in a private spool directory, and :meth:`result` reads all sites' values of a slice of coordinates at a
@@ -51,7 +56,7 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from server.aggregation import METHODS
+from server.aggregation import METHODS, capped_shares
 
 __all__ = ["StreamingAggregator", "CHUNK_BYTES"]
 
@@ -68,19 +73,25 @@ class StreamingAggregator:
     Args:
         method: one of :data:`server.aggregation.METHODS`.
         trim: fraction cut at each end by ``trimmed-mean`` (at least one value is always kept).
-        spool_dir: where robust methods keep the updates until :meth:`result`; a private temporary
-            directory is made inside it (default: the system's temporary directory) and removed by
-            :meth:`close`.
+        spool_dir: where robust methods (and capped fedavg) keep the updates until :meth:`result`; a
+            private temporary directory is made inside it (default: the system's temporary directory) and
+            removed by :meth:`close`.
+        max_share: fedavg/fedprox only: no site's share of the weights above this cap (1: no cap).
     """
 
     def __init__(self, method: str = "fedavg", trim: float = 0.2,
-                 spool_dir: str | os.PathLike[str] | None = None) -> None:
+                 spool_dir: str | os.PathLike[str] | None = None, max_share: float = 1.0) -> None:
         if method not in METHODS:
             raise ValueError(f"aggregation method must be one of {', '.join(METHODS)}; got {method!r}")
         if not 0.0 <= trim < 0.5:
             raise ValueError(f"trimmed-mean trim must be in [0, 0.5); got {trim}")
+        if not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max-site-share must be in (0, 1]; got {max_share}")
         self.method, self.trim = method, float(trim)
         self.robust = method not in ("fedavg", "fedprox")
+        self.max_share = float(max_share)
+        self._capped = not self.robust and self.max_share < 1.0
+        self._weights: list[float] = []
         self._spool_parent = Path(spool_dir) if spool_dir is not None else None
         self._spool: Path | None = None
         self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
@@ -110,18 +121,18 @@ class StreamingAggregator:
         elif layout != self._layout:
             diff = sorted(set(layout.items()) ^ set(self._layout.items()), key=str)[:3]
             raise ValueError(f"Unable to add an update whose layout differs from the first one's: {diff}")
-        if self.robust:
+        if self.robust or self._capped:
             self._spool_update(update)
-        else:
+        if not self.robust:
             for name, value in update.items():
                 if not value.is_floating_point():
                     continue
-                term = value.detach().float() * weight
                 if name in self._acc:
-                    self._acc[name] += term
+                    self._acc[name].add_(value.detach().float(), alpha=weight)  # no temporary
                 else:
-                    self._acc[name] = term
+                    self._acc[name] = value.detach().float().contiguous() * weight
         self._total += weight
+        self._weights.append(weight)
         self.count += 1
 
     def _spool_update(self, update: Mapping[str, torch.Tensor]) -> None:
@@ -146,6 +157,11 @@ class StreamingAggregator:
         if not self.robust and not self._total > 0:
             raise ValueError("Unable to average as the sites' num-examples sum to 0")
         out: dict[str, torch.Tensor] = {}
+        if self._capped:
+            shares = capped_shares(self._weights, self.max_share)
+            if any(abs(s - w / self._total) > 1e-9 for s, w in zip(shares, self._weights, strict=True)):
+                self._recompute_from_spool(shares)  # the cap binds: sum_i share_i u_i, into the accumulators
+                self._total = 1.0
         if self.robust:
             flat = self._reduce_spool()
             offset = 0
@@ -185,6 +201,25 @@ class StreamingAggregator:
                 value = ordered[cut:k - cut].mean(axis=0, dtype=np.float32)
             out[start:start + n] = value
         return out
+
+    def _recompute_from_spool(self, shares: list[float]) -> None:
+        """Overwrite the running sum with ``sum_i shares[i] u_i`` read back from the spool a slice at a time."""
+        assert self._spool is not None and self._layout is not None
+        files = sorted(self._spool.glob("*.f32"))
+        offset = 0
+        for name, (shape, dtype) in self._layout.items():
+            if dtype != torch.float32:
+                continue
+            n = math.prod(shape)
+            flat = self._acc[name].view(-1)
+            for start in range(0, n, max(1, CHUNK_BYTES // 4)):
+                m = min(CHUNK_BYTES // 4, n - start)
+                part = flat[start:start + m]
+                part.zero_()
+                for f, share in zip(files, shares, strict=True):
+                    values = np.fromfile(f, np.float32, count=m, offset=4 * (offset + start))
+                    part.add_(torch.from_numpy(values), alpha=share)
+            offset += n
 
     # -- cleanup ----------------------------------------------------------------------------------------------
     def close(self) -> None:

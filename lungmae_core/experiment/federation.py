@@ -6,7 +6,10 @@ start). The experiment needs dozens of federated runs per seed, so it calls the 
 for each site in turn, in this process, and averages the resulting weights with an example-weighted mean
 (FedAvg). Each round's local training follows one global warmup + cosine curve
 (:class:`~lungmae_core.train.WarmupCosine` segment ``[r/R, (r+1)/R]``) with a fresh local AdamW, as a
-site does. What this leaves out of Flower's runtime: message serialisation, the wire checks and DP.
+site does. What this leaves out of Flower's runtime: message serialisation, the wire checks and DP. The
+wire's compression can be put back with ``codec`` (:class:`lungmae_core.update_codec.UpdateCodec`: each
+site loads the global as sent, and its update is encoded and decoded as a deployed site's is, with error
+feedback for the lossy encodings), to measure what a compression costs in accuracy.
 """
 
 from __future__ import annotations
@@ -65,17 +68,22 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def federated_mae(mae: torch.nn.Module, sites: list[Dataset], cfg: TrainConfig, *, rounds: int, seed: int,
-                  device: torch.device) -> list[dict[str, float]]:
-    """FedAvg MAE pretraining over ``sites`` (labels unused): ``rounds`` rounds of ``cfg.max_steps`` local steps."""
+                  device: torch.device, codec: Any = None) -> list[dict[str, float]]:
+    """FedAvg MAE pretraining over ``sites`` (labels unused): ``rounds`` rounds of ``cfg.max_steps`` local steps.
+
+    ``codec``: an optional :class:`~lungmae_core.update_codec.UpdateCodec` (the wire's compression).
+    """
     global_state = _snapshot(mae)
     history = []
     for r in range(rounds):
         states, weights, losses = [], [], []
         for i, ds in enumerate(sites):
-            mae.load_state_dict(global_state)
+            received = codec.received(global_state) if codec is not None else global_state
+            mae.load_state_dict(received)
             stats = train_mae(mae, ds, cfg, device=device, seed=seed * 100_003 + r * 101 + i,
                               lr_schedule=WarmupCosine(cfg.warmup_frac, r / rounds, (r + 1) / rounds))
-            states.append(_snapshot(mae))
+            states.append(_snapshot(mae) if codec is None else
+                          codec.site_update(i, _snapshot(mae), received, global_state))
             weights.append(len(ds))  # type: ignore[arg-type]
             losses.append(stats["loss_lung"])
         global_state = fedavg(states, weights)
@@ -86,17 +94,22 @@ def federated_mae(mae: torch.nn.Module, sites: list[Dataset], cfg: TrainConfig, 
 
 
 def federated_classifier(clf: torch.nn.Module, sites: list[ArrayDataset], cfg: TrainConfig, *, rounds: int, seed: int,
-                         device: torch.device, num_classes: int) -> None:
-    """FedAvg fine-tuning (full or linear probe, per ``cfg``) over labelled ``sites``, in place."""
+                         device: torch.device, num_classes: int, codec: Any = None) -> None:
+    """FedAvg fine-tuning (full or linear probe, per ``cfg``) over labelled ``sites``, in place.
+
+    ``codec``: an optional :class:`~lungmae_core.update_codec.UpdateCodec` (the wire's compression).
+    """
     global_state = _snapshot(clf)
     for r in range(rounds):
         states, weights = [], []
         for i, ds in enumerate(sites):
-            clf.load_state_dict(global_state)
+            received = codec.received(global_state) if codec is not None else global_state
+            clf.load_state_dict(received)
             train_classifier(clf, ds, cfg, class_weights=class_weights_from_labels(ds.labels, num_classes),
                              device=device, seed=seed * 100_003 + r * 101 + i,
                              lr_schedule=WarmupCosine(cfg.warmup_frac, r / rounds, (r + 1) / rounds))
-            states.append(_snapshot(clf))
+            states.append(_snapshot(clf) if codec is None else
+                          codec.site_update(i, _snapshot(clf), received, global_state))
             weights.append(len(ds))
         global_state = fedavg(states, weights)
     clf.load_state_dict(global_state)

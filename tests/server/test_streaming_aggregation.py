@@ -75,3 +75,33 @@ def test_empty_zero_weights_bad_method_and_result_once() -> None:
     assert agg.result()["w"].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="already taken"):
         agg.add({"w": torch.ones(2)}, 1)
+
+
+@pytest.mark.parametrize("weights, cap", [([1e6, 5, 5, 3], 0.5), ([1, 1, 1, 97, 2], 0.3), ([3, 1], 0.5),
+                                          ([1, 2, 3], 0.9), ([7], 0.5)])
+def test_capped_shares_match_hold_everything(weights: list[float], cap: float, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max-site-share the running sum is redone from the spool when the cap binds, same result."""
+    from server.aggregation import capped_shares
+
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 4 * 6)  # several slices per tensor
+    ups, _ = _updates(len(weights))
+    expected = aggregate_updates(ups, capped_shares(weights, cap), "fedavg")
+    with StreamingAggregator("fedavg", spool_dir=tmp_path, max_share=cap) as agg:
+        for u, w in zip(ups, weights, strict=True):
+            agg.add(u, w)
+        assert len(list(tmp_path.glob("aggregation-spool-*/*.f32"))) == len(weights)
+        got = agg.result()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"max-site-share must be in \(0, 1\]; got 0"):
+        StreamingAggregator("fedavg", max_share=0)
+
+
+def test_uncapped_fedavg_writes_nothing_to_disk(tmp_path: Path) -> None:
+    with StreamingAggregator("fedavg", spool_dir=tmp_path) as agg:
+        for u, w in zip(*_updates(3), strict=True):
+            agg.add(u, w)
+        assert list(tmp_path.iterdir()) == []
+        agg.result()
