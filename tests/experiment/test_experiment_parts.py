@@ -102,3 +102,16 @@ def test_layer_decay_scales_lower_layers_and_the_optimizer_state_carries_over():
     steps = [float(s["step"]) for s in state["state_dict"]["state"].values()]
     train_classifier(clf, data, tcfg, class_weights=None, optimizer_state=state)
     assert [float(s["step"]) for s in state["state_dict"]["state"].values()] == [v + 2 for v in steps]
+
+
+def test_intervals_survive_resamples_that_miss_a_class():
+    """A small subset (the held-out scanner's 8 patients) often loses a class in a resample: AUC is then
+    undefined there, and the summary still comes out (it raised a TypeError before)."""
+    from lungmae_core.experiment.stats import summarise
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 2)
+    probs = [rng.dirichlet(np.ones(4), size=8)]
+    out = summarise(y, probs, 4, n_boot=200, seed=1)
+    assert 0.0 <= out["balanced_accuracy_ci"][0] <= out["balanced_accuracy_ci"][1] <= 1.0
+    assert 0.0 <= out["roc_auc_ci"][0] <= out["roc_auc_ci"][1] <= 1.0
