@@ -30,7 +30,7 @@ def _scores(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, num_classes
     # ROC AUC is undefined (None) on a resample that misses a class (small subsets): it counts as NaN there,
     # and the intervals are percentiles over the resamples where it is defined.
     aucs = [classification_metrics(yb, p[idx], num_classes)["roc_auc"] for p in probs]
-    defined = [float(a) for a in aucs if a is not None]
+    defined = [float(a) for a in aucs if isinstance(a, (int, float))]
     return ba, float(np.mean(defined)) if defined else float("nan")
 
 
