@@ -5,11 +5,14 @@ Usage::
     python benchmarks/experiment.py                        # quick profile, fresh output folder
     python benchmarks/experiment.py --profile tiny         # a smoke run (minutes)
     python benchmarks/experiment.py --cores 0,1 --json exp.json   # pin to two cores (the target box)
+    python benchmarks/experiment.py -- --threads 1         # a shared, oversubscribed machine (see below)
 
 Runs the real command in a subprocess, then reads its experiment.json and prints one line: wall seconds
 beside the reference (3600 s for quick), the primary endpoint (federated MAE -> fine-tune minus federated
 scratch, balanced accuracy at k=8, 95% CI), both baselines at k=8 beside chance (0.25), and the load
-average at start and end (a shared machine inflates the time; quote figures from a quiet one).
+average at start and end (a shared machine inflates the time; quote figures from a quiet one). Under a load
+average well above the core count, torch's two intra-op threads spin on each other: an MAE step measured
+3.5 s with two threads and 0.13 s with one (load 16), so pass ``--threads 1`` there.
 """
 
 from __future__ import annotations

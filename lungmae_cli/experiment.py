@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train/test by patient, unlabelled scans pretrain only) instead of the built-in "
                              "experiment phantoms")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); use 1 on a shared, oversubscribed machine, where "
+                             "two threads made each step ~27x slower (load 16)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where generated phantoms are kept (default: OUT/phantoms)")
 

@@ -51,6 +51,25 @@ class ConvStem3D(nn.Module):
         chans = [in_channels, *list(widths)[: len(strides) - 1], embed_dim]
         self.convs = nn.ModuleList(nn.Conv3d(chans[i], chans[i + 1], kernel_size=s, stride=s)
                                    for i, s in enumerate(strides))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal hidden stages (GELU follows them), xavier-uniform last stage, zero biases.
+
+        PyTorch's default convolution init (uniform, gain 1/sqrt(3)) shrinks the signal's variance about
+        threefold per stage, and GELU halves it again: with three stages the tokens varied across scans by
+        0.02 while the linear patch embedding (xavier, as in MAE) gives 0.6, and a ViT from scratch on the
+        experiment phantoms stayed at chance (training loss ln 4) for 150 steps. This init keeps the tokens'
+        scale, as the linear embedding does.
+        """
+        convs: list[nn.Conv3d] = [m for m in self.convs if isinstance(m, nn.Conv3d)]
+        for i, conv in enumerate(convs):
+            if i < len(convs) - 1:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            assert conv.bias is not None
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):

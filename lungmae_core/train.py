@@ -442,7 +442,7 @@ def train_mae(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig,
     for batch in loop.batches():
         images, lung = batch["image"], batch["lung_mask"]
         _check_volume_size(images, mcfg)
-        images, lung = random_flip_rot90_batch(images, lung, aug_gen, cfg.flip_p, cfg.rot90_p)
+        images, lung = random_flip_rot90_batch(images, lung, aug_gen, cfg.flip_p, cfg.rot90_p, cfg.flip_axes)
         with loop.autocast:
             pred, mask = loop.model(images, mask_ratio=mcfg.mask_ratio, generator=mask_gen)
         parts = lung_weighted_l1(pred, patchify3d(images, mcfg.patch_size), mask,
@@ -591,7 +591,7 @@ def train_classifier(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, 
         images, labels = batch["image"], _labels_of(batch)
         _check_volume_size(images, mcfg)
         images, masks = random_flip_rot90_batch(images, _lung_mask_of(batch, core), aug_gen, cfg.flip_p,
-                                                cfg.rot90_p)
+                                                cfg.rot90_p, cfg.flip_axes)
         lam, partner = 1.0, labels
         if cfg.mixup_alpha > 0:
             lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))

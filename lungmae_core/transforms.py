@@ -28,8 +28,8 @@ _KEYS = ("image", "lung_mask")
 _PLANES = ((0, 1), (0, 2), (1, 2))
 
 
-def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1,
-                         rot90_p: float = 0.1) -> Compose:
+def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.1, rot90_p: float = 0.1,
+                         flip_axes: tuple[int, ...] = (0, 1, 2)) -> Compose:
     """The MONAI transform: flip each axis with ``flip_p``, then, with ``rot90_p``, turn in one random plane.
 
     Written as two ``OneOf`` choices of deterministic MONAI transforms, weighted to give exactly that
@@ -43,6 +43,8 @@ def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.
         spatial_shape: (D, H, W) of the samples it will see.
         flip_p: probability of flipping each of D, H, W. Defaults to 0.1.
         rot90_p: probability of a rotation. Defaults to 0.1.
+        flip_axes: the spatial axes a flip may act on (0 head-foot, 1 front-back, 2 left-right of the
+            canonical cube); the others are never flipped. Defaults to all three (the paper's).
 
     Returns:
         A ``monai.transforms.Compose`` over the keys ``image`` and ``lung_mask`` (channel-first tensors).
@@ -53,10 +55,11 @@ def flip_rot90_transform(spatial_shape: tuple[int, int, int], flip_p: float = 0.
 
     flips: list[MapTransform] = []
     flip_weights: list[float] = []
-    for n_axes in range(4):
-        for axes in combinations(range(3), n_axes):
+    allowed = sorted(set(flip_axes))
+    for n_axes in range(len(allowed) + 1):
+        for axes in combinations(allowed, n_axes):
             flips.append(Flipd(_KEYS, spatial_axis=list(axes)) if axes else Identityd(_KEYS))
-            flip_weights.append(flip_p ** n_axes * (1.0 - flip_p) ** (3 - n_axes))
+            flip_weights.append(flip_p ** n_axes * (1.0 - flip_p) ** (len(allowed) - n_axes))
     turns: list[MapTransform] = [Identityd(_KEYS)]
     turn_weights = [1.0 - rot90_p]
     for plane in _PLANES:
@@ -78,14 +81,16 @@ def _no_meta() -> tuple[Callable[[], bool], Callable[[bool], Any]]:
     return get_track_meta, set_track_meta
 
 
-def _cached_transform(spatial_shape: tuple[int, int, int], flip_p: float, rot90_p: float) -> Compose:
+def _cached_transform(spatial_shape: tuple[int, int, int], flip_p: float, rot90_p: float,
+                      flip_axes: tuple[int, ...] = (0, 1, 2)) -> Compose:
     """Building the Compose costs about as much as applying it; keep one per shape and probabilities."""
-    cache: dict[tuple[tuple[int, int, int], float, float], Compose] | None = getattr(_local, "transforms", None)
+    cache: dict[tuple[tuple[int, int, int], float, float, tuple[int, ...]], Compose] | None = getattr(
+        _local, "transforms", None)
     if cache is None:
         cache = _local.transforms = {}
-    key = (spatial_shape, flip_p, rot90_p)
+    key = (spatial_shape, flip_p, rot90_p, tuple(flip_axes))
     if key not in cache:
-        cache[key] = flip_rot90_transform(spatial_shape, flip_p, rot90_p)
+        cache[key] = flip_rot90_transform(spatial_shape, flip_p, rot90_p, tuple(flip_axes))
     return cache[key]
 
 
@@ -104,6 +109,7 @@ def random_flip_rot90_batch(
     generator: torch.Generator,
     flip_p: float = 0.1,
     rot90_p: float = 0.1,
+    flip_axes: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip and rotate each sample of a batch independently, image and mask alike.
 
@@ -115,16 +121,17 @@ def random_flip_rot90_batch(
         generator: CPU ``torch.Generator``.
         flip_p: probability of flipping each of D, H, W. Defaults to 0.1.
         rot90_p: probability of a rotation. Defaults to 0.1.
+        flip_axes: the axes a flip may act on (see :func:`flip_rot90_transform`). Defaults to all three.
 
     Returns:
         (images, lung_masks) of the same shapes.
     """
     assert images.shape[-3:] == lung_masks.shape[-3:], (tuple(images.shape), tuple(lung_masks.shape))
     assert images.ndim == 5 and lung_masks.ndim == 5, (tuple(images.shape), tuple(lung_masks.shape))
-    if flip_p == 0 and rot90_p == 0:
+    if (flip_p == 0 or not flip_axes) and rot90_p == 0:
         return images, lung_masks
     d, h, w = (int(n) for n in images.shape[-3:])
-    transform = _cached_transform((d, h, w), float(flip_p), float(rot90_p))
+    transform = _cached_transform((d, h, w), float(flip_p), float(rot90_p), tuple(int(a) for a in flip_axes))
     transform.set_random_state(seed=_seed(generator))
     get_track_meta, set_track_meta = _no_meta()
     tracking = get_track_meta()

@@ -33,8 +33,13 @@ class TrainConfig:
         amp: autocast dtype on CUDA: ``"bf16"``, ``"fp16"`` (with a GradScaler) or ``"none"``. CPU runs fp32.
         non_lung_weight: ``w`` of the lung-weighted loss (docs/model.md). Defaults to 0.01.
         lung_threshold: a masked patch is "lung" when more than this fraction of its voxels is lung.
-        flip_p: probability of flipping each spatial axis (image and lung mask together). Defaults to 0.1.
-        rot90_p: probability of one random 90-degree rotation. Defaults to 0.1.
+        flip_p: probability of flipping each axis of ``flip_axes`` (image and lung mask together). Defaults
+            to 0.1.
+        rot90_p: probability of one random 90-degree rotation. Defaults to 0.1 (0 in :meth:`finetune_defaults`).
+        flip_axes: the canonical cube's axes a flip may act on: 0 head-foot, 1 front-back, 2 left-right.
+            Defaults to all three (the paper's, for pretraining); :meth:`finetune_defaults` keeps only the
+            left-right mirror, because a head-foot flip or a turn through the head-foot axis swaps apical and
+            basal disease, i.e. changes the label.
         finetune_mode: ``"full"``, ``"linear-probe"`` (only head, norm and CLS token train) or ``"last-K"``
             (those plus the encoder's last K blocks; ``lungmae_core.heads.set_trainable``).
         pooling: classifier pooling: ``"lung"`` (tokens weighted by their lung fraction), ``"mean"`` over
@@ -63,6 +68,7 @@ class TrainConfig:
     lung_threshold: float = 0.25
     flip_p: float = 0.1
     rot90_p: float = 0.1
+    flip_axes: tuple[int, ...] = (0, 1, 2)
     finetune_mode: str = "full"
     pooling: Literal["lung", "mean", "cls"] = "lung"
     label_smoothing: float = 0.0
@@ -86,6 +92,9 @@ class TrainConfig:
         for key in ("flip_p", "rot90_p"):
             value = getattr(self, key)
             check(0.0 <= value <= 1.0, f"{key} must be a probability in [0, 1]; got {value!r}")
+        check(all(a in (0, 1, 2) for a in self.flip_axes) and len(set(self.flip_axes)) == len(self.flip_axes),
+              f"flip_axes must list distinct axes among 0 (head-foot), 1 (front-back), 2 (left-right); got "
+              f"{list(self.flip_axes)!r}")
         check(self.finetune_mode in ("full", "linear-probe")
               or bool(re.fullmatch(r"last-[1-9][0-9]?", str(self.finetune_mode))),
               f"finetune_mode must be 'full', 'linear-probe' or 'last-K' (K in 1..99); got {self.finetune_mode!r}")
@@ -106,7 +115,13 @@ class TrainConfig:
 
     @classmethod
     def finetune_defaults(cls, **overrides: Any) -> TrainConfig:
-        """The paper's fine-tuning: AdamW lr 1e-5, weight decay 1e-3, batch 4, 10% warmup + cosine."""
-        values: dict[str, Any] = dict(lr=1e-5, weight_decay=1e-3, batch_size=4, warmup_frac=0.1)
+        """The paper's fine-tuning (AdamW lr 1e-5, weight decay 1e-3, batch 4, 10% warmup + cosine) with
+        label-preserving augmentation: the left-right mirror only (``flip_axes`` (2,), ``rot90_p`` 0).
+
+        The paper flips and turns every axis in fine-tuning too; a head-foot flip maps apical onto basal
+        disease, which is a different diagnosis (docs/data.md's experiment classes differ exactly there).
+        """
+        values: dict[str, Any] = dict(lr=1e-5, weight_decay=1e-3, batch_size=4, warmup_frac=0.1, flip_axes=(2,),
+                                      rot90_p=0.0)
         values.update({norm_key(k): v for k, v in overrides.items()})
         return from_mapping(cls, values, source="finetune config")

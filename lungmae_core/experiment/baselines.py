@@ -117,8 +117,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2: float = 
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(xt @ weight + bias, yt, weight=cw)
         loss = loss + 0.5 * l2 * (weight ** 2).sum() / len(y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     return LogisticModel(mean, std, weight.detach(), bias.detach())

@@ -83,7 +83,11 @@ class PhantomPlan:
     data_seed: int = 0
 
 
-def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+#: One phantom to draw: (class index, seed, scanner index (-1: held out), cube size, shape scale).
+_Job = tuple[int, int, int, int, float]
+
+
+def _job(args: _Job) -> tuple[np.ndarray, np.ndarray]:
     """Generate and preprocess one phantom (runs in a worker process)."""
     class_index, seed, scanner_index, size, shape_scale = args
     from lungmae_core.config import PreprocessConfig
@@ -98,7 +102,7 @@ def _job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     return sample.image.astype(np.float32), sample.lung_mask.astype(np.uint8)
 
 
-def _generate(jobs: list[tuple], cache_dir: Path, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _generate(jobs: list[_Job], cache_dir: Path, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Cubes for ``jobs``, read from ``cache_dir`` or generated (in ``workers`` processes) and cached."""
     from lungmae_core.config import PreprocessConfig
     from lungmae_core.synthetic import anatomy, experiment_phantoms, phantoms, scanners, source_digest
@@ -145,7 +149,7 @@ def build_phantom_sites(plan: PhantomPlan, cache_dir: str | os.PathLike[str], *,
 
     n_classes = len(EXPERIMENT_CLASSES)
     base = 1_000_000 * (plan.data_seed + 1)
-    jobs: list[tuple] = []
+    jobs: list[_Job] = []
     owners: list[tuple[str, int]] = []  # (part, label) per job
     for i in range(plan.labelled_sites):
         for c in range(n_classes):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ __all__ = ["ArrayDataset", "fedavg", "federated_mae", "federated_classifier", "c
 logger = logging.getLogger(__name__)
 
 
-class ArrayDataset(Dataset):
+class ArrayDataset(Dataset[dict[str, Any]]):
     """Items ``{"image", "lung_mask", "label"}`` of rows ``index`` of in-memory arrays (no copy of the data)."""
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None):
@@ -48,7 +49,7 @@ class ArrayDataset(Dataset):
                 "lung_mask": torch.from_numpy(self.masks[j].astype(np.float32)), "label": int(self.labels[i])}
 
 
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def fedavg(states: list[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Example-weighted mean of state dicts (FedAvg); integer buffers are taken from the first state."""
     total = float(sum(weights))
     out = {}
@@ -67,7 +68,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def federated_mae(mae: torch.nn.Module, sites: list[Dataset], cfg: TrainConfig, *, rounds: int, seed: int,
+def federated_mae(mae: torch.nn.Module, sites: list[Dataset[Any]], cfg: TrainConfig, *, rounds: int, seed: int,
                   device: torch.device, codec: Any = None) -> list[dict[str, float]]:
     """FedAvg MAE pretraining over ``sites`` (labels unused): ``rounds`` rounds of ``cfg.max_steps`` local steps.
 

@@ -52,14 +52,18 @@ def summaries(results: dict[str, Any], data: ExperimentData) -> dict[str, Any]:
     endpoint: dict[str, Any] = {**ENDPOINT}
     preds = results["predictions"]
     k = ENDPOINT["k"]
+    def paired(a: list[np.ndarray], b: list[np.ndarray], boots: int) -> dict[str, Any]:
+        # Only the seeds both arms have (a partial run has the endpoint's arms for more seeds than the rest).
+        n = min(len(a), len(b))
+        return paired_difference(y, a[:n], b[:n], n_cls, n_boot=boots)
+
     if k in preds.get(ENDPOINT["arm"], {}) and k in preds.get(ENDPOINT["versus"], {}):
-        endpoint.update(paired_difference(y, preds[ENDPOINT["arm"]][k], preds[ENDPOINT["versus"]][k], n_cls,
-                                          n_boot=2 * n_boot))
+        endpoint.update(paired(preds[ENDPOINT["arm"]][k], preds[ENDPOINT["versus"]][k], 2 * n_boot))
     comparisons = {}
     for other in ("central-mae-ft", "fed-scratch-compute-matched", "fed-mae-lp"):
         if k in preds.get(other, {}) and k in preds.get(ENDPOINT["arm"], {}):
-            comparisons[f"{ENDPOINT['arm']} - {other}"] = paired_difference(
-                y, preds[ENDPOINT["arm"]][k], preds[other][k], n_cls, n_boot=n_boot)
+            comparisons[f"{ENDPOINT['arm']} - {other}"] = paired(preds[ENDPOINT["arm"]][k], preds[other][k],
+                                                                n_boot)
     return {"arms": arms, "endpoint": endpoint, "comparisons_at_k8": comparisons}
 
 
@@ -191,7 +195,9 @@ def write_outputs(results: dict[str, Any], data: ExperimentData, outdir: str | P
                          for s in data.sites],
                **summary, "reconstruction": results["reconstruction"], "seconds": results["seconds"],
                "load_average": _load(), "cpus": os.cpu_count(),
-               "federation": "in-process FedAvg over lungmae_core.train (not Flower's runtime)"}
+               "federation": "in-process FedAvg over lungmae_core.train (not Flower's runtime)",
+               "seeds": results["profile"].seeds, "chance": 1.0 / len(data.class_names),
+               "plots": ["accuracy_vs_k.png", "reconstruction.png"]}
     atomic_write_json(outdir / "experiment.json", payload)
     atomic_write_text(outdir / "results.md", _markdown(results, summary, data))
     arrays = {f"{arm}/k{k}/seed{i + 1}": p for arm, by_k in results["predictions"].items()

@@ -27,8 +27,11 @@ def _scores(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, num_classes
     ba = float(np.mean([balanced_accuracy(yb, p[idx].argmax(1), num_classes) for p in probs]))
     if not auc:
         return ba, float("nan")
+    # ROC AUC is undefined (None) on a resample that misses a class (small subsets): it counts as NaN there,
+    # and the intervals are percentiles over the resamples where it is defined.
     aucs = [classification_metrics(yb, p[idx], num_classes)["roc_auc"] for p in probs]
-    return ba, float(np.mean(aucs))
+    defined = [float(a) for a in aucs if isinstance(a, (int, float))]
+    return ba, float(np.mean(defined)) if defined else float("nan")
 
 
 def summarise(y: np.ndarray, probs: list[np.ndarray], num_classes: int, *, n_boot: int = 1000, seed: int = 0,

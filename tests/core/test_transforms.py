@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lungmae_core.errors import ConfigError
 from lungmae_core.transforms import random_flip_rot90_batch
 
 
@@ -53,3 +54,25 @@ def test_batch_version_is_seeded_and_keeps_alignment() -> None:
     b = random_flip_rot90_batch(images, masks, torch.Generator().manual_seed(1), 0.5, 0.5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal((a[0] > 0.5).float(), a[1])
+
+
+def test_finetune_augmentation_keeps_head_and_foot_apart() -> None:
+    """Fine-tuning's default augmentation never maps the apex onto the base (an apical disease onto a basal
+    one is another diagnosis): it only mirrors left-right. Pretraining keeps the paper's every-axis flips."""
+    from lungmae_core.config import TrainConfig
+
+    fine, pre = TrainConfig.finetune_defaults(), TrainConfig.pretrain_defaults()
+    assert (fine.flip_axes, fine.rot90_p) == ((2,), 0.0) and pre.flip_axes == (0, 1, 2)
+    d = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1, 1).expand(4, 1, 8, 8, 8).contiguous()
+    image = d + 0.01 * torch.arange(8, dtype=torch.float32).view(1, 1, 1, 1, 8)  # head-foot ramp, left-right tilt
+    mask = torch.ones(4, 1, 8, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    mirrored = 0
+    for _ in range(20):
+        out, out_mask = random_flip_rot90_batch(image, mask, gen, 1.0, fine.rot90_p, fine.flip_axes)
+        assert torch.equal(out[:, :, :, 0, 0].round(), image[:, :, :, 0, 0].round())  # head-foot order kept
+        mirrored += int(torch.equal(out, image.flip(-1)))
+        assert torch.equal(out_mask, mask)
+    assert mirrored == 20  # flip_p 1 on the only allowed axis: always the left-right mirror
+    with pytest.raises(ConfigError, match="flip_axes"):
+        TrainConfig(flip_axes=(0, 3))

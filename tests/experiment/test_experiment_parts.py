@@ -59,6 +59,26 @@ def test_conv_stem_is_patch_local():
         ModelConfig(stem="resnet")
 
 
+def test_conv_stem_keeps_the_token_scale_of_the_linear_embedding():
+    """The conv stem's tokens vary across scans about as much as the linear patch embedding's (both at init).
+
+    With PyTorch's default conv init the three stages shrank the tokens to 0.02 (vs 0.9 linear), and a ViT
+    from scratch stayed at chance on the experiment phantoms.
+    """
+    from lungmae_core.model import ViTEncoder3D
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 32, 32, 32)
+    spread = {}
+    for stem in ("linear", "conv"):
+        cfg = ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, stem=stem,
+                          input_windows=((-1000.0, -900.0), (-900.0, -500.0)))
+        enc = ViTEncoder3D.from_config(cfg)
+        with torch.no_grad():
+            spread[stem] = float((enc.embed(x) - enc.pos_embed.weight).std(dim=0).mean())
+    assert spread["conv"] > 0.4 * spread["linear"], spread
+
+
 def test_layer_decay_scales_lower_layers_and_the_optimizer_state_carries_over():
     from lungmae_core.heads import ILDClassifier
     from lungmae_core.train import _param_groups, train_classifier
@@ -82,3 +102,16 @@ def test_layer_decay_scales_lower_layers_and_the_optimizer_state_carries_over():
     steps = [float(s["step"]) for s in state["state_dict"]["state"].values()]
     train_classifier(clf, data, tcfg, class_weights=None, optimizer_state=state)
     assert [float(s["step"]) for s in state["state_dict"]["state"].values()] == [v + 2 for v in steps]
+
+
+def test_intervals_survive_resamples_that_miss_a_class():
+    """A small subset (the held-out scanner's 8 patients) often loses a class in a resample: AUC is then
+    undefined there, and the summary still comes out (it raised a TypeError before)."""
+    from lungmae_core.experiment.stats import summarise
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 2)
+    probs = [rng.dirichlet(np.ones(4), size=8)]
+    out = summarise(y, probs, 4, n_boot=200, seed=1)
+    assert 0.0 <= out["balanced_accuracy_ci"][0] <= out["balanced_accuracy_ci"][1] <= 1.0
+    assert 0.0 <= out["roc_auc_ci"][0] <= out["roc_auc_ci"][1] <= 1.0
