@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json_object"]
 
 
 def _default_mode() -> int:
@@ -75,3 +75,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None =
                       sort_keys: bool = False) -> None:
     """Write ``obj`` as indented JSON (trailing newline; values JSON cannot hold as ``str``) atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n", mode)
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON object file read back, or ``None`` when it is missing, unreadable or not a JSON object.
+
+    The counterpart of :func:`atomic_write_json` for files that may legitimately be absent (a state file
+    before the first round, a chain head before the first record): callers treat ``None`` as "not yet".
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lungmae_core.atomic import atomic_write_json
+from lungmae_core.atomic import atomic_write_json, read_json_object
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["GENESIS", "ChainError", "ChainReport", "append_record", "head_path", "line_hash", "verify_chain"]
@@ -119,11 +119,7 @@ def _count_lines(fd: int) -> int:
 
 
 def _read_head(log: Path) -> dict[str, Any] | None:
-    try:
-        head = json.loads(head_path(log).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return head if isinstance(head, dict) else None
+    return read_json_object(head_path(log))
 
 
 @dataclasses.dataclass

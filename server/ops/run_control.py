@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lungmae_core.atomic import atomic_write_text
+from lungmae_core.atomic import atomic_write_text, read_json_object
 from lungmae_core.errors import LungMAEError
 
 __all__ = ["FlwrCLI", "FlwrCLIError", "RunFollower", "RUN_RECORD", "read_json"]
@@ -37,12 +37,8 @@ class FlwrCLIError(LungMAEError):
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file as a dict, or None when it is missing or half-written."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """A JSON file as a dict, or None when it is missing or half-written (read while being replaced)."""
+    return read_json_object(path)
 
 
 class FlwrCLI:

@@ -44,3 +44,18 @@ def test_default_mode_follows_the_umask_like_open(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o640
+
+
+def test_read_json_object_reads_back_what_was_written_and_nothing_else(tmp_path):
+    from lungmae_core.atomic import atomic_write_json, read_json_object
+
+    path = tmp_path / "state.json"
+    assert read_json_object(path) is None  # not written yet
+    atomic_write_json(path, {"round": 3})
+    assert read_json_object(path) == {"round": 3}
+    path.write_text('{"round": ', encoding="utf-8")  # cut short
+    assert read_json_object(path) is None
+    path.write_text("[1, 2]", encoding="utf-8")  # JSON, but not an object
+    assert read_json_object(path) is None
+    path.write_bytes(b"\xff\xfe{")  # not text
+    assert read_json_object(path) is None
