@@ -8,10 +8,13 @@ started outlives it, whatever Flower spawned below it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 
 def free_port() -> int:
@@ -46,3 +49,22 @@ def wait_for(what: str, predicate: Callable[[], object], timeout_s: float, poll_
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def stop_groups(procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[IO[bytes]], term_s: float = 20) -> None:
+    """Stop processes started with ``start_new_session=True``, last started first, then close their logs.
+
+    Each gets SIGTERM on its whole process group (SuperNodes before the SuperLink they talk to), then up to
+    ``term_s`` seconds to exit before SIGKILL: a graceful stop lets Flower end its own children.
+    """
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=term_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    for log in logs:
+        log.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from lungmae_cli._process import flower_env
+from tests.e2e.processes import stop_groups
 from tests.federated_helpers import prepared_sites
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,17 +72,7 @@ def flower(tmp_path: Path) -> Iterator[dict]:
         _wait_port(port, link)
         yield {"env": env, "port": port, "start": start, "tmp": tmp_path}
     finally:
-        for proc in reversed(procs):  # SuperNodes first, then the SuperLink
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        for log in logs:
-            log.close()
+        stop_groups(procs, logs, term_s=15)  # SuperNodes first, then the SuperLink
 
 
 def _flwr(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from lungmae_cli._process import flower_env
-from tests.e2e.processes import free_port, tagged_pids, wait_for
+from tests.e2e.processes import free_port, stop_groups, tagged_pids, wait_for
 from tests.federated_helpers import prepared_sites
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,17 +107,7 @@ def test_a_run_completes_through_the_warm_clientapp_process(tmp_path: Path,
         node_log = (tmp_path / "supernode.log").read_text()
         assert status == "finished:completed", f"run {run_id} ended as {status!r}\n{node_log[-4000:]}"
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        for log in logs:
-            log.close()
+        stop_groups(procs, logs, term_s=20)
         try:
             wait_for("every process of this test to exit", lambda: not tagged_pids(tag), 30, 0.5)
         finally:
