@@ -37,15 +37,16 @@ def _last_jsonl(path: Path) -> dict[str, Any] | None:
 def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
     """Everything `server status` shows, as a dict (also used by tests and the runbook's scripts)."""
     from lungmae_cli._process import flower_env
+    from lungmae_core.atomic import read_json_object
     from lungmae_core.errors import LungMAEError
     from server.audit import read_audit_log
     from server.federation_config import load_federation_config
-    from server.ops.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError, read_json
+    from server.ops.run_control import RUN_RECORD, FlwrCLI, FlwrCLIError
 
     cfg = load_federation_config(config)
     run_dir = cfg.run_dir
     status: dict[str, Any] = {"run_dir": str(run_dir), "superlink": cfg.server.superlink}
-    status["checkpoint"] = read_json(run_dir / "state.json")
+    status["checkpoint"] = read_json_object(run_dir / "state.json")
     last = _last_jsonl(run_dir / "metrics.jsonl")
     if last is not None:
         status["last_round"] = {
@@ -53,7 +54,7 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
             "phase_rounds": last.get("phase_rounds"), "duration_s": last.get("duration_s"),
             "train": last.get("train", {}).get("aggregated"), "evaluate": last.get("evaluate", {}).get("aggregated"),
             "participation": last.get("participation"), "bytes": last.get("bytes")}
-    summary = read_json(run_dir / "metrics.json")
+    summary = read_json_object(run_dir / "metrics.json")
     if summary is not None:
         status["run_status"] = summary.get("status")
         status["final"] = summary.get("final")
@@ -66,7 +67,7 @@ def collect_status(config: Path, *, offline: bool = False) -> dict[str, Any]:
             "last": [{k: r.get(k) for k in ("ts", "event", "phase", "server_round", "site", "status")
                       if r.get(k) is not None} for r in records[-5:]],
         }
-    record = read_json(run_dir / RUN_RECORD)
+    record = read_json_object(run_dir / RUN_RECORD)
     status["flwr_run"] = record
     if not offline:
         from server.ops.superlink import LOOPBACK, ServerTLS, split_address, write_connection

@@ -24,7 +24,7 @@ from typing import Any
 from lungmae_core.atomic import atomic_write_text, read_json_object
 from lungmae_core.errors import LungMAEError
 
-__all__ = ["FlwrCLI", "FlwrCLIError", "RunFollower", "RUN_RECORD", "read_json"]
+__all__ = ["FlwrCLI", "FlwrCLIError", "RunFollower", "RUN_RECORD"]
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,6 @@ _ACTIVE = ("pending", "starting", "running")
 
 class FlwrCLIError(LungMAEError):
     """The Flower CLI refused a request (other than the SuperLink being unreachable)."""
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file as a dict, or None when it is missing or half-written (read while being replaced)."""
-    return read_json_object(path)
 
 
 class FlwrCLI:
@@ -162,7 +157,7 @@ class RunFollower:
 
     def recorded_run(self) -> int | None:
         """The run id of ``flwr-run.json``, if any."""
-        data = read_json(self.run_dir / RUN_RECORD)
+        data = read_json_object(self.run_dir / RUN_RECORD)
         return None if not data or "run_id" not in data else int(data["run_id"])
 
     def _submit(self) -> int:
@@ -182,7 +177,7 @@ class RunFollower:
 
     # ------------------------------------------------------------------------------------ progress
     def _report_progress(self) -> None:
-        state = read_json(self.run_dir / "state.json")
+        state = read_json_object(self.run_dir / "state.json")
         if not state:
             return
         key = (state.get("phase"), state.get("server_round"), state.get("step_index"))
