@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run on these prepared sites (their caches; labelled scans are split 70/30 into "
                              "train/test by patient, unlabelled scans pretrain only) instead of the built-in "
                              "experiment phantoms")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="draw of the built-in phantoms (default 0): another value draws other patients for "
+                             "every site and the test set, for a confirmation on data no earlier run has seen")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms (2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); use 1 on a shared, oversubscribed machine, where "
@@ -52,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
           f"--quick and --profile {args.profile} contradict each other; give one")
     profile = PROFILES[name]
     check(args.seeds is None or args.seeds >= 1, f"--seeds must be at least 1; got {args.seeds}")
+    check(args.data_seed is None or args.data_seed >= 0, f"--data-seed must be 0 or more; got {args.data_seed}")
+    check(args.data_seed is None or not args.site,
+          "--data-seed draws built-in phantoms; it has no meaning with --site (prepared caches)")
+    if args.data_seed is not None:
+        profile = dataclasses.replace(profile, plan=dataclasses.replace(profile.plan, data_seed=args.data_seed))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
