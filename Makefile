@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python benchmarks/compression_accuracy.py --json $(BENCH)/compression_accuracy.json
 	$(BIN)/python benchmarks/exchange_latency.py --json $(BENCH)/exchange_latency.json
 	$(BIN)/python benchmarks/round_overhead.py --json $(BENCH)/round_overhead.json
+	$(BIN)/python benchmarks/deployment_round.py --json $(BENCH)/deployment_round.json
 	$(BIN)/python benchmarks/prepare.py --json $(BENCH)/prepare.json
 	$(BIN)/python benchmarks/simulate.py --json $(BENCH)/simulate.json
 	$(BIN)/python benchmarks/transforms.py

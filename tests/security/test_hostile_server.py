@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client.client_app import CONTRACT_ERROR_CODE, make_client_app
 from client.policy import POLICY_REFUSAL_CODE, Usage
+from client.privacy_gate import WITNESS_NAME
 from lungmae_core.config import model_config, to_mapping
 from lungmae_core.contract import RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
@@ -113,8 +115,11 @@ def test_rounds_over_the_cap_are_refused(sites: list[Path]) -> None:
 
 def test_a_dp_site_releases_no_training_metrics(sites: list[Path], tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.json"
+    # DP work leaves a witness file in the cache; a copy keeps the session's shared site0 cache DP-free
+    cache = sites[0].parent / yaml.safe_load(sites[0].read_text())["data"]["cache"]
+    shutil.copytree(cache, tmp_path / "cache")
     path = _site_with(sites, "site-dp", privacy={"enabled": True, "epsilon": 50.0, "noise-multiplier": 1.0,
-                                                 "ledger": str(ledger)})
+                                                 "ledger": str(ledger)}, data={"cache": str(tmp_path / "cache")})
     try:
         app = make_client_app([path])
         asked = app(_message("train", "pretrain", train_metrics="required"), _ctx())
@@ -124,6 +129,7 @@ def test_a_dp_site_releases_no_training_metrics(sites: list[Path], tmp_path: Pat
         metrics = TrainReply.decode(dict(reply.content["metrics"]))
         assert metrics.epsilon > 0 and metrics.loss is None and metrics.loss_lung is None
         assert dict(reply.content["metrics"])["loss_defined"] == 0
+        assert (tmp_path / "cache" / WITNESS_NAME).is_file() and not (cache / WITNESS_NAME).exists()
     finally:
         path.unlink()
 

@@ -1,0 +1,225 @@
+"""Seconds a deployment round of OUR run adds over the sites' compute: real processes on 127.0.0.1.
+
+`benchmarks/exchange_latency.py` times one query exchange of a toy app, so it isolates the site side. This
+benchmark runs the project's own app, as a coordinator runs it: ``flower-superlink``, one SuperNode per site
+started the way `lungmae site start` starts it (the site launcher, bundle check and warm ClientApp process;
+insecure loopback here, TLS costs one handshake per connection), and ``flwr run .`` with a small federation
+(a tiny model on 32^3 cubes, ``--rounds`` pretraining and ``--rounds`` fine-tuning rounds, no evaluation
+rounds). Each round the ServerApp sends the global model to every site, each site trains and replies, and
+the ServerApp validates and aggregates the replies (server/replies.py, server/strategy.py).
+
+From the run's ``metrics.jsonl`` it reads, per round, the server's wall time of the round (``duration_s``:
+from sending the instructions to the aggregated model) and each site's reported training seconds
+(``train.sites.<site>.seconds``: the local training loop only). Overhead of a round = duration - the slowest
+site's training seconds: the wire both ways, the polls, the ClientApp's work around the training (reading
+the site's cache, building the model, the ledger) and the server's checks and aggregation. The first round
+of each phase also builds that phase's model at the sites; the median over rounds is the figure.
+
+Usage:
+    python benchmarks/deployment_round.py [--sites 2] [--rounds 4] [--json out.json]
+
+Prints the per-round overhead (median, mean, max) beside the 2 s target, with the load average before and
+after (on a shared machine the figures scale with the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+TARGET_S = 2.0
+
+FEDERATION = """\
+model: {{name: tiny, overrides: {{img-size: 32, depth: 2, decoder-depth: 1}}}}
+phases:
+  pretrain: {{rounds: {rounds}, local-epochs: 1, min-sites: {sites}, evaluate-every: 0}}
+  finetune: {{rounds: {rounds}, local-epochs: 1, min-sites: {sites}, evaluate-every: 0}}
+round-timeout-s: 300
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait(what: str, predicate: Any, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_sites(root: Path, sites: int, digest: str) -> list[Path]:
+    """Small prepared synthetic hospitals that trust this checkout's app bundle; their site.yaml paths."""
+    import dataclasses
+
+    from client.prepare import prepare_site
+    from client.site_config import load_site_config, write_site_config
+    from lungmae_cli.synth import write_synthetic_sites
+
+    paths = write_synthetic_sites(root, sites=sites, scans_per_site=6, seed=0, shape=(40, 64, 64),
+                                  preprocess_size=32, workers=1)
+    for path in paths:
+        cfg = load_site_config(path)
+        cfg = dataclasses.replace(cfg, trust=dataclasses.replace(cfg.trust, fab_sha256=(digest,)))
+        write_site_config(cfg, path)
+        prepare_site(load_site_config(path), workers=1, progress=False)
+    return [Path(p) for p in paths]
+
+
+def round_overheads(metrics_jsonl: Path) -> list[dict[str, Any]]:
+    """Per training round: phase, round, server wall seconds, slowest site's training seconds, overhead."""
+    rows = []
+    for line in metrics_jsonl.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        sites = record["train"]["sites"]
+        if record.get("skipped") or not sites:
+            continue
+        compute = max(float(m["seconds"]) for m in sites.values())
+        rows.append({"phase": record["phase"], "round": record["phase_round"], "duration-s": record["duration_s"],
+                     "compute-s": round(compute, 3), "overhead-s": round(record["duration_s"] - compute, 3),
+                     "sites": len(sites)})
+    return rows
+
+
+def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
+    """One federation of ``sites`` SuperNodes for ``rounds`` + ``rounds`` rounds; the per-round figures."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from client.site_config import load_site_config
+    from client.warm_clientapp import warm_socket_path
+    from lungmae_cli._process import flower_env
+    from lungmae_core.signing import fab_sha256
+
+    digest = fab_sha256(build_fab_from_disk(REPO))
+    site_paths = make_sites(work / "sites", sites, digest)
+    home = work / "flwr"
+    home.mkdir()
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = flower_env(dict(os.environ, FLWR_HOME=str(home), LUNGMAE_CLIENT_THREADS="1",
+                          FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+                          PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+                          PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)))
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def start(name: str, cmd: list[str]) -> None:
+        log = (work / f"{name}.log").open("w")
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    def flwr(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    fed = work / "federation.yaml"
+    fed.write_text(FEDERATION.format(rounds=rounds, sites=sites))
+    run_dir = work / "run"
+    try:
+        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                            "--disable-runtime-dependency-installation"])
+        _wait("the SuperLink", lambda: _listening(port), 120, procs)
+        sockets = []
+        for i, path in enumerate(site_paths):
+            sock = warm_socket_path(load_site_config(path).site.state_dir)
+            sockets.append(sock)
+            start(f"site{i}", [sys.executable, "-m", "client.supernode", "--site-config", str(path),
+                               "--warm-socket", str(sock), "--", str(BIN / "flower-supernode"), "--insecure",
+                               "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                               "--node-config", f'site-config="{path}"'])
+        _wait("every site's warm ClientApp process", lambda: all(s.exists() for s in sockets), 300, procs)
+        started = time.monotonic()
+        res = flwr("run", ".", "bench", "--format", "json", "--run-config",
+                   f"federation-config='{fed}' run-dir='{run_dir}'")
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {res.stdout}{res.stderr}")
+        run_id = json.loads(res.stdout)["run-id"]
+        status = ""
+        deadline = time.monotonic() + 300 + 120 * rounds
+        while time.monotonic() < deadline and not status.startswith("finished"):
+            time.sleep(1)
+            listing = flwr("list", "bench", "--run-id", str(run_id), "--format", "json")
+            runs = json.loads(listing.stdout).get("runs", []) if listing.returncode == 0 else []
+            status = runs[0].get("status", "") if runs else ""
+        wall = time.monotonic() - started
+        if status != "finished:completed":
+            tail = (work / "site0.log").read_text()[-3000:]
+            raise RuntimeError(f"run {run_id} ended as {status!r}; site0's log:\n{tail}")
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for log in logs:
+            log.close()
+    rows = round_overheads(run_dir / "metrics.jsonl")
+    if len(rows) != 2 * rounds:
+        raise RuntimeError(f"expected {2 * rounds} training rounds in {run_dir / 'metrics.jsonl'}, found {len(rows)}")
+    overhead = [r["overhead-s"] for r in rows]
+    return {"sites": sites, "rounds": rows, "overhead-median-s": statistics.median(overhead),
+            "overhead-mean-s": statistics.fmean(overhead), "overhead-max-s": max(overhead),
+            "compute-median-s": statistics.median(r["compute-s"] for r in rows), "run-wall-s": round(wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the federation once and print the per-round overhead beside the target."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=2, help="SuperNodes, one per synthetic site (2)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per phase, pretraining and fine-tuning (4)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.sites < 1 or args.rounds < 1:
+        parser.error("--sites and --rounds must be at least 1")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="lungmae-roundbench-") as tmp:
+        result = run(args.sites, args.rounds, Path(tmp))
+    result["loadavg-before"], result["loadavg-after"] = list(load_before), list(os.getloadavg())
+    for r in result["rounds"]:
+        print(f"{r['phase']:>9} round {r['round']}: {r['duration-s']:.2f} s, slowest site's training "
+              f"{r['compute-s']:.2f} s, overhead {r['overhead-s']:.2f} s")
+    print(f"{args.sites} sites: overhead per round median {result['overhead-median-s']:.2f} s, mean "
+          f"{result['overhead-mean-s']:.2f} s, max {result['overhead-max-s']:.2f} s (training median "
+          f"{result['compute-median-s']:.2f} s; whole run {result['run-wall-s']:.0f} s); target <= {TARGET_S:g} s; "
+          f"loadavg {load_before[0]:.1f} -> {result['loadavg-after'][0]:.1f}; {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
