@@ -26,7 +26,8 @@ import torch
 
 from lungmae_core.model import patchify3d
 
-__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "masked_l1", "patch_l1"]
+__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "masked_l1", "normalize_patches",
+           "patch_l1"]
 
 
 class LossParts(NamedTuple):
@@ -53,6 +54,32 @@ def lung_fraction_per_patch(lung_mask: torch.Tensor, p: int) -> torch.Tensor:
         (B, L) float32 in [0, 1], in the token order of :func:`~lungmae_core.model.patchify3d`.
     """
     return patchify3d(lung_mask.float(), p).mean(dim=-1)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch minus its mean, over its standard deviation: MAE's "normalized pixels" target.
+
+    He et al. ("Masked Autoencoders Are Scalable Vision Learners", 2022) found that predicting each masked
+    patch's normalized voxels, not its raw intensities, gives better features for fine-tuning: the encoder
+    is no longer rewarded for the patch's mean density, which the visible neighbours and the mean anatomy
+    already give away, but for its texture and contrast. A flat patch (variance 0) becomes zeros, up to its
+    rounding error over ``sqrt(eps)``.
+
+    Args:
+        patches: (B, L, P) voxels (``patchify3d`` of the image). eps: added to the variance.
+
+    Returns:
+        (B, L, P) float32.
+
+    Examples:
+        >>> x = normalize_patches(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]))
+        >>> x.tolist()
+        [[[-0.9999995231628418, 0.9999995231628418], [0.0, 0.0]]]
+    """
+    x = patches.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) / (var + eps).sqrt()
 
 
 def patch_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

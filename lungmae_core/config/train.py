@@ -51,6 +51,9 @@ class TrainConfig:
             ``i`` of ``depth`` trains at ``lr * layer_decay ** (depth - i)``, the patch embedding at
             ``layer_decay ** (depth + 1)``, head and norms at ``lr``; pretrained lower layers move less than
             the new head. 1.0 (default): one learning rate for all.
+        norm_pix_target: MAE pretraining predicts each masked patch's normalized voxels (minus the patch mean,
+            over its standard deviation; He et al. 2022) instead of its raw intensities. Defaults to False
+            (the paper's raw-intensity target).
 
     Raises:
         ConfigError: naming the field and the value.
@@ -75,6 +78,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     num_workers: int = 0
     layer_decay: float = 1.0
+    norm_pix_target: bool = False
 
     def __post_init__(self) -> None:
         check(self.lr > 0, f"lr must be positive; got {self.lr!r}")

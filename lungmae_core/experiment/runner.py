@@ -71,6 +71,7 @@ class Profile:
     mask_compare: float | None = 0.75
     mask_compare_ks: tuple[int, ...] = (8,)
     n_boot: int = 1000
+    norm_pix: bool = False
 
 
 def _model(name: str, size: int, patch: int, dim: int, depth: int, heads: int, dec: int, dec_depth: int) -> ModelConfig:
@@ -131,7 +132,7 @@ def _pretrain(p: Profile, cfg: ModelConfig, data: ExperimentData, seed: int, dev
     mae = build_mae(cfg, seed=seed)
     sites: list[Dataset[Any]] = [ArrayDataset(s.images, s.masks, np.full(len(s), -1)) for s in data.sites]
     tcfg = TrainConfig(lr=p.pre_lr, weight_decay=0.05, warmup_frac=0.1, max_steps=p.pre_local_steps,
-                       batch_size=p.batch_size)
+                       batch_size=p.batch_size, norm_pix_target=p.norm_pix)
     total_steps = p.pre_rounds * p.pre_local_steps * len(sites)
     if federated:
         history = federated_mae(mae, sites, tcfg, rounds=p.pre_rounds, seed=seed, device=device)
@@ -142,9 +143,9 @@ def _pretrain(p: Profile, cfg: ModelConfig, data: ExperimentData, seed: int, dev
                           lr_schedule=WarmupCosine(tcfg.warmup_frac))
         history = [{"round": 1, "loss_lung": stats["loss_lung"]}]
     test = ArrayDataset(data.test_images, data.test_masks, data.test_labels)
-    recon = evaluate_mae(mae, test, device=device, seed=seed, batch_size=p.batch_size)
+    recon = evaluate_mae(mae, test, device=device, seed=seed, batch_size=p.batch_size, norm_pix_target=p.norm_pix)
     recon.update(final_train_loss_lung=history[-1]["loss_lung"], steps=total_steps,
-                 seconds=time.perf_counter() - start, mask_ratio=cfg.mask_ratio)
+                 seconds=time.perf_counter() - start, mask_ratio=cfg.mask_ratio, norm_pix=p.norm_pix)
     logger.info("%s MAE (mask %.2f): test masked-lung L1 %.4f vs average-patch %.4f (%.0f s)",
                 "federated" if federated else "centralized", cfg.mask_ratio, recon["l1_masked_lung"],
                 recon["baseline_l1_masked_lung"], recon["seconds"])

@@ -76,3 +76,15 @@ def test_lung_fraction_per_patch_and_masked_l1() -> None:
     assert frac.tolist() == [[1.0, 0, 0, 0, 0, 0, 0, 0.125]]
     assert masked_l1(PRED, TARGET, MASK).item() == pytest.approx(26 / 6)
     assert masked_l1(PRED, TARGET, torch.zeros(2, 4)).item() == 0.0
+
+
+def test_normalized_patches_have_zero_mean_and_unit_spread_and_flat_patches_become_zero() -> None:
+    from lungmae_core.loss import normalize_patches
+
+    x = torch.rand(2, 5, 64) * 3 + 1
+    x[1, 2] = 0.7  # a flat patch
+    y = normalize_patches(x)
+    assert torch.allclose(y.mean(-1), torch.zeros(2, 5), atol=1e-3)
+    spread = y.std(-1, unbiased=False)
+    assert torch.allclose(spread[0], torch.ones(5), atol=1e-4) and float(spread[1, 2]) < 1e-3
+    assert torch.isfinite(y).all()

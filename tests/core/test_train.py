@@ -86,6 +86,23 @@ def test_mean_anatomy_baseline_leaves_the_scored_scan_out() -> None:
     assert out["baseline_l1_masked"] == pytest.approx(0.4, abs=1e-5)
 
 
+def test_normalized_pixel_target_trains_and_is_scored_on_normalized_patches() -> None:
+    data = ToyVolumes(2, label=0)
+    data.items[0]["image"] = torch.full_like(data.items[0]["image"], 0.2)
+    data.items[1]["image"] = torch.full_like(data.items[1]["image"], 0.6)
+    # flat scans: raw patches differ by 0.4, normalized ones are all zero, so the average patch is exact
+    assert evaluate_mae(build_mae(CFG, seed=0), data, norm_pix_target=True)["baseline_l1_masked"] < 1e-3
+    mae, toy = build_mae(CFG, seed=0), ToyVolumes(8)
+    before = evaluate_mae(mae, toy, seed=5, norm_pix_target=True)["l1_masked"]
+    raw = build_mae(CFG, seed=0)
+    train_mae(raw, toy, _pre(max_steps=25), seed=0)
+    train_mae(mae, toy, _pre(max_steps=25, norm_pix_target=True), seed=0)
+    after = evaluate_mae(mae, toy, seed=5, norm_pix_target=True)["l1_masked"]
+    assert after < 0.8 * before
+    # the two targets train different models from the same start
+    assert not torch.equal(mae.state_dict()["decoder.pred.weight"], raw.state_dict()["decoder.pred.weight"])
+
+
 def test_same_seed_gives_the_same_result() -> None:
     data = ToyVolumes(6)
     runs = []
