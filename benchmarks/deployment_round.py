@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -93,6 +94,18 @@ def make_sites(root: Path, sites: int, digest: str) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def snapshot(dest: Path) -> Path:
+    """Copy the checkout's files that git does not ignore (what ``flwr run .`` bundles) to ``dest``."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 def round_overheads(metrics_jsonl: Path) -> list[dict[str, Any]]:
     """Per training round: phase, round, server wall seconds, slowest site's training seconds, overhead."""
     rows = []
@@ -117,7 +130,10 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
     from lungmae_cli._process import flower_env
     from lungmae_core.signing import fab_sha256
 
-    digest = fab_sha256(build_fab_from_disk(REPO))
+    # The app is a snapshot of this checkout, so an edit made while the benchmark runs changes neither the
+    # bundle the sites trust nor the one `flwr run` submits.
+    app = snapshot(work / "app")
+    digest = fab_sha256(build_fab_from_disk(app))
     site_paths = make_sites(work / "sites", sites, digest)
     home = work / "flwr"
     home.mkdir()
@@ -127,7 +143,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
     env = flower_env(dict(os.environ, FLWR_HOME=str(home), LUNGMAE_CLIENT_THREADS="1",
                           FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
                           PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-                          PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)))
+                          PYTHONPATH=os.pathsep.join(p for p in (str(app), os.environ.get("PYTHONPATH", "")) if p)))
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
 
@@ -138,7 +154,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
                                       start_new_session=True))
 
     def flwr(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=app, capture_output=True, text=True,
                               timeout=120, check=False)
 
     fed = work / "federation.yaml"

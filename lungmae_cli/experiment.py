@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
                                    progress=True)
     print(f"experiment ({profile.name}): {len(data.sites)} sites, {len(data.test_labels)} test patients, "
           f"k in {list(profile.ks)}, device {device}; outputs in {out}", flush=True)
+    written: list[dict[str, Any]] = []  # run_experiment hands its final results to on_seed_done last
     results = run_experiment(profile, data, out, device=device, seeds=args.seeds,
-                             on_seed_done=lambda r: write_outputs(r, data, out))
-    payload = write_outputs(results, data, out)
+                             on_seed_done=lambda r: written.append(write_outputs(r, data, out)))
+    payload = written[-1] if written else write_outputs(results, data, out)
     ep = payload["endpoint"]
     if "difference" in ep:
         print(f"endpoint (fed MAE -> fine-tune minus fed scratch, balanced accuracy, k={ep['k']}): "

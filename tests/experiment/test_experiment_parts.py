@@ -115,3 +115,51 @@ def test_intervals_survive_resamples_that_miss_a_class():
     out = summarise(y, probs, 4, n_boot=200, seed=1)
     assert 0.0 <= out["balanced_accuracy_ci"][0] <= out["balanced_accuracy_ci"][1] <= 1.0
     assert 0.0 <= out["roc_auc_ci"][0] <= out["roc_auc_ci"][1] <= 1.0
+
+
+def _loop_reference(y, probs, n_cls, n_boot, seed, subset=None):
+    """The bootstrap as a loop over resampled arrays (what the vectorised one must reproduce)."""
+    from lungmae_core.metrics import classification_metrics
+
+    base = np.arange(len(y)) if subset is None else np.flatnonzero(subset)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_boot):
+        idx = rng.choice(base, size=len(base))
+        ba = np.mean([balanced_accuracy(y[idx], p[idx].argmax(1), n_cls) for p in probs])
+        aucs = [classification_metrics(y[idx], p[idx], n_cls)["roc_auc"] for p in probs]
+        defined = [a for a in aucs if a is not None]
+        rows.append((ba, np.mean(defined) if defined else np.nan))
+    rows = np.array(rows)
+    return rows
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_vectorised_bootstrap_equals_the_loop_over_resampled_arrays(ties: bool) -> None:
+    rng = np.random.default_rng(3)
+    n, n_cls = 30, 4
+    y = rng.integers(0, n_cls, n)
+    y[:n_cls] = np.arange(n_cls)
+    probs = [rng.dirichlet(np.ones(n_cls), n) for _ in range(3)]
+    if ties:  # coarse scores: many equal values within a class column
+        probs = [np.round(p, 1) for p in probs]
+    subset = np.arange(n) % 3 != 0
+    for sub in (None, subset):
+        ref = _loop_reference(y, probs, n_cls, 120, seed=5, subset=sub)
+        got = summarise(y, probs, n_cls, n_boot=120, seed=5, subset=sub)
+        assert got["balanced_accuracy_ci"] == pytest.approx(np.percentile(ref[:, 0], [2.5, 97.5]).tolist(), abs=1e-12)
+        finite = ref[np.isfinite(ref[:, 1]), 1]
+        assert got["roc_auc_ci"] == pytest.approx(np.percentile(finite, [2.5, 97.5]).tolist(), abs=1e-9)
+        base = np.arange(n) if sub is None else np.flatnonzero(sub)
+        from lungmae_core.metrics import classification_metrics
+        assert got["roc_auc"] == pytest.approx(np.mean([classification_metrics(y[base], p[base], n_cls)["roc_auc"]
+                                                        for p in probs]), abs=1e-12)
+    diff = paired_difference(y, probs[:2], probs[1:], n_cls, n_boot=150, seed=2)
+    ref_rng = np.random.default_rng(2)
+    boots = []
+    for _ in range(150):
+        idx = ref_rng.choice(np.arange(n), size=n)
+        boots.append(np.mean([balanced_accuracy(y[idx], p[idx].argmax(1), n_cls) for p in probs[:2]])
+                     - np.mean([balanced_accuracy(y[idx], p[idx].argmax(1), n_cls) for p in probs[1:]]))
+    assert diff["ci"] == pytest.approx(np.percentile(boots, [2.5, 97.5]).tolist(), abs=1e-12)
+    assert diff["p_not_above_zero"] == pytest.approx(np.mean(np.asarray(boots) <= 0))
