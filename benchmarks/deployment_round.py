@@ -10,9 +10,10 @@ the ServerApp validates and aggregates the replies (server/replies.py, server/st
 
 From the run's ``metrics.jsonl`` it reads, per round, the server's wall time of the round (``duration_s``:
 from sending the instructions to the aggregated model) and each site's reported training seconds
-(``train.sites.<site>.seconds``: the local training loop only). Overhead of a round = duration - the slowest
-site's training seconds: the wire both ways, the polls, the ClientApp's work around the training (reading
-the site's cache, building the model, the ledger) and the server's checks and aggregation. The first round
+(``train.sites.<site>.train_seconds``: reading the site's training split, the privacy gate and the local
+training loop). Overhead of a round = duration - the slowest site's training seconds: the wire both ways,
+the polls, the ClientApp's work around the training (building the model, loading the global weights,
+packing the update) and the server's checks and aggregation. The first round
 of each phase also builds that phase's model at the sites; the median over rounds is the figure.
 
 Usage:
@@ -114,7 +115,7 @@ def round_overheads(metrics_jsonl: Path) -> list[dict[str, Any]]:
         sites = record["train"]["sites"]
         if record.get("skipped") or not sites:
             continue
-        compute = max(float(m["seconds"]) for m in sites.values())
+        compute = max(float(m["train_seconds"]) for m in sites.values())
         rows.append({"phase": record["phase"], "round": record["phase_round"], "duration-s": record["duration_s"],
                      "compute-s": round(compute, 3), "overhead-s": round(record["duration_s"] - compute, 3),
                      "sites": len(sites)})
