@@ -218,12 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=2, help="SuperNodes, one per synthetic site (2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per phase, pretraining and fine-tuning (4)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run in this (new or empty) folder and keep it: the processes' logs, the run directory")
     args = parser.parse_args(argv)
     if args.sites < 1 or args.rounds < 1:
         parser.error("--sites and --rounds must be at least 1")
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="lungmae-roundbench-") as tmp:
-        result = run(args.sites, args.rounds, Path(tmp))
+    if args.keep is not None:
+        if args.keep.exists() and any(args.keep.iterdir()):
+            parser.error(f"--keep {args.keep} is not empty")
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = run(args.sites, args.rounds, args.keep.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="lungmae-roundbench-") as tmp:
+            result = run(args.sites, args.rounds, Path(tmp))
     result["loadavg-before"], result["loadavg-after"] = list(load_before), list(os.getloadavg())
     for r in result["rounds"]:
         print(f"{r['phase']:>9} round {r['round']}: {r['duration-s']:.2f} s, slowest site's training "

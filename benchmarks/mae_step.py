@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burn-in", type=int, default=BURN_IN,
                         help="untimed steps per model (at least 2: they measure peak memory and FLOPs)")
     parser.add_argument("--timed", type=int, default=TIMED)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every config (default: per config, tiny 2, paper-p16/p8 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON record here")
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     peak_before = matmul_peak(device)
     records = []
     for name in args.configs:
-        records.append(bench_config(name, CONFIGS[name], device, args.burn_in, args.timed, args.variants, peak_before))
+        records.append(bench_config(name, args.batch or CONFIGS[name], device, args.burn_in, args.timed,
+                                    args.variants, peak_before))
     peak = max(peak_before, matmul_peak(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
