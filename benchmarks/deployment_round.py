@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from loopback import free_port, listening, stop, wait_for  # noqa: E402  (this folder, beside the script)
+
 BIN = Path(sys.executable).parent
 TARGET_S = 2.0
 
@@ -53,28 +54,10 @@ round-timeout-s: 300
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
-def _wait(what: str, predicate: Any, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}")
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def make_sites(root: Path, sites: int, digest: str) -> list[Path]:
@@ -138,7 +121,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
     site_paths = make_sites(work / "sites", sites, digest)
     home = work / "flwr"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     env = flower_env(dict(os.environ, FLWR_HOME=str(home), LUNGMAE_CLIENT_THREADS="1",
@@ -164,16 +147,16 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
     try:
         start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                             "--disable-runtime-dependency-installation"])
-        _wait("the SuperLink", lambda: _listening(port), 120, procs)
+        wait_for("the SuperLink", lambda: listening(port), 120, procs)
         sockets = []
         for i, path in enumerate(site_paths):
             sock = warm_socket_path(load_site_config(path).site.state_dir)
             sockets.append(sock)
             start(f"site{i}", [sys.executable, "-m", "client.supernode", "--site-config", str(path),
                                "--warm-socket", str(sock), "--", str(BIN / "flower-supernode"), "--insecure",
-                               "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                               "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                                "--node-config", f'site-config="{path}"'])
-        _wait("every site's warm ClientApp process", lambda: all(s.exists() for s in sockets), 300, procs)
+        wait_for("every site's warm ClientApp process", lambda: all(s.exists() for s in sockets), 300, procs)
         started = time.monotonic()
         res = flwr("run", ".", "bench", "--format", "json", "--run-config",
                    f"federation-config='{fed}' run-dir='{run_dir}'")
@@ -192,17 +175,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
             tail = (work / "site0.log").read_text()[-3000:]
             raise RuntimeError(f"run {run_id} ended as {status!r}; site0's log:\n{tail}")
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        for log in logs:
-            log.close()
+        stop(procs, logs)
     rows = round_overheads(run_dir / "metrics.jsonl")
     if len(rows) != 2 * rounds:
         raise RuntimeError(f"expected {2 * rounds} training rounds in {run_dir / 'metrics.jsonl'}, found {len(rows)}")

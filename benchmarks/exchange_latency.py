@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from loopback import free_port, listening, stop, wait_for  # noqa: E402  (this folder, beside the script)
+
 BIN = Path(sys.executable).parent
 
 PYPROJECT = """\
@@ -138,27 +139,10 @@ MODES = {  # mode -> (warm ClientApp process, SuperNode idle pause s, SuperExec 
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(what: str, predicate: Any, timeout_s: float, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}")
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def write_app(directory: Path) -> str:
@@ -183,7 +167,7 @@ def run_mode(mode: str, exchanges: int, work: Path, app: Path, digest: str, grid
     warm, idle_s, poll_s = MODES[mode]
     home = work / f"{mode}-{grid_poll_s:g}"
     (home / "flwr").mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     (home / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     site = home / "site.yaml"
@@ -206,17 +190,17 @@ def run_mode(mode: str, exchanges: int, work: Path, app: Path, digest: str, grid
     try:
         start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                             "--disable-runtime-dependency-installation"])
-        _wait("the SuperLink", lambda: _listening(port), 120, procs)
+        wait_for("the SuperLink", lambda: listening(port), 120, procs)
         sock = warm_socket_path(home / "state")
         launcher = [sys.executable, "-m", "client.supernode", "--site-config", str(site), "--idle-pull-s", str(idle_s)]
         if warm:
             launcher += ["--warm-socket", str(sock)]
         started = time.monotonic()
         start("supernode", [*launcher, "--", str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                            f"127.0.0.1:{port}", "--port", str(_free_port())])
+                            f"127.0.0.1:{port}", "--port", str(free_port())])
         preload_s = None
         if warm:  # measure exchanges once the warm process is ready, not its start-up
-            _wait("the warm ClientApp process", sock.exists, 300, procs)
+            wait_for("the warm ClientApp process", sock.exists, 300, procs)
             preload_s = time.monotonic() - started
         out = home / "exchanges.json"
         res = subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "--format", "json", "--run-config",
@@ -240,17 +224,7 @@ def run_mode(mode: str, exchanges: int, work: Path, app: Path, digest: str, grid
             raise RuntimeError(f"mode {mode}: run {run_id} ended as {status!r}; SuperNode log:\n{tail}")
         rows = json.loads(out.read_text())
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        for log in logs:
-            log.close()
+        stop(procs, logs)
     overhead = [r["wall-s"] - r["compute-s"] for r in rows]
     return {"mode": mode, "exchanges": len(rows), "overhead-median-s": statistics.median(overhead),
             "overhead-mean-s": statistics.fmean(overhead), "overhead-s": overhead,
