@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loopback import free_port, listening, stop, wait_for  # noqa: E402  (this folder, beside the script)
+from loopback import free_port, listening, stop, wait_for, wait_run  # noqa: E402  (this folder, beside the script)
 
 BIN = Path(sys.executable).parent
 TARGET_S = 2.0
@@ -163,13 +163,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
         if res.returncode != 0:
             raise RuntimeError(f"flwr run failed: {res.stdout}{res.stderr}")
         run_id = json.loads(res.stdout)["run-id"]
-        status = ""
-        deadline = time.monotonic() + 300 + 120 * rounds
-        while time.monotonic() < deadline and not status.startswith("finished"):
-            time.sleep(1)
-            listing = flwr("list", "bench", "--run-id", str(run_id), "--format", "json")
-            runs = json.loads(listing.stdout).get("runs", []) if listing.returncode == 0 else []
-            status = runs[0].get("status", "") if runs else ""
+        status = wait_run(flwr, run_id, 300 + 120 * rounds)
         wall = time.monotonic() - started
         if status != "finished:completed":
             tail = (work / "site0.log").read_text()[-3000:]

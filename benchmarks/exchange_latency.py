@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loopback import free_port, listening, stop, wait_for  # noqa: E402  (this folder, beside the script)
+from loopback import free_port, listening, stop, wait_for, wait_run  # noqa: E402  (this folder, beside the script)
 
 BIN = Path(sys.executable).parent
 
@@ -210,15 +210,9 @@ def run_mode(mode: str, exchanges: int, work: Path, app: Path, digest: str, grid
         if res.returncode != 0:
             raise RuntimeError(f"flwr run failed: {res.stdout}{res.stderr}")
         run_id = json.loads(res.stdout)["run-id"]
-        status = ""
-        deadline = time.monotonic() + 120 + 60 * exchanges
-        while time.monotonic() < deadline and not status.startswith("finished"):
-            time.sleep(1)
-            listing = subprocess.run([str(BIN / "flwr"), "list", "bench", "--run-id", str(run_id), "--format",
-                                      "json"], env=env, cwd=home, capture_output=True, text=True, timeout=120,
-                                     check=False)
-            runs = json.loads(listing.stdout).get("runs", []) if listing.returncode == 0 else []
-            status = runs[0].get("status", "") if runs else ""
+        status = wait_run(lambda *a: subprocess.run([str(BIN / "flwr"), *a], env=env, cwd=home, capture_output=True,
+                                                    text=True, timeout=120, check=False),
+                          run_id, 120 + 60 * exchanges)
         if status != "finished:completed" or not out.exists():
             tail = (home / "supernode.log").read_text()[-3000:]
             raise RuntimeError(f"mode {mode}: run {run_id} ended as {status!r}; SuperNode log:\n{tail}")

@@ -6,6 +6,7 @@ SuperNodes in their own process groups; these helpers are what both need around 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-__all__ = ["free_port", "listening", "wait_for", "stop"]
+__all__ = ["free_port", "listening", "wait_for", "stop", "wait_run"]
 
 
 def free_port() -> int:
@@ -62,3 +63,18 @@ def stop(procs: Sequence[subprocess.Popen[Any]], logs: Sequence[IO[str]] = ()) -
             proc.wait(timeout=10)
     for log in logs:
         log.close()
+
+
+def wait_run(flwr: Callable[..., subprocess.CompletedProcess[str]], run_id: int, timeout_s: float) -> str:
+    """Poll ``flwr list bench --run-id RUN_ID`` each second until the run finished; its last status.
+
+    ``flwr(*args)`` runs the ``flwr`` CLI with the benchmark's environment (``FLWR_HOME`` naming ``bench``).
+    """
+    status = ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not status.startswith("finished"):
+        time.sleep(1)
+        listing = flwr("list", "bench", "--run-id", str(run_id), "--format", "json")
+        runs = json.loads(listing.stdout).get("runs", []) if listing.returncode == 0 else []
+        status = runs[0].get("status", "") if runs else ""
+    return status
