@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lungmae_core.config import check
+    from lungmae_core.errors import ConfigError
     from lungmae_core.experiment.data import build_phantom_sites, load_cache_sites
     from lungmae_core.experiment.report import write_outputs
     from lungmae_core.experiment.runner import PROFILES, run_experiment
@@ -71,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
         caches = []
         for path in args.site:
             cfg = load_site_config(path)
-            cache = cfg.data.cache
-            check(cache is not None, f"{path}: data: 'cache' is not set; the experiment reads the site's prepared "
-                                     "cache (`lungmae site prepare --config SITE_YAML` writes it)")
-            assert cache is not None
-            caches.append((cfg.site.name, cache))
+            if cfg.data.cache is None:
+                raise ConfigError(f"{path}: data: 'cache' is not set; the experiment reads the site's prepared "
+                                  "cache (`lungmae site prepare --config SITE_YAML` writes it)")
+            caches.append((cfg.site.name, cfg.data.cache))
         data = load_cache_sites(caches, size=profile.model.img_size, seed=0)
         k_max = min(int((s.labels == c).sum()) for s in data.labelled_sites for c in range(len(data.class_names)))
         ks = tuple(k for k in profile.ks if k <= max(k_max, 1)) or (max(k_max, 1),)

@@ -26,8 +26,8 @@ import torch
 
 from lungmae_core.model import patchify3d
 
-__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "masked_l1", "normalize_patches",
-           "patch_l1"]
+__all__ = ["LossParts", "lung_fraction_per_patch", "lung_weighted_l1", "mae_target", "masked_l1",
+           "normalize_patches", "patch_l1"]
 
 
 class LossParts(NamedTuple):
@@ -80,6 +80,22 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
     return (x - mean) / (var + eps).sqrt()
+
+
+def mae_target(images: torch.Tensor, p: int, normalized: bool = False) -> torch.Tensor:
+    """What the MAE reconstructs: the image's patches, raw or normalized (:func:`normalize_patches`).
+
+    One definition for training and evaluation, so an MAE is always scored against what it was trained on.
+
+    Args:
+        images: (B, C, D, H, W). p: patch side (``ModelConfig.patch_size``). normalized: the
+            ``TrainConfig.norm_pix_target`` choice.
+
+    Returns:
+        (B, L, P) in :func:`~lungmae_core.model.patchify3d` order.
+    """
+    patches = patchify3d(images, p)
+    return normalize_patches(patches) if normalized else patches
 
 
 def patch_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from lungmae_core.config import ModelConfig, TrainConfig
 from lungmae_core.errors import ConfigError, DatasetError, NonFiniteLossError
 from lungmae_core.heads import set_trainable
-from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, normalize_patches, patch_l1
+from lungmae_core.loss import lung_fraction_per_patch, lung_weighted_l1, mae_target, patch_l1
 from lungmae_core.metrics import classification_metrics
-from lungmae_core.model import ViTEncoder3D, patchify3d
+from lungmae_core.model import ViTEncoder3D
 from lungmae_core.transforms import random_flip_rot90_batch
 
 __all__ = [
@@ -445,10 +445,7 @@ def train_mae(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig,
         images, lung = random_flip_rot90_batch(images, lung, aug_gen, cfg.flip_p, cfg.rot90_p, cfg.flip_axes)
         with loop.autocast:
             pred, mask = loop.model(images, mask_ratio=mcfg.mask_ratio, generator=mask_gen)
-        target = patchify3d(images, mcfg.patch_size)
-        if cfg.norm_pix_target:
-            target = normalize_patches(target)
-        parts = lung_weighted_l1(pred, target, mask,
+        parts = lung_weighted_l1(pred, mae_target(images, mcfg.patch_size, cfg.norm_pix_target), mask,
                                  lung_fraction_per_patch(lung, mcfg.patch_size), cfg.non_lung_weight,
                                  cfg.lung_threshold, per_sample=loop.privacy is not None)
         loss = parts.total.mean()
@@ -500,22 +497,18 @@ def evaluate_mae(model: nn.Module, dataset: Dataset[Any], *, device: str | torch
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
-    def target_patches(images: torch.Tensor) -> torch.Tensor:
-        patches = patchify3d(images, mcfg.patch_size)
-        return normalize_patches(patches) if norm_pix_target else patches
-
     sum_patch = torch.zeros(mcfg.num_patches, mcfg.patch_dim, dtype=torch.float64, device=device)  # (L, P)
     for batch in loader:
         images = batch["image"].to(device)
         _check_volume_size(images, mcfg)
-        sum_patch += target_patches(images).sum(dim=0, dtype=torch.float64)
+        sum_patch += mae_target(images, mcfg.patch_size, norm_pix_target).sum(dim=0, dtype=torch.float64)
     n_scans = _num_items(dataset)
     gen = torch.Generator().manual_seed(seed)
     sums = dict.fromkeys(("model", "model_lung", "base", "base_lung", "n", "n_lung"), 0.0)
     for batch in loader:
         images, lung = batch["image"].to(device), batch["lung_mask"].to(device)
         pred, mask = model(images, mask_ratio=mcfg.mask_ratio, generator=gen)
-        target = target_patches(images)
+        target = mae_target(images, mcfg.patch_size, norm_pix_target)
         lung_sel = mask * (lung_fraction_per_patch(lung, mcfg.patch_size) > lung_threshold).float()
         # Leave-one-out: each scan is scored against the average of the OTHER scans, so the baseline never
         # sees the scan it predicts (with one scan there is no other: it is its own average, L1 0).

@@ -18,9 +18,9 @@ __all__ = ["balanced_accuracy", "summarise", "paired_difference"]
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    """Mean recall over the classes present in ``y``."""
-    recalls = [float((pred[y == c] == c).mean()) for c in range(num_classes) if (y == c).any()]
-    return float(np.mean(recalls)) if recalls else 0.0
+    """Mean recall over the classes present in ``y`` (0 when ``y`` is empty)."""
+    y = np.asarray(y)
+    return float(_balanced_accuracy_w(y, np.asarray(pred), np.ones((1, len(y))), num_classes)[0])
 
 
 def _resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:

@@ -32,3 +32,11 @@ def test_another_data_seed_draws_other_patients(tmp_path: Path) -> None:
     assert (first.sites[0].images == again.sites[0].images).all()
     assert not (first.sites[0].images == other.sites[0].images).all()
     assert list(first.sites[0].labels) == list(other.sites[0].labels)  # the same classes, other patients
+
+
+def test_a_site_without_a_cache_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("site: {name: a}\ndata: {input: dicom}\n")
+    assert main(["experiment", "--profile", "tiny", "--out", str(tmp_path / "out"), "--site", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"{site}: data: 'cache' is not set" in err and "lungmae site prepare --config" in err

@@ -35,6 +35,11 @@ def test_every_arm_runs_on_prepared_caches_and_the_unlabelled_site_only_pretrain
     assert sites["site2"]["scans"] == 12  # every unlabelled scan pretrains; none is held out for testing
     assert {"fed-mae-ft", "fed-scratch", "central-mae-ft", "baseline-histogram"} <= set(written["arms"])
     assert {r["mae"] for r in written["reconstruction"]} >= {"federated", "centralized"}
+    # k is capped by the sites' labels per class; every arm reports exactly the ks that fit, and the endpoint
+    # (k = 8) has a difference only when k = 8 is among them
+    ks = {str(k) for k in written["profile"]["ks"]}
+    assert ks and set(written["arms"]["fed-mae-ft"]) == ks
     ep = written["endpoint"]
+    assert ("difference" in ep) == ("8" in ks)
     if "difference" in ep:  # only when k = 8 fits the sites' label counts
         assert ep["ci"][0] <= ep["difference"] <= ep["ci"][1]
