@@ -10,8 +10,8 @@ Each measurement runs in a fresh child process (so the peak resident set is its 
 Flower and the server, builds the global model's state dict (the server holds it all round), registers
 N sites, then runs ``server.strategy.PhaseStrategy.train_round`` (the ServerApp's round: pack and send the
 model, collect, validate every reply, aggregate, apply) on a benchmark grid whose sites answer with an
-fp16-packed random update (as ``lungmae_core.wire.pack_state`` makes it, in an ``ArrayRecord``, as a
-SuperLink hands it over). The reply is made when it is pulled, as it would arrive over the wire, so the
+fp16-packed random update (as ``lungmae_core.wire.pack_state`` makes it, bundled in one ``ArrayRecord``, as
+a SuperLink hands it over). The reply is made when it is pulled, as it would arrive over the wire, so the
 only replies in memory are those the server holds.
 
 * ``stream``: the grid supports ``push_messages``/``pull_messages`` (Flower's simulation and deployment
@@ -59,19 +59,34 @@ def _kib(field: str) -> int:
 
 
 def _reply_record(global_state, seed: int):
-    """Site ``seed``'s fp16-packed update as an ArrayRecord, made tensor by tensor (no fp32 model copy)."""
+    """Site ``seed``'s fp16-packed update as one bundle ArrayRecord, filled tensor by tensor.
+
+    The payload is written in place (the layout ``lungmae_core.wire.bundle`` makes: each array at an
+    8-byte aligned offset), so making a reply holds no fp32 model copy and no packed dict beside it; the
+    server's own checks (``unbundle``) reject the reply if this ever drifts from the real format.
+    """
+    import json
+
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from lungmae_core.wire import pack_state
-
     rng = np.random.default_rng(seed)
-    arrays = {}
+    entries, offsets, total = [], [], 0
     for k, v in global_state.items():
-        value = (pack_state({k: rng.standard_normal(tuple(v.shape), np.float32) * 1e-4}, "fp16")[k]
-                 if v.is_floating_point() else v.numpy())
-        arrays[k] = Array(np.ascontiguousarray(value))
-    return ArrayRecord(array_dict=arrays)
+        dtype = "float16" if v.is_floating_point() else str(v.numpy().dtype)
+        entries.append([k, list(v.shape), dtype])
+        offsets.append(total)
+        total = -(-(total + v.numel() * np.dtype(dtype).itemsize) // 8) * 8
+    payload = np.zeros(total, np.uint8)
+    for (k, shape, _), start in zip(entries, offsets, strict=True):
+        v = global_state[k]
+        value = ((rng.standard_normal(tuple(shape), np.float32) * 1e-4).astype(np.float16)
+                 if v.is_floating_point() else np.ascontiguousarray(v.numpy()))
+        payload[start:start + value.nbytes] = value.reshape(-1).view(np.uint8)
+    layout = np.frombuffer(json.dumps(entries).encode(), np.uint8).copy()
+    record = ArrayRecord(array_dict={"layout": Array(layout), "payload": Array(payload)})
+    del payload
+    return record
 
 
 def _bench_grid(global_state, sites: int, push_pull: bool):

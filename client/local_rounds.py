@@ -91,11 +91,37 @@ def _build_model(cfg: RoundConfig) -> tuple[torch.nn.Module, ModelConfig]:
     return ILDClassifier(mcfg, cfg.num_classes, cfg.pooling), mcfg
 
 
-def _load_global(model: torch.nn.Module, msg: Message) -> dict[str, torch.Tensor]:
-    """Load the received global weights into ``model`` (strictly: every key, every shape); returns them."""
-    from lungmae_core.wire import unpack_state
+def _load_global(model: torch.nn.Module, msg: Message, cfg: RoundConfig) -> dict[str, torch.Tensor]:
+    """Load the received global weights into ``model``; returns them.
 
-    received = unpack_state({k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
+    The request must carry one bundle (``lungmae_core.wire.bundle``) whose layout is exactly what this
+    model packs to under the run's down-link encoding: every name, shape and dtype, checked before any
+    value is read, so a server cannot slip in integer or oversized arrays that a permissive load would
+    cast or broadcast.
+
+    Raises:
+        ContractError: (field ``arrays``) no bundle, a malformed one, or a layout other than the model's.
+    """
+    from lungmae_core.contract import ContractError
+    from lungmae_core.wire import WireFormatError, down_compression, packed_layout, unbundle, unpack_state
+
+    records = msg.content.array_records
+    if list(records) != ["arrays"]:
+        raise ContractError(f"the request must carry exactly one ArrayRecord 'arrays' (the global model); got "
+                            f"{list(records)[:3]}", "arrays")
+    try:
+        packed = unbundle({k: v.numpy() for k, v in records["arrays"].items()})
+    except (WireFormatError, ValueError, TypeError) as exc:
+        raise ContractError(f"the global model (ArrayRecord 'arrays'): {exc}", "arrays") from None
+    expected = packed_layout(model.state_dict(), down_compression(cfg.compression))
+    got = {k: (tuple(v.shape), str(v.dtype)) for k, v in packed.items()}
+    if got != expected:
+        wrong = [k for k in got if k not in expected] + [k for k in expected if got.get(k) != expected[k]]
+        shown = ", ".join(f"{k!r}: " + ("unexpected" if k not in expected else "missing" if k not in got else
+                                         f"{got[k]} (expected {expected[k]})") for k in wrong[:3])
+        raise ContractError(f"the global model (ArrayRecord 'arrays') does not match the requested model-config: "
+                            f"{len(wrong)} arrays differ, e.g. {shown}", "arrays")
+    received = unpack_state(packed)
     model.load_state_dict(received, strict=True)
     return received
 
@@ -114,7 +140,9 @@ def _reply(msg: Message, metrics: dict[str, Any], packed: dict[str, np.ndarray] 
     """The reply: the contract's encoded metrics (checked by its encoder) and, for training, the update."""
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if packed is not None:
-        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()})
+        from lungmae_core.wire import bundle
+
+        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
     return Message(content, reply_to=msg)
 
 
@@ -145,7 +173,7 @@ def train_round(msg: Message, site: Site, cfg: RoundConfig) -> Message:
 
     phase, training = cfg.phase, site.config.training
     model, mcfg = _build_model(cfg)
-    received = _load_global(model, msg)
+    received = _load_global(model, msg, cfg)
     epochs = min(cfg.local_epochs, training.max_local_epochs)
     if epochs < cfg.local_epochs:
         log.warning("site '%s': the server asked for %d local epochs; training %d (site.yaml training: "
@@ -207,7 +235,7 @@ def evaluate_round(msg: Message, site: Site, cfg: RoundConfig) -> Message:
     from lungmae_core.train import evaluate_classifier, evaluate_mae
 
     model, mcfg = _build_model(cfg)
-    _load_global(model, msg)
+    _load_global(model, msg, cfg)
     device, batch = site.device, site.config.training.batch_size
     data = _datasets(site, cfg, mcfg.img_size, cfg.split, labelled=True)
     epsilon = site.privacy_gate().epsilon_spent()

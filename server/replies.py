@@ -9,19 +9,34 @@ its record, so the received bytes and the decoded arrays are not both held for t
 
 from __future__ import annotations
 
+import functools
+import io
+import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
-__all__ = ["POLL_S", "iter_replies", "take_arrays"]
+from lungmae_core.wire import WireFormatError
+
+__all__ = ["POLL_S", "OBJECT_RETRY_S", "iter_replies", "take_arrays", "quick_object_retries"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two polls for replies that have not arrived yet (Flower's own send_and_receive polls a
 #: deployment's SuperLink every 3 s). A poll is one local ServerAppIo request per pending site, so 0.2 s
 #: costs little and adds 0.1 s on average to an exchange (docs/performance.md, "Deployment round overhead").
 POLL_S = 0.2
+#: First pause (s) before pulling again an object of a reply that the site is still uploading. A reply is
+#: listed as soon as the site pushed its message, before its objects; Flower's grid then waits 1 s, 2 s, ...
+#: (up to 10 s) per object, which cost ~1 s of every round (docs/performance.md, "Deployment round
+#: overhead"). From 0.05 s doubling to 1 s, with ten times the tries, the patience is the same (~80 min).
+OBJECT_RETRY_S = 0.05
+_OBJECT_RETRY_CAP_S = 1.0
+_OBJECT_TRIES = 5000
 
 
 def iter_replies(grid: Grid, messages: Sequence[Message], timeout: float, poll_s: float = POLL_S) -> Iterator[Message]:
@@ -32,6 +47,7 @@ def iter_replies(grid: Grid, messages: Sequence[Message], timeout: float, poll_s
     replies are left on the SuperLink, as ``send_and_receive`` leaves them. A grid whose ``push_messages``
     raises ``NotImplementedError`` gets ``send_and_receive`` instead.
     """
+    quick_object_retries()
     try:  # pushed now, so that every message has its id when this returns
         ids = [str(i) for i in grid.push_messages(messages)]
     except NotImplementedError:
@@ -54,10 +70,67 @@ def _pull_one_by_one(grid: Grid, ids: Sequence[str], timeout: float, poll_s: flo
         time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
 
 
+def quick_object_retries() -> bool:
+    """Make the deployment grid of this ServerApp process retry an incomplete reply's objects sooner.
+
+    Replaces the ``pull_objects`` that Flower 1.42's ``http_grid`` calls with the same function bound to a
+    shorter first pause (:data:`OBJECT_RETRY_S`); idempotent. Returns whether the grid now uses it; with
+    another Flower layout nothing is changed (logged once), and replies arrive as before, only later.
+    """
+    try:
+        from flwr.supercore.inflatable.inflatable_utils import pull_objects
+        from flwr.superlink.grid import http_grid
+    except ImportError:
+        log.info("this Flower has no http_grid.pull_objects: its own object retry pauses apply")
+        return False
+    current = getattr(http_grid, "pull_objects", None)
+    if isinstance(current, functools.partial) and current.func is pull_objects:
+        return True
+    if current is not pull_objects:
+        log.info("this Flower's http_grid does not call pull_objects: its own object retry pauses apply")
+        return False
+    http_grid.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        pull_objects, initial_backoff=OBJECT_RETRY_S, backoff_cap=_OBJECT_RETRY_CAP_S,
+        max_tries_per_object=_OBJECT_TRIES)
+    return True
+
+
 def take_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """``{name: array.numpy()}``, emptying ``record`` as it goes: each received buffer is freed once decoded."""
+    """``{name: array}``, emptying ``record`` as it goes; each array is a read-only view of the received bytes.
+
+    Flower's ``Array.numpy()`` copies the bytes (``np.load``), so a reply would briefly be held twice; the
+    ``.npy`` header is read here instead and the array points into the bytes that arrived (no pickle is
+    ever loaded: an object dtype is refused).
+
+    Raises:
+        WireFormatError: an array that is not a ``.npy`` serialisation of a plain dtype.
+    """
     out = {}
     for name in list(record.keys()):
-        out[name] = record[name].numpy()
+        out[name] = _npy_view(name, record[name])
         del record[name]
     return out
+
+
+def _npy_view(name: str, array: Array) -> np.ndarray:
+    data = array.data
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy version {version} (1.0 and 2.0 are read)")
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise WireFormatError(f"Unable to read array {name!r} as it is not a .npy serialisation: {exc}") from None
+    if dtype.hasobject:
+        raise WireFormatError(f"Unable to read array {name!r} as its dtype {dtype} holds Python objects")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise WireFormatError(f"Unable to read array {name!r} as it declares {count * dtype.itemsize} bytes "
+                              f"but carries {len(data) - offset}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")

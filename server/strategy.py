@@ -50,7 +50,16 @@ from lungmae_core.contract import (
 )
 from lungmae_core.metrics import auc_from_histograms, pooled_from_confusion
 from lungmae_core.privacy import central_dp_epsilon, is_privacy_refusal, secure_generator
-from lungmae_core.wire import apply_delta, pack_state, packed_layout, update_norm
+from lungmae_core.wire import (
+    WireFormatError,
+    apply_delta,
+    bundle,
+    down_compression,
+    pack_state,
+    packed_layout,
+    unbundle,
+    update_norm,
+)
 from server.aggregation import capped_shares
 from server.replies import iter_replies, take_arrays
 from server.sites import SiteRegistry
@@ -65,19 +74,23 @@ log = logging.getLogger(__name__)
 _EVAL_REPLY_BYTES = 1 << 20
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> name -> NumPy array (no dtype change)."""
-    return {k: v.numpy() for k, v in record.items()}
+    """A received bundle record -> name -> NumPy array (no dtype change; ``WireFormatError`` if malformed)."""
+    return unbundle({k: v.numpy() for k, v in record.items()})
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """name -> tensor/array -> ArrayRecord keeping each dtype (bfloat16 is cast to float32)."""
+    """name -> tensor/array -> one bundle ArrayRecord (two arrays) keeping each dtype (bfloat16 -> float32).
+
+    One bundle rather than one array per tensor: Flower moves each array as its own request
+    (``lungmae_core.wire.bundle``).
+    """
     arrays = {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu()
             v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        arrays[k] = np.ascontiguousarray(v)  # Array serialises it: no copy of our own
-    return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+        arrays[k] = v
+    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(arrays).items()})
 
 
 def reply_bytes(reply: Message) -> int:
@@ -166,7 +179,7 @@ class PhaseStrategy:
 
         Once pushed, the messages (and the packed model they share) are not kept here.
         """
-        down = state_to_arrays(pack_state(weights, "fp32" if cfg.compression == "fp32" else "fp16"))
+        down = state_to_arrays(pack_state(weights, down_compression(cfg.compression)))
         content = RecordDict({"arrays": down, "config": ConfigRecord(cfg.encode())})
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
         report.sampled = [self.sites.name(n) for n in nodes]
@@ -259,8 +272,12 @@ class PhaseStrategy:
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            delta = validate_update(site, take_arrays(content.array_records["arrays"]), layout or {}, self.max_norm,
-                                    shapes=self._shapes)
+            packed = unbundle(take_arrays(content.array_records["arrays"]))
+        except WireFormatError as exc:
+            report.drop(site, "contract", str(exc), kind, cfg.phase)
+            return None
+        try:
+            delta = validate_update(site, packed, layout or {}, self.max_norm, shapes=self._shapes)
         except UpdateRejected as exc:
             report.rejected.append(Rejection.from_error(exc))
             log.warning("train %s round %d: %s", cfg.phase, cfg.server_round, exc)

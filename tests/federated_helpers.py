@@ -14,10 +14,25 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 _SITES_CACHE: dict[tuple, list[Path]] = {}
+
+
+def bundle_record(packed: dict[str, Any]) -> ArrayRecord:
+    """Packed arrays -> the ArrayRecord a message carries (one bundle: layout + payload)."""
+    from lungmae_core.wire import bundle
+
+    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A received bundle ArrayRecord -> the packed arrays it carries."""
+    from lungmae_core.wire import unbundle
+
+    return unbundle({k: v.numpy() for k, v in record.items()})
 
 
 class ServerKilled(RuntimeError):

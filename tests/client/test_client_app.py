@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import make_client_app
 from lungmae_core.config import model_config, to_mapping
@@ -15,6 +15,7 @@ from lungmae_core.contract import EvalReply, QueryReply, RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
 from lungmae_core.wire import pack_state, unpack_state
+from tests.federated_helpers import bundle_record, record_arrays
 
 MCFG = model_config("tiny", img_size=32, depth=2, decoder_depth=1)
 
@@ -27,8 +28,7 @@ def _message(kind: str, phase: str, state: dict[str, torch.Tensor] | None, **ext
     config.update(extra)
     content = RecordDict({"config": ConfigRecord(config)})
     if state is not None:
-        content["arrays"] = ArrayRecord(array_dict={k: __import__("flwr.app", fromlist=["Array"]).Array(v)
-                                                    for k, v in pack_state(state, "fp16").items()})
+        content["arrays"] = bundle_record(pack_state(state, "fp16"))
     return Message(content, dst_node_id=7, message_type=kind)
 
 
@@ -54,8 +54,9 @@ def test_train_replies_update_and_schema_metrics(sites: list[Path], phase: str, 
     metrics = TrainReply.decode(dict(reply.content["metrics"]))
     assert metrics.num_examples >= 1 and metrics.server_round == 1 and metrics.loss is not None
     assert (metrics.accuracy is not None) == (phase == "finetune")
-    packed = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    packed = record_arrays(reply.content["arrays"])
     delta = unpack_state(packed)
+    assert list(reply.content["arrays"].keys()) == ["layout", "payload"]  # one bundle, not one array per tensor
     assert set(delta) == set(state) and metrics.update_bytes == sum(a.nbytes for a in packed.values())
     moved = sum(float(d.abs().sum()) for d in delta.values())
     assert moved > 0 and all(torch.isfinite(d).all() for d in delta.values())
@@ -64,7 +65,7 @@ def test_train_replies_update_and_schema_metrics(sites: list[Path], phase: str, 
 def test_linear_probe_sends_trainable_part_only(sites: list[Path]) -> None:
     state = ILDClassifier(MCFG, 4).state_dict()
     reply = make_client_app(sites)(_message("train", "finetune", state, **{"finetune-mode": "linear-probe"}), _ctx(0))
-    assert sorted(reply.content["arrays"].keys()) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert sorted(record_arrays(reply.content["arrays"])) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
 
 
 @pytest.mark.parametrize("phase, split", [("pretrain", "val"), ("finetune", "val"), ("final", "test")])
@@ -90,8 +91,9 @@ def test_missing_cache_is_a_clear_error_without_paths(sites: list[Path]) -> None
 
 def test_bad_weights_and_config_are_refused(sites: list[Path]) -> None:
     wrong = {"x": torch.zeros(2)}
-    with pytest.raises(Exception, match="site 'site0' cannot serve train pretrain: RuntimeError"):
-        make_client_app(sites)(_message("train", "pretrain", wrong), _ctx(0))
+    reply = make_client_app(sites)(_message("train", "pretrain", wrong), _ctx(0))
+    assert reply.has_error() and "contract error" in reply.error.reason
+    assert "'x': unexpected" in reply.error.reason and "missing" in reply.error.reason
     msg = _message("train", "pretrain", build_mae(MCFG, seed=0).state_dict())
     del msg.content["config"]["model-config"]
     reply = make_client_app(sites)(msg, _ctx(0))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import make_client_app
 from client.ledger import RESET_COMMAND, PrivacyLedger
@@ -27,7 +27,7 @@ from lungmae_core.model import build_mae
 from lungmae_core.privacy import PRIVACY_REFUSAL_CODE, DPConfig, default_delta, epsilon_for, sample_rate_for, steps_for
 from lungmae_core.wire import pack_state
 from server.federation_config import federation_from_mapping
-from tests.federated_helpers import InProcessGrid, prepared_sites
+from tests.federated_helpers import InProcessGrid, bundle_record, prepared_sites
 
 ROUNDS = 4
 
@@ -125,7 +125,7 @@ def _tiny():
 def _train_message(state: dict[str, torch.Tensor], server_round: int) -> Message:
     config = RoundConfig(phase="pretrain", server_round=server_round, model_name="tiny",
                          model_config=to_mapping(_tiny())).encode()
-    arrays = ArrayRecord(array_dict={k: Array(v) for k, v in pack_state(state, "fp16").items()})
+    arrays = bundle_record(pack_state(state, "fp16"))
     return Message(RecordDict({"config": ConfigRecord(config), "arrays": arrays}), dst_node_id=7,
                    message_type="train")
 

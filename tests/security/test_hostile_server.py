@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -23,7 +24,8 @@ from lungmae_core.config import model_config, to_mapping
 from lungmae_core.contract import RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
-from lungmae_core.wire import pack_state
+from lungmae_core.wire import bundle, pack_state
+from tests.federated_helpers import bundle_record
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -39,8 +41,7 @@ def _message(kind: str, phase: str = "finetune", *, state: bool = True, config: 
     content = RecordDict({"config": ConfigRecord(encoded)})
     if state:
         model = build_mae(MCFG, seed=0) if phase == "pretrain" else ILDClassifier(MCFG, 4)
-        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in pack_state(model.state_dict(),
-                                                                                        "fp16").items()})
+        content["arrays"] = bundle_record(pack_state(model.state_dict(), "fp16"))
     return Message(content, dst_node_id=7, message_type=kind)
 
 
@@ -147,7 +148,7 @@ def test_small_splits_get_no_per_class_counts(sites: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"contract-version": 1}, "contract version 1 but this side speaks version 3"),
+    ({"contract-version": 1}, "contract version 1 but this side speaks version 4"),
     ({"split": "everything"}, "'split' must be one of train, val, test"),
     ({"lr": float("nan")}, "'lr' must be finite"),
     ({"class-names": ["normal"]}, "'class-names' must have 2..64 names"),
@@ -156,6 +157,64 @@ def test_small_splits_get_no_per_class_counts(sites: list[Path]) -> None:
 def test_a_request_that_breaks_the_contract_is_refused(sites: list[Path], change: dict, field: str) -> None:
     reply = make_client_app(sites)(_message("train", "pretrain", config=change), _ctx())
     assert reply.has_error() and reply.error.code == CONTRACT_ERROR_CODE and field in reply.error.reason
+
+
+def _fp16_state(kind: str = "finetune") -> dict[str, np.ndarray]:
+    model = build_mae(MCFG, seed=0) if kind == "pretrain" else ILDClassifier(MCFG, 4)
+    return pack_state(model.state_dict(), "fp16")
+
+
+def _forged_global(packed: dict[str, np.ndarray]) -> dict[str, Array]:
+    """A bundle whose layout is rewritten to describe ``packed`` (what a hostile server can send)."""
+    return {k: Array(v) for k, v in bundle(packed).items()}
+
+
+def _with_arrays(arrays: dict[str, Array]) -> Message:
+    msg = _message("evaluate")
+    msg.content["arrays"] = ArrayRecord(array_dict=arrays)
+    return msg
+
+
+def _int_in_place_of_float(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    name = next(iter(packed))
+    return {**packed, name: np.zeros(packed[name].shape, np.int64)}  # a load would cast it silently
+
+
+def _wider(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    name = next(k for k, v in packed.items() if v.ndim == 2)
+    return {**packed, name: np.zeros((packed[name].shape[0], packed[name].shape[1] * 2), np.float16)}
+
+
+def _payload_longer_than_layout() -> dict[str, Array]:
+    arrays = bundle(_fp16_state())
+    return {"layout": Array(arrays["layout"]), "payload": Array(np.concatenate([arrays["payload"],
+                                                                               np.zeros(8, np.uint8)]))}
+
+
+def _layout_not_json() -> dict[str, Array]:
+    arrays = bundle(_fp16_state())
+    return {"layout": Array(np.frombuffer(b"[[\"w\", [1e99], ", np.uint8).copy()), "payload": Array(arrays["payload"])}
+
+
+@pytest.mark.parametrize("arrays, detail", [
+    (lambda: {k: Array(v) for k, v in _fp16_state().items()}, "exactly the arrays 'layout' and 'payload'"),
+    (_payload_longer_than_layout, "but the payload has"),
+    (_layout_not_json, "layout is not UTF-8 JSON"),
+    (lambda: _forged_global(_int_in_place_of_float(_fp16_state())), "'int64') (expected ((192, 6144), 'float16'))"),
+    (lambda: _forged_global(_wider(_fp16_state())), "does not match the requested model-config"),
+    (lambda: _forged_global({**_fp16_state(), "extra": np.zeros(3, np.float16)}), "'extra': unexpected"),
+    (lambda: _forged_global(pack_state(ILDClassifier(MCFG, 4).state_dict(), "fp32")), "expected"),
+])
+def test_a_global_model_other_than_the_requested_one_is_refused(sites: list[Path], arrays, detail: str) -> None:
+    """The site reads no value of a global whose bundle is malformed or whose layout is not its model's."""
+    reply = make_client_app(sites)(_with_arrays(arrays()), _ctx())
+    assert reply.has_error() and reply.error.code == CONTRACT_ERROR_CODE, reply.error.reason
+    assert "arrays" in reply.error.reason and detail in reply.error.reason, reply.error.reason
+
+
+def test_the_honest_bundle_is_accepted(sites: list[Path]) -> None:
+    reply = make_client_app(sites)(_with_arrays(dict(bundle_record(_fp16_state()).items())), _ctx())
+    assert not reply.has_error()
 
 
 def test_a_message_without_config_is_a_contract_error(sites: list[Path]) -> None:

@@ -23,7 +23,7 @@ from lungmae_core.wire import pack_state
 from server.sites import SiteRegistry
 from server.strategy import PhaseStrategy
 from server.telemetry import Telemetry
-from tests.federated_helpers import InProcessGrid
+from tests.federated_helpers import InProcessGrid, bundle_record, record_arrays
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -55,8 +55,8 @@ def _app(step: dict[int, float] | None = None) -> ClientApp:
         packed = pack_state({k: torch.full_like(v, value) for k, v in GLOBAL.items()}, cfg.compression)
         m = TrainReply(server_round=cfg.server_round, num_examples=5, epsilon=0.0, train_seconds=0.1,
                        update_bytes=0, loss=0.5, accuracy=0.5)
-        return Message(RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()}),
-                                   "metrics": MetricRecord(m.encode())}), reply_to=msg)
+        return Message(RecordDict({"arrays": bundle_record(packed), "metrics": MetricRecord(m.encode())}),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context) -> Message:
@@ -77,8 +77,26 @@ def _set(key: str, value):
 
 def _array(fn):
     def change(reply: Message) -> Message:
+        packed = dict(record_arrays(reply.content["arrays"]))
+        packed["w"] = fn(np.array(packed["w"]))
+        reply.content["arrays"] = bundle_record(packed)
+        return reply
+    return change
+
+
+def _per_tensor(reply: Message) -> Message:
+    """The arrays one by one, not in a bundle (the format before contract version 4)."""
+    packed = record_arrays(reply.content["arrays"])
+    reply.content["arrays"] = ArrayRecord(array_dict={k: Array(np.array(v)) for k, v in packed.items()})
+    return reply
+
+
+def _raw_bundle(layout: bytes | None = None, extra_payload: int = 0):
+    def change(reply: Message) -> Message:
         arrays = reply.content["arrays"]
-        arrays["w"] = Array(fn(arrays["w"].numpy()))
+        raw_layout = arrays["layout"].numpy() if layout is None else np.frombuffer(layout, np.uint8).copy()
+        payload = np.concatenate([arrays["payload"].numpy(), np.zeros(extra_payload, np.uint8)])
+        reply.content["arrays"] = ArrayRecord(array_dict={"layout": Array(raw_layout), "payload": Array(payload)})
         return reply
     return change
 
@@ -116,6 +134,14 @@ HOSTILE = [
     ("NaN weights", _array(lambda a: np.full_like(a, np.nan)), "finite", "non-finite values in 'w'"),
     ("huge norm", _array(lambda a: np.full_like(a, 1e6)), "norm", "exceeds the bound"),
     ("oversize payload", _oversize, "size", "exceeds the bound of"),
+    ("one array per tensor", _per_tensor, "contract", "exactly the arrays 'layout' and 'payload'"),
+    ("payload longer than its layout", _raw_bundle(extra_payload=8), "contract", "but the payload has"),
+    ("layout declaring more than arrived", _raw_bundle(b'[["w",[4,4000],"float32"]]'), "contract",
+     "adds up to 64000 bytes"),
+    ("layout with a pickled dtype", _raw_bundle(b'[["w",[4,4],"object"]]'), "contract", "is not one of"),
+    ("layout that is not JSON", _raw_bundle(b"\xff\xfe"), "contract", "not UTF-8 JSON"),
+    ("layout naming a tensor twice", _raw_bundle(b'[["w",[4,4],"float32"],["w",[4,4],"float32"]]'), "contract",
+     "repeated name"),
     ("replayed round", _replayed, "replay", "the reply is for round 2, not 3"),
 ]
 

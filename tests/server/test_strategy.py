@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lungmae_core.contract import QueryReply, RoundConfig, TrainReply
@@ -13,7 +13,7 @@ from lungmae_core.metrics import pooled_from_confusion
 from lungmae_core.wire import pack_state
 from server.sites import InsufficientSitesError, SiteRegistry
 from server.strategy import PhaseStrategy
-from tests.federated_helpers import InProcessGrid
+from tests.federated_helpers import InProcessGrid, bundle_record, record_arrays
 
 GLOBAL = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
 # node 101: labelled site; 102: unlabelled-only site; 103: crashes on query
@@ -44,8 +44,8 @@ def _app(step: float = 0.1) -> ClientApp:
         packed = pack_state(delta, cfg.compression)
         m = TrainReply(server_round=cfg.server_round, num_examples=1 + pid, epsilon=0.0, train_seconds=0.1,
                        update_bytes=0, loss=1.0 + pid)
-        return Message(RecordDict({"arrays": ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()}),
-                                   "metrics": MetricRecord(m.encode())}), reply_to=msg)
+        return Message(RecordDict({"arrays": bundle_record(packed), "metrics": MetricRecord(m.encode())}),
+                       reply_to=msg)
     return app
 
 
@@ -94,7 +94,8 @@ def test_round_aggregates_able_sites_only(method: str, expected: float) -> None:
     new, report = strategy.train_round(grid, GLOBAL, CFG, timeout=5)
     assert sorted(m.metadata.dst_node_id for m in grid.sent[-2:]) == [101, 102]
     sent = grid.sent[-1]
-    assert sent.content["config"]["phase"] == "pretrain" and sent.content["arrays"]["w"].dtype == "float32"
+    assert sent.content["config"]["phase"] == "pretrain"
+    assert record_arrays(sent.content["arrays"])["w"].dtype == np.float32
     assert np.allclose(new["w"].numpy(), expected, atol=1e-6) and new["w"].dtype == torch.float32
     assert report.replied == ["s0", "s1"] and report.bytes_up > 0 and report.aggregated["num_examples"] == 3
     assert report.aggregated["loss"] == pytest.approx((1.0 * 1 + 2.0 * 2) / 3)

@@ -96,3 +96,59 @@ def test_iter_replies_yields_lazily() -> None:
     assert first.metadata.src_node_id == 101 and len(grid.pending) == 1
     assert next(it).metadata.src_node_id == 102 and not grid.pending
     assert list(it) == []
+
+
+def test_take_arrays_points_into_the_received_bytes_and_empties_the_record() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from server.replies import take_arrays
+
+    values = {"layout": np.arange(5, dtype=np.uint8), "payload": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    record = ArrayRecord(array_dict={k: Array(v) for k, v in values.items()})
+    data = record["payload"].data
+    got = take_arrays(record)
+    assert len(record) == 0 and list(got) == ["layout", "payload"]
+    assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in values.items())
+    assert np.shares_memory(got["payload"], np.frombuffer(data, np.uint8))  # no copy of the reply
+
+
+def _npy(header: dict, body: bytes) -> bytes:
+    import io
+
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue() + body
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"not an npy file", "not a .npy serialisation"),
+    (_npy({"descr": "<f4", "fortran_order": False, "shape": (1000,)}, b"\0" * 16),
+     "declares 4000 bytes but carries 16"),
+    (_npy({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\0" * 8), "holds Python objects"),
+])
+def test_take_arrays_refuses_what_is_not_a_plain_npy_array(data: bytes, message: str) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from lungmae_core.wire import WireFormatError
+    from server.replies import take_arrays
+
+    record = ArrayRecord(array_dict={"payload": Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=data)})
+    with pytest.raises(WireFormatError, match=message):
+        take_arrays(record)
+
+
+def test_the_deployment_grid_retries_an_incomplete_reply_sooner_with_the_same_patience() -> None:
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+    from flwr.superlink.grid import http_grid
+
+    from server.replies import OBJECT_RETRY_S, quick_object_retries
+
+    original = http_grid.pull_objects
+    try:
+        assert quick_object_retries() and quick_object_retries()  # idempotent
+        bound = http_grid.pull_objects
+        assert bound.func is pull_objects and bound.keywords["initial_backoff"] == OBJECT_RETRY_S
+        cap, tries = bound.keywords["backoff_cap"], bound.keywords["max_tries_per_object"]
+        assert cap * tries >= 10 * 500  # Flower's default patience: 500 tries, up to 10 s apart
+    finally:
+        http_grid.pull_objects = original
