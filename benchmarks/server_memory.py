@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,33 +60,35 @@ def _kib(field: str) -> int:
 
 
 def _reply_record(global_state, seed: int):
-    """Site ``seed``'s fp16-packed update as one bundle ArrayRecord, filled tensor by tensor.
+    """Site ``seed``'s fp16-packed update as one bundle ArrayRecord, filled part by part, tensor by tensor.
 
-    The payload is written in place (the layout ``lungmae_core.wire.bundle`` makes: each array at an
-    8-byte aligned offset), so making a reply holds no fp32 model copy and no packed dict beside it; the
-    server's own checks (``unbundle``) reject the reply if this ever drifts from the real format.
+    The parts follow the packing rule of ``lungmae_core.bundle.bundle`` (``part_spans``), and each part is
+    serialised before the next is filled, so making a reply holds no fp32 model copy and no packed dict
+    beside it; the server's own checks (``unbundle``) reject the reply if this ever drifts from the format.
     """
     import json
 
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
+    from lungmae_core.bundle import part_name, part_spans
+
     rng = np.random.default_rng(seed)
-    entries, offsets, total = [], [], 0
-    for k, v in global_state.items():
-        dtype = "float16" if v.is_floating_point() else str(v.numpy().dtype)
-        entries.append([k, list(v.shape), dtype])
-        offsets.append(total)
-        total = -(-(total + v.numel() * np.dtype(dtype).itemsize) // 8) * 8
-    payload = np.zeros(total, np.uint8)
-    for (k, shape, _), start in zip(entries, offsets, strict=True):
-        v = global_state[k]
-        value = ((rng.standard_normal(tuple(shape), np.float32) * 1e-4).astype(np.float16)
-                 if v.is_floating_point() else np.ascontiguousarray(v.numpy()))
-        payload[start:start + value.nbytes] = value.reshape(-1).view(np.uint8)
-    layout = np.frombuffer(json.dumps(entries).encode(), np.uint8).copy()
-    record = ArrayRecord(array_dict={"layout": Array(layout), "payload": Array(payload)})
-    del payload
+    entries = [[k, list(v.shape), "float16" if v.is_floating_point() else str(v.numpy().dtype)]
+               for k, v in global_state.items()]
+    spans, parts = part_spans(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in entries)
+    record = ArrayRecord(array_dict={"layout": Array(np.frombuffer(json.dumps(entries).encode(), np.uint8).copy())})
+    for index, length in enumerate(parts):
+        payload = np.zeros(length, np.uint8)
+        for (k, shape, _), (where, start) in zip(entries, spans, strict=True):
+            if where != index:
+                continue
+            v = global_state[k]
+            value = ((rng.standard_normal(tuple(shape), np.float32) * 1e-4).astype(np.float16)
+                     if v.is_floating_point() else np.ascontiguousarray(v.numpy()))
+            payload[start:start + value.nbytes] = value.reshape(-1).view(np.uint8)
+        record[part_name(index)] = Array(payload)
+        del payload
     return record
 
 
@@ -170,8 +173,9 @@ def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
     from lungmae_core.model import build_mae
     from lungmae_core.wire import pack_state, state_nbytes, unpack_state
     from server.aggregation import aggregate_updates
+    from server.replies import arrays_to_state, state_to_arrays
     from server.sites import SiteInfo, SiteRegistry
-    from server.strategy import PhaseStrategy, arrays_to_state, state_to_arrays
+    from server.strategy import PhaseStrategy
 
     # instruction messages need a run id; a ServerApp process gets it from its runtime, this one sets it
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1

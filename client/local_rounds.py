@@ -94,7 +94,7 @@ def _build_model(cfg: RoundConfig) -> tuple[torch.nn.Module, ModelConfig]:
 def _load_global(model: torch.nn.Module, msg: Message, cfg: RoundConfig) -> dict[str, torch.Tensor]:
     """Load the received global weights into ``model``; returns them.
 
-    The request must carry one bundle (``lungmae_core.wire.bundle``) whose layout is exactly what this
+    The request must carry one bundle (``lungmae_core.bundle.bundle``) whose layout is exactly what this
     model packs to under the run's down-link encoding: every name, shape and dtype, checked before any
     value is read, so a server cannot slip in integer or oversized arrays that a permissive load would
     cast or broadcast.
@@ -102,8 +102,9 @@ def _load_global(model: torch.nn.Module, msg: Message, cfg: RoundConfig) -> dict
     Raises:
         ContractError: (field ``arrays``) no bundle, a malformed one, or a layout other than the model's.
     """
+    from lungmae_core.bundle import unbundle
     from lungmae_core.contract import ContractError
-    from lungmae_core.wire import WireFormatError, down_compression, packed_layout, unbundle, unpack_state
+    from lungmae_core.wire import WireFormatError, down_compression, packed_layout, unpack_state
 
     records = msg.content.array_records
     if list(records) != ["arrays"]:
@@ -140,7 +141,7 @@ def _reply(msg: Message, metrics: dict[str, Any], packed: dict[str, np.ndarray] 
     """The reply: the contract's encoded metrics (checked by its encoder) and, for training, the update."""
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if packed is not None:
-        from lungmae_core.wire import bundle
+        from lungmae_core.bundle import bundle
 
         content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
     return Message(content, reply_to=msg)

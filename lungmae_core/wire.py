@@ -22,13 +22,7 @@ Encodings (``compression``) and their payload as a share of fp32:
 
 Non-floating tensors (integer buffers) travel unchanged in every encoding.
 
-On the wire the packed arrays travel as one *bundle* (:func:`bundle` / :func:`unbundle`): a single uint8
-``payload`` holding every array's bytes back to back (each at an 8-byte aligned offset) and a small uint8
-``layout`` (UTF-8 JSON ``[[name, shape, dtype], ...]``). Flower 1.42 moves each array of a message as its own
-object, one HTTP request each, so a model of 49 tensors cost ~100 requests per message and ~7 s per round on
-loopback (docs/performance.md, "Deployment round overhead"); two arrays cost two. The receiver recomputes the
-offsets from the layout, and a payload whose length differs from what the layout adds up to is rejected
-before any array is read.
+On the wire the packed arrays travel as one bundle (:mod:`lungmae_core.bundle`).
 
 Examples:
     >>> import torch
@@ -42,10 +36,9 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -65,10 +58,6 @@ __all__ = [
     "unpack_state",
     "packed_layout",
     "down_compression",
-    "bundle",
-    "unbundle",
-    "BUNDLE_KEYS",
-    "MAX_LAYOUT_BYTES",
     "packed_nbytes",
     "state_nbytes",
     "state_delta",
@@ -88,13 +77,6 @@ INT8_BLOCK = 1024
 #: Share of each floating tensor's values that ``topk`` sends (at least one value per tensor).
 TOPK_FRACTION = 0.1
 _INT8_MAX = 127.0
-#: The two arrays of a bundle, in this order: the layout (UTF-8 JSON) and the payload (every array's bytes).
-BUNDLE_KEYS: tuple[str, str] = ("layout", "payload")
-#: Upper bound on a bundle's layout: ~100 bytes per tensor, so room for ~40,000 tensors.
-MAX_LAYOUT_BYTES = 4 << 20
-#: The dtypes a bundle may declare (what :func:`pack_state` produces, plus the integer buffers of a model).
-_BUNDLE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"})
-_ALIGN = 8
 
 
 class WireFormatError(LungMAEError, ValueError):
@@ -317,111 +299,6 @@ def down_compression(compression: Compression | str) -> str:
     """
     _check_compression(compression)
     return "fp32" if compression == "fp32" else "fp16"
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def bundle(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """:func:`pack_state` output -> ``{"layout": uint8 JSON, "payload": uint8 bytes}`` for one message.
-
-    Each array's bytes (C order) start at an 8-byte aligned offset of the payload; the gaps are zeros. The
-    layout lists ``[name, shape, dtype]`` in the packed order, so :func:`unbundle` returns the same mapping.
-
-    Raises:
-        WireFormatError: an array of a dtype a bundle may not carry (object, complex, strings).
-    """
-    entries: list[list[Any]] = []
-    arrays: list[np.ndarray] = []
-    for name, value in packed.items():
-        arr = np.asarray(value, order="C")  # (ascontiguousarray would turn a 0-d array 1-d)
-        if str(arr.dtype) not in _BUNDLE_DTYPES:
-            raise WireFormatError(f"Unable to bundle {name!r} of dtype {arr.dtype}; a bundle carries "
-                                  f"{', '.join(sorted(_BUNDLE_DTYPES))}")
-        entries.append([str(name), [int(s) for s in arr.shape], str(arr.dtype)])
-        arrays.append(arr)
-    offsets, total = [], 0
-    for arr in arrays:
-        offsets.append(total)
-        total = _aligned(total + arr.nbytes)
-    payload = np.zeros(total, np.uint8)
-    for arr, start in zip(arrays, offsets, strict=True):
-        payload[start:start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-    layout = np.frombuffer(json.dumps(entries, separators=(",", ":")).encode("utf-8"), np.uint8).copy()
-    return {BUNDLE_KEYS[0]: layout, BUNDLE_KEYS[1]: payload}
-
-
-def _read_layout(raw: np.ndarray) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
-    """Parse and bound-check a received layout: a JSON list of ``[name, shape, dtype]`` with unique names."""
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise WireFormatError(f"Unable to unbundle as the layout is {raw.dtype} of shape {raw.shape}, "
-                              "not 1-D uint8")
-    if raw.size > MAX_LAYOUT_BYTES:
-        raise WireFormatError(f"Unable to unbundle as the layout has {raw.size} bytes, over {MAX_LAYOUT_BYTES}")
-    try:
-        entries = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireFormatError(f"Unable to unbundle as the layout is not UTF-8 JSON: {exc}") from None
-    if not isinstance(entries, list):
-        raise WireFormatError("Unable to unbundle as the layout is not a JSON list of [name, shape, dtype]")
-    out: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(entries):
-        ok = (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-              and isinstance(entry[1], list) and isinstance(entry[2], str)
-              and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 40 for d in entry[1])
-              and len(entry[1]) <= 8)
-        if not ok:
-            raise WireFormatError(f"Unable to unbundle as layout entry {i} is not [name, shape of <= 8 "
-                                  "non-negative ints, dtype]")
-        name, shape, dtype = entry
-        if name in seen or not name or len(name) > 512:
-            raise WireFormatError(f"Unable to unbundle as layout entry {i} has an empty, over-long or repeated "
-                                  f"name {name[:64]!r}")
-        if dtype not in _BUNDLE_DTYPES:
-            raise WireFormatError(f"Unable to unbundle {name!r} as its dtype {dtype[:32]!r} is not one of "
-                                  f"{', '.join(sorted(_BUNDLE_DTYPES))}")
-        seen.add(name)
-        out.append((name, tuple(shape), np.dtype(dtype)))
-    return out
-
-
-def unbundle(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A received bundle -> the packed arrays (read-only views into the payload, no copy).
-
-    Checks only that the bundle is well formed: exactly the keys :data:`BUNDLE_KEYS`, a bounded layout of
-    unique names and allowed dtypes, and a payload exactly as long as the layout adds up to (so no declared
-    shape can reach past the bytes that arrived). Whether the names, shapes and dtypes are the ones the
-    receiver expects is the caller's check (``server.update_checks``, the site's strict ``load_state_dict``).
-
-    Raises:
-        WireFormatError: naming what is malformed.
-    """
-    if list(arrays) != list(BUNDLE_KEYS):
-        got = ", ".join(repr(k) for k in list(arrays)[:4]) + (" ..." if len(arrays) > 4 else "")
-        raise WireFormatError(f"Unable to unbundle as a bundle holds exactly the arrays 'layout' and 'payload'; "
-                              f"got {got or 'none'}")
-    entries = _read_layout(np.asarray(arrays[BUNDLE_KEYS[0]]))
-    payload = np.asarray(arrays[BUNDLE_KEYS[1]])
-    if payload.dtype != np.uint8 or payload.ndim != 1:
-        raise WireFormatError(f"Unable to unbundle as the payload is {payload.dtype} of shape {payload.shape}, "
-                              "not 1-D uint8")
-    total = 0
-    spans = []
-    for _, shape, dtype in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        spans.append((total, nbytes))
-        total = _aligned(total + nbytes)
-    if total != payload.size:
-        raise WireFormatError(f"Unable to unbundle as the layout adds up to {total} bytes but the payload has "
-                              f"{payload.size}")
-    out: dict[str, np.ndarray] = {}
-    for (name, shape, dtype), (start, nbytes) in zip(entries, spans, strict=True):
-        view = payload[start:start + nbytes].view(dtype).reshape(shape)
-        view.flags.writeable = False
-        out[name] = view
-    return out
 
 
 def packed_nbytes(packed: Mapping[str, np.ndarray]) -> int:

@@ -1,4 +1,7 @@
-"""Replies as they arrive: one pulled at a time, each received buffer freed once decoded.
+"""Models into records, and replies as they arrive: one pulled at a time, each received buffer freed once decoded.
+
+A model or an update travels as one bundle (:func:`state_to_arrays`, ``lungmae_core.bundle``), because
+Flower moves each array of a record as its own request.
 
 Flower's ``Grid.send_and_receive`` returns every reply of an exchange at once, so a server that uses it
 holds (number of sites) x (update) bytes before it can look at the first. :func:`iter_replies` pushes the
@@ -14,15 +17,18 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from lungmae_core.bundle import bundle, unbundle
 from lungmae_core.wire import WireFormatError
 
-__all__ = ["POLL_S", "OBJECT_RETRY_S", "iter_replies", "take_arrays", "quick_object_retries"]
+__all__ = ["POLL_S", "OBJECT_RETRY_S", "arrays_to_state", "state_to_arrays", "reply_bytes", "iter_replies",
+           "take_arrays", "quick_object_retries"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,36 @@ POLL_S = 0.2
 OBJECT_RETRY_S = 0.05
 _OBJECT_RETRY_CAP_S = 1.0
 _OBJECT_TRIES = 5000
+
+
+def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A received bundle record -> name -> NumPy array (no dtype change; ``WireFormatError`` if malformed)."""
+    return unbundle({k: v.numpy() for k, v in record.items()})
+
+
+def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """name -> tensor/array -> one bundle ArrayRecord (layout + payload parts) keeping each dtype (bfloat16 -> float32).
+
+    One bundle rather than one array per tensor: Flower moves each array as its own request
+    (``lungmae_core.bundle``).
+    """
+    arrays = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        arrays[k] = v
+    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(arrays).items()})
+
+
+def reply_bytes(reply: Message) -> int:
+    """Payload bytes of a reply (arrays, metrics, configs), counted from the records' sizes, before decoding."""
+    if not reply.has_content():
+        return 0
+    c = reply.content
+    return (sum(r.count_bytes() for r in c.array_records.values())
+            + sum(r.count_bytes() for r in c.metric_records.values())
+            + sum(r.count_bytes() for r in c.config_records.values()))
 
 
 def iter_replies(grid: Grid, messages: Sequence[Message], timeout: float, poll_s: float = POLL_S) -> Iterator[Message]:

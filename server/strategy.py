@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from lungmae_core.bundle import unbundle
 from lungmae_core.contract import (
     EVALUATE,
     PRETRAIN,
@@ -53,54 +54,22 @@ from lungmae_core.privacy import central_dp_epsilon, is_privacy_refusal, secure_
 from lungmae_core.wire import (
     WireFormatError,
     apply_delta,
-    bundle,
     down_compression,
     pack_state,
     packed_layout,
-    unbundle,
     update_norm,
 )
 from server.aggregation import capped_shares
-from server.replies import iter_replies, take_arrays
+from server.replies import iter_replies, reply_bytes, state_to_arrays, take_arrays
 from server.sites import SiteRegistry
 from server.streaming_aggregation import StreamingAggregator
 from server.update_checks import Rejection, UpdateRejected, validate_update
 
-__all__ = ["RoundReport", "PhaseStrategy", "arrays_to_state", "state_to_arrays", "reply_bytes", "pool_evaluations",
-           "iter_replies"]
+__all__ = ["RoundReport", "PhaseStrategy", "pool_evaluations"]
 
 log = logging.getLogger(__name__)
 
 _EVAL_REPLY_BYTES = 1 << 20
-
-def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """A received bundle record -> name -> NumPy array (no dtype change; ``WireFormatError`` if malformed)."""
-    return unbundle({k: v.numpy() for k, v in record.items()})
-
-
-def state_to_arrays(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """name -> tensor/array -> one bundle ArrayRecord (two arrays) keeping each dtype (bfloat16 -> float32).
-
-    One bundle rather than one array per tensor: Flower moves each array as its own request
-    (``lungmae_core.wire.bundle``).
-    """
-    arrays = {}
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach().cpu()
-            v = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        arrays[k] = v
-    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(arrays).items()})
-
-
-def reply_bytes(reply: Message) -> int:
-    """Payload bytes of a reply (arrays, metrics, configs), counted from the records' sizes, before decoding."""
-    if not reply.has_content():
-        return 0
-    c = reply.content
-    return (sum(r.count_bytes() for r in c.array_records.values())
-            + sum(r.count_bytes() for r in c.metric_records.values())
-            + sum(r.count_bytes() for r in c.config_records.values()))
 
 
 @dataclasses.dataclass

@@ -23,16 +23,31 @@ _SITES_CACHE: dict[tuple, list[Path]] = {}
 
 def bundle_record(packed: dict[str, Any]) -> ArrayRecord:
     """Packed arrays -> the ArrayRecord a message carries (one bundle: layout + payload)."""
-    from lungmae_core.wire import bundle
+    from lungmae_core.bundle import bundle
 
     return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
 
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """A received bundle ArrayRecord -> the packed arrays it carries."""
-    from lungmae_core.wire import unbundle
+    from lungmae_core.bundle import unbundle
 
     return unbundle({k: v.numpy() for k, v in record.items()})
+
+
+def with_nan(value: np.ndarray) -> np.ndarray:
+    """A copy of ``value`` with one NaN: the smallest non-finite update."""
+    bad = value.copy()
+    bad.flat[0] = np.nan
+    return bad
+
+
+def replace_first_array(record: ArrayRecord, change: Callable[[np.ndarray], np.ndarray]) -> ArrayRecord:
+    """A bundle whose first packed array is ``change(array)``: how tests forge a bad but well-formed update."""
+    packed = record_arrays(record)
+    name = next(iter(packed))
+    packed[name] = change(packed[name])
+    return bundle_record(packed)
 
 
 class ServerKilled(RuntimeError):

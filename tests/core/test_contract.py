@@ -41,7 +41,8 @@ def test_round_config_round_trips_and_carries_the_version_and_the_class_list() -
 
 
 @pytest.mark.parametrize("change, field, message", [
-    ({"contract-version": 2}, "contract-version", "contract version 2 but this side speaks version 3"),
+    ({"contract-version": 2}, "contract-version",
+     f"contract version 2 but this side speaks version {CONTRACT_VERSION}"),
     ({"contract-version": True}, "contract-version", "contract version True"),
     ({"phase": "attack"}, "phase", "'phase' must be one of pretrain, finetune, final"),
     ({"lr": 0.0}, "lr", "'lr' must be in (0, 1]"),

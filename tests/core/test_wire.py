@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lungmae_core.wire import (
-    BUNDLE_KEYS,
     INDEX_SUFFIX,
     INT8_BLOCK,
     SCALE_SUFFIX,
@@ -15,7 +14,6 @@ from lungmae_core.wire import (
     TOPK_FRACTION,
     WireFormatError,
     apply_delta,
-    bundle,
     down_compression,
     pack_state,
     packed_layout,
@@ -23,7 +21,6 @@ from lungmae_core.wire import (
     select,
     state_delta,
     state_nbytes,
-    unbundle,
     unpack_state,
     update_norm,
 )
@@ -141,62 +138,6 @@ def test_topk_keeps_non_finite_visible() -> None:
     x = torch.zeros(100)
     x[37] = float("nan")
     assert torch.isnan(unpack_state(pack_state({"w": x}, "topk"))["w"][37])
-
-
-@pytest.mark.parametrize("compression", ["fp32", "fp16", "int8", "topk"])
-def test_a_bundle_carries_every_packed_array_exactly_in_two_arrays(compression: str) -> None:
-    state = {**_state(), "empty": torch.zeros(0, 3), "odd": torch.randn(3, 1, 5)}
-    packed = pack_state(state, compression)
-    arrays = bundle(packed)
-    assert list(arrays) == list(BUNDLE_KEYS) and all(a.dtype == np.uint8 and a.ndim == 1 for a in arrays.values())
-    back = unbundle(arrays)
-    assert list(back) == list(packed)  # the packed order, names, shapes, dtypes and bytes
-    for name, value in packed.items():
-        assert back[name].dtype == value.dtype and back[name].shape == value.shape
-        assert np.array_equal(back[name], value) and not back[name].flags.writeable
-    # only alignment padding beside the values (each array starts at a multiple of 8)
-    assert packed_nbytes(packed) <= arrays["payload"].size < packed_nbytes(packed) + 8 * len(packed)
-
-
-def _layout(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode(), np.uint8).copy()
-
-
-@pytest.mark.parametrize("arrays, message", [
-    ({"payload": np.zeros(8, np.uint8)}, "exactly the arrays 'layout' and 'payload'"),
-    ({"payload": np.zeros(8, np.uint8), "layout": _layout("[]")}, "exactly the arrays"),  # order matters too
-    ({"layout": _layout('[["w",[2],"float32"]]'), "payload": np.zeros(16, np.uint8)},
-     "adds up to 8 bytes but the payload has 16"),
-    ({"layout": _layout('[["w",[2],"float32"]]'), "payload": np.zeros(8, np.float32)}, "not 1-D uint8"),
-    ({"layout": _layout('[["w",[2],"float32"]]'), "payload": np.zeros((2, 4), np.uint8)}, "not 1-D uint8"),
-    ({"layout": _layout('[["w",[-2],"float32"]]'), "payload": np.zeros(0, np.uint8)}, "layout entry 0"),
-    ({"layout": _layout('[["w",[2.5],"float32"]]'), "payload": np.zeros(8, np.uint8)}, "layout entry 0"),
-    ({"layout": _layout('[["w",[true],"float32"]]'), "payload": np.zeros(8, np.uint8)}, "layout entry 0"),
-    ({"layout": _layout('[["w",[1,1,1,1,1,1,1,1,1],"float32"]]'), "payload": np.zeros(8, np.uint8)},
-     "layout entry 0"),
-    ({"layout": _layout('[["w",[2],"O"]]'), "payload": np.zeros(16, np.uint8)}, "is not one of"),
-    ({"layout": _layout('[["w",[2],"<f4"]]'), "payload": np.zeros(8, np.uint8)}, "is not one of"),
-    ({"layout": _layout('[["", [0], "float32"]]'), "payload": np.zeros(0, np.uint8)}, "empty, over-long or repeated"),
-    ({"layout": _layout('{"w": [2]}'), "payload": np.zeros(8, np.uint8)}, "not a JSON list"),
-    ({"layout": _layout('[["w",[1099511627775,1099511627775],"float64"]]'), "payload": np.zeros(8, np.uint8)},
-     "adds up to"),
-    ({"layout": np.zeros(8, np.int64), "payload": np.zeros(0, np.uint8)}, "not 1-D uint8"),
-])
-def test_a_malformed_bundle_is_rejected_before_any_value_is_read(arrays, message: str) -> None:
-    with pytest.raises(WireFormatError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        unbundle(arrays)
-
-
-def test_an_oversized_layout_is_rejected_unparsed() -> None:
-    from lungmae_core.wire import MAX_LAYOUT_BYTES
-
-    with pytest.raises(WireFormatError, match="over"):
-        unbundle({"layout": np.full(MAX_LAYOUT_BYTES + 1, ord(" "), np.uint8), "payload": np.zeros(0, np.uint8)})
-
-
-def test_bundling_refuses_arrays_that_hold_objects() -> None:
-    with pytest.raises(WireFormatError, match="dtype object"):
-        bundle({"w": np.array([{}], dtype=object)})
 
 
 def test_the_global_goes_down_in_fp32_only_for_fp32_runs() -> None:

@@ -20,11 +20,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from client.client_app import CONTRACT_ERROR_CODE, make_client_app
 from client.policy import POLICY_REFUSAL_CODE, Usage
 from client.privacy_gate import WITNESS_NAME
+from lungmae_core.bundle import bundle
 from lungmae_core.config import model_config, to_mapping
 from lungmae_core.contract import RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
-from lungmae_core.wire import bundle, pack_state
+from lungmae_core.wire import pack_state
 from tests.federated_helpers import bundle_record
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

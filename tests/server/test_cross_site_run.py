@@ -12,9 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import Array, Message
+from flwr.app import Message
 
 from client.client_app import make_client_app
 from client.site_config import load_site_config, write_site_config
@@ -22,7 +21,7 @@ from server.cross_site import read_cross_site
 from server.federation_config import federation_from_mapping
 from server.report.cross_site import cross_site_section
 from server.runner import FederationRunner
-from tests.federated_helpers import InProcessGrid, ServerKilled, prepared_sites
+from tests.federated_helpers import InProcessGrid, ServerKilled, prepared_sites, replace_first_array, with_nan
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -101,11 +100,7 @@ def test_garbage_local_model_and_exhausted_evaluation_budget(base_sites: list[Pa
 
     def tamper(node: int, reply: Message) -> Message:
         if sent.get(node) == "cross-site/train" and node == 102 and not reply.has_error():
-            arrays = reply.content["arrays"]
-            name = next(iter(arrays.keys()))
-            bad = arrays[name].numpy().copy()
-            bad.flat[0] = np.nan
-            arrays[name] = Array(bad)
+            reply.content["arrays"] = replace_first_array(reply.content["arrays"], with_nan)
         return reply
 
     cfg_sites = sites

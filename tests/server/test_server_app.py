@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from client.client_app import make_client_app
 from server.checkpoints import CheckpointStore
 from server.federation_config import federation_from_mapping
 from server.server_app import make_server_app
-from tests.federated_helpers import InProcessGrid, ServerKilled
+from tests.federated_helpers import InProcessGrid, ServerKilled, record_arrays, replace_first_array, with_nan
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -59,17 +59,14 @@ def _tamper_plan(plan: dict[tuple[int, int], str]):
         # the message config travels with the instruction; the round is in the reply's metrics only via us:
         rnd = tamper.round_of.get(node)
         what = plan.get((rnd, node))
-        arrays = reply.content["arrays"]
-        name = next(iter(arrays.keys()))
-        value = arrays[name].numpy()
         if what == "nan":
-            bad = value.copy()
-            bad.flat[0] = np.nan
-            arrays[name] = Array(bad)
+            reply.content["arrays"] = replace_first_array(reply.content["arrays"], with_nan)
         elif what == "shape":
-            arrays[name] = Array(np.zeros((3,) + value.shape, value.dtype))
+            reply.content["arrays"] = replace_first_array(reply.content["arrays"],
+                                                          lambda v: np.zeros((3,) + v.shape, v.dtype))
         elif what == "norm":
-            arrays[name] = Array(np.full(value.shape, 1e4, value.dtype))
+            reply.content["arrays"] = replace_first_array(reply.content["arrays"],
+                                                          lambda v: np.full(v.shape, 1e4, v.dtype))
         elif what == "crash":
             raise RuntimeError("site process crashed")
         return reply
@@ -141,7 +138,7 @@ def test_linear_probe_sends_only_the_head_in_int8(sites: list[Path], tmp_path: P
 
     def spy(node: int, reply: Message) -> Message:
         if "arrays" in reply.content.array_records:
-            seen.append(sorted(reply.content["arrays"].keys()))
+            seen.append(sorted(record_arrays(reply.content["arrays"])))
         return reply
     grid = InProcessGrid(make_client_app(sites[:2]), [{"partition-id": i} for i in range(2)], tamper=spy)
     _run(cfg, grid)
