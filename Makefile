@@ -62,6 +62,7 @@ bench: install
 	$(BIN)/python benchmarks/server_memory.py --configs tiny --methods median --modes stream \
 		--json $(BENCH)/server_memory_median.json
 	$(BIN)/python benchmarks/compression_accuracy.py --json $(BENCH)/compression_accuracy.json
+	$(BIN)/python benchmarks/update_coding.py --configs tiny paper-p16 --json $(BENCH)/update_coding.json
 	$(BIN)/python benchmarks/exchange_latency.py --json $(BENCH)/exchange_latency.json
 	$(BIN)/python benchmarks/round_overhead.py --json $(BENCH)/round_overhead.json
 	$(BIN)/python benchmarks/deployment_round.py --json $(BENCH)/deployment_round.json

@@ -137,13 +137,11 @@ def _lr_segment(cfg: RoundConfig) -> WarmupCosine | None:
     return WarmupCosine(0.1, (r - 1) / n, r / n)
 
 
-def _reply(msg: Message, metrics: dict[str, Any], packed: dict[str, np.ndarray] | None = None) -> Message:
-    """The reply: the contract's encoded metrics (checked by its encoder) and, for training, the update."""
+def _reply(msg: Message, metrics: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> Message:
+    """The reply: the contract's encoded metrics (checked by its encoder) and, for training, the update bundle."""
     content = RecordDict({"metrics": MetricRecord(metrics)})
-    if packed is not None:
-        from lungmae_core.bundle import bundle
-
-        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
     return Message(content, reply_to=msg)
 
 
@@ -168,9 +166,10 @@ def answer_query(msg: Message, site: Site, cfg: RoundConfig) -> Message:
 def train_round(msg: Message, site: Site, cfg: RoundConfig) -> Message:
     """Train one round of ``cfg.phase`` on the site's train split; reply with the packed update."""
     from client.privacy_gate import PrivacyRequirement
+    from lungmae_core.bundle import DEFLATED, bundle, payload_nbytes
     from lungmae_core.config import TrainConfig
     from lungmae_core.train import class_weights_from_labels, train_classifier, train_mae
-    from lungmae_core.wire import pack_state, packed_nbytes, state_delta
+    from lungmae_core.wire import pack_state, state_delta
 
     phase, training = cfg.phase, site.config.training
     model, mcfg = _build_model(cfg)
@@ -218,17 +217,20 @@ def train_round(msg: Message, site: Site, cfg: RoundConfig) -> Message:
     else:
         packed = pack_state(update, cfg.compression)
 
+    arrays = bundle(packed, deflate=cfg.compression in DEFLATED)
+    del packed
+
     def released(key: str) -> float | None:
         """A training figure, or None under DP: unnoised figures of the training scans are not accounted."""
         return None if site.dp_enabled else float(out[key])
 
     reply = TrainReply(server_round=cfg.server_round, num_examples=int(out["num_examples"]),
                        epsilon=gate.epsilon_spent(), train_seconds=time.perf_counter() - t0,
-                       update_bytes=packed_nbytes(packed), loss=released("loss"),
+                       update_bytes=payload_nbytes(arrays), loss=released("loss"),
                        loss_lung=released("loss_lung") if not labelled else None,
                        loss_non_lung=released("loss_non_lung") if not labelled else None,
                        accuracy=released("accuracy") if labelled else None)
-    return _reply(msg, reply.encode(), packed)
+    return _reply(msg, reply.encode(), arrays)
 
 
 def evaluate_round(msg: Message, site: Site, cfg: RoundConfig) -> Message:

@@ -16,7 +16,7 @@ __all__ = ["ContractError", "CONTRACT_VERSION", "MAX_EXAMPLES", "get_field", "re
            "read_choice", "read_counts", "exact_keys", "check_version", "show"]
 
 #: Bumped on every incompatible change of a message; both sides refuse any other version.
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5
 #: Hard upper bound of any count on the wire; the server further bounds it by the site's declared count.
 MAX_EXAMPLES = 10_000_000
 

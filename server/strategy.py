@@ -39,7 +39,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from lungmae_core.bundle import unbundle
+from lungmae_core.bundle import DEFLATED, layout_nbytes, unbundle
 from lungmae_core.contract import (
     EVALUATE,
     PRETRAIN,
@@ -241,7 +241,11 @@ class PhaseStrategy:
         if not self._privacy_ok(info, site, decoded, report):
             return None
         try:
-            packed = unbundle(take_arrays(content.array_records["arrays"]))
+            # a deflated update's layout is bounded by the expected one before anything is inflated (a larger
+            # one is a "contract" drop there); a plain one's bytes arrived already, within the size bound
+            deflate = cfg.compression in DEFLATED
+            packed = unbundle(take_arrays(content.array_records["arrays"]), deflate=deflate,
+                              max_bytes=layout_nbytes(layout) if deflate and layout else None)
         except WireFormatError as exc:
             report.drop(site, "contract", str(exc), kind, cfg.phase)
             return None

@@ -21,18 +21,18 @@ from flwr.serverapp import Grid
 _SITES_CACHE: dict[tuple, list[Path]] = {}
 
 
-def bundle_record(packed: dict[str, Any]) -> ArrayRecord:
-    """Packed arrays -> the ArrayRecord a message carries (one bundle: layout + payload)."""
+def bundle_record(packed: dict[str, Any], *, deflate: bool = False) -> ArrayRecord:
+    """Packed arrays -> the ArrayRecord a message carries (one bundle: layout + payload, deflated if asked)."""
     from lungmae_core.bundle import bundle
 
-    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed).items()})
+    return ArrayRecord(array_dict={k: Array(v) for k, v in bundle(packed, deflate=deflate).items()})
 
 
-def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """A received bundle ArrayRecord -> the packed arrays it carries."""
+def record_arrays(record: ArrayRecord, *, deflate: bool = False) -> dict[str, np.ndarray]:
+    """A received bundle ArrayRecord -> the packed arrays it carries (``deflate``: an int8 update's)."""
     from lungmae_core.bundle import unbundle
 
-    return unbundle({k: v.numpy() for k, v in record.items()})
+    return unbundle({k: v.numpy() for k, v in record.items()}, deflate=deflate)
 
 
 def with_nan(value: np.ndarray) -> np.ndarray:

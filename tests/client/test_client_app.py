@@ -14,7 +14,7 @@ from lungmae_core.config import model_config, to_mapping
 from lungmae_core.contract import EvalReply, QueryReply, RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
-from lungmae_core.wire import pack_state, unpack_state
+from lungmae_core.wire import pack_state, packed_nbytes, unpack_state
 from tests.federated_helpers import bundle_record, record_arrays
 
 MCFG = model_config("tiny", img_size=32, depth=2, decoder_depth=1)
@@ -54,10 +54,12 @@ def test_train_replies_update_and_schema_metrics(sites: list[Path], phase: str, 
     metrics = TrainReply.decode(dict(reply.content["metrics"]))
     assert metrics.num_examples >= 1 and metrics.server_round == 1 and metrics.loss is not None
     assert (metrics.accuracy is not None) == (phase == "finetune")
-    packed = record_arrays(reply.content["arrays"])
+    packed = record_arrays(reply.content["arrays"], deflate=compression == "int8")
     delta = unpack_state(packed)
     assert list(reply.content["arrays"].keys()) == ["layout", "payload"]  # one bundle, not one array per tensor
-    assert set(delta) == set(state) and metrics.update_bytes == sum(a.nbytes for a in packed.values())
+    sent = reply.content["arrays"]["payload"].numpy().nbytes  # int8: deflated, so fewer than the packed bytes
+    assert set(delta) == set(state) and metrics.update_bytes == sent
+    assert (sent < packed_nbytes(packed)) == (compression == "int8")
     moved = sum(float(d.abs().sum()) for d in delta.values())
     assert moved > 0 and all(torch.isfinite(d).all() for d in delta.values())
 

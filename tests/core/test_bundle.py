@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 import lungmae_core.bundle
-from lungmae_core.bundle import BUNDLE_KEYS, MAX_LAYOUT_BYTES, bundle, unbundle
+from lungmae_core.bundle import BUNDLE_KEYS, MAX_LAYOUT_BYTES, bundle, layout_nbytes, payload_nbytes, unbundle
 from lungmae_core.wire import WireFormatError, pack_state, packed_nbytes
 
 
@@ -87,3 +89,52 @@ def test_a_large_model_travels_in_parts_that_the_receiver_derives_itself(monkeyp
         unbundle({**arrays, "payload-3": np.zeros(8, np.uint8)})
     with pytest.raises(WireFormatError, match="adds up to 160 bytes but 'payload-1' has 168"):
         unbundle({**arrays, "payload-1": np.zeros(168, np.uint8)})
+
+
+def _int8_update(n: int = 50_000) -> dict[str, np.ndarray]:
+    """An int8 update as pack_state makes one: codes peaked at zero, as a trained update's are."""
+    g = np.random.default_rng(0)
+    return {"w": np.clip(np.round(g.normal(0, 25, n)), -127, 127).astype(np.int8),
+            "w#int8-scale": g.random(-(-n // 1024)).astype(np.float32), "steps": np.array(3, np.int64)}
+
+
+def test_a_deflated_bundle_is_smaller_and_comes_back_exactly() -> None:
+    packed = _int8_update()
+    plain, deflated = bundle(packed), bundle(packed, deflate=True)
+    assert list(deflated) == list(plain) and np.array_equal(deflated["layout"], plain["layout"])
+    assert payload_nbytes(deflated) < 0.9 * payload_nbytes(plain)
+    back = unbundle(deflated, deflate=True, max_bytes=payload_nbytes(plain))
+    assert all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in packed.items())
+    assert unbundle(bundle({"e": np.zeros(0, np.int8)}, deflate=True), deflate=True)["e"].shape == (0,)
+
+
+def test_a_forged_deflated_part_is_refused_before_it_can_cost_more_than_an_honest_one() -> None:
+    packed = _int8_update()
+    good = bundle(packed, deflate=True)
+    layout, payload = good["layout"], good["payload"]
+    cases = {
+        "cut short": {"layout": layout, "payload": payload[:-3]},
+        "has data after its end": {"layout": layout, "payload": np.concatenate([payload, np.zeros(4, np.uint8)])},
+        "not a deflate stream": {"layout": layout, "payload": np.full(payload.size, 7, np.uint8)},
+        # string matching makes a few bytes of zeros stand for the whole payload: more than 8x is refused unread
+        "at least 1/8 of its length": {"layout": layout, "payload": np.frombuffer(
+            zlib.compress(bytes(payload_nbytes(bundle(packed))), 9), np.uint8)},
+        "inflates to 10000 bytes": {"layout": layout, "payload": np.frombuffer(
+            zlib.compress(np.random.default_rng(1).bytes(10_000)), np.uint8)},
+        "over the 1000 expected": dict(good),  # a layout larger than the update the receiver expects
+        "exactly the arrays": {"layout": layout},
+    }
+    for message, arrays in cases.items():
+        with pytest.raises(WireFormatError, match=message):
+            unbundle(arrays, deflate=True, max_bytes=1000 if message.startswith("over") else None)
+    with pytest.raises(WireFormatError, match="adds up to"):  # the receiver, not the sender, says "deflated"
+        unbundle(good)
+
+
+def test_layout_nbytes_is_what_the_parts_add_up_to() -> None:
+    from lungmae_core.wire import packed_layout
+
+    state = {"w": torch.zeros(3, 5), "b": torch.zeros(7), "n": torch.tensor(2)}
+    for compression in ("fp32", "fp16", "int8", "topk"):
+        packed = pack_state(state, compression)
+        assert layout_nbytes(packed_layout(state, compression)) == payload_nbytes(bundle(packed))

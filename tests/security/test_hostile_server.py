@@ -22,7 +22,7 @@ from client.policy import POLICY_REFUSAL_CODE, Usage
 from client.privacy_gate import WITNESS_NAME
 from lungmae_core.bundle import bundle
 from lungmae_core.config import model_config, to_mapping
-from lungmae_core.contract import RoundConfig, TrainReply
+from lungmae_core.contract import CONTRACT_VERSION, RoundConfig, TrainReply
 from lungmae_core.heads import ILDClassifier
 from lungmae_core.model import build_mae
 from lungmae_core.wire import pack_state
@@ -149,7 +149,7 @@ def test_small_splits_get_no_per_class_counts(sites: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"contract-version": 1}, "contract version 1 but this side speaks version 4"),
+    ({"contract-version": 1}, f"contract version 1 but this side speaks version {CONTRACT_VERSION}"),
     ({"split": "everything"}, "'split' must be one of train, val, test"),
     ({"lr": float("nan")}, "'lr' must be finite"),
     ({"class-names": ["normal"]}, "'class-names' must have 2..64 names"),

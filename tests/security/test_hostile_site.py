@@ -9,7 +9,9 @@ with one site sending garbage in every round: the run finishes and metrics.json 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from lungmae_core.bundle import DEFLATED
 from lungmae_core.contract import EvalReply, QueryReply, RoundConfig, TrainReply
 from lungmae_core.wire import pack_state
 from server.sites import SiteRegistry
@@ -55,8 +58,8 @@ def _app(step: dict[int, float] | None = None) -> ClientApp:
         packed = pack_state({k: torch.full_like(v, value) for k, v in GLOBAL.items()}, cfg.compression)
         m = TrainReply(server_round=cfg.server_round, num_examples=5, epsilon=0.0, train_seconds=0.1,
                        update_bytes=0, loss=0.5, accuracy=0.5)
-        return Message(RecordDict({"arrays": bundle_record(packed), "metrics": MetricRecord(m.encode())}),
-                       reply_to=msg)
+        arrays = bundle_record(packed, deflate=cfg.compression in DEFLATED)
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(m.encode())}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context) -> Message:
@@ -146,14 +149,40 @@ HOSTILE = [
 ]
 
 
-def _run_round(tamper, *, require_dp: bool = False, step: dict[int, float] | None = None, share: float = 0.5):
+def _run_round(tamper, *, require_dp: bool = False, step: dict[int, float] | None = None, share: float = 0.5,
+               cfg: RoundConfig = CFG):
     grid = InProcessGrid(_app(step), [{"partition-id": i} for i in range(3)],
                          tamper=(lambda node, reply: tamper(reply) if node == 103 and reply.content.array_records
                                  else reply) if tamper else None)
     sites = SiteRegistry()
-    sites.query(grid, phase="finetune", kind="train", min_sites=3, timeout_s=5, config=CFG.encode())
-    strategy = PhaseStrategy(CFG, sites, max_norm=100.0, max_site_share=share, require_dp=require_dp)
-    return strategy.train_round(grid, GLOBAL, CFG, timeout=5)
+    sites.query(grid, phase="finetune", kind="train", min_sites=3, timeout_s=5, config=cfg.encode())
+    strategy = PhaseStrategy(cfg, sites, max_norm=100.0, max_site_share=share, require_dp=require_dp)
+    return strategy.train_round(grid, GLOBAL, cfg, timeout=5)
+
+
+def _deflate_bomb(reply: Message) -> Message:
+    """16 MB of zeros in 16 KB of deflate stream, under a layout that declares them (the model is 80 bytes)."""
+    layout = b'[["w",[4,4000000],"int8"],["w#int8-scale",[15625],"float32"],["b",[4],"int8"],' \
+             b'["b#int8-scale",[1],"float32"]]'
+    payload = zlib.compress(bytes(16_000_000 + 62_504 + 8 + 8), 9)
+    reply.content["arrays"] = ArrayRecord(array_dict={"layout": Array(np.frombuffer(layout, np.uint8).copy()),
+                                                      "payload": Array(np.frombuffer(payload, np.uint8).copy())})
+    return reply
+
+
+def test_an_int8_run_refuses_a_deflate_bomb_before_inflating_it() -> None:
+    """int8 updates travel deflated; a layout larger than the expected update is refused before inflating."""
+    cfg = dataclasses.replace(CFG, compression="int8")
+    new, report = _run_round(_deflate_bomb, cfg=cfg)
+    assert [(r.site, r.check) for r in report.rejected] == [("site2", "contract")]
+    assert "over the 40 expected" in report.rejected[0].reason
+    assert sorted(report.sites) == ["site0", "site1"] and np.allclose(new["w"].numpy(), HONEST_STEP, atol=1e-3)
+
+    def plain(reply: Message) -> Message:  # the same update, not deflated: not how an int8 update travels
+        reply.content["arrays"] = bundle_record(record_arrays(reply.content["arrays"], deflate=True))
+        return reply
+    _, report = _run_round(plain, cfg=cfg)
+    assert [(r.site, r.check) for r in report.rejected] == [("site2", "contract")]
 
 
 @pytest.mark.parametrize("label, tamper, check, reason", HOSTILE, ids=[h[0] for h in HOSTILE])

@@ -138,7 +138,7 @@ def test_linear_probe_sends_only_the_head_in_int8(sites: list[Path], tmp_path: P
 
     def spy(node: int, reply: Message) -> Message:
         if "arrays" in reply.content.array_records:
-            seen.append(sorted(record_arrays(reply.content["arrays"])))
+            seen.append(sorted(record_arrays(reply.content["arrays"], deflate=True)))
         return reply
     grid = InProcessGrid(make_client_app(sites[:2]), [{"partition-id": i} for i in range(2)], tamper=spy)
     _run(cfg, grid)
