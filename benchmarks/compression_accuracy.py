@@ -28,7 +28,6 @@ compressions at chance would show nothing. Phantoms are cached (``--cache``), so
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['seconds']:.0f} s in all")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, record)
     return 0
 
 

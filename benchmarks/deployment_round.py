@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def round_overheads(metrics_jsonl: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
+def run(sites: int, rounds: int, work: Path, supernode_args: Sequence[str] = ()) -> dict[str, Any]:
     """One federation of ``sites`` SuperNodes for ``rounds`` + ``rounds`` rounds; the per-round figures."""
     from flwr.cli.build import build_fab_from_disk
 
@@ -152,7 +153,7 @@ def run(sites: int, rounds: int, work: Path) -> dict[str, Any]:
         for i, path in enumerate(site_paths):
             sock = warm_socket_path(load_site_config(path).site.state_dir)
             sockets.append(sock)
-            start(f"site{i}", [sys.executable, "-m", "client.supernode", "--site-config", str(path),
+            start(f"site{i}", [sys.executable, "-m", "client.supernode", "--site-config", str(path), *supernode_args,
                                "--warm-socket", str(sock), "--", str(BIN / "flower-supernode"), "--insecure",
                                "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                                "--node-config", f'site-config="{path}"'])
@@ -184,21 +185,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2, help="SuperNodes, one per synthetic site (2)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per phase, pretraining and fine-tuning (4)")
+    parser.add_argument("--idle-pull-s", type=float, default=None,
+                        help="the sites' SuperNode pause after an empty pull (default: client.supernode's own)")
+    parser.add_argument("--local-wait-s", type=float, default=None,
+                        help="the sites' SuperNode pause between looks for a reply (default: client.supernode's own)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", type=Path, default=None,
                         help="run in this (new or empty) folder and keep it: the processes' logs, the run directory")
     args = parser.parse_args(argv)
     if args.sites < 1 or args.rounds < 1:
         parser.error("--sites and --rounds must be at least 1")
+    supernode_args = [f"--{name.replace('_', '-')}={value}" for name, value in
+                      (("idle_pull_s", args.idle_pull_s), ("local_wait_s", args.local_wait_s)) if value is not None]
     load_before = os.getloadavg()
     if args.keep is not None:
         if args.keep.exists() and any(args.keep.iterdir()):
             parser.error(f"--keep {args.keep} is not empty")
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.sites, args.rounds, args.keep.resolve())
+        result = run(args.sites, args.rounds, args.keep.resolve(), supernode_args)
     else:
         with tempfile.TemporaryDirectory(prefix="lungmae-roundbench-") as tmp:
-            result = run(args.sites, args.rounds, Path(tmp))
+            result = run(args.sites, args.rounds, Path(tmp), supernode_args)
     result["loadavg-before"], result["loadavg-after"] = list(load_before), list(os.getloadavg())
     for r in result["rounds"]:
         print(f"{r['phase']:>9} round {r['round']}: {r['duration-s']:.2f} s, slowest site's training "
@@ -208,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['compute-median-s']:.2f} s; whole run {result['run-wall-s']:.0f} s); target <= {TARGET_S:g} s; "
           f"loadavg {load_before[0]:.1f} -> {result['loadavg-after'][0]:.1f}; {os.cpu_count()} CPUs")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import json
 import platform
 import statistics
 import sys
@@ -302,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"MiB vs plain {r['plain_peak_mib']:8.1f} MiB"
                   + (f"   CPU time x{r['cpu_ratio_to_plain']:.2f}" if "cpu_ratio_to_plain" in r else ""), flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "records": records},
-                                        indent=1))
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"device": where, "torch": torch.__version__, "records": records})
     return 0
 
 

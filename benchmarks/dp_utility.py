@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{default_delta(n_train):g}; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all\n")
     print(_table(rows, next(iter(rows))))
     out = args.out or args.workdir / "dp_utility.json"
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": details}, indent=1))
+    from lungmae_core.atomic import atomic_write_json
+
+    atomic_write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "runs": details})
     return 0
 
 

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target: <= 2 s per exchange over the compute; ServerApp reply poll {grid}; {os.cpu_count()} CPUs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, results)
     return 0
 
 

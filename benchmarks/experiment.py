@@ -62,7 +62,9 @@ def main() -> int:
           f"{summary['endpoint']} CI {summary['endpoint_ci']}; baselines at k=8 {k8} (chance {CHANCE}); "
           f"load {summary['load_start']} -> {summary['load_end']}")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, summary)
     return 0
 
 

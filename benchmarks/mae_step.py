@@ -21,7 +21,6 @@ is the steadier figure), and writes a JSON record (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -248,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                "threads": torch.get_num_threads(), "matmul_peak_flops": peak, "burn_in": args.burn_in,
                "timed": args.timed, "records": records}
     if args.json:
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, payload)
     return 0
 
 

@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(record))
     if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, record)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import re
 import statistics
 import subprocess
@@ -84,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<58} {v:6.2f}")
     print(f"per train/evaluate exchange: ~{train_exchange:.1f} s before training (target {TARGET_S:.0f} s per round)")
     if args.json:
-        args.json.write_text(json.dumps({"loadavg": load, **record}, indent=2) + "\n", encoding="utf-8")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"loadavg": load, **record})
     return 0
 
 

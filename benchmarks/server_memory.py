@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{rec['peak_above_imports_bytes'] / 2 ** 20:8.1f} MiB = {ratio:5.2f}x model "
                           f"({rec['model_bytes'] / 2 ** 20:.1f} MiB), {rec['seconds']:.1f} s", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"records": records}, indent=2) + "\n", encoding="utf-8")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"records": records})
     return 0
 
 

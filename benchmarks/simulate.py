@@ -18,7 +18,6 @@ average at the start (a busy machine inflates the time; rerun when idle for a fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -87,7 +86,9 @@ def main() -> int:
     if proc.returncode != 0:
         print(out[-2000:], stderr[-2000:], sep="\n")
     if args.json is not None:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        from lungmae_core.atomic import atomic_write_json
+
+        atomic_write_json(args.json, record)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if proc.returncode == 0 else 1
 

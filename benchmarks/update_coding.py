@@ -16,7 +16,6 @@ time to unbundle (and inflate) and unpack it, each the median of ``--repeats`` r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -98,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['server_unpack_s']:6.2f} s")
     print(f"loadavg {[round(x, 2) for x in os.getloadavg()]}")
     if args.json:
-        from lungmae_core.atomic import atomic_write_text
+        from lungmae_core.atomic import atomic_write_json
 
-        atomic_write_text(args.json, json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows)
     return 0
 
 

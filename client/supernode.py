@@ -14,7 +14,8 @@ changes Flower 1.42 has no option for:
   site's warm ClientApp process (``client/warm_clientapp.py``) beside the SuperNode, so a message no longer
   pays for importing torch & co. in a fresh process; and the SuperNode's pause after an empty pull (a fixed
   3 s in Flower 1.42's ``start_client_internal``) is shortened to ``--idle-pull-s`` (0.5 s), one small HTTP
-  request per pause to the coordinator.
+  request per pause to the coordinator, and its wait for the ClientApp's reply looks every
+  :data:`LOCAL_WAIT_S` (0.05 s) instead of every 0.5 s (a check of its own state, no request).
 
 The SuperNode connects out to the coordinator over TLS (verified with the consortium CA), authenticates with
 the site's registered ECDSA key, and hands each message to our ClientApp with ``node_config["site-config"]``
@@ -42,12 +43,17 @@ from client.node_key import check_site_key
 from client.site_config import ConnectionSection
 from lungmae_core.errors import SiteConfigError
 
-__all__ = ["ACTIVATION_REFUSED", "IDLE_PULL_S", "SUPEREXEC_POLL_INTERVAL_S", "SUPERNODE_ADVICE", "client_tls_context",
-           "deployment_problems", "launch_command", "main", "supernode_command"]
+__all__ = ["ACTIVATION_REFUSED", "IDLE_PULL_S", "LOCAL_WAIT_S", "SUPEREXEC_POLL_INTERVAL_S", "SUPERNODE_ADVICE",
+           "client_tls_context", "deployment_problems", "launch_command", "main", "supernode_command"]
 
 ACTIVATION_REFUSED = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR: also "still online from a crashed run"
 #: Seconds between the SuperNode's pulls while idle (Flower 1.42 waits 3 s after an empty pull).
 IDLE_PULL_S = 0.5
+#: Seconds between the SuperNode's looks at its own state for the ClientApp's reply (Flower 1.42: 0.5 s,
+#: 0.25 s on average added to every exchange before the reply leaves; a look is an in-process check).
+LOCAL_WAIT_S = 0.05
+#: Flower's pauses of this length or more are its idle pull of the SuperLink (3 s), shorter ones local waits.
+_IDLE_PULL_MIN_S = 1.0
 #: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNode: how often its SuperExec looks for a task to start
 #: (Flower's default 1 s is up to a second of idle time per exchange; a local poll costs next to nothing).
 SUPEREXEC_POLL_INTERVAL_S = 0.1
@@ -202,25 +208,32 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 class _CappedSleep:
-    """Stands in for the ``time`` module in Flower's SuperNode loop: sleeps at most ``cap`` seconds."""
+    """Stands in for the ``time`` module in Flower's SuperNode loop: shorter pauses, the rest untouched.
 
-    def __init__(self, cap: float) -> None:
+    Flower 1.42's loop (``flwr/supernode/start_client_internal.py``) pauses 3 s after an empty pull of the
+    SuperLink (a request over the network each time) and 0.5 s in its waits on its own node state (the
+    ClientApp's reply, an object's content: in-process checks). Pauses of :data:`_IDLE_PULL_MIN_S` or more
+    are the idle pull's and last at most ``idle_cap``; shorter ones at most ``local_cap``.
+    """
+
+    def __init__(self, idle_cap: float, local_cap: float) -> None:
         import time
 
-        self._time, self._cap = time, cap
+        self._time, self._idle_cap, self._local_cap = time, idle_cap, local_cap
 
     def sleep(self, seconds: float) -> None:
-        self._time.sleep(min(seconds, self._cap))
+        self._time.sleep(min(seconds, self._idle_cap if seconds >= _IDLE_PULL_MIN_S else self._local_cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._time, name)
 
 
-def _shorten_idle_pull(cap_s: float) -> None:
-    """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it."""
+def _shorten_idle_pull(cap_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
+    """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it,
+    and look for the ClientApp's reply every ``local_wait_s`` seconds, not 0.5 s."""
     from flwr.supernode import start_client_internal
 
-    start_client_internal.time = _CappedSleep(cap_s)  # type: ignore[attr-defined,assignment]
+    start_client_internal.time = _CappedSleep(cap_s, local_wait_s)  # type: ignore[attr-defined,assignment]
 
 
 def _start_warm_process(socket_path: Path) -> Any:
@@ -261,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run the warm ClientApp process on this Unix socket (its folder: 0700)")
     parser.add_argument("--idle-pull-s", type=float, default=IDLE_PULL_S,
                         help=f"seconds between pulls while idle (Flower: 3; default {IDLE_PULL_S})")
+    parser.add_argument("--local-wait-s", type=float, default=LOCAL_WAIT_S,
+                        help=f"seconds between looks for the ClientApp's reply (Flower: 0.5; default {LOCAL_WAIT_S})")
     parser.add_argument("flower", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower = args.flower[1:] if args.flower[:1] == ["--"] else list(args.flower)
@@ -268,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("expected `-- flower-supernode ARGS...` after the launcher's options")
     if not 0 < args.idle_pull_s <= 3:
         parser.error(f"--idle-pull-s must be in (0, 3] seconds, got {args.idle_pull_s}")
+    if not 0 < args.local_wait_s <= 0.5:
+        parser.error(f"--local-wait-s must be in (0, 0.5] seconds, got {args.local_wait_s}")
     from client.fab_check import SITE_CONFIG_ENV, install_launcher
 
     bin_dir = Path(tempfile.mkdtemp(prefix="lungmae-supernode-"))
@@ -283,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("mutual TLS needs --superlink and --root-certificates in the SuperNode command")
         _patch_fleet_client(superlink, client_tls_context(Path(ca), Path(args.client_certificate),
                                                           Path(args.client_key)))
-    _shorten_idle_pull(args.idle_pull_s)
+    _shorten_idle_pull(args.idle_pull_s, args.local_wait_s)
     import atexit
 
     atexit.register(shutil.rmtree, bin_dir, True)

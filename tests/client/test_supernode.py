@@ -86,7 +86,7 @@ def test_launcher_passes_the_client_certificate_and_refuses_half_a_pair(tmp_path
         load_site_config(path)
 
 
-def test_idle_pull_pause_is_capped_and_only_that() -> None:
+def test_idle_pull_and_local_waits_are_capped_and_only_that() -> None:
     import time
 
     from flwr.supernode import start_client_internal
@@ -95,10 +95,13 @@ def test_idle_pull_pause_is_capped_and_only_that() -> None:
 
     original = start_client_internal.time
     try:
-        _shorten_idle_pull(0.05)
+        _shorten_idle_pull(0.3, 0.01)
         started = time.monotonic()
-        start_client_internal.time.sleep(3)  # Flower's pause after an empty pull
-        assert time.monotonic() - started < 1.0
+        start_client_internal.time.sleep(3)  # Flower's pause after an empty pull: a request each time
+        assert 0.3 <= time.monotonic() - started < 1.0
+        started = time.monotonic()
+        start_client_internal.time.sleep(0.5)  # its wait for the ClientApp's reply: a look at its own state
+        assert time.monotonic() - started < 0.4
         assert start_client_internal.time.monotonic() > 0  # the rest of the time module is untouched
     finally:
         start_client_internal.time = original
