@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site_audit import record_site_event, site_audit_path
+from lungmae_core.atomic import atomic_write_text
 from lungmae_core.errors import LungMAEError
 from lungmae_core.signing import fab_sha256, load_public_key, verify_fab
 
@@ -190,10 +191,9 @@ def install_launcher(directory: Path, warm_socket: Path | None = None) -> Path:
     else:
         body = ("from client.warm_clientapp import launcher_main\n"
                 f"sys.exit(launcher_main({str(warm_socket)!r}))\n")
-    launcher.write_text(
-        f"#!{sys.executable}\n"
-        "# Written by `lungmae site start`: Flower's flwr-clientapp, checking the app bundle first.\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(root)!r})\n" + body, encoding="utf-8")
-    launcher.chmod(stat.S_IRWXU)
+    atomic_write_text(launcher,  # never a half-written launcher where Flower looks for flwr-clientapp
+                      f"#!{sys.executable}\n"
+                      "# Written by `lungmae site start`: Flower's flwr-clientapp, checking the app bundle first.\n"
+                      "import sys\n"
+                      f"sys.path.insert(0, {str(root)!r})\n" + body, mode=stat.S_IRWXU)
     return launcher

@@ -109,6 +109,7 @@ def prepare_sites(args: argparse.Namespace, sites_dir: Path, img_size: int) -> l
     from client.prepare import prepare_site
     from client.site_config import load_site_config
     from lungmae_cli.synth import write_synthetic_sites
+    from lungmae_core.atomic import atomic_write_json
     from lungmae_core.manifest import read_manifest
 
     shape = (args.slices, args.matrix, args.matrix)
@@ -134,7 +135,7 @@ def prepare_sites(args: argparse.Namespace, sites_dir: Path, img_size: int) -> l
             continue
         report = prepare_site(site, workers=2, progress=True)
         print(f"[2/3] {site.site.name}: {report.accepted} series accepted, {report.rejected} rejected")
-    stamp_path.write_text(json.dumps(stamp))
+    atomic_write_json(stamp_path, stamp)
     return [Path(p) for p in paths]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lungmae_core.atomic import atomic_path, atomic_write_json
+from lungmae_core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from lungmae_core.centralized.data import phantom_dataset, split_by_patient
 from lungmae_core.config import ModelConfig, TrainConfig, model_config, to_mapping
 from lungmae_core.heads import ILDClassifier, transfer_encoder
@@ -81,7 +81,7 @@ class _EpochLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.write_text("", encoding="utf-8")
+        atomic_write_text(path, "")
 
     def __call__(self, **fields: Any) -> None:
         with self.path.open("a", encoding="utf-8") as f:

@@ -428,7 +428,7 @@ def write_site(root: str | os.PathLike[str], *, site_index: int, n_scans: int, s
         scans = _progress(map(_write_one_scan, tasks), n_scans, progress, f"site {site_index}")
     first = make_study(site_index, 0, seed)
     write_dose_screen(dicom_dir / first.patient_id / "ST0000" / "DOSE", study=first, scanner=scanner)
-    (dicom_dir / "EXPORT.TXT").write_text(f"Exported by Synthetic PACS 1.0\nstudies: {n_scans}\n", encoding="ascii")
+    atomic_write_text(dicom_dir / "EXPORT.TXT", f"Exported by Synthetic PACS 1.0\nstudies: {n_scans}\n")
     n_labelled = int(round(labelled_fraction * n_scans))
     labelled = set(np.random.default_rng([seed, site_index, 13]).permutation(n_scans)[:n_labelled].tolist())
     labels_csv = root / "labels.csv"
