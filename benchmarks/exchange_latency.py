@@ -85,12 +85,13 @@ def query(msg: Message, context: Context) -> Message:
 
 SERVER = '''\
 """Benchmark ServerApp: N query round trips to the one SuperNode, each timed; the figures go to run config `out`."""
-import json
 import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
+from lungmae_core.atomic import atomic_write_json  # the benchmark reads the figures back: never half-written
 
 app = ServerApp()
 
@@ -129,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         if not replies or replies[0].has_error():
             raise RuntimeError(f"exchange {i} failed: {replies[0].error if replies else 'no reply'}")
         rows.append({"wall-s": wall, "compute-s": float(replies[0].content["metrics"]["compute-s"])})
-    Path(str(context.run_config["out"])).write_text(json.dumps(rows))
+    atomic_write_json(Path(str(context.run_config["out"])), rows)
 '''
 
 MODES = {  # mode -> (warm ClientApp process, SuperNode idle pause s, SuperExec task poll s)
