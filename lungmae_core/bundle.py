@@ -11,10 +11,11 @@ layout adds up to is rejected before any array is read.
 
 Updates in ``int8`` also travel *deflated* (:data:`DEFLATED`): each payload part is Huffman-coded with
 zlib (``Z_HUFFMAN_ONLY``, no string matching). Per-block int8 values of an update are far from uniform
-over the 256 codes, so this takes ~6-8% off the int8 bytes (25.1% -> ~23.5% of fp32, measured in
-docs/performance.md) losslessly, at ~80 MB/s on one core. Which parts are deflated follows from the round's
-compression, which both sides know, never from the sender; the receiver inflates each part to exactly the
-length the layout calls for (``max_length``), so a "zip bomb" costs it no more than an honest part.
+over the 256 codes, so this takes 2-10% off the int8 bytes losslessly (25.1% -> 24.6% of fp32 for the
+experiment's updates, 22.8% for a paper-size MAE update; docs/performance.md), at ~100 MB/s on one core.
+Which parts are deflated follows from the round's compression, which both sides know, never from the
+sender; the receiver inflates each part to exactly the length the layout calls for (``max_length``), so a
+"zip bomb" costs it no more than an honest part.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import numpy as np
 from lungmae_core.wire import WireFormatError
 
 __all__ = ["BUNDLE_KEYS", "PART_BYTES", "MAX_LAYOUT_BYTES", "DEFLATED", "bundle", "unbundle", "layout_nbytes",
-           "payload_nbytes",
-           "part_spans", "part_name"]
+           "payload_nbytes", "part_spans", "part_name"]
 
 #: The first two arrays of a bundle: the layout (UTF-8 JSON) and the payload (the arrays' bytes); a model over
 #: :data:`PART_BYTES` continues in ``payload-1``, ``payload-2``, ...
