@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loadavg {[round(v, 2) for v in load0]} -> {[round(v, 2) for v in os.getloadavg()]}; "
           f"{record['seconds']:.0f} s in all")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         from lungmae_core.atomic import atomic_write_json
 
         atomic_write_json(args.json, record)

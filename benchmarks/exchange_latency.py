@@ -255,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     grid = f"{args.grid_poll_s:g} s" if args.grid_poll_s > 0 else "Flower's 3 s"
     print(f"target: <= 2 s per exchange over the compute; ServerApp reply poll {grid}; {os.cpu_count()} CPUs")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         from lungmae_core.atomic import atomic_write_json
 
         atomic_write_json(args.json, results)

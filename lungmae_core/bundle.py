@@ -190,11 +190,12 @@ def unbundle(arrays: Mapping[str, np.ndarray], *, deflate: bool = False,
     then exactly the arrays the layout calls for (``layout``, ``payload``, ``payload-1``, ...), each part
     exactly as long as the packing rule makes it (so no declared shape can reach past the bytes that
     arrived). Whether the names, shapes and dtypes are the ones the receiver expects is the caller's check
-    (``server.update_checks``, the site's layout check). With ``deflate`` (the receiver's own knowledge of
-    the round's compression, :data:`DEFLATED`) each part is inflated to exactly the length the rule gives,
-    and only if that is at most 8x its deflated size (Huffman coding spends at least one bit per byte, so an
-    honest part never inflates more) and the layout adds up to at most ``max_bytes``: what the receiver
-    expects, so that a layout the sender made up cannot make it inflate more than an honest update.
+    (``server.update_checks``, the site's layout check), but ``max_bytes`` (what the receiver expects)
+    bounds the layout's total before any part is read, so that a layout the sender made up cannot make it
+    inflate more than an honest update. With ``deflate`` (the receiver's own knowledge of the round's
+    compression, :data:`DEFLATED`) each part is inflated to exactly the length the rule gives, and only if
+    that is at most 8x its deflated size (Huffman coding spends at least one bit per byte, so an honest part
+    never inflates more).
 
     Raises:
         WireFormatError: naming what is malformed.

@@ -242,7 +242,8 @@ class PhaseStrategy:
             return None
         try:
             # a deflated update's layout is bounded by the expected one before anything is inflated (a larger
-            # one is a "contract" drop there); a plain one's bytes arrived already, within the size bound
+            # one is a "contract" drop there); a plain one's bytes arrived already, within the size bound, and
+            # a wrong layout is left to validate_update, whose "shapes" drop names the tensor
             deflate = cfg.compression in DEFLATED
             packed = unbundle(take_arrays(content.array_records["arrays"]), deflate=deflate,
                               max_bytes=layout_nbytes(layout) if deflate and layout else None)
