@@ -176,6 +176,10 @@ class FederationRunner:
         log.info("resuming %s after step %d (%s, round %d)", self.run_dir, ckpt.step_index,
                  self.plan[ckpt.step_index].name, ckpt.server_round)
         self.telemetry.event("run-resumed", config_hash=self.hash, phase=ckpt.phase, server_round=ckpt.server_round)
+        known = ckpt.strategy_state.get("sites", {})
+        self.sites.await_sites({str(s["name"]) for s in known.values() if isinstance(s, dict) and s.get("name")
+                                and not s.get("error") and not s.get("privacy_refused")},
+                               grace_s=self.cfg.round_timeout_s)
         return ckpt.step_index, ckpt.phase, dict(ckpt.weights)
 
     def _checkpoint(self, step: Step, phase: str, weights: dict[str, torch.Tensor]) -> None:

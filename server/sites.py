@@ -8,6 +8,7 @@ node id when two claim the same, and flagged ``verified: false`` in ``metrics.js
 
 Before each phase the server *queries* every connected site it does not know yet for counts (no data, no
 identifiers; :class:`~lungmae_core.contract.QueryReply`); a round samples only the sites that can serve it.
+A resumed server first gives the sites it knew before the restart up to ``round-timeout-s`` to reconnect.
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ class SiteRegistry:
         self.sites: dict[int, SiteInfo] = {}
         self.on_event = on_event or (lambda event, **fields: None)
         self._connected: set[int] = set()
+        self._awaited: set[str] = set()
+        self._awaited_grace_s = 0.0
+
+    def await_sites(self, names: set[str] | list[str], grace_s: float) -> None:
+        """Have the next :meth:`query` wait up to ``grace_s`` more for these sites once ``min_sites`` is met.
+
+        Why: after the server restarts, every site reconnects on its own retry schedule (the SuperLink may
+        hold a crashed connection for about a minute, and a site retries every few seconds), so the first
+        site back would otherwise run the resumed rounds alone while the others are a few seconds behind.
+        The wait starts once ``min_sites`` able sites are back (the SuperLink then accepts connections again)
+        and applies to one query only: a site that is really gone costs one ``grace_s`` per restart.
+        """
+        self._awaited = set(names)
+        self._awaited_grace_s = max(0.0, float(grace_s))
 
     def __getitem__(self, node: int) -> SiteInfo:
         return self.sites[node]
@@ -154,6 +169,7 @@ class SiteRegistry:
             InsufficientSitesError: naming how many of how many connected sites can serve the phase.
         """
         deadline = time.monotonic() + timeout_s
+        grace_deadline: float | None = None
         while True:
             new = [n for n in grid.get_node_ids() if n not in self.sites]
             if new:
@@ -170,7 +186,20 @@ class SiteRegistry:
             self.track(grid)
             able = [s for s in self.sites.values() if s.can_serve(phase, kind)]
             if len(able) >= min_sites:
-                return
+                missing = self._awaited - {s.name for s in self.sites.values() if s.node_id in self._connected}
+                if not missing:
+                    self._awaited = set()
+                    return
+                if grace_deadline is None:
+                    grace_deadline = time.monotonic() + self._awaited_grace_s
+                    log.info("waiting up to %.0f s for %s to reconnect", self._awaited_grace_s, sorted(missing))
+                if time.monotonic() >= grace_deadline:
+                    log.warning("going on without %s: not reconnected within %.0f s", sorted(missing),
+                                self._awaited_grace_s)
+                    self._awaited = set()
+                    return
+                time.sleep(poll_s)
+                continue
             if time.monotonic() >= deadline:
                 connected = len(list(grid.get_node_ids()))
                 raise InsufficientSitesError(

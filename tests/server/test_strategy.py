@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,22 @@ def test_names_come_from_the_federation_mapping_not_from_the_reply() -> None:
     assert "not in federation.yaml sites" in sites[103].error and not sites[103].can_serve("pretrain", "train")
     claimed = _registry(InProcessGrid(app, [{"partition-id": 0}, {"partition-id": 0}]))
     assert [s.name for s in claimed.values()] == ["s0", "s0#102"]  # a claimed name cannot be taken twice
+
+
+def test_a_site_that_never_comes_back_costs_one_grace_period_once(caplog: pytest.LogCaptureFixture) -> None:
+    """After a restart the registry waits for the sites it knew, but only up to the grace and only once."""
+    grid = _grid(2)
+    sites = SiteRegistry()
+    sites.await_sites({"s0", "gone"}, grace_s=0.4)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="server.sites"):
+        sites.query(grid, phase="pretrain", kind="train", min_sites=1, timeout_s=5, poll_s=0.05,
+                    config=CFG.encode())
+    assert 0.4 <= time.monotonic() - t0 < 3
+    assert "going on without ['gone']" in caplog.text
+    t0 = time.monotonic()
+    sites.query(grid, phase="pretrain", kind="train", min_sites=1, timeout_s=5, poll_s=0.05, config=CFG.encode())
+    assert time.monotonic() - t0 < 0.3  # the wait applied to one query only
 
 
 @pytest.mark.parametrize("method, expected", [("fedavg", (0.1 * 1 + 0.2 * 2) / 3), ("median", 0.15)])
