@@ -25,7 +25,8 @@ only replies in memory are those the server holds.
 Printed per config, method, mode and number of sites: the peak RSS above the RSS right after the imports
 (so it counts the global model, the message sent, the replies, the decoded updates and the accumulators)
 as a multiple of the model's fp32 size. The target is "<= 2x model + one update", flat in the number of
-sites: global (1x) + running sum (1x) + one update as received (fp16, 0.5x) and decoded (1x) = 3.5x.
+sites: global (1x) + running sum (1x) + one update as received (fp16, 0.5x) = 2.5x; the server decodes the
+update a tensor at a time (``server.update_checks.ValidatedUpdate``), so no decoded copy is added.
 Runs that would hold more than ``--max-hold-gib`` of replies are skipped (``hold`` grows by 1.5 model sizes
 per site, ``send-and-receive`` by 0.5).
 """
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     records = []
     print(f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}; peak RSS of one train_round above the "
-          f"imports, as a multiple of the fp32 model (target <= 3.5x = global + running sum + one fp16 reply + "
-          f"its decoded update, flat in sites)")
+          f"imports, as a multiple of the fp32 model (target <= 2.5x = global + running sum + one fp16 reply, "
+          f"flat in sites)")
     for config in args.configs:
         model_bytes = 4 * sum(p.numel() for p in build_mae(config).state_dict().values())
         for method in args.methods:

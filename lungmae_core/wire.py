@@ -64,6 +64,8 @@ __all__ = [
     "apply_delta",
     "select",
     "update_norm",
+    "packed_names",
+    "unpack_entry",
 ]
 
 Compression = Literal["fp32", "fp16", "int8", "topk"]
@@ -230,34 +232,56 @@ def unpack_state(packed: Mapping[str, np.ndarray],
             encoding, top-k values without positions or shape, positions outside the tensor, or a decoded
             shape that differs from ``shapes``.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, arr in packed.items():
+    return {name: unpack_entry(packed, name, shapes) for name in packed_names(packed)}
+
+
+def packed_names(packed: Mapping[str, np.ndarray]) -> list[str]:
+    """The state's names in a :func:`pack_state` output (its int8 scales and top-k positions left out).
+
+    Raises:
+        WireFormatError: a scale or top-k entry whose own array is missing.
+    """
+    names = []
+    for name in packed:
         if name.endswith(_RESERVED):
             base = name[: -len(next(s for s in _RESERVED if name.endswith(s)))]
             if base not in packed:
                 kind = "int8" if name.endswith(SCALE_SUFFIX) else "top-k"
                 raise WireFormatError(f"Unable to unpack {name!r} as its {kind} array is missing")
             continue
-        arr = np.asarray(arr)
-        scale_name = name + SCALE_SUFFIX
-        if scale_name in packed:
-            if arr.dtype != np.int8:
-                raise WireFormatError(f"Unable to unpack {name!r} as it has a scale but dtype {arr.dtype}, not int8")
-            scale = np.asarray(packed[scale_name], dtype=np.float32).reshape(-1)
-            out[name] = torch.from_numpy(_dequantize_int8(name, arr, scale))
-        elif name + INDEX_SUFFIX in packed or name + SHAPE_SUFFIX in packed:
-            if name + INDEX_SUFFIX not in packed or name + SHAPE_SUFFIX not in packed:
-                raise WireFormatError(f"Unable to unpack {name!r} as it needs both {INDEX_SUFFIX!r} and "
-                                      f"{SHAPE_SUFFIX!r} entries")
-            out[name] = torch.from_numpy(_densify_topk(name, arr, packed[name + INDEX_SUFFIX],
-                                                       packed[name + SHAPE_SUFFIX]))
-        elif np.issubdtype(arr.dtype, np.floating):
-            out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
-        else:
-            out[name] = torch.from_numpy(np.array(arr))
-        if shapes is not None and name in shapes and tuple(out[name].shape) != tuple(shapes[name]):
-            raise WireFormatError(f"Unable to unpack {name!r} as it decodes to shape {tuple(out[name].shape)}, "
-                                  f"not {tuple(shapes[name])}")
+        names.append(name)
+    return names
+
+
+def unpack_entry(packed: Mapping[str, np.ndarray], name: str,
+                 shapes: Mapping[str, tuple[int, ...]] | None = None) -> torch.Tensor:
+    """Decode one entry of a :func:`pack_state` output (see :func:`unpack_state`, which decodes them all).
+
+    Why one at a time: the server checks and folds a site's update tensor by tensor, so that only the
+    update as received and one decoded tensor are alive, never the whole decoded update.
+
+    Raises:
+        WireFormatError: as :func:`unpack_state`.
+    """
+    arr = np.asarray(packed[name])
+    scale_name = name + SCALE_SUFFIX
+    if scale_name in packed:
+        if arr.dtype != np.int8:
+            raise WireFormatError(f"Unable to unpack {name!r} as it has a scale but dtype {arr.dtype}, not int8")
+        scale = np.asarray(packed[scale_name], dtype=np.float32).reshape(-1)
+        out = torch.from_numpy(_dequantize_int8(name, arr, scale))
+    elif name + INDEX_SUFFIX in packed or name + SHAPE_SUFFIX in packed:
+        if name + INDEX_SUFFIX not in packed or name + SHAPE_SUFFIX not in packed:
+            raise WireFormatError(f"Unable to unpack {name!r} as it needs both {INDEX_SUFFIX!r} and "
+                                  f"{SHAPE_SUFFIX!r} entries")
+        out = torch.from_numpy(_densify_topk(name, arr, packed[name + INDEX_SUFFIX], packed[name + SHAPE_SUFFIX]))
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = torch.from_numpy(np.array(arr, dtype=np.float32))
+    else:
+        out = torch.from_numpy(np.array(arr))
+    if shapes is not None and name in shapes and tuple(out.shape) != tuple(shapes[name]):
+        raise WireFormatError(f"Unable to unpack {name!r} as it decodes to shape {tuple(out.shape)}, "
+                              f"not {tuple(shapes[name])}")
     return out
 
 

@@ -57,7 +57,6 @@ from lungmae_core.wire import (
     down_compression,
     pack_state,
     packed_layout,
-    update_norm,
 )
 from server.aggregation import capped_shares
 from server.replies import iter_replies, reply_bytes, state_to_arrays, take_arrays
@@ -313,11 +312,8 @@ class PhaseStrategy:
                 report.sites[site] = decoded.metrics()
                 counts.append(float(decoded.num_examples))
                 if self.central_dp is not None:
-                    norms.append(update_norm(delta))
-                    factor = min(1.0, clip / (norms[-1] + 1e-12))
-                    for value in delta.values():
-                        if value.is_floating_point():
-                            value.mul_(factor)
+                    norms.append(delta.norm)
+                    delta.scale_by(min(1.0, clip / (norms[-1] + 1e-12)))  # applied as each tensor is folded in
                 agg.add(delta, 1.0 if self.central_dp is not None else counts[-1])
                 del delta  # folded in: the update is not kept
             report.replied = list(report.sites)

@@ -52,11 +52,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from server.aggregation import METHODS, capped_shares
+from server.update_checks import ValidatedUpdate
 
 __all__ = ["StreamingAggregator", "CHUNK_BYTES"]
 
@@ -104,6 +106,9 @@ class StreamingAggregator:
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
         """Fold one site's decoded update in; the caller can drop ``update`` afterwards.
 
+        Each entry is read once (a :class:`~server.update_checks.ValidatedUpdate` decodes it then), added
+        and let go, so only one decoded tensor is alive at a time.
+
         Raises:
             ValueError: a layout (names, shapes, floating or not) that differs from the first update's, a
                 negative or non-finite weight, or :meth:`result` was already taken.
@@ -113,37 +118,43 @@ class StreamingAggregator:
         weight = float(weight)
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"Unable to add an update with weight {weight}: weights are example counts >= 0")
-        layout = {k: (tuple(v.shape), v.dtype if not v.is_floating_point() else torch.float32)
-                  for k, v in update.items()}
+        layout = _layout_of(update)
+        first = self._layout is None
         if self._layout is None:
             self._layout = layout
-            self._first_int = {k: v.detach().clone() for k, v in update.items() if not v.is_floating_point()}
         elif layout != self._layout:
             diff = sorted(set(layout.items()) ^ set(self._layout.items()), key=str)[:3]
             raise ValueError(f"Unable to add an update whose layout differs from the first one's: {diff}")
-        if self.robust or self._capped:
-            self._spool_update(update)
-        if not self.robust:
-            for name, value in update.items():
-                if not value.is_floating_point():
+        spool = self._spool_file() if self.robust or self._capped else None
+        try:
+            for name, (_, dtype) in layout.items():
+                if dtype != torch.float32:
+                    if first:
+                        self._first_int[name] = update[name].detach().clone()
+                    continue
+                value = update[name].detach().float()
+                if spool is not None:
+                    spool.write(value.contiguous().numpy().tobytes())
+                if self.robust:
                     continue
                 if name in self._acc:
-                    self._acc[name].add_(value.detach().float(), alpha=weight)  # no temporary
+                    self._acc[name].add_(value, alpha=weight)  # no temporary
                 else:
-                    self._acc[name] = value.detach().float().contiguous() * weight
+                    self._acc[name] = value.contiguous() * weight
+                del value
+        finally:
+            if spool is not None:
+                spool.close()
         self._total += weight
         self._weights.append(weight)
         self.count += 1
 
-    def _spool_update(self, update: Mapping[str, torch.Tensor]) -> None:
+    def _spool_file(self) -> BinaryIO:
         if self._spool is None:
             parent = self._spool_parent or Path(tempfile.gettempdir())
             parent.mkdir(parents=True, exist_ok=True)
             self._spool = Path(tempfile.mkdtemp(prefix="aggregation-spool-", dir=parent))
-        with open(self._spool / f"{self.count:05d}.f32", "wb") as fh:
-            for value in update.values():
-                if value.is_floating_point():
-                    fh.write(value.detach().float().contiguous().numpy().tobytes())
+        return open(self._spool / f"{self.count:05d}.f32", "wb")  # noqa: SIM115 - closed by add
 
     # -- result -----------------------------------------------------------------------------------------------
     def result(self) -> dict[str, torch.Tensor]:
@@ -234,3 +245,12 @@ class StreamingAggregator:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _layout_of(update: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, float32 or the integer dtype), without decoding a :class:`ValidatedUpdate` again."""
+    if isinstance(update, ValidatedUpdate):
+        items = [(k, shape, dtype) for k, (shape, dtype) in update.layout.items()]
+    else:
+        items = [(k, tuple(v.shape), v.dtype) for k, v in update.items()]
+    return {k: (tuple(shape), torch.float32 if dtype.is_floating_point else dtype) for k, shape, dtype in items}

@@ -16,15 +16,16 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 
 from lungmae_core.errors import LungMAEError
-from lungmae_core.wire import WireFormatError, unpack_state, update_norm
+from lungmae_core.wire import WireFormatError, packed_names, unpack_entry
 
-__all__ = ["CHECKS", "UpdateRejected", "Rejection", "validate_update"]
+__all__ = ["CHECKS", "UpdateRejected", "Rejection", "ValidatedUpdate", "validate_update"]
 
 # Checks in the order they run (server.strategy runs the first six on the reply, these the last five on
 # the update); each rejection names one of them.
@@ -61,13 +62,53 @@ def _short(names: list[str], limit: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
+class ValidatedUpdate(Mapping[str, torch.Tensor]):
+    """A checked update that decodes each tensor when it is read, from the arrays as they arrived.
+
+    Why: a decoded paper-size update is a model's worth of float32 (445 MiB) next to the received fp16 or
+    int8 arrays; decoding one tensor at a time while it is folded into the running sum keeps only the
+    received arrays and one decoded tensor alive (``benchmarks/server_memory.py``). The price is decoding
+    twice (once to check, once to fold), which is a cast per value for fp16 and a multiply for int8.
+
+    Reading an entry returns a fresh float32 tensor (integer buffers keep their dtype) times :attr:`scale`
+    (floating entries only). ``layout`` (name -> (shape, dtype) as decoded) and ``norm`` (the global L2 norm
+    before scaling) were measured by :func:`validate_update`.
+    """
+
+    def __init__(self, packed: Mapping[str, np.ndarray], names: list[str],
+                 layout: dict[str, tuple[tuple[int, ...], torch.dtype]], norm: float,
+                 shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+        self._packed, self._names, self._shapes = packed, names, shapes
+        self.layout = layout
+        self.norm = norm
+        self.scale = 1.0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.layout:
+            raise KeyError(name)
+        value = unpack_entry(self._packed, name, self._shapes)
+        if self.scale != 1.0 and value.is_floating_point():
+            value.mul_(self.scale)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def scale_by(self, factor: float) -> None:
+        """Multiply every floating entry by ``factor`` when it is read (central DP's per-update clipping)."""
+        self.scale *= float(factor)
+
+
 def validate_update(
     site: str,
     packed: Mapping[str, np.ndarray],
     layout: Mapping[str, tuple[tuple[int, ...], str]],
     max_norm: float,
     shapes: Mapping[str, tuple[int, ...]] | None = None,  # [perf] needed for topk updates
-) -> dict[str, torch.Tensor]:
+) -> ValidatedUpdate:
     """Check a packed update against the expected layout and bounds; return it decoded.
 
     Args:
@@ -80,7 +121,8 @@ def validate_update(
             and only this check stops a smaller declared shape from broadcasting in the aggregate.
 
     Returns:
-        name -> float32 tensor (integer buffers keep their dtype), ready to aggregate.
+        the update as a :class:`ValidatedUpdate`: name -> float32 tensor (integer buffers keep their
+        dtype), decoded when read, ready to aggregate.
 
     Raises:
         UpdateRejected: at the first failed check, in the order of :data:`CHECKS`.
@@ -102,14 +144,29 @@ def validate_update(
                  if str(np.asarray(packed[n]).dtype) != dtype]
     if bad_dtype:
         raise UpdateRejected(site, "dtypes", "; ".join(bad_dtype[:3]))
+    # every entry is decoded once here, checked and let go; ValidatedUpdate decodes again when it is folded
     try:
-        delta = unpack_state(packed, shapes)  # [perf] shapes
+        names = packed_names(packed)
     except WireFormatError as exc:
         raise UpdateRejected(site, "dtypes", str(exc)) from None
-    non_finite = [n for n, t in delta.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    decoded_layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    non_finite: list[str] = []
+    sq = 0.0
+    for name in names:
+        try:
+            value = unpack_entry(packed, name, shapes)  # [perf] shapes
+        except WireFormatError as exc:
+            raise UpdateRejected(site, "dtypes", str(exc)) from None
+        decoded_layout[name] = (tuple(value.shape), value.dtype)
+        if value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                non_finite.append(name)
+            elif not non_finite:
+                sq += float(torch.sum(value.double() ** 2))
+        del value
     if non_finite:
         raise UpdateRejected(site, "finite", f"non-finite values in {_short(non_finite)}")
-    norm = update_norm(delta)
+    norm = math.sqrt(sq)
     if not norm <= max_norm:
         raise UpdateRejected(site, "norm", f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
-    return delta
+    return ValidatedUpdate(packed, names, decoded_layout, norm, shapes)

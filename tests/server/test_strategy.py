@@ -127,6 +127,16 @@ def test_the_share_cap_limits_a_site_with_more_examples() -> None:
     assert report.aggregated["max_site_share"] == 0.5
 
 
+def test_central_dp_clips_each_update_as_it_is_folded_in() -> None:
+    """Site updates of norm 0.1*sqrt(8) and 0.2*sqrt(8) clipped to 0.05 each, equal weights, no noise."""
+    grid = _grid(2)
+    strategy = PhaseStrategy(CFG, _registry(grid), max_norm=10.0, max_site_share=0.5, central_dp=(0.0, 0.05, 1e-5))
+    new, report = strategy.train_round(grid, GLOBAL, CFG, timeout=5)
+    per_value = 0.05 / np.sqrt(8)  # both clipped to norm 0.05 over 8 equal values
+    assert np.allclose(new["w"].numpy(), per_value, atol=1e-6) and np.allclose(new["b"].numpy(), per_value, atol=1e-6)
+    assert report.aggregated["central_clipped"] == 2
+
+
 def test_missing_reply_counts_as_failed_and_round_is_skipped() -> None:
     grid = _grid(2)
     sites = _registry(grid)

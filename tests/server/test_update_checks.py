@@ -54,3 +54,21 @@ def test_topk_update_declaring_a_smaller_shape_is_rejected() -> None:
     packed["b"], packed["b#topk-index"] = packed["b"].repeat(1), packed["b#topk-index"].repeat(1)
     with pytest.raises(UpdateRejected, match="decodes to shape"):
         validate_update("a", packed, layout, 10.0, shapes={k: tuple(v.shape) for k, v in state.items()})
+
+
+def test_a_valid_update_is_decoded_when_read_not_held_decoded() -> None:
+    """The checked update keeps the received arrays and decodes an entry on each read (memory: one tensor)."""
+    update = {k: torch.full_like(v, 0.25) for k, v in GLOBAL.items()}
+    packed = pack_state(update, "int8")
+    delta = validate_update("a", packed, packed_layout(GLOBAL, "int8"), 10.0)
+    assert list(delta) == list(GLOBAL) and len(delta) == 2
+    assert delta.layout == {"enc.w": ((4, 3), torch.float32), "head.b": ((2,), torch.float32)}
+    assert delta.norm == pytest.approx(0.25 * np.sqrt(14), rel=1e-2)
+    first, second = delta["enc.w"], delta["enc.w"]
+    assert first is not second and first.data_ptr() != second.data_ptr()  # a fresh tensor per read
+    first.add_(1.0)  # the caller may use it in place; the update is unchanged
+    assert torch.allclose(delta["enc.w"], torch.full((4, 3), 0.25), atol=1e-2)
+    delta.scale_by(0.5)
+    assert torch.allclose(delta["head.b"], torch.full((2,), 0.125), atol=1e-2)
+    with pytest.raises(KeyError):
+        delta["enc.w#int8-scale"]
