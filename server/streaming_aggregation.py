@@ -6,7 +6,8 @@
 
 * ``fedavg`` / ``fedprox``: a running weighted sum in float32 accumulators, ``sum_i w_i u_i``,
   and the weight total; :meth:`~StreamingAggregator.result` divides once. Memory: one model-sized
-  accumulator (plus the update being added, which the caller drops after :meth:`add`).
+  accumulator (plus the update being added, which the caller drops after :meth:`add`; a
+  :class:`~server.update_checks.ValidatedUpdate` is read one decoded tensor at a time).
   With ``max_share < 1`` (``max-site-share``: no site's share of the weights above the cap, see
   :func:`server.aggregation.capped_shares`) the shares are known only once every update is in, so each
   update is also spooled to disk (below); when the cap does not bind the running sum is the result, and
@@ -28,7 +29,7 @@ Usage in the runner (replies may be pulled one by one with ``grid.pull_messages`
 
     with StreamingAggregator(method, trim=trim, spool_dir=run_dir / "spool") as agg:
         for reply in replies:
-            delta = validate_update(site, packed_arrays(reply), layout, max_norm)   # decode + checks
+            delta = validate_update(site, packed_arrays(reply), layout, max_norm)   # checks; decodes on read
             agg.add(delta, num_examples)
             del delta
         update = agg.result()     # name -> tensor, as aggregate_updates returns
