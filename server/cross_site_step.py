@@ -4,8 +4,10 @@ Runs after the final evaluation (``server.schedule`` step ``cross-site``). The s
 (``share-local-model``, announced in their query answer) fine-tune a local copy of the final global
 classifier on their own train split and send it back as an update relative to the global model;
 :meth:`server.strategy.PhaseStrategy.local_models` validates each like a training update (replay ... norm).
-Then every site with a test split scores each local model, one evaluate message per (model, site), so no
-message carries more than one model. The global model's row is the final evaluation's (the same weights).
+Each local model waits on disk (a private temporary folder in the run's spool directory, removed at the
+end) until its turn, so the server holds one at a time. Then every site with a test split scores each local
+model, one evaluate message per (model, site), so no message carries more than one model. The global
+model's row is the final evaluation's (the same weights).
 
 Nothing here can stop the run: a site that does not share has no row (``notes.not_shared``), a local model
 that fails or is dropped leaves its row null (``notes.models``), an evaluation refused (e.g. the site's
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +33,14 @@ from server.cross_site import CROSS_SITE_METRICS, GLOBAL_MODEL, build_cross_site
 from server.sites import SiteRegistry
 from server.strategy import PhaseStrategy
 
-__all__ = ["MATRIX_METRICS", "cross_site_matrix", "run_cross_site"]
+__all__ = ["MATRIX_METRICS", "SPOOL_PREFIX", "cross_site_matrix", "run_cross_site"]
 
 log = logging.getLogger(__name__)
 
 #: Plain accuracy besides balanced accuracy and ROC AUC: it stays defined on a test split that lacks a class.
 MATRIX_METRICS: tuple[str, ...] = (*CROSS_SITE_METRICS, "accuracy")
+#: Name prefix of the folder the local models wait in (a server killed mid-step leaves one behind).
+SPOOL_PREFIX = "cross-site-"
 
 
 def cross_site_matrix(sites: SiteRegistry, scores: Mapping[tuple[str, str], Mapping[str, Any]],
@@ -68,13 +74,21 @@ def run_cross_site(strategy: PhaseStrategy, grid: Grid, sites: SiteRegistry, wei
         every reply dropped by a check, for the audit log.
     """
     t0 = time.perf_counter()
-    cfg = strategy.round_config
     scores: dict[tuple[str, str], Mapping[str, Any]] = {(GLOBAL_MODEL, s): m for s, m in global_scores.items()}
     notes: dict[str, Any] = {"models": {}, "cells": [], "not_shared": {}}
     for info in sites.values():
         if not info.error and info.num_labelled_train > 0 and not info.share_local_model:
             notes["not_shared"][info.name] = "the site's policy does not share a local model (share-local-model)"
-    local, train = strategy.local_models(grid, weights, cfg, timeout)
+    # every local model waits on disk in a private folder until it is scored: one in memory at a time
+    with tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX, dir=strategy.spool_dir) as spool:
+        return _score_local_models(strategy, grid, sites, weights, scores, notes, Path(spool), timeout, t0)
+
+
+def _score_local_models(strategy: PhaseStrategy, grid: Grid, sites: SiteRegistry, weights: dict[str, torch.Tensor],
+                        scores: dict[tuple[str, str], Mapping[str, Any]], notes: dict[str, Any], spool: Path,
+                        timeout: float, t0: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cfg = strategy.round_config
+    local, train = strategy.local_models(grid, weights, cfg, timeout, spool)
     for f in train.failed:
         notes["models"][f["site"]] = f"no local model: {f['reason']}"
     for r in train.rejected:
@@ -86,7 +100,11 @@ def run_cross_site(strategy: PhaseStrategy, grid: Grid, sites: SiteRegistry, wei
         if name not in local:
             notes["models"].setdefault(name, "no local model came back")
             continue
-        report = strategy.evaluate(grid, local.pop(name), cfg, timeout)  # pop: one local model in memory at a time
+        path = local.pop(name)
+        model = torch.load(path, weights_only=True)
+        path.unlink()
+        report = strategy.evaluate(grid, model, cfg, timeout)
+        del model
         moved["down"] += report.bytes_down
         moved["up"] += report.bytes_up
         drops += [dataclasses.asdict(r) for r in report.rejected]

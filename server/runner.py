@@ -49,11 +49,13 @@ from server.checkpoints import (
     export_model,
 )
 from server.cross_site import GLOBAL_MODEL
+from server.cross_site_step import SPOOL_PREFIX as CROSS_SITE_SPOOL
 from server.cross_site_step import cross_site_matrix, run_cross_site
 from server.federation_config import FederationConfig, config_hash, federation_to_mapping
 from server.schedule import Step, phase_plan, steps_after
 from server.sites import InsufficientSitesError, SiteRegistry
 from server.strategy import PhaseStrategy, RoundReport
+from server.streaming_aggregation import SPOOL_PREFIX as AGGREGATION_SPOOL
 from server.telemetry import Telemetry
 
 __all__ = ["FederationRunner", "RUN_FILES"]
@@ -212,6 +214,14 @@ class FederationRunner:
             summary["final"] = self.final
         atomic_write_json(self.run_dir / "metrics.json", summary)
 
+    def _remove_stale_spools(self) -> None:
+        """Delete spool folders a killed ServerApp left in the run dir (site updates, local models: no use
+        to anyone once their round is gone, and up to sites x model in size)."""
+        for stale in sorted([*self.run_dir.glob(AGGREGATION_SPOOL + "*"), *self.run_dir.glob(CROSS_SITE_SPOOL + "*")]):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+                log.info("removed %s, left by a ServerApp that stopped mid-step", stale.name)
+
     def _write_run_config(self) -> None:
         atomic_write_json(self.run_dir / "run_config.json", {
             "federation": federation_to_mapping(self.cfg), "config_hash": self.hash,
@@ -336,6 +346,7 @@ class FederationRunner:
             InsufficientSitesError: when a phase cannot find ``min-sites`` able sites within the timeout.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_spools()
         self._write_run_config()
         completed, phase, weights = self._restore()
         try:

@@ -32,6 +32,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from lungmae_core.atomic import atomic_path
 from lungmae_core.bundle import DEFLATED, layout_nbytes, unbundle
 from lungmae_core.contract import (
     EVALUATE,
@@ -350,11 +352,14 @@ class PhaseStrategy:
 
     # --------------------------------------------------------------------------------- cross-site
     def local_models(self, grid: Grid, weights: dict[str, torch.Tensor], cfg: RoundConfig,
-                     timeout: float) -> tuple[dict[str, dict[str, torch.Tensor]], RoundReport]:
+                     timeout: float, spool: Path) -> tuple[dict[str, Path], RoundReport]:
         """Ask every site that shares one for a local copy fine-tuned from ``weights`` (a cross-site request).
 
-        Each reply is a training reply and passes the same checks (replay ... norm); nothing is aggregated:
-        returns ``{site: global + update}`` for the valid ones and the report (failures, drops, bytes).
+        Each reply is a training reply and passes the same checks (replay ... norm); nothing is aggregated.
+        Each valid local model (``global + update``) is written to its own file in ``spool`` (a private
+        directory of the caller's) as it arrives, so the server holds one local model at a time, whatever
+        the number of sites. Returns ``{site: file}`` for the valid ones and the report (failures, drops,
+        bytes); read a file with ``torch.load(file, weights_only=True)``.
         """
         report = RoundReport(kind=TRAIN)
         t0 = time.perf_counter()
@@ -367,10 +372,14 @@ class PhaseStrategy:
         names = self.upload_names if self.upload_names is not None else list(glob)
         layout = packed_layout({k: glob[k] for k in names}, cfg.compression)
         sent, replies = self._send(grid, nodes, glob, cfg, TRAIN, report, timeout)
-        models = {}
+        models: dict[str, Path] = {}
         for _, site, decoded, delta in self._collect(sent, replies, report, TRAIN, cfg, layout):
             report.sites[site] = decoded.metrics()
-            models[site] = apply_delta(glob, delta)
+            path = spool / f"local-{len(models):04d}.pt"
+            with atomic_path(path, 0o600, fsync=False) as tmp:  # read back in this step only
+                torch.save(apply_delta(glob, delta), tmp)  # a model's derived weights: 0600
+            models[site] = path
+            del delta
         report.replied = list(report.sites)
         report.duration_s = time.perf_counter() - t0
         log.info("cross-site: %d local models from %s; %d dropped, %d failed", len(models), sorted(models),

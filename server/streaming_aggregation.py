@@ -61,13 +61,15 @@ import torch
 from server.aggregation import METHODS, capped_shares
 from server.update_checks import ValidatedUpdate
 
-__all__ = ["StreamingAggregator", "CHUNK_BYTES"]
+__all__ = ["StreamingAggregator", "CHUNK_BYTES", "SPOOL_PREFIX"]
 
 log = logging.getLogger(__name__)
 
 #: Bytes of all sites' values of one slice of coordinates when reducing spooled updates (the slice shrinks
 #: as sites are added, so the robust methods' working memory does not grow with the consortium).
 CHUNK_BYTES = 32 << 20
+#: Name prefix of a spool directory (a server killed mid-round leaves one; the runner removes it on start).
+SPOOL_PREFIX = "aggregation-spool-"
 
 
 class StreamingAggregator:
@@ -154,7 +156,7 @@ class StreamingAggregator:
         if self._spool is None:
             parent = self._spool_parent or Path(tempfile.gettempdir())
             parent.mkdir(parents=True, exist_ok=True)
-            self._spool = Path(tempfile.mkdtemp(prefix="aggregation-spool-", dir=parent))
+            self._spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=parent))
         return open(self._spool / f"{self.count:05d}.f32", "wb")  # noqa: SIM115 - closed by add
 
     # -- result -----------------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Message
 
 from client.client_app import make_client_app
 from client.site_config import load_site_config, write_site_config
 from server.cross_site import read_cross_site
+from server.cross_site_step import SPOOL_PREFIX
 from server.federation_config import federation_from_mapping
 from server.report.cross_site import cross_site_section
 from server.runner import FederationRunner
@@ -59,10 +61,25 @@ def _test_counts(summary: dict) -> dict[str, int]:
     return {s: m["num_examples"] for s, m in summary["final"]["sites"].items()}
 
 
-def test_matrix_with_a_non_sharing_site_and_suppressed_counts(base_sites: list[Path], tmp_path: Path) -> None:
+def test_matrix_with_a_non_sharing_site_and_suppressed_counts(base_sites: list[Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sites = _site_copies(base_sites, tmp_path, {0: {"min_count": 100}, 2: {"share_local_model": False}})
+    waiting: list[list[str]] = []  # the local models on disk each time one is read back
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if Path(path).parent.name.startswith(SPOOL_PREFIX):
+            waiting.append(sorted(f.name for f in Path(path).parent.iterdir()))
+            assert (Path(path).stat().st_mode & 0o777) == 0o600
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
     summary = _run(sites, tmp_path / "run")
     assert summary["status"] == "completed"
+    # both local models waited on disk and were read back one at a time; the folder is gone afterwards
+    assert waiting == [["local-0000.pt", "local-0001.pt"], ["local-0001.pt"]] or \
+        waiting == [["local-0000.pt", "local-0001.pt"], ["local-0000.pt"]]
+    assert not list((tmp_path / "run").glob(SPOOL_PREFIX + "*"))
     raw = summary["final"]["cross_site"]
     matrix, why = read_cross_site(raw)
     assert matrix is not None, why
@@ -142,10 +159,16 @@ def test_a_server_killed_in_the_cross_site_step_resumes_it(base_sites: list[Path
         FederationRunner(_cfg(tmp_path / "run"), grid).run()
     before = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
     assert before["cross_site"]["models"] == ["global"]  # the final step's matrix: the global row only
+    # a SIGKILLed server leaves its spools (a raised exception does not): the restarted one removes them
+    assert not list((tmp_path / "run").glob(SPOOL_PREFIX + "*"))
+    for stale in (tmp_path / "run" / (SPOOL_PREFIX + "x1"), tmp_path / "run" / "aggregation-spool-y2"):
+        stale.mkdir()
+        (stale / "local-0000.pt").write_bytes(b"weights")
     grid2 = InProcessGrid(make_client_app(sites), [{"partition-id": i} for i in range(2)])
     FederationRunner(_cfg(tmp_path / "run"), grid2).run()
     kinds = [(m.metadata.message_type, str(m.content["config"]["phase"])) for m in grid2.sent]
     assert set(kinds) == {("query", "cross-site"), ("train", "cross-site"), ("evaluate", "cross-site")}
+    assert not list((tmp_path / "run").glob(SPOOL_PREFIX + "*")) and not list((tmp_path / "run").glob("aggregation-*"))
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
     assert final["sites"] == before["sites"]
     matrix, why = read_cross_site(final["cross_site"])
