@@ -9,11 +9,12 @@ sees the whole list at once, each with a hint that says what to do. Checks, in o
 4. ``device``       the GPU named in ``training: device`` is visible (or the CPU fallback is stated)
 5. ``cache``        the prepared cache is there: manifest, data card, accepted samples on disk, and made with
                     the current preprocessing settings
-6. ``superlink``    the SuperLink answers a real TLS handshake verified with ``connection: root-certificates``
+6. ``superlink``    the SuperLink answers a real TLS handshake verified with ``connection: root-certificates``,
+                    and a mutual-TLS proxy in front of it accepts ``trust: client-certificate``
 7. ``node-key``     ``connection: auth-key`` is an ECDSA private key Flower can use
 8. ``privacy``      the privacy ledger is readable, and the budget left (DP sites only)
 
-Nothing here sends data anywhere: the SuperLink check opens a TLS connection and closes it.
+Nothing here sends data anywhere: the SuperLink check opens a TLS connection, asks for ``/`` and closes it.
 
 Examples:
     >>> report = run_preflight(Path("site.yaml"))
@@ -210,12 +211,30 @@ def _check_cache(cfg: Any) -> CheckResult:
     return CheckResult("cache", True, f"{len(accepted)} scans accepted ({labelled} labelled), data card present")
 
 
-def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) -> CheckResult:
-    """Open a TCP connection to ``host:port`` and complete a TLS handshake verified with the given CA.
+#: What an nginx mutual-TLS proxy answers when a request comes without an accepted client certificate.
+_PROXY_NO_CERT = b"No required SSL certificate was sent"
+_PROXY_BAD_CERT = b"The SSL certificate error"
+#: How long the probe listens after the handshake for a server's alert before it sends its request.
+_ALERT_WAIT_S = 0.5
+#: TLS alerts a server sends when it wants a client certificate it did not get or does not accept.
+_CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REVOKED",
+                       "CERTIFICATE_EXPIRED", "HANDSHAKE_FAILURE")
+
+
+def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0,
+              client_certificate: Path | None = None, client_key: Path | None = None) -> CheckResult:
+    """Open a TCP connection to ``host:port``, complete a TLS handshake verified with the given CA, then ask
+    for ``/`` to learn whether a mutual-TLS proxy in front of the SuperLink accepts this site's certificate.
+
+    Why the request: with TLS 1.3 the client's handshake completes before the server has judged the client
+    certificate, and the consortium's nginx proxy reports a missing or refused certificate in its HTTP answer,
+    not in the handshake; a site with a wrong, revoked or missing certificate would otherwise pass here and
+    fail only when its SuperNode starts. Anything else the server answers (a Flower status, a closed
+    connection, nothing within the timeout) counts as reached.
 
     Returns:
         A ``superlink`` :class:`CheckResult` saying which step failed (name resolution, connection, certificate
-        verification, host name) and what to do.
+        verification, host name, client certificate) and what to do.
     """
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]")
@@ -228,11 +247,20 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
     except (OSError, ssl.SSLError) as exc:
         return CheckResult(name, False, f"root certificates {root_certificates} cannot be loaded: {exc}",
                            "copy the consortium CA certificate (ca.crt, PEM) from the coordinator")
+    if client_certificate is not None and client_key is not None:
+        try:
+            context.load_cert_chain(str(client_certificate), str(client_key))
+        except (OSError, ssl.SSLError) as exc:
+            return CheckResult(name, False, f"trust: client-certificate {client_certificate} with client-key "
+                               f"{client_key} cannot be loaded: {exc}",
+                               "get them again from the coordinator (`lungmae certs --site NAME`)")
+    answer = b""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             with context.wrap_socket(sock, server_hostname=host) as tls:
                 cert = tls.getpeercert() or {}
                 version = tls.version()
+                answer = _first_answer(tls, host, min(timeout_s, 5.0))
     except socket.gaierror as exc:
         return CheckResult(name, False, f"cannot resolve {host}: {exc.strerror}",
                            "check the coordinator's DNS name in connection: superlink and this host's DNS")
@@ -245,7 +273,12 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
         return CheckResult(name, False, f"{address} answered but its certificate is not signed by the CA in "
                            f"{root_certificates}: {exc.verify_message}",
                            "get the current ca.crt from the coordinator (or you reached another service)")
-    except (ssl.SSLError, ConnectionResetError) as exc:
+    except ssl.SSLError as exc:
+        if any(alert in str(exc).upper() for alert in _CLIENT_CERT_ALERTS):
+            return _client_cert_refused(address, client_certificate, f"the TLS handshake ended with {exc}")
+        return CheckResult(name, False, f"{address} accepted the connection but the TLS handshake failed: {exc}",
+                           "the port may not be the SuperLink, or a proxy intercepts TLS; check connection: superlink")
+    except ConnectionResetError as exc:
         return CheckResult(name, False, f"{address} accepted the connection but the TLS handshake failed: {exc}",
                            "the port may not be the SuperLink, or a proxy intercepts TLS; check connection: superlink")
     except TimeoutError:
@@ -257,13 +290,52 @@ def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0) ->
     except OSError as exc:
         return CheckResult(name, False, f"cannot connect to {address}: {exc.strerror or exc}",
                            "check the network route to the coordinator")
+    if _PROXY_NO_CERT in answer or _PROXY_BAD_CERT in answer:
+        said = (_PROXY_NO_CERT if _PROXY_NO_CERT in answer else _PROXY_BAD_CERT).decode()
+        return _client_cert_refused(address, client_certificate, f"the proxy answered {said!r}")
     not_after = cert.get("notAfter")
     days = ""
     if isinstance(not_after, str) and not_after:
         expires = _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), _dt.UTC)
         days = f", certificate valid for {(expires - _dt.datetime.now(_dt.UTC)).days} more days"
+    presented = f"; client certificate {Path(client_certificate).name} presented" if client_certificate else ""
     return CheckResult(name, True, f"{address} reached over {version}, certificate verified with "
-                       f"{root_certificates.name}{days}")
+                       f"{root_certificates.name}{days}{presented}")
+
+
+def _first_answer(tls: ssl.SSLSocket, host: str, timeout_s: float) -> bytes:
+    """The first bytes the server sends after a plain ``GET /`` (empty if it closes or stays silent).
+
+    First a short read with nothing sent: a server that refuses the client certificate in the handshake sends
+    its alert now, and it would be lost if a request were already on its way when the server closes. TLS
+    alerts (a refused client certificate) propagate as :class:`ssl.SSLError`; anything else that goes wrong
+    here only means the server does not speak HTTP/1.1 (a gRPC SuperLink), which is fine.
+    """
+    try:
+        tls.settimeout(min(timeout_s, _ALERT_WAIT_S))
+        try:
+            tls.recv(1)
+        except TimeoutError:
+            pass  # the server waits for a request: the certificate was accepted, or it is judged per request
+        tls.settimeout(timeout_s)
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return tls.recv(4096)
+    except ssl.SSLError as exc:
+        if any(alert in str(exc).upper() for alert in _CLIENT_CERT_ALERTS):
+            raise
+        return b""
+    except OSError:
+        return b""
+
+
+def _client_cert_refused(address: str, client_certificate: Path | None, what: str) -> CheckResult:
+    if client_certificate is None:
+        return CheckResult("superlink", False, f"{address} wants a TLS client certificate and none is set ({what})",
+                           "set trust: client-certificate and client-key to this site's files from the "
+                           "coordinator (`lungmae certs --site NAME` makes NAME.client.pem / NAME.client.key)")
+    return CheckResult("superlink", False, f"{address} refused this site's client certificate {client_certificate} "
+                       f"({what})", "it may be revoked, expired or made for another consortium: ask the coordinator "
+                       "for a new one (`lungmae certs --site NAME`)")
 
 
 def _check_superlink(cfg: Any, timeout_s: float) -> CheckResult:
@@ -275,7 +347,9 @@ def _check_superlink(cfg: Any, timeout_s: float) -> CheckResult:
     if not Path(conn.root_certificates).is_file():
         return CheckResult("superlink", False, f"root certificates file {conn.root_certificates} does not exist",
                            "copy ca.crt from the coordinator there")
-    return tls_probe(conn.superlink, Path(conn.root_certificates), timeout_s)
+    trust = cfg.trust
+    return tls_probe(conn.superlink, Path(conn.root_certificates), timeout_s,
+                     client_certificate=trust.client_certificate, client_key=trust.client_key)
 
 
 def _check_node_key(cfg: Any) -> CheckResult:

@@ -192,6 +192,60 @@ def test_wrong_ca_and_wrong_name_are_told_apart(pki: Path, tls_server: int, tmp_
     assert result.ok is False and ("TLS handshake failed" in result.message or "no answer" in result.message)
 
 
+@pytest.fixture(scope="module")
+def mtls_server(pki: Path) -> Iterator[int]:
+    """A TLS server that requires a client certificate signed by the consortium CA (as the site proxy does)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca/ca.crt"))
+    context.load_cert_chain(pki / "server/server.pem", pki / "server/server.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(4096)
+                    tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_a_server_that_wants_a_client_certificate_is_told_apart(pki: Path, mtls_server: int,
+                                                                   tmp_path: Path) -> None:
+    """TLS 1.3 completes the client's handshake before the server judges its certificate: the probe's request
+    is what brings the refusal to light, with the fix for a missing and for a refused certificate."""
+    from server.ops.certs import make_ca
+
+    address, ca = f"localhost:{mtls_server}", pki / "ca/ca.crt"
+    site = (pki / "sites/site0/site0.client.pem", pki / "sites/site0/site0.client.key")
+    ok = tls_probe(address, ca, client_certificate=site[0], client_key=site[1])
+    assert ok.ok is True and "client certificate site0.client.pem presented" in ok.message, ok.message
+    missing = tls_probe(address, ca, timeout_s=5)
+    assert missing.ok is False and "wants a TLS client certificate and none is set" in missing.message, missing
+    assert "trust: client-certificate" in missing.hint
+    # a certificate of another CA (another consortium's, or a self-made one)
+    other_key, other_ca = make_ca(tmp_path / "other")
+    refused = tls_probe(address, ca, timeout_s=5, client_certificate=other_ca, client_key=other_key)
+    assert refused.ok is False and "refused this site's client certificate" in refused.message, refused
+    unreadable = tls_probe(address, ca, client_certificate=tmp_path / "nope.pem", client_key=tmp_path / "nope.key")
+    assert unreadable.ok is False and "cannot be loaded" in unreadable.message
+
+
 def test_privacy_ledger_budget(prepared_site: Path, tmp_path: Path, pki: Path, tls_server: int) -> None:
     ledger = tmp_path / "ledger.json"
     cfg = _site(prepared_site, tmp_path, pki, tls_server,

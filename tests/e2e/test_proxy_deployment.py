@@ -8,7 +8,8 @@ that binds loopback, a site in a second network namespace, a signed app bundle a
    site's network namespace (a veth pair; where namespaces cannot be made, a second loopback
    address, and the test says so): the SuperLink's own port is unreachable; a Fleet call with a site
    certificate reaches Flower; a Control or Runtime call with a site certificate is refused by the proxy;
-   a call without a client certificate is refused; a site's certificate stops working once revoked.
+   a call without a client certificate is refused; a site's certificate stops working once revoked; the
+   preflight probe passes with the site's certificate and names the fix without one or with a revoked one.
 3. A real SuperNode in the namespace joins through the proxy with its certificate, and `lungmae server run
    --signing-key` completes one round of the tiny model; the site's own chained log records the accepted
    bundle and `lungmae audit verify` accepts both logs.
@@ -245,6 +246,16 @@ def test_fleet_only_mtls_proxy_and_signed_apps(setup: tuple[Processes, Network])
               .startswith("400"), 30)
     assert "The SSL certificate error" in _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s2)
     assert _probe(procs, net, proxy_port, "/v1/fleet/get-run", *s0).split()[0] == fleet.split()[0]
+    # `lungmae site preflight`'s probe tells the three apart through the real proxy
+    from client.preflight import tls_probe
+
+    ca, proxy = pki / "ca/ca.crt", f"{net.host_ip}:{proxy_port}"
+    good = tls_probe(proxy, ca, client_certificate=Path(s0[0]), client_key=Path(s0[1]))
+    assert good.ok and "client certificate s0.client.pem presented" in good.message, good
+    without = tls_probe(proxy, ca)
+    assert not without.ok and "wants a TLS client certificate and none is set" in without.message, without
+    revoked = tls_probe(proxy, ca, client_certificate=Path(s2[0]), client_key=Path(s2[1]))
+    assert not revoked.ok and "refused this site's client certificate" in revoked.message, revoked
 
     # 3. a real SuperNode through the proxy; a signed run completes --------------------------------------------
     register = procs.run(["flwr", "supernode", "register", str(pki / "sites/s0/s0.pub"), "lungmae", "--name", "s0",
