@@ -64,23 +64,57 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.resume:
         print(f"lungmae: warning: {args.config} sets resume: false, so a run submitted again after a SuperLink "
               "restart starts over from round 1 instead of resuming from the last checkpoint", flush=True)
-    run_config = {}
-    if args.signing_key is not None:
-        run_config["fab-signature"] = _sign_app(app, args.signing_key)
-    follower = RunFollower(FlwrCLI(env=flower_env()), app, args.config, cfg.run_dir,
-                           max_restarts=args.max_restarts, poll_s=args.poll_s,
-                           unreachable_limit_s=args.unreachable_limit_s,
-                           say=lambda line: print(f"lungmae: {line}", flush=True), run_config=run_config)
-    return follower.follow(resume_existing=not args.new)
-
-
-def _sign_app(app: Path, key: Path) -> str:
-    """Build the FAB as ``flwr run`` will and sign it; prints its SHA-256 (sites may allow-list it instead)."""
-    from flwr.cli.build import build_fab_from_disk
+    import tempfile
 
     from lungmae_core.signing import fab_sha256, load_private_key, sign_fab
 
-    private = load_private_key(key)  # a bad key fails here, before anything is built
+    private = load_private_key(args.signing_key) if args.signing_key is not None else None  # fails before building
+    with tempfile.TemporaryDirectory(prefix="lungmae-app-") as tmp:
+        # every submission (resubmissions after a SuperLink restart included) packs this snapshot, so the
+        # bundle the sites get is the one signed here even if the app directory changes meanwhile
+        snapshot, fab = snapshot_app(app, Path(tmp) / "app")
+        run_config = {}
+        if private is not None:
+            run_config["fab-signature"] = sign_fab(fab, private)
+        signed = f"signed with {args.signing_key}" if private is not None else "unsigned: sites must allow-list it"
+        print(f"lungmae: app bundle sha256 {fab_sha256(fab)} ({len(fab)} bytes) {signed}", flush=True)
+        follower = RunFollower(FlwrCLI(env=flower_env()), snapshot, args.config, cfg.run_dir,
+                               max_restarts=args.max_restarts, poll_s=args.poll_s,
+                               unreachable_limit_s=args.unreachable_limit_s,
+                               say=lambda line: print(f"lungmae: {line}", flush=True), run_config=run_config)
+        return follower.follow(resume_existing=not args.new)
+
+
+def snapshot_app(app: Path, dest: Path) -> tuple[Path, bytes]:
+    """Build the app bundle once, unpack its files into ``dest`` and check that ``dest`` builds the same bytes.
+
+    Why: ``flwr run`` builds the bundle itself from a directory. Building it from a snapshot of exactly the
+    files signed (instead of from the live app directory) means an edit of the app between signing and
+    submitting, or before a resubmission, cannot change what the sites receive.
+
+    Returns:
+        ``(dest, bundle bytes)``.
+
+    Raises:
+        LungMAEError: if the snapshot does not rebuild to the same bytes (Flower's build would then not be
+            deterministic, and a signature could not match).
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from lungmae_core.errors import LungMAEError
+
     fab = build_fab_from_disk(app)
-    print(f"lungmae: app bundle sha256 {fab_sha256(fab)} ({len(fab)} bytes) signed with {key}", flush=True)
-    return sign_fab(fab, private)
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        for name in bundle.namelist():
+            target = (dest / name).resolve()
+            if name.startswith(".info/") or not target.is_relative_to(dest.resolve()):
+                continue  # Flower's own manifest is made again by the build
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(bundle.read(name))
+    if build_fab_from_disk(dest) != fab:
+        raise LungMAEError(f"Unable to submit {app} as its bundle does not rebuild to the same bytes from a copy of "
+                           "its files; the signature would not match what the sites receive")
+    return dest, fab

@@ -118,7 +118,8 @@ def _proxy_command(args: argparse.Namespace, tls: object, port: int, workdir: Pa
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
     atomic_write_text(conf, render_standalone(block, workdir))
-    return [nginx, "-c", str(conf), "-p", str(workdir)]
+    # -e: the error log from the first line on (nginx otherwise tries its packaged path, unwritable as a user)
+    return [nginx, "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "error.log")]
 
 
 def _start_extras(extras: list[tuple[str, list[str]]], env: dict[str, str]) -> list[tuple[str, subprocess.Popen]]:

@@ -10,8 +10,9 @@ set -euo pipefail
 IMAGE=${1:-localhost/lungmae-base:bookworm}
 SUITE=${DEBIAN_SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# python3-venv: the image's venv; tini: PID 1; openssl/openssh-client: certificate and key checks.
-PACKAGES=python3,python3-venv,ca-certificates,openssl,openssh-client,tini
+# python3-venv: the image's venv; tini: PID 1; openssl/openssh-client: certificate and key checks;
+# nginx: the coordinator's mutual-TLS proxy (`lungmae server start --proxy-listen`).
+PACKAGES=python3,python3-venv,ca-certificates,openssl,openssh-client,tini,nginx
 CACHE=${LUNGMAE_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lungmae-image}
 KEY=$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" | cat - "$0" | sha256sum | cut -c1-16)
 TARBALL=$CACHE/debian-$SUITE-$KEY.tar

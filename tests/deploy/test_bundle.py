@@ -126,6 +126,14 @@ def test_compose_file_references_existing_files() -> None:
     from server.federation_config import federation_from_mapping
 
     assert federation_from_mapping(demo).server.metrics_port == 9464
+    # the demo's sites go through the proxy, as in production: the SuperLink binds loopback, never --listen
+    coordinator = services["coordinator"]["command"]
+    assert "--listen" not in coordinator and "--proxy-listen" in coordinator
+    proxy_port = coordinator[coordinator.index("--proxy-listen") + 1].rsplit(":", 1)[1]
+    assert federation_from_mapping(demo).server.superlink.startswith("127.0.0.1:")
+    init = (DEPLOY / "demo/init.sh").read_text()
+    assert f'"superlink": "coordinator:{proxy_port}"' in init
+    assert '"client-certificate"' in init and '"client-key"' in init
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in dockerfile
     assert "FLWR_TELEMETRY_ENABLED=0" in dockerfile

@@ -1,4 +1,6 @@
-"""deploy/Dockerfile is built and run: `lungmae site preflight` and a 2-site loopback federation in the image.
+"""deploy/Dockerfile is built and run: in the image, `lungmae server start --proxy-listen` (SuperLink on loopback
+behind the image's nginx, mutual TLS), `lungmae site preflight` through the proxy, and a 2-site federation of
+`lungmae site start` sites submitted signed by `lungmae server run` (tests/deploy/container_federation.sh).
 
 The image is built by deploy/image/build.sh (what `make image` runs) from a base made of Debian's packages
 (deploy/image/debian-base.sh: mmdebstrap -> tarball -> `podman import`), since no container registry is
@@ -71,6 +73,9 @@ def test_image_runs_preflight_and_a_two_site_federation(image: tuple[str, dict[s
     assert "== preflight" in out and "PREFLIGHT FAILED" not in out
     assert "== run status finished:completed" in out
     assert "(1, 'pretrain', ['site0', 'site1'])" in out and "(2, 'finetune', ['site0', 'site1'])" in out
+    assert "client certificate site0.client.pem presented" in out  # preflight went through the proxy
+    requests = int(out.split("== proxy requests ")[1].split()[0])
+    assert requests > 10, out[-3000:]  # the sites' Fleet traffic went through nginx
 
 
 def test_image_has_no_ray_runs_as_its_own_user_and_refuses_nothing_it_needs(image: tuple[str, dict[str, str]]) -> None:
