@@ -217,8 +217,9 @@ _PROXY_BAD_CERT = b"The SSL certificate error"
 #: How long the probe listens after the handshake for a server's alert before it sends its request.
 _ALERT_WAIT_S = 0.5
 #: TLS alerts a server sends when it wants a client certificate it did not get or does not accept.
+#: (Not "handshake failure": a cipher or protocol mismatch sends it too, and is reported as such.)
 _CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REVOKED",
-                       "CERTIFICATE_EXPIRED", "HANDSHAKE_FAILURE")
+                       "CERTIFICATE_EXPIRED")
 
 
 def tls_probe(address: str, root_certificates: Path, timeout_s: float = 10.0,

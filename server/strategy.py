@@ -376,8 +376,9 @@ class PhaseStrategy:
         for _, site, decoded, delta in self._collect(sent, replies, report, TRAIN, cfg, layout):
             report.sites[site] = decoded.metrics()
             path = spool / f"local-{len(models):04d}.pt"
-            with atomic_path(path, 0o600, fsync=False) as tmp:  # read back in this step only
-                torch.save(apply_delta(glob, delta), tmp)  # a model's derived weights: 0600
+            # a site's model, derived from its data: owner-only; read back within this step, so no fsync
+            with atomic_path(path, 0o600, fsync=False) as tmp:
+                torch.save(apply_delta(glob, delta), tmp)
             models[site] = path
             del delta
         report.replied = list(report.sites)

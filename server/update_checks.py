@@ -109,7 +109,7 @@ def validate_update(
     max_norm: float,
     shapes: Mapping[str, tuple[int, ...]] | None = None,  # [perf] needed for topk updates
 ) -> ValidatedUpdate:
-    """Check a packed update against the expected layout and bounds; return it decoded.
+    """Check a packed update against the expected layout and bounds; return it, decoded as it is read.
 
     Args:
         site: the site's display name, used in the rejection message.
