@@ -170,12 +170,16 @@ class SiteRegistry:
         """
         deadline = time.monotonic() + timeout_s
         grace_deadline: float | None = None
+        asked: set[int] = set()  # once per call: a site works through its messages in order, so asking again
+        # before it answered would only queue more queries ahead of the next round's messages
         while True:
-            new = [n for n in grid.get_node_ids() if n not in self.sites]
+            new = [n for n in grid.get_node_ids() if n not in self.sites and n not in asked]
             if new:
+                asked.update(new)
                 messages = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=n,
                                     message_type=QUERY) for n in new]
-                replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
+                end = deadline if grace_deadline is None else grace_deadline  # the wait this call is in
+                replies = list(grid.send_and_receive(messages, timeout=max(1.0, end - time.monotonic())))
                 by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
                 for reply in replies:
                     node = by_id.get(reply.metadata.reply_to_message_id)

@@ -104,6 +104,38 @@ def test_a_site_that_never_comes_back_costs_one_grace_period_once(caplog: pytest
     assert time.monotonic() - t0 < 0.3  # the wait applied to one query only
 
 
+def test_a_site_that_reconnects_during_the_grace_is_asked_once_with_the_grace_left() -> None:
+    """The regression of a real run: the awaited site's ClientApp takes seconds to answer its first query;
+    asked with the long-past min-sites deadline (1 s) it never answered in time, and was asked again every
+    poll, each query queued behind the last, until the grace ran out."""
+
+    class SlowLateGrid(InProcessGrid):
+        def __init__(self) -> None:
+            super().__init__(_app(), [{"partition-id": 0}, {"partition-id": 1}])
+            self.born = time.monotonic()
+            self.timeouts: list[float] = []
+
+        def get_node_ids(self) -> list[int]:
+            return [101] if time.monotonic() - self.born < 0.5 else [101, 102]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.dst_node_id == 102 for m in messages):
+                self.timeouts.append(float(timeout))
+                if timeout < 2.0:  # node 102 needs 2 s to start its ClientApp: no reply within less
+                    for m in messages:
+                        m.metadata.__dict__["_message_id"] = f"late-{len(self.timeouts)}"
+                    return []
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = SlowLateGrid()
+    sites = SiteRegistry()
+    sites.await_sites({"s0", "s1"}, grace_s=5.0)
+    sites.query(grid, phase="pretrain", kind="train", min_sites=1, timeout_s=0.1, poll_s=0.05, config=CFG.encode())
+    assert sorted(s.name for s in sites.values()) == ["s0", "s1"]
+    assert len(grid.timeouts) == 1 and 2.0 <= grid.timeouts[0] <= 5.0, grid.timeouts
+
+
 @pytest.mark.parametrize("method, expected", [("fedavg", (0.1 * 1 + 0.2 * 2) / 3), ("median", 0.15)])
 def test_round_aggregates_able_sites_only(method: str, expected: float) -> None:
     grid = _grid()
