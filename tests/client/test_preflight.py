@@ -43,11 +43,9 @@ def prepared_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tls_server(pki: Path) -> Iterator[int]:
-    """A TLS server with the consortium's server certificate: what the SuperLink presents."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki / "server/server.pem", pki / "server/server.key")
+def _serve_tls(context: ssl.SSLContext, answer: bytes | None) -> Iterator[int]:
+    """Accept TLS connections on 127.0.0.1 until the fixture ends; after the handshake, read one request and
+    send ``answer`` (None: close at once). Yields the port."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -61,8 +59,10 @@ def tls_server(pki: Path) -> Iterator[int]:
             except (TimeoutError, OSError):
                 continue
             try:
-                with context.wrap_socket(conn, server_side=True):
-                    pass
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    if answer is not None:
+                        tls.recv(4096)
+                        tls.sendall(answer)
             except (ssl.SSLError, OSError):
                 pass
 
@@ -72,6 +72,14 @@ def tls_server(pki: Path) -> Iterator[int]:
     stop.set()
     thread.join(timeout=5)
     listener.close()
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Path) -> Iterator[int]:
+    """A TLS server with the consortium's server certificate: what the SuperLink presents."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki / "server/server.pem", pki / "server/server.key")
+    yield from _serve_tls(context, None)
 
 
 def _site(prepared_site: Path, tmp_path: Path, pki: Path, port: int, **changes: dict) -> Path:
@@ -198,31 +206,7 @@ def mtls_server(pki: Path) -> Iterator[int]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca/ca.crt"))
     context.load_cert_chain(pki / "server/server.pem", pki / "server/server.key")
     context.verify_mode = ssl.CERT_REQUIRED
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                with context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(4096)
-                    tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            except (ssl.SSLError, OSError):
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join(timeout=5)
-    listener.close()
+    yield from _serve_tls(context, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
 
 
 def test_a_server_that_wants_a_client_certificate_is_told_apart(pki: Path, mtls_server: int,
