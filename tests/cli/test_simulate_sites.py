@@ -146,3 +146,11 @@ def test_simulate_over_synth_sites_matches_the_built_in_default(tmp_path: Path) 
     differ = {k: (left[k], right[k]) for k in left
               if not math.isclose(left[k], right[k], rel_tol=1e-5, abs_tol=1e-6)}
     assert not differ, differ
+
+
+@pytest.mark.parametrize("sites, cores, slots", [(3, 2, 3), (1, 2, 2), (2, 2, 2), (10, 2, 4), (3, 16, 16), (5, 1, 2)])
+def test_every_site_gets_a_ray_slot_up_to_twice_the_cores(sites: int, cores: int, slots: int) -> None:
+    """3 sites on 2 cores train at once (not two, then one alone beside an idle core); never under the cores."""
+    from lungmae_cli.simulate import ray_slots
+
+    assert ray_slots(sites, cores) == slots
