@@ -64,6 +64,7 @@ __all__ = [
     "apply_delta",
     "select",
     "update_norm",
+    "squared_norm",
     "packed_names",
     "unpack_entry",
 ]
@@ -385,8 +386,9 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
 
 def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over all floating entries of an update (what the server bounds)."""
-    sq = 0.0
-    for value in delta.values():
-        if value.is_floating_point():
-            sq += float(torch.sum(value.double() ** 2))
-    return math.sqrt(sq)
+    return math.sqrt(sum(squared_norm(value) for value in delta.values() if value.is_floating_point()))
+
+
+def squared_norm(value: torch.Tensor) -> float:
+    """The sum of squares of one tensor, in float64 (one term of :func:`update_norm`)."""
+    return float(torch.sum(value.double() ** 2))

@@ -79,41 +79,35 @@ def run_cross_site(strategy: PhaseStrategy, grid: Grid, sites: SiteRegistry, wei
     for info in sites.values():
         if not info.error and info.num_labelled_train > 0 and not info.share_local_model:
             notes["not_shared"][info.name] = "the site's policy does not share a local model (share-local-model)"
+    cfg = strategy.round_config
     # every local model waits on disk in a private folder until it is scored: one in memory at a time
     with tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX, dir=strategy.spool_dir) as spool:
-        return _score_local_models(strategy, grid, sites, weights, scores, notes, Path(spool), timeout, t0)
-
-
-def _score_local_models(strategy: PhaseStrategy, grid: Grid, sites: SiteRegistry, weights: dict[str, torch.Tensor],
-                        scores: dict[tuple[str, str], Mapping[str, Any]], notes: dict[str, Any], spool: Path,
-                        timeout: float, t0: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    cfg = strategy.round_config
-    local, train = strategy.local_models(grid, weights, cfg, timeout, spool)
-    for f in train.failed:
-        notes["models"][f["site"]] = f"no local model: {f['reason']}"
-    for r in train.rejected:
-        notes["models"][r.site] = f"local model dropped by the {r.check} check: {r.reason}"
-    models = [GLOBAL_MODEL] + sorted(set(train.sampled))
-    moved = {"down": train.bytes_down, "up": train.bytes_up}
-    drops = [dataclasses.asdict(r) for r in train.rejected]
-    for name in models[1:]:
-        if name not in local:
-            notes["models"].setdefault(name, "no local model came back")
-            continue
-        path = local.pop(name)
-        model = torch.load(path, weights_only=True)
-        path.unlink()
-        report = strategy.evaluate(grid, model, cfg, timeout)
-        del model
-        moved["down"] += report.bytes_down
-        moved["up"] += report.bytes_up
-        drops += [dataclasses.asdict(r) for r in report.rejected]
-        for site, m in report.sites.items():
-            scores[(name, site)] = m
-        for f in report.failed:
-            notes["cells"].append({"model": name, "data_site": f["site"], "reason": f["reason"]})
-        for r in report.rejected:
-            notes["cells"].append({"model": name, "data_site": r.site, "reason": f"{r.check} check: {r.reason}"})
+        local, train = strategy.local_models(grid, weights, cfg, timeout, Path(spool))
+        for f in train.failed:
+            notes["models"][f["site"]] = f"no local model: {f['reason']}"
+        for r in train.rejected:
+            notes["models"][r.site] = f"local model dropped by the {r.check} check: {r.reason}"
+        models = [GLOBAL_MODEL] + sorted(set(train.sampled))
+        moved = {"down": train.bytes_down, "up": train.bytes_up}
+        drops = [dataclasses.asdict(r) for r in train.rejected]
+        for name in models[1:]:
+            if name not in local:
+                notes["models"].setdefault(name, "no local model came back")
+                continue
+            path = local.pop(name)
+            model = torch.load(path, weights_only=True)
+            path.unlink()
+            report = strategy.evaluate(grid, model, cfg, timeout)
+            del model
+            moved["down"] += report.bytes_down
+            moved["up"] += report.bytes_up
+            drops += [dataclasses.asdict(r) for r in report.rejected]
+            for site, m in report.sites.items():
+                scores[(name, site)] = m
+            for f in report.failed:
+                notes["cells"].append({"model": name, "data_site": f["site"], "reason": f["reason"]})
+            for r in report.rejected:
+                notes["cells"].append({"model": name, "data_site": r.site, "reason": f"{r.check} check: {r.reason}"})
     matrix = cross_site_matrix(sites, scores, models, notes)
     matrix["local_training"] = train.sites
     matrix["bytes"] = moved

@@ -144,7 +144,6 @@ class StreamingAggregator:
                     self._acc[name].add_(value, alpha=weight)  # no temporary
                 else:
                     self._acc[name] = value.contiguous() * weight
-                del value
         finally:
             if spool is not None:
                 spool.close()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lungmae_core.errors import LungMAEError
-from lungmae_core.wire import WireFormatError, packed_names, unpack_entry
+from lungmae_core.wire import WireFormatError, packed_names, squared_norm, unpack_entry
 
 __all__ = ["CHECKS", "UpdateRejected", "Rejection", "ValidatedUpdate", "validate_update"]
 
@@ -75,11 +75,10 @@ class ValidatedUpdate(Mapping[str, torch.Tensor]):
     before scaling) were measured by :func:`validate_update`.
     """
 
-    def __init__(self, packed: Mapping[str, np.ndarray], names: list[str],
-                 layout: dict[str, tuple[tuple[int, ...], torch.dtype]], norm: float,
-                 shapes: Mapping[str, tuple[int, ...]] | None) -> None:
-        self._packed, self._names, self._shapes = packed, names, shapes
-        self.layout = layout
+    def __init__(self, packed: Mapping[str, np.ndarray], layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 norm: float, shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+        self._packed, self._shapes = packed, shapes
+        self.layout = layout  # its keys are the entries, in the order they arrived
         self.norm = norm
         self.scale = 1.0
 
@@ -92,10 +91,10 @@ class ValidatedUpdate(Mapping[str, torch.Tensor]):
         return value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self.layout)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self.layout)
 
     def scale_by(self, factor: float) -> None:
         """Multiply every floating entry by ``factor`` when it is read (central DP's per-update clipping)."""
@@ -162,11 +161,10 @@ def validate_update(
             if not bool(torch.isfinite(value).all()):
                 non_finite.append(name)
             elif not non_finite:
-                sq += float(torch.sum(value.double() ** 2))
-        del value
+                sq += squared_norm(value)
     if non_finite:
         raise UpdateRejected(site, "finite", f"non-finite values in {_short(non_finite)}")
     norm = math.sqrt(sq)
     if not norm <= max_norm:
         raise UpdateRejected(site, "norm", f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
-    return ValidatedUpdate(packed, names, decoded_layout, norm, shapes)
+    return ValidatedUpdate(packed, decoded_layout, norm, shapes)

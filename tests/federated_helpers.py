@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,20 @@ class InProcessGrid(Grid):
         tamper: ``f(node_id, reply) -> reply`` applied to every successful reply (bad-update tests);
             returning None drops the reply, as a round timeout would.
         kill_after: raise :class:`ServerKilled` on this many-th ``send_and_receive`` call (1-based).
+        late: node id -> seconds after the grid is made before that node is connected (a site that
+            reconnects late, as after a SuperLink restart).
     """
 
     def __init__(self, client_app: Any, node_configs: Sequence[dict[str, Any]],
-                 tamper: Callable[[int, Message], Message] | None = None, kill_after: int | None = None) -> None:
+                 tamper: Callable[[int, Message], Message] | None = None, kill_after: int | None = None,
+                 late: dict[int, float] | None = None) -> None:
         self.client_app = client_app
         self.contexts = {101 + i: Context(run_id=1, node_id=101 + i, node_config=dict(nc), state=RecordDict(),
                                           run_config={}) for i, nc in enumerate(node_configs)}
         self.tamper = tamper
         self.kill_after = kill_after
+        self.late = dict(late or {})
+        self.born = time.monotonic()
         self.calls = 0
         self.sent: list[Message] = []
         self._ids = itertools.count(1)
@@ -89,7 +95,8 @@ class InProcessGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        age = time.monotonic() - self.born
+        return [n for n in self.contexts if age >= self.late.get(n, 0.0)]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("the in-process grid only supports send_and_receive")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,19 +148,6 @@ def test_linear_probe_sends_only_the_head_in_int8(sites: list[Path], tmp_path: P
     assert not line["skipped"] and line["bytes"]["up"] < line["bytes"]["down"] / 50
 
 
-class LateNodeGrid(InProcessGrid):
-    """An in-process grid in which some nodes connect only some seconds after the grid is made."""
-
-    def __init__(self, *args: object, late: dict[int, float], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.born = time.monotonic()
-        self.late = late
-
-    def get_node_ids(self) -> list[int]:
-        age = time.monotonic() - self.born
-        return [n for n in self.contexts if age >= self.late.get(n, 0.0)]
-
-
 def test_kill_and_resume(sites: list[Path], tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "run")
     # exchanges: query, r1 train, r1 eval, r2 train, r2 eval, (hand-off) r3 train ... -> die in round 3's evaluate
@@ -172,7 +158,7 @@ def test_kill_and_resume(sites: list[Path], tmp_path: Path) -> None:
     assert state["server_round"] == 2  # round 3 was in flight: at most one round lost
     # the restarted server: node 102 reconnects 1.5 s after node 101 (as after a SuperLink restart); the
     # resumed round waits for the site it knew instead of going on with the first site back
-    grid2 = LateNodeGrid(make_client_app(sites[:2]), [{"partition-id": i} for i in range(2)], late={102: 1.5})
+    grid2 = InProcessGrid(make_client_app(sites[:2]), [{"partition-id": i} for i in range(2)], late={102: 1.5})
     _run(cfg, grid2)
     lines = _lines(tmp_path / "run")
     assert [(x["round"], x["phase"]) for x in lines] == [(1, "pretrain"), (2, "pretrain"), (3, "finetune"),

@@ -111,12 +111,8 @@ def test_a_site_that_reconnects_during_the_grace_is_asked_once_with_the_grace_le
 
     class SlowLateGrid(InProcessGrid):
         def __init__(self) -> None:
-            super().__init__(_app(), [{"partition-id": 0}, {"partition-id": 1}])
-            self.born = time.monotonic()
+            super().__init__(_app(), [{"partition-id": 0}, {"partition-id": 1}], late={102: 0.5})
             self.timeouts: list[float] = []
-
-        def get_node_ids(self) -> list[int]:
-            return [101] if time.monotonic() - self.born < 0.5 else [101, 102]
 
         def send_and_receive(self, messages, *, timeout=None):
             messages = list(messages)
