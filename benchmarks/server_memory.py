@@ -5,6 +5,7 @@ Usage::
     python benchmarks/server_memory.py                                  # tiny and paper-p16, fedavg
     python benchmarks/server_memory.py --configs tiny --sites 2 5 10 20 --methods fedavg median
     python benchmarks/server_memory.py --modes stream send-and-receive --json server_memory.json
+    python benchmarks/server_memory.py --configs paper-p16 --modes stream --allocator fixed-mmap glibc-default
 
 Each measurement runs in a fresh child process (so the peak resident set is its own): it imports torch,
 Flower and the server, builds the global model's state dict (the server holds it all round), registers
@@ -27,6 +28,8 @@ Printed per config, method, mode and number of sites: the peak RSS above the RSS
 as a multiple of the model's fp32 size. The target is "<= 2x model + one update", flat in the number of
 sites: global (1x) + running sum (1x) + one update as received (fp16, 0.5x) = 2.5x; the server decodes the
 update a tensor at a time (``server.update_checks.ValidatedUpdate``), so no decoded copy is added.
+Each child first fixes glibc's mmap threshold as the ServerApp does (``server/process_memory.py``);
+``--allocator glibc-default`` leaves glibc's sliding threshold, for comparison in the same run.
 Runs that would hold more than ``--max-hold-gib`` of replies are skipped (``hold`` grows by 1.5 model sizes
 per site, ``send-and-receive`` by 0.5).
 """
@@ -47,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SITES = (2, 5, 10, 20)
+ALLOCATORS = ("fixed-mmap", "glibc-default")
 CONFIGS = ("tiny", "paper-p16")
 MODES = ("stream", "send-and-receive", "hold")
 #: replies held per site by each mode, in model sizes (for --max-hold-gib)
@@ -162,7 +166,7 @@ def _bench_grid(global_state, sites: int, push_pull: bool):
     return BenchGrid()
 
 
-def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
+def child(config: str, sites: int, mode: str, method: str, spool: str, allocator: str) -> dict:
     """One measurement in this (fresh) process; returns the record."""
     import time
 
@@ -174,6 +178,7 @@ def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
     from lungmae_core.model import build_mae
     from lungmae_core.wire import pack_state, state_nbytes, unpack_state
     from server.aggregation import aggregate_updates
+    from server.process_memory import return_large_frees_to_os
     from server.replies import arrays_to_state, state_to_arrays
     from server.sites import SiteInfo, SiteRegistry
     from server.strategy import PhaseStrategy
@@ -181,6 +186,8 @@ def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
     # instruction messages need a run id; a ServerApp process gets it from its runtime, this one sets it
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
     torch.set_num_threads(1)
+    if allocator == "fixed-mmap":
+        return_large_frees_to_os()  # as the ServerApp does when it starts a run
     base_kib = _kib("VmRSS")
     global_state = {k: v.detach().clone() for k, v in build_mae(config, seed=0).state_dict().items()}
     model_bytes = state_nbytes(global_state)
@@ -216,7 +223,8 @@ def child(config: str, sites: int, mode: str, method: str, spool: str) -> dict:
     assert aggregated == sites
     seconds = time.perf_counter() - t0
     peak_kib = _kib("VmHWM")
-    return {"config": config, "sites": sites, "mode": mode, "method": method, "model_bytes": model_bytes,
+    return {"config": config, "sites": sites, "mode": mode, "method": method, "allocator": allocator,
+            "model_bytes": model_bytes,
             "peak_above_imports_bytes": (peak_kib - base_kib) * 1024, "seconds": seconds}
 
 
@@ -229,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--max-hold-gib", type=float, default=4.0,
                         help="skip hold-everything runs whose updates alone would exceed this")
+    parser.add_argument("--allocator", nargs="+", default=["fixed-mmap"], choices=list(ALLOCATORS),
+                        help="fixed-mmap: glibc's mmap threshold fixed at 1 MiB, as the ServerApp sets it "
+                             "(server/process_memory.py); glibc-default: its sliding threshold, for reference")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--child", nargs=5, metavar=("CONFIG", "SITES", "MODE", "METHOD", "SPOOL"),
+    parser.add_argument("--child", nargs=6, metavar=("CONFIG", "SITES", "MODE", "METHOD", "SPOOL", "ALLOCATOR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        config, sites, mode, method, spool = args.child
-        print(json.dumps(child(config, int(sites), mode, method, spool)))
+        config, sites, mode, method, spool, allocator = args.child
+        print(json.dumps(child(config, int(sites), mode, method, spool, allocator)))
         return 0
     from lungmae_core.model import build_mae
 
@@ -246,22 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         model_bytes = 4 * sum(p.numel() for p in build_mae(config).state_dict().values())
         for method in args.methods:
-            for mode in args.modes:
+            for mode, allocator in [(m, a) for m in args.modes for a in args.allocator]:
                 for sites in args.sites:
                     need = HELD[mode] * sites * model_bytes
                     if need > args.max_hold_gib * 2 ** 30:
-                        print(f"{config:>9} {method:<12} {mode:<16} {sites:>2} sites: skipped (would hold "
+                        print(f"{config:>9} {method:<12} {mode:<16} {allocator:<13} {sites:>2} sites: skipped "
+                              f"(would hold "
                               f"{need / 2 ** 30:.1f} GiB > --max-hold-gib {args.max_hold_gib})")
                         continue
                     with tempfile.TemporaryDirectory(prefix="server-memory-") as spool:
                         out = subprocess.run(
-                            [sys.executable, __file__, "--child", config, str(sites), mode, method, spool],
+                            [sys.executable, __file__, "--child", config, str(sites), mode, method, spool,
+                             allocator],
                             check=True, capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
                     rec = json.loads(out.stdout.strip().splitlines()[-1])
                     records.append(rec)
                     ratio = rec["peak_above_imports_bytes"] / rec["model_bytes"]
-                    print(f"{config:>9} {method:<12} {mode:<16} {sites:>2} sites: peak "
+                    print(f"{config:>9} {method:<12} {mode:<16} {allocator:<13} {sites:>2} sites: peak "
                           f"{rec['peak_above_imports_bytes'] / 2 ** 20:8.1f} MiB = {ratio:5.2f}x model "
                           f"({rec['model_bytes'] / 2 ** 20:.1f} MiB), {rec['seconds']:.1f} s", flush=True)
     if args.json:

@@ -37,8 +37,10 @@ def make_server_app(federation: FederationConfig | None = None, *,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        from server.process_memory import return_large_frees_to_os
         from server.runner import FederationRunner  # torch import deferred to run time
 
+        return_large_frees_to_os()
         cfg = federation if federation is not None else federation_from_run_config(context.run_config)
         log.info("federation run %s: %s, strategy %s, run dir %s", context.run_id, cfg.model.name,
                  cfg.strategy.name, cfg.run_dir)

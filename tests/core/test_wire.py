@@ -19,6 +19,7 @@ from lungmae_core.wire import (
     packed_layout,
     packed_nbytes,
     select,
+    squared_norm,
     state_delta,
     state_nbytes,
     unpack_state,
@@ -66,6 +67,15 @@ def test_delta_apply_norm() -> None:
     assert update_norm(delta) == pytest.approx((16 * 8 + 8) ** 0.5)
     out = apply_delta(base, delta)
     assert torch.allclose(out["b"], new["b"]) and int(out["steps"]) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_squared_norm_over_chunks_is_the_float64_sum(dtype: torch.dtype) -> None:
+    # more values than one float64 chunk, not a multiple of it, in a non-contiguous view
+    g = torch.Generator().manual_seed(1)
+    value = (torch.randn(3, (1 << 20) + 1234, generator=g) * 10).to(dtype).t()
+    assert squared_norm(value) == pytest.approx(float((value.double() ** 2).sum()), rel=1e-12)
+    assert squared_norm(torch.zeros(0)) == 0.0
 
 
 @pytest.mark.parametrize("call, message", [
