@@ -5,6 +5,7 @@ Usage::
     python benchmarks/dp_step.py                              # tiny and paper-p16 at batch 2
     python benchmarks/dp_step.py --configs tiny --timed 5 --json dp_step.json
     python benchmarks/dp_step.py --interleave --timed 8   # all modes alive, steps alternate (busy machines)
+    python benchmarks/dp_step.py --configs paper-p16 --modes hooks bookkeeping --flops --batch 8   # FLOP floor
 
 One process, one config at a time. For each mode a fresh copy of the same seeded MAE takes the same steps
 (forward with the same masks, per-sample lung-weighted L1, backward, AdamW) on the same synthetic batch:
@@ -242,7 +243,7 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
              "cpu_ratio_to_plain": statistics.median(cpu[mode]) / plain_cpu} for mode in dp_modes]
 
 
-def profile_modes(name: str, batch_size: int, device: torch.device, modes: tuple[str, ...], top: int = 14) -> None:
+def profile_modes(name: str, batch_size: int, device: torch.device, modes: tuple[str, ...], top: int = 22) -> None:
     """Print the self-CPU-time table of one step per mode (after one burn-in step), same batch and masks."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -261,6 +262,33 @@ def profile_modes(name: str, batch_size: int, device: torch.device, modes: tuple
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
 
 
+def count_flops(name: str, batch_size: int, device: torch.device, modes: tuple[str, ...]) -> list[dict]:
+    """FLOPs of one step per mode (``torch.utils.flop_counter``: matmuls and attention), against the plain step.
+
+    The ratio is the floor of the time ratio where the step is matmul-bound: the DP step cannot be cheaper
+    than its extra matmuls (per-sample norms, per-sample gradients) at the plain step's FLOP rate. The
+    Gaussian noise (one draw per parameter) and the element-wise passes are not FLOPs counted here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model_config(name)
+    base = build_mae(cfg, seed=SEED).to(device)
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
+    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    flops: dict[str, int] = {}
+    for mode in ("plain", *modes):
+        step = make_step(mode, copy.deepcopy(base), batch, SEED)
+        step()  # the optimizer's state exists before the counted step, as in the timed ones
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops[mode] = int(counter.get_total_flops())
+    return [{"config": name, "batch": batch_size, "mode": mode, "flops": flops[mode], "plain_flops": flops["plain"],
+             "flop_ratio_to_plain": flops[mode] / flops["plain"],
+             "noise_draws": sum(p.numel() for p in base.parameters() if p.requires_grad)} for mode in modes]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS) + ["paper-p8"])
@@ -275,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: torch.profiler's top operators of one plain and one step of each "
                              "mode (where the DP step's extra time goes)")
+    parser.add_argument("--flops", action="store_true",
+                        help="instead of timing: the FLOPs of one step per mode against the plain step's (the "
+                             "floor of the time ratio where the step is matmul-bound)")
     parser.add_argument("--interleave", action="store_true",
                         help="keep every mode's model alive and alternate their steps (steadier on a busy machine)")
     args = parser.parse_args(argv)
@@ -289,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for name in args.configs:
             profile_modes(name, args.batch or CONFIGS.get(name, 2), device, ("plain", *args.modes))
+        return 0
+    if args.flops:
+        records = []
+        for name in args.configs:
+            recs = count_flops(name, args.batch or CONFIGS.get(name, 2), device, tuple(args.modes))
+            records += recs
+            for r in recs:
+                print(f"{r['config']:>10} b{r['batch']}  {r['mode']:<14} {r['flops'] / 1e9:9.1f} GFLOP vs plain "
+                      f"{r['plain_flops'] / 1e9:9.1f} GFLOP  x{r['flop_ratio_to_plain']:.3f}   (+ "
+                      f"{r['noise_draws'] / 1e6:.1f} M Gaussian draws)", flush=True)
+        if args.json is not None:
+            from lungmae_core.atomic import atomic_write_json
+
+            atomic_write_json(args.json, {"device": where, "torch": torch.__version__, "records": records})
         return 0
     records = []
     for name in args.configs:
