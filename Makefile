@@ -52,13 +52,20 @@ BENCH := runs/bench
 bench: install
 	mkdir -p $(BENCH)
 	$(BIN)/python benchmarks/mae_step.py --configs tiny paper-p16 paper-p8 --json $(BENCH)/mae_step.json
+	$(BIN)/python benchmarks/mae_step.py --configs paper-p16 --variants ours --batch 4 --json $(BENCH)/mae_step_b4.json
 	$(BIN)/python benchmarks/mae_step.py --configs paper-p16 --variants ours ours-compiled \
 		--json $(BENCH)/mae_step_compiled.json
 	$(BIN)/python benchmarks/profile_step.py --configs paper-p16 paper-p8
 	$(BIN)/python benchmarks/dp_step.py --configs tiny paper-p16 --modes hooks bookkeeping --interleave \
-		--threads 1 --timed 3 --json $(BENCH)/dp_step.json
+		--threads 1 --timed 6 --json $(BENCH)/dp_step.json
+	$(BIN)/python benchmarks/dp_step.py --configs paper-p16 --modes bookkeeping --interleave --threads 1 \
+		--timed 4 --batch 8 --json $(BENCH)/dp_step_b8.json
+	$(BIN)/python benchmarks/dp_step.py --configs paper-p16 --modes hooks bookkeeping bk-ghost bk-instantiate \
+		--flops --json $(BENCH)/dp_flops.json
 	$(BIN)/python benchmarks/dp_step.py --configs paper-p16 --modes bookkeeping --threads 1 --profile
 	$(BIN)/python benchmarks/server_memory.py --json $(BENCH)/server_memory.json
+	$(BIN)/python benchmarks/server_memory.py --configs paper-p16 tiny --modes stream \
+		--allocator fixed-mmap glibc-default --json $(BENCH)/server_memory_allocator.json
 	$(BIN)/python benchmarks/server_memory.py --configs tiny --methods median --modes stream \
 		--json $(BENCH)/server_memory_median.json
 	$(BIN)/python benchmarks/compression_accuracy.py --json $(BENCH)/compression_accuracy.json
