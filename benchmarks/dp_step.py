@@ -179,6 +179,16 @@ def _measure(step: Any, device: torch.device, burn_in: int, timed: int) -> tuple
     return 1e3 * statistics.median(times), max(peaks), loss, [1e3 * t for t in times]
 
 
+def _model_and_batch(name: str, batch_size: int, device: torch.device) -> tuple[torch.nn.Module,
+                                                                              dict[str, torch.Tensor]]:
+    """The seeded MAE of ``name`` and one synthetic batch: what every mode of every measurement starts from."""
+    cfg = model_config(name)
+    base = build_mae(cfg, seed=SEED).to(device)
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
+    return base, {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+
+
 def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int, timed: int,
                  dp_modes: tuple[str, ...] = DP_MODES) -> list[dict]:
     """Each DP mode between two measurements of the plain step (same process, same batch, same masks).
@@ -186,11 +196,7 @@ def bench_config(name: str, batch_size: int, device: torch.device, burn_in: int,
     A busy machine drifts; the ratio of a mode is to the mean of the plain steps measured just before and
     just after it, and only the plain model and the mode's model are alive at once.
     """
-    cfg = model_config(name)
-    base = build_mae(cfg, seed=SEED).to(device)
-    g = torch.Generator().manual_seed(SEED)
-    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
-    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    base, batch = _model_and_batch(name, batch_size, device)
     plain_step = make_step("plain", copy.deepcopy(base), batch, SEED)
     plain = [_measure(plain_step, device, burn_in, timed)]
     records = []
@@ -214,11 +220,7 @@ def bench_config_interleaved(name: str, batch_size: int, device: torch.device, b
     On a machine shared with other work, load changes within seconds; round-robin steps see the same load,
     so the medians compare well. Needs memory for every mode's model and optimizer state at once.
     """
-    cfg = model_config(name)
-    base = build_mae(cfg, seed=SEED).to(device)
-    g = torch.Generator().manual_seed(SEED)
-    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
-    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    base, batch = _model_and_batch(name, batch_size, device)
     modes = ("plain",) + tuple(dp_modes)
     steps = {mode: make_step(mode, copy.deepcopy(base), batch, SEED) for mode in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -247,11 +249,7 @@ def profile_modes(name: str, batch_size: int, device: torch.device, modes: tuple
     """Print the self-CPU-time table of one step per mode (after one burn-in step), same batch and masks."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = model_config(name)
-    base = build_mae(cfg, seed=SEED).to(device)
-    g = torch.Generator().manual_seed(SEED)
-    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
-    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    base, batch = _model_and_batch(name, batch_size, device)
     for mode in modes:
         step = make_step(mode, copy.deepcopy(base), batch, SEED)
         step()
@@ -271,11 +269,7 @@ def count_flops(name: str, batch_size: int, device: torch.device, modes: tuple[s
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = model_config(name)
-    base = build_mae(cfg, seed=SEED).to(device)
-    g = torch.Generator().manual_seed(SEED)
-    images = torch.rand(batch_size, 1, cfg.img_size, cfg.img_size, cfg.img_size, generator=g)
-    batch = {"image": images.to(device), "lung_mask": (images > 0.5).float().to(device)}
+    base, batch = _model_and_batch(name, batch_size, device)
     flops: dict[str, int] = {}
     for mode in ("plain", *modes):
         step = make_step(mode, copy.deepcopy(base), batch, SEED)

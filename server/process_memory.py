@@ -4,9 +4,10 @@ A round folds one site's update into a running sum at a time (``server.streaming
 and every decoded tensor is freed once folded. glibc's ``malloc`` serves blocks of 128 KiB and more with
 ``mmap`` and returns them on ``free``, but it raises that threshold to the size of each such block freed (up
 to 32 MiB): after the first reply, a paper-size model's tensors (1-12 MiB each) come from the heap instead,
-where freed space is kept and fragmented. Measured by ``benchmarks/server_memory.py`` (paper-p16, 2 and 5
-sites): 2.88-2.90x the fp32 model with the sliding threshold, 2.77x with it fixed at 1 MiB. Fixing it costs a
-page fault per touched page of each large tensor, which a round of network exchanges does not notice.
+where freed space is kept and fragmented. Measured by ``benchmarks/server_memory.py --allocator fixed-mmap
+glibc-default`` (paper-p16, 2 to 20 sites, one run): 2.84-2.92x the fp32 model with the sliding threshold,
+2.74-2.76x with it fixed at 1 MiB. Fixing it costs a page fault per touched page of each large tensor, which a
+round of network exchanges does not notice.
 """
 
 from __future__ import annotations
