@@ -13,7 +13,6 @@ round of network exchanges does not notice.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 __all__ = ["MMAP_THRESHOLD_BYTES", "return_large_frees_to_os"]
@@ -30,11 +29,9 @@ def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 
     Process-wide and idempotent: the ServerApp calls it when it starts a run.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt, macOS no libc.so.6)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):  # not glibc (musl and macOS have no mallopt)
         log.debug("no glibc mallopt: large frees stay with the allocator")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes.util
+import platform
 import subprocess
 import sys
 import textwrap
@@ -35,8 +35,7 @@ CHILD = textwrap.dedent("""
     print((before - rss()) >> 20)
 """)
 
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
-                           reason="glibc's allocator")
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 
 
 def _released_mib(mode: str) -> int:
