@@ -16,7 +16,9 @@ changes Flower 1.42 has no option for:
   3 s in Flower 1.42's ``start_client_internal``) is shortened to ``--idle-pull-s`` (0.5 s), one small HTTP
   request per pause to the coordinator, its wait for the ClientApp's reply looks every
   :data:`LOCAL_WAIT_S` (0.05 s) instead of every 0.5 s (a check of its own state, no request), and it asks
-  again for an object of a message that is still being uploaded after :data:`OBJECT_RETRY_S`, not 1 s.
+  again for an object of a message that is still being uploaded after 0.05 s, not 1 s
+  (``lungmae_core.bundle.OBJECT_RETRY``: in a round's benchmark one site lost ~1 s to Flower's first pause in
+  the first round of each phase).
 
 The SuperNode connects out to the coordinator over TLS (verified with the consortium CA), authenticates with
 the site's registered ECDSA key, and hands each message to our ClientApp with ``node_config["site-config"]``
@@ -42,10 +44,10 @@ from typing import Any
 
 from client.node_key import check_site_key
 from client.site_config import ConnectionSection
+from lungmae_core.bundle import OBJECT_RETRY
 from lungmae_core.errors import SiteConfigError
 
-__all__ = ["ACTIVATION_REFUSED", "IDLE_PULL_S", "LOCAL_WAIT_S", "OBJECT_RETRY_S", "SUPEREXEC_POLL_INTERVAL_S",
-           "SUPERNODE_ADVICE",
+__all__ = ["ACTIVATION_REFUSED", "IDLE_PULL_S", "LOCAL_WAIT_S", "SUPEREXEC_POLL_INTERVAL_S", "SUPERNODE_ADVICE",
            "client_tls_context", "deployment_problems", "launch_command", "main", "supernode_command"]
 
 ACTIVATION_REFUSED = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR: also "still online from a crashed run"
@@ -59,13 +61,6 @@ _IDLE_PULL_MIN_S = 1.0
 #: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperNode: how often its SuperExec looks for a task to start
 #: (Flower's default 1 s is up to a second of idle time per exchange; a local poll costs next to nothing).
 SUPEREXEC_POLL_INTERVAL_S = 0.1
-#: First pause (s) before the SuperNode asks again for an object of a message that is not on the coordinator
-#: yet (a message is listed before its objects are uploaded). Flower 1.42 waits 1 s, 2 s, ... up to 10 s per
-#: object, 500 tries: in a round's benchmark one site lost ~1 s that way in the first round of each phase.
-#: From 0.05 s doubling to 1 s, with ten times the tries, the patience stays ~80 minutes.
-OBJECT_RETRY_S = 0.05
-_OBJECT_RETRY_CAP_S = 1.0
-_OBJECT_TRIES = 5000
 
 # Flower exit code -> what the hospital's IT should do (codes from flwr.supercore.exit.ExitCode).
 SUPERNODE_ADVICE = {
@@ -240,7 +235,7 @@ class _CappedSleep:
 def _shorten_idle_pull(cap_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
     """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it,
     look for the ClientApp's reply every ``local_wait_s`` seconds, not 0.5 s, and ask again for a message's
-    missing object after :data:`OBJECT_RETRY_S`, not 1 s (with another Flower layout that is left as it is)."""
+    missing object after 0.05 s, not 1 s (``OBJECT_RETRY``; with another Flower layout that is left as it is)."""
     import functools
 
     from flwr.supernode import start_client_internal
@@ -252,8 +247,7 @@ def _shorten_idle_pull(cap_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None
         return
     if getattr(start_client_internal, "pull_objects", None) is pull_objects:
         start_client_internal.pull_objects = functools.partial(  # type: ignore[attr-defined]
-            pull_objects, initial_backoff=OBJECT_RETRY_S, backoff_cap=_OBJECT_RETRY_CAP_S,
-            max_tries_per_object=_OBJECT_TRIES)
+            pull_objects, **OBJECT_RETRY)
 
 
 def _start_warm_process(socket_path: Path) -> Any:

@@ -30,8 +30,8 @@ import numpy as np
 
 from lungmae_core.wire import WireFormatError
 
-__all__ = ["BUNDLE_KEYS", "PART_BYTES", "MAX_LAYOUT_BYTES", "DEFLATED", "bundle", "unbundle", "layout_nbytes",
-           "payload_nbytes", "part_spans", "part_name"]
+__all__ = ["BUNDLE_KEYS", "PART_BYTES", "MAX_LAYOUT_BYTES", "DEFLATED", "OBJECT_RETRY", "bundle", "unbundle",
+           "layout_nbytes", "payload_nbytes", "part_spans", "part_name"]
 
 #: The first two arrays of a bundle: the layout (UTF-8 JSON) and the payload (the arrays' bytes); a model over
 #: :data:`PART_BYTES` continues in ``payload-1``, ``payload-2``, ...
@@ -43,6 +43,12 @@ MAX_LAYOUT_BYTES = 4 << 20
 #: The dtypes a bundle may declare (what :func:`pack_state` produces, plus the integer buffers of a model).
 _BUNDLE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"})
 _ALIGN = 8
+#: How soon either side asks again for an object of a message that is still being uploaded (a message is
+#: listed before its objects): keyword arguments for Flower 1.42's ``pull_objects``, which the ServerApp's grid
+#: (``server.replies.quick_object_retries``) and each site's SuperNode (``client.supernode``) are bound to.
+#: Flower waits 1 s, 2 s, ... up to 10 s, 500 tries per object, ~1 s lost in many rounds; from 0.05 s doubling
+#: to 1 s with ten times the tries the patience stays the same (~80 min).
+OBJECT_RETRY: dict[str, float] = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": 5000}
 #: The compressions whose updates travel deflated. Not fp16/fp32 (float bytes barely compress) nor top-k
 #: (fp16 values and int32 positions; not measured to pay).
 DEFLATED = frozenset({"int8"})

@@ -24,10 +24,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from lungmae_core.bundle import bundle, unbundle
+from lungmae_core.bundle import OBJECT_RETRY, bundle, unbundle
 from lungmae_core.wire import WireFormatError
 
-__all__ = ["POLL_S", "OBJECT_RETRY_S", "arrays_to_state", "state_to_arrays", "reply_bytes", "iter_replies",
+__all__ = ["POLL_S", "arrays_to_state", "state_to_arrays", "reply_bytes", "iter_replies",
            "take_arrays", "quick_object_retries"]
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 #: deployment's SuperLink every 3 s). A poll is one local ServerAppIo request per pending site, so 0.2 s
 #: costs little and adds 0.1 s on average to an exchange (docs/performance.md, "Deployment round overhead").
 POLL_S = 0.2
-#: First pause (s) before pulling again an object of a reply that the site is still uploading. A reply is
-#: listed as soon as the site pushed its message, before its objects; Flower's grid then waits 1 s, 2 s, ...
-#: (up to 10 s) per object, which cost ~1 s of every round (docs/performance.md, "Deployment round
-#: overhead"). From 0.05 s doubling to 1 s, with ten times the tries, the patience is the same (~80 min).
-OBJECT_RETRY_S = 0.05
-_OBJECT_RETRY_CAP_S = 1.0
-_OBJECT_TRIES = 5000
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -110,7 +103,9 @@ def quick_object_retries() -> bool:
     """Make the deployment grid of this ServerApp process retry an incomplete reply's objects sooner.
 
     Replaces the ``pull_objects`` that Flower 1.42's ``http_grid`` calls with the same function bound to a
-    shorter first pause (:data:`OBJECT_RETRY_S`); idempotent. Returns whether the grid now uses it; with
+    shorter first pause (``lungmae_core.bundle.OBJECT_RETRY``: a reply is listed before its objects, and
+    Flower's 1 s first pause cost ~1 s of every round, docs/performance.md, "Deployment round overhead");
+    idempotent. Returns whether the grid now uses it; with
     another Flower layout nothing is changed (logged once), and replies arrive as before, only later.
     """
     try:
@@ -125,9 +120,7 @@ def quick_object_retries() -> bool:
     if current is not pull_objects:
         log.info("this Flower's http_grid does not call pull_objects: its own object retry pauses apply")
         return False
-    http_grid.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        pull_objects, initial_backoff=OBJECT_RETRY_S, backoff_cap=_OBJECT_RETRY_CAP_S,
-        max_tries_per_object=_OBJECT_TRIES)
+    http_grid.pull_objects = functools.partial(pull_objects, **OBJECT_RETRY)  # type: ignore[attr-defined]
     return True
 
 
