@@ -33,6 +33,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import ssl
@@ -232,12 +233,10 @@ class _CappedSleep:
         return getattr(self._time, name)
 
 
-def _shorten_idle_pull(cap_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
+def _shorten_supernode_waits(cap_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
     """Make the SuperNode pull again after ``cap_s`` seconds, not 3 s, when the SuperLink had nothing for it,
     look for the ClientApp's reply every ``local_wait_s`` seconds, not 0.5 s, and ask again for a message's
     missing object after 0.05 s, not 1 s (``OBJECT_RETRY``; with another Flower layout that is left as it is)."""
-    import functools
-
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = _CappedSleep(cap_s, local_wait_s)  # type: ignore[attr-defined,assignment]
@@ -314,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("mutual TLS needs --superlink and --root-certificates in the SuperNode command")
         _patch_fleet_client(superlink, client_tls_context(Path(ca), Path(args.client_certificate),
                                                           Path(args.client_key)))
-    _shorten_idle_pull(args.idle_pull_s, args.local_wait_s)
+    _shorten_supernode_waits(args.idle_pull_s, args.local_wait_s)
     import atexit
 
     atexit.register(shutil.rmtree, bin_dir, True)

@@ -24,6 +24,7 @@ import json
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,9 @@ _ALIGN = 8
 #: (``server.replies.quick_object_retries``) and each site's SuperNode (``client.supernode``) are bound to.
 #: Flower waits 1 s, 2 s, ... up to 10 s, 500 tries per object, ~1 s lost in many rounds; from 0.05 s doubling
 #: to 1 s with ten times the tries the patience stays the same (~80 min).
-OBJECT_RETRY: dict[str, float] = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": 5000}
+#: Read-only: both sides of a simulation share this process.
+OBJECT_RETRY: Mapping[str, float] = MappingProxyType(
+    {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": 5000})
 #: The compressions whose updates travel deflated. Not fp16/fp32 (float bytes barely compress) nor top-k
 #: (fp16 values and int32 positions; not measured to pay).
 DEFLATED = frozenset({"int8"})

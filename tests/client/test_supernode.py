@@ -91,11 +91,11 @@ def test_idle_pull_and_local_waits_are_capped_and_only_that() -> None:
 
     from flwr.supernode import start_client_internal
 
-    from client.supernode import _shorten_idle_pull
+    from client.supernode import _shorten_supernode_waits
 
     original = start_client_internal.time
     try:
-        _shorten_idle_pull(0.3, 0.01)
+        _shorten_supernode_waits(0.3, 0.01)
         started = time.monotonic()
         start_client_internal.time.sleep(3)  # Flower's pause after an empty pull: a request each time
         assert 0.3 <= time.monotonic() - started < 1.0
@@ -111,13 +111,13 @@ def test_a_missing_object_is_asked_for_again_sooner_with_the_same_patience() -> 
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
     from flwr.supernode import start_client_internal
 
-    from client.supernode import _shorten_idle_pull
+    from client.supernode import _shorten_supernode_waits
     from lungmae_core.bundle import OBJECT_RETRY
 
     original_time, original_pull = start_client_internal.time, start_client_internal.pull_objects
     try:
-        _shorten_idle_pull(0.5)
-        _shorten_idle_pull(0.5)  # idempotent: not a partial of a partial
+        _shorten_supernode_waits(0.5)
+        _shorten_supernode_waits(0.5)  # idempotent: not a partial of a partial
         bound = start_client_internal.pull_objects
         assert bound.func is pull_objects and bound.keywords == OBJECT_RETRY and OBJECT_RETRY["initial_backoff"] <= 0.1
         cap, tries = bound.keywords["backoff_cap"], bound.keywords["max_tries_per_object"]
