@@ -113,6 +113,7 @@ def _of_verb(k: int, n: int, unit: str, singular: str, plural: str) -> str:
 
 def _check_decoder(transfer_syntax: str) -> None:
     """Raise ``no-decoder`` unless pydicom can decode ``transfer_syntax`` with an installed plugin."""
+    import pydicom  # noqa: F401  # the package first: its parts, taken while another thread imports it, are unfinished
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 

@@ -129,6 +129,9 @@ def make_study(site_index: int, scan_index: int, seed: int) -> SyntheticStudy:
 def _base_dataset(study: SyntheticStudy, scanner: ScannerProfile, *, sop_class: str, sop_uid: str, series_uid: str,
                   modality: str, series_number: int, series_description: str) -> FileDataset:
     """A dataset with file meta and the Patient, General Study, General Series, General Equipment, SOP Common."""
+    # the package first: write_site runs in threads, and a thread that takes pydicom.dataset while another is
+    # still in pydicom/__init__ gets a save_as that calls pydicom.dcmwrite before it exists
+    import pydicom  # noqa: F401
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -233,6 +236,9 @@ def write_ct_series(hu: np.ndarray, spacing_mm: Sequence[float] | np.ndarray, ou
     Returns:
         The written paths, in instance number order.
     """
+    # the package first: write_site runs in threads, and a thread that takes pydicom.dataset while another is
+    # still in pydicom/__init__ gets a save_as that calls pydicom.dcmwrite before it exists
+    import pydicom  # noqa: F401
     from pydicom.uid import UID
 
     hu = np.asarray(hu, dtype=np.float32)

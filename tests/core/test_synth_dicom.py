@@ -112,3 +112,39 @@ def test_sites_written_in_parallel_equal_sites_written_one_by_one(tmp_path: Path
         cfg = load_site_config(a)
         assert cfg.data.input == a.parent / "dicom" and cfg.data.labels == a.parent / "labels.csv"
         assert cfg.preprocess.size == 32 and cfg.data.min_slices == min(32, SHAPE[0])
+
+
+# A second thread writes DICOM while the first is still inside pydicom/__init__ (held there by a slow import of
+# pydicom.examples, which __init__ runs after pydicom.dataset and before it defines pydicom.dcmwrite).
+_RACE = """
+import importlib.abc, sys, threading, time
+import numpy as np
+
+class SlowExamples(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "pydicom.examples":
+            time.sleep(1.5)
+        return None
+
+sys.meta_path.insert(0, SlowExamples())
+from lungmae_core.synthetic.dicom_writer import make_study, write_ct_series
+from lungmae_core.synthetic.scanners import scanner_for_site
+
+first = threading.Thread(target=lambda: __import__("pydicom"))
+first.start()
+time.sleep(0.5)
+write_ct_series(np.zeros((2, 8, 8), np.float32), (1.0, 1.0, 1.0), sys.argv[1], study=make_study(0, 0, 0),
+                scanner=scanner_for_site(0))
+first.join()
+print("written")
+"""
+
+
+def test_writing_while_another_thread_still_imports_pydicom(tmp_path: Path) -> None:
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _RACE, str(tmp_path / "series")], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "written" in out.stdout, out.stderr[-2000:]
+    assert len(list((tmp_path / "series").glob("*.dcm"))) == 2
